@@ -1,0 +1,167 @@
+//! The node's identity: one ed25519 keypair, persisted in the data dir, from which the PeerId
+//! derives.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use libp2p::identity::Keypair;
+
+/// Name of the key file inside the data dir.
+pub const KEY_FILE: &str = "identity.key";
+
+/// Why the identity could not be loaded or created.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The key file could not be read or written.
+    #[error("identity key {path}: {source}")]
+    Io {
+        /// The key file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The key file does not hold an ed25519 key in libp2p's protobuf encoding.
+    #[error("identity key {path} is not a valid ed25519 key: {reason}")]
+    Invalid {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The key file can be read by other users.
+    #[error(
+        "identity key {path} has mode {mode:o}; it must be readable by its owner only (chmod 600)"
+    )]
+    Permissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its current mode.
+        mode: u32,
+    },
+}
+
+/// Loads the keypair from `data_dir`, creating the directory and a new key (mode 0600) when
+/// there is none yet.
+pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
+    let path = data_dir.join(KEY_FILE);
+    let io = |source| IdentityError::Io {
+        path: path.clone(),
+        source,
+    };
+    match fs::read(&path) {
+        Ok(bytes) => {
+            check_permissions(&path)?;
+            let key =
+                Keypair::from_protobuf_encoding(&bytes).map_err(|e| IdentityError::Invalid {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            if key.clone().try_into_ed25519().is_err() {
+                return Err(IdentityError::Invalid {
+                    path,
+                    reason: "not an ed25519 key".into(),
+                });
+            }
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir_all(data_dir).map_err(io)?;
+            let key = Keypair::generate_ed25519();
+            let bytes = key
+                .to_protobuf_encoding()
+                .map_err(|e| IdentityError::Invalid {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            write_private(&path, &bytes).map_err(io)?;
+            Ok(key)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+#[cfg(unix)]
+fn check_permissions(path: &Path) -> Result<(), IdentityError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(path)
+        .map_err(|source| IdentityError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(IdentityError::Permissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_permissions(_: &Path) -> Result<(), IdentityError> {
+    Ok(())
+}
+
+/// Writes `bytes` to a new file readable by the owner only, atomically (temp file + rename).
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_once_then_loads_the_same_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = load_or_create(dir.path()).unwrap();
+        let b = load_or_create(dir.path()).unwrap();
+        assert_eq!(a.public().to_peer_id(), b.public().to_peer_id());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(dir.path().join(KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+    }
+
+    #[test]
+    fn refuses_garbage_and_open_permissions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(KEY_FILE);
+        write_private(&path, b"not a key").unwrap();
+        let err = load_or_create(dir.path()).unwrap_err();
+        assert!(
+            err.to_string().contains("is not a valid ed25519 key"),
+            "{err}"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let key = Keypair::generate_ed25519().to_protobuf_encoding().unwrap();
+            fs::write(&path, key).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+            let err = load_or_create(dir.path()).unwrap_err();
+            assert!(err.to_string().contains("chmod 600"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! Real swarms on loopback: membership, directory, partitions and RPC, end to end.
+//!
+//! Every test waits on conditions with deadlines; none sleeps for a fixed time to let
+//! something happen.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloudless_mesh::membership::State;
+use cloudless_mesh::rpc::{RemoteErrorKind, Rpc, RpcError};
+use cloudless_mesh::{Config, Role};
+use cloudless_testnet::{Testnet, test_config, wait_until};
+use cloudless_types::{Capacity, NodeDescriptor, Power, Runtime, Runtimes};
+
+/// Generous bound for a cluster of ten to converge on a loaded two-core CI machine.
+const CONVERGE: Duration = Duration::from_secs(60);
+/// Bound for a failure or leave to be seen everywhere (defaults: probe 200 ms, suspicion
+/// 0.6–4 s; the bound leaves room for a busy machine).
+const DETECT: Duration = Duration::from_secs(30);
+
+struct Echo;
+impl Rpc for Echo {
+    const SERVICE: &'static str = "test.echo";
+    type Request = String;
+    type Response = String;
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Ten nodes that only know node 0 find each other, agree everyone is alive, and each holds
+/// every node's directory entry and capacity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_nodes_converge_from_one_bootstrap_peer() {
+    init_tracing();
+    let net = Testnet::start_with(
+        10,
+        Arc::new(|i, c: &mut Config| {
+            c.capacity = Some(Capacity {
+                cpu_total_millis: 1000 * (i as u32 + 1),
+                cpu_free_millis: 500,
+                memory_total_mib: 2048,
+                memory_free_mib: 1024,
+                disk_free_mib: 10_000,
+                workloads: 0,
+                power: Power::Mains,
+                metered: false,
+                runtimes: Runtimes::of(&[Runtime::Wasi]),
+            });
+            c.descriptor.labels.insert("index".into(), i.to_string());
+        }),
+    )
+    .await
+    .unwrap();
+    let took = net
+        .wait_until("all ten see all ten alive", CONVERGE, || net.converged())
+        .await
+        .unwrap();
+    eprintln!("membership converged in {took:?}");
+    net.wait_until(
+        "every directory holds ten valid entries",
+        CONVERGE,
+        || async {
+            for i in 0..10 {
+                let dir = net.handle(i).unwrap().directory().await.unwrap();
+                if dir.len() != 10 || dir.values().any(|d| d.addrs.is_empty()) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await
+    .unwrap();
+    // Capacity travelled with the join messages and floods.
+    let view = net.members(3).await;
+    let seven = view.iter().find(|m| m.id == net.peer(7)).unwrap();
+    assert_eq!(seven.capacity.unwrap().cpu_total_millis, 8000);
+    let dir = net.handle(9).unwrap().directory().await.unwrap();
+    assert_eq!(dir[&net.peer(2)].labels["index"], "2");
+}
+
+/// A crashed node (no goodbye) is declared dead by every other node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_is_seen_dead_by_all() {
+    init_tracing();
+    let mut net = Testnet::start(5).await.unwrap();
+    net.wait_until("five converge", CONVERGE, || net.converged())
+        .await
+        .unwrap();
+    net.kill(4).await;
+    let took = net
+        .wait_until("all see node 4 dead", DETECT, || {
+            net.all_see(&[0, 1, 2, 3], &[4], State::Dead)
+        })
+        .await
+        .unwrap();
+    eprintln!("crash declared dead everywhere in {took:?}");
+    for i in 0..4 {
+        assert!(
+            !net.ever_saw(i, 4, State::Left),
+            "node {i} took a crash for a leave"
+        );
+    }
+}
+
+/// A node that leaves is seen as left, never as dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_node_is_seen_left_not_dead() {
+    init_tracing();
+    let mut net = Testnet::start(5).await.unwrap();
+    net.wait_until("five converge", CONVERGE, || net.converged())
+        .await
+        .unwrap();
+    net.leave(2).await.unwrap();
+    net.wait_until("all see node 2 left", DETECT, || {
+        net.all_see(&[0, 1, 3, 4], &[2], State::Left)
+    })
+    .await
+    .unwrap();
+    for i in [0, 1, 3, 4] {
+        assert!(
+            !net.ever_saw(i, 2, State::Dead),
+            "node {i} took a leave for a failure"
+        );
+        assert!(
+            !net.ever_saw(i, 2, State::Suspect),
+            "node {i} suspected a node that left"
+        );
+    }
+}
+
+/// Two sides of a partition each declare the other dead and edit their directory entries;
+/// after the heal, membership merges and every copy of the directory is identical and holds
+/// both sides' edits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_and_heal_converge_the_directory() {
+    init_tracing();
+    let mut net = Testnet::start(6).await.unwrap();
+    net.wait_until("six converge", CONVERGE, || net.converged())
+        .await
+        .unwrap();
+    let (a, b): (&[usize], &[usize]) = (&[0, 1, 2], &[3, 4, 5]);
+    net.partition(&[a, b]).await.unwrap();
+    net.wait_until("each side sees the other dead", DETECT, || async {
+        net.all_see(a, b, State::Dead).await && net.all_see(b, a, State::Dead).await
+    })
+    .await
+    .unwrap();
+    for i in [1usize, 4] {
+        let mut d = NodeDescriptor::default();
+        d.labels
+            .insert("edited".into(), format!("during-partition-{i}"));
+        d.zone = Some(format!("zone-{i}"));
+        net.handle(i).unwrap().set_descriptor(d).await.unwrap();
+    }
+    net.heal().await.unwrap();
+    let took = net
+        .wait_until("membership merges after the heal", CONVERGE, || {
+            net.converged()
+        })
+        .await
+        .unwrap();
+    eprintln!("membership merged {took:?} after the heal");
+    net.wait_until(
+        "all directories are identical and hold both edits",
+        CONVERGE,
+        || async {
+            let first = net.handle(0).unwrap().directory_heads().await.unwrap();
+            for i in 0..6 {
+                let h = net.handle(i).unwrap();
+                if h.directory_heads().await.unwrap() != first {
+                    return false;
+                }
+                let dir = h.directory().await.unwrap();
+                for e in [1usize, 4] {
+                    match dir.get(&net.peer(e)) {
+                        Some(d) if d.zone.as_deref() == Some(format!("zone-{e}").as_str()) => {}
+                        _ => return false,
+                    }
+                }
+            }
+            true
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// A crashed node restarted from its data dir keeps its identity and comes back alive
+/// everywhere (its higher incarnation outranks its death).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_is_alive_again_everywhere() {
+    init_tracing();
+    let mut net = Testnet::start(4).await.unwrap();
+    net.wait_until("four converge", CONVERGE, || net.converged())
+        .await
+        .unwrap();
+    net.kill(3).await;
+    net.wait_until("all see node 3 dead", DETECT, || {
+        net.all_see(&[0, 1, 2], &[3], State::Dead)
+    })
+    .await
+    .unwrap();
+    net.restart(3).await.unwrap();
+    net.wait_until("node 3 is alive everywhere again", CONVERGE, || {
+        net.converged()
+    })
+    .await
+    .unwrap();
+    let me = net
+        .members(3)
+        .await
+        .into_iter()
+        .find(|m| m.id == net.peer(3))
+        .unwrap();
+    assert!(
+        me.incarnation >= 1,
+        "restart must raise the incarnation, got {}",
+        me.incarnation
+    );
+}
+
+/// A client that knows only node 0 calls a service on node 2, which it never dialed: the
+/// DHT finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_reaches_a_peer_found_through_the_dht() {
+    init_tracing();
+    let net = Testnet::start(3).await.unwrap();
+    net.wait_until("three converge", CONVERGE, || net.converged())
+        .await
+        .unwrap();
+    let server = net.handle(2).unwrap().clone();
+    let mut requests = server.serve(Echo::SERVICE, 16).await.unwrap();
+    tokio::spawn(async move {
+        while let Some(r) = requests.recv().await {
+            let Ok(text) = r.decode::<Echo>() else {
+                continue;
+            };
+            r.respond::<Echo>(&format!("echo: {text}"));
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path().to_path_buf());
+    config.role = Role::Client;
+    config.bootstrap = net.addrs(0).to_vec();
+    let client = cloudless_mesh::start(config, Arc::new(cloudless_mesh::OpenGate))
+        .await
+        .unwrap();
+    let c = client.handle.clone();
+    wait_until("the client connects to node 0", CONVERGE, &mut || {
+        let c = c.clone();
+        let p0 = net.peer(0);
+        async move { c.connected_peers().await.unwrap().contains(&p0) }
+    })
+    .await
+    .unwrap();
+    let answer = c
+        .call::<Echo>(net.peer(2), &"hello".to_string())
+        .await
+        .unwrap();
+    assert_eq!(answer, "echo: hello");
+    // A client is no member: the cluster never lists it.
+    assert!(net.members(0).await.iter().all(|m| m.id != c.peer_id()));
+    client.task.abort();
+}
+
+/// Refusals are clear and local where they can be: oversize requests never leave, unknown
+/// services and gate refusals come back typed, and the serving node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_errors_are_typed_and_leave_the_server_serving() {
+    init_tracing();
+    let net = Testnet::start(2).await.unwrap();
+    net.wait_until("two converge", CONVERGE, || net.converged())
+        .await
+        .unwrap();
+    let (a, b) = (
+        net.handle(0).unwrap().clone(),
+        net.handle(1).unwrap().clone(),
+    );
+    let mut requests = b.serve(Echo::SERVICE, 16).await.unwrap();
+    tokio::spawn(async move {
+        while let Some(r) = requests.recv().await {
+            match r.decode::<Echo>() {
+                Ok(text) => r.respond::<Echo>(&text),
+                Err(e) => r.fail(e),
+            }
+        }
+    });
+    let big = vec![0u8; 5 * 1024 * 1024];
+    let err = a
+        .request(b.peer_id(), Echo::SERVICE, big, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RpcError::TooLarge { .. }), "{err}");
+    let err = a
+        .request(
+            b.peer_id(),
+            "no.such.service",
+            vec![],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+    match err {
+        RpcError::Remote { error, .. } => assert_eq!(error.kind, RemoteErrorKind::UnknownService),
+        other => panic!("unexpected {other}"),
+    }
+    // A body that is not a String: the handler reports a bad request.
+    let err = a
+        .request(
+            b.peer_id(),
+            Echo::SERVICE,
+            vec![0xff, 0xff, 0xff, 0xff, 0xff],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+    match err {
+        RpcError::Remote { error, .. } => {
+            assert_eq!(error.kind, RemoteErrorKind::BadRequest, "{error}")
+        }
+        other => panic!("unexpected {other}"),
+    }
+    let ok = a
+        .call::<Echo>(b.peer_id(), &"still here".to_string())
+        .await
+        .unwrap();
+    assert_eq!(ok, "still here");
+}
