@@ -715,10 +715,11 @@ impl Task {
         match cmd {
             Command::ListenAddrs(r) => {
                 let me = self.me;
+                let addrs = quic_first(&self.listen);
                 let _ = r.send(
-                    self.listen
-                        .iter()
-                        .map(|a| a.clone().with_p2p(me).unwrap_or_else(|a| a))
+                    addrs
+                        .into_iter()
+                        .map(|a| a.with_p2p(me).unwrap_or_else(|a| a))
                         .collect(),
                 );
             }
@@ -1087,11 +1088,8 @@ impl Task {
         };
         let mut d = self.own.clone();
         if d.addrs.is_empty() {
-            // QUIC first: peers dial in the order given.
-            let mut addrs: Vec<&Multiaddr> = self.listen.iter().collect();
-            addrs.sort_by_key(|a| !a.iter().any(|p| matches!(p, Proto::QuicV1)));
-            d.addrs = addrs
-                .into_iter()
+            d.addrs = quic_first(&self.listen)
+                .iter()
                 .take(cloudless_types::MAX_ADDRS)
                 .map(|a| a.to_string())
                 .collect();
@@ -1377,6 +1375,14 @@ impl Task {
             }
         }
     }
+}
+
+/// Addresses with QUIC ones first: peers dial in the order given, and QUIC is the preferred
+/// transport (TCP is the fallback).
+fn quic_first(addrs: &[Multiaddr]) -> Vec<Multiaddr> {
+    let mut v = addrs.to_vec();
+    v.sort_by_key(|a| !a.iter().any(|p| matches!(p, Proto::QuicV1)));
+    v
 }
 
 fn add_addresses(swarm: &mut Swarm<Behaviour>, peer: &PeerId, addrs: &[String]) {

@@ -802,7 +802,8 @@ impl<I: Id> Membership<I> {
             if !probe.indirect_sent {
                 probe.indirect_sent = true;
                 let target = probe.target.clone();
-                let helpers = self.random_live(self.config.indirect_checks, std::slice::from_ref(&target));
+                let helpers =
+                    self.random_live(self.config.indirect_checks, std::slice::from_ref(&target));
                 if let Some(p) = self.probes.get_mut(&seq) {
                     p.expected_nacks = u32::try_from(helpers.len()).unwrap_or(u32::MAX);
                 }
@@ -1206,7 +1207,9 @@ impl<I: Id> Membership<I> {
             }
             for u in news {
                 let s = encoded_len(&u);
-                if size + s > self.config.sync_chunk_bytes && !page.is_empty() {
+                let full = size + s > self.config.sync_chunk_bytes
+                    || page.len() >= MAX_UPDATES_PER_MESSAGE;
+                if full && !page.is_empty() {
                     pages.push(std::mem::take(&mut page));
                     size = 0;
                 }
