@@ -24,11 +24,7 @@ pub struct Codec<Req, Resp> {
 impl<Req, Resp> Codec<Req, Resp> {
     /// A codec refusing requests above `max_request` and responses above `max_response` bytes.
     pub fn new(max_request: usize, max_response: usize) -> Self {
-        Codec {
-            max_request,
-            max_response,
-            _types: PhantomData,
-        }
+        Codec { max_request, max_response, _types: PhantomData }
     }
 }
 
@@ -41,18 +37,12 @@ impl<Req, Resp> Clone for Codec<Req, Resp> {
 /// Encodes `value` as one frame body, refusing it when it exceeds `max` bytes.
 pub fn encode<T: Serialize>(value: &T, max: usize) -> io::Result<Vec<u8>> {
     let bytes = postcard::to_allocvec(value).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("cannot encode message: {e}"),
-        )
+        io::Error::new(io::ErrorKind::InvalidInput, format!("cannot encode message: {e}"))
     })?;
     if bytes.len() > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!(
-                "message of {} bytes exceeds the limit of {max} bytes",
-                bytes.len()
-            ),
+            format!("message of {} bytes exceeds the limit of {max} bytes", bytes.len()),
         ));
     }
     Ok(bytes)
@@ -74,12 +64,8 @@ where
     }
     let mut body = vec![0u8; len];
     io.read_exact(&mut body).await?;
-    postcard::from_bytes(&body).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("malformed message: {e}"),
-        )
-    })
+    postcard::from_bytes(&body)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("malformed message: {e}")))
 }
 
 async fn write_frame<T, W>(io: &mut W, value: &T, max: usize) -> io::Result<()>
@@ -151,36 +137,21 @@ mod tests {
     async fn round_trips_and_refuses_oversize_before_reading_it() {
         let mut codec: Codec<Vec<u8>, ()> = Codec::new(64, 8);
         let mut buf = Vec::new();
-        codec
-            .write_request(&P, &mut Cursor::new(&mut buf), vec![7u8; 10])
-            .await
-            .unwrap();
-        let back = codec
-            .read_request(&P, &mut Cursor::new(&buf))
-            .await
-            .unwrap();
+        codec.write_request(&P, &mut Cursor::new(&mut buf), vec![7u8; 10]).await.unwrap();
+        let back = codec.read_request(&P, &mut Cursor::new(&buf)).await.unwrap();
         assert_eq!(back, vec![7u8; 10]);
 
         let err = codec
             .write_request(&P, &mut Cursor::new(Vec::new()), vec![0u8; 100])
             .await
             .unwrap_err();
-        assert!(
-            err.to_string().contains("exceeds the limit of 64 bytes"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("exceeds the limit of 64 bytes"), "{err}");
 
         // A header announcing 1 GiB with no body: refused on the header alone.
         let huge = (1u32 << 30).to_be_bytes().to_vec();
-        let err = codec
-            .read_request(&P, &mut Cursor::new(&huge))
-            .await
-            .unwrap_err();
+        let err = codec.read_request(&P, &mut Cursor::new(&huge)).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        assert!(
-            err.to_string().contains("1073741824 bytes exceeds"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("1073741824 bytes exceeds"), "{err}");
     }
 
     #[tokio::test]
@@ -188,10 +159,7 @@ mod tests {
         let mut codec: Codec<(u8, String), ()> = Codec::new(64, 8);
         let mut frame = 3u32.to_be_bytes().to_vec();
         frame.extend([1, 200, 255]);
-        let err = codec
-            .read_request(&P, &mut Cursor::new(&frame))
-            .await
-            .unwrap_err();
+        let err = codec.read_request(&P, &mut Cursor::new(&frame)).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(err.to_string().starts_with("malformed message"), "{err}");
     }

@@ -83,12 +83,8 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("cloudless-data"),
             listen: vec![
-                "/ip4/0.0.0.0/udp/0/quic-v1"
-                    .parse()
-                    .unwrap_or_else(|_| Multiaddr::empty()),
-                "/ip4/0.0.0.0/tcp/0"
-                    .parse()
-                    .unwrap_or_else(|_| Multiaddr::empty()),
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse().unwrap_or_else(|_| Multiaddr::empty()),
+                "/ip4/0.0.0.0/tcp/0".parse().unwrap_or_else(|_| Multiaddr::empty()),
             ],
             bootstrap: Vec::new(),
             mdns: true,
@@ -123,10 +119,7 @@ impl Config {
     /// Checks every setting; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |field: &str, reason: &str| {
-            Err(ConfigError {
-                field: field.into(),
-                reason: reason.into(),
-            })
+            Err(ConfigError { field: field.into(), reason: reason.into() })
         };
         if self.listen.is_empty() && self.role == Role::Member {
             return err("listen", "a member needs at least one listen address");
@@ -155,15 +148,12 @@ impl Config {
             field: format!("membership.{}", e.field),
             reason: e.reason,
         })?;
-        self.descriptor.validate().map_err(|e| ConfigError {
-            field: "descriptor".into(),
-            reason: e.to_string(),
-        })?;
+        self.descriptor
+            .validate()
+            .map_err(|e| ConfigError { field: "descriptor".into(), reason: e.to_string() })?;
         if let Some(c) = &self.capacity {
-            c.validate().map_err(|e| ConfigError {
-                field: "capacity".into(),
-                reason: e.to_string(),
-            })?;
+            c.validate()
+                .map_err(|e| ConfigError { field: "capacity".into(), reason: e.to_string() })?;
         }
         Ok(())
     }
@@ -176,23 +166,12 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_errors_name_the_key() {
         Config::default().validate().unwrap();
-        let c = Config {
-            rpc_max_bytes: 10,
-            ..Config::default()
-        };
-        assert!(
-            c.validate()
-                .unwrap_err()
-                .to_string()
-                .starts_with("mesh.rpc_max_bytes:")
-        );
+        let c = Config { rpc_max_bytes: 10, ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().starts_with("mesh.rpc_max_bytes:"));
         let mut c = Config::default();
         c.membership.probe_interval = Duration::ZERO;
         assert!(
-            c.validate()
-                .unwrap_err()
-                .to_string()
-                .starts_with("mesh.membership.probe_interval:")
+            c.validate().unwrap_err().to_string().starts_with("mesh.membership.probe_interval:")
         );
     }
 }

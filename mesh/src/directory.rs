@@ -110,10 +110,8 @@ impl Directory {
                 Ok(doc) => Ok((Self::with_doc(me, doc), None)),
                 Err(e) => {
                     let aside = path.with_extension("corrupt");
-                    fs::rename(&path, &aside).map_err(|source| DirectoryError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
+                    fs::rename(&path, &aside)
+                        .map_err(|source| DirectoryError::Io { path: path.clone(), source })?;
                     let warning = format!(
                         "directory file {} is corrupt ({e}); moved to {}",
                         path.display(),
@@ -130,10 +128,7 @@ impl Directory {
     /// Writes the document to `data_dir` atomically and durably.
     pub fn persist(&mut self, data_dir: &Path) -> Result<(), DirectoryError> {
         let path = data_dir.join(FILE);
-        let io = |source| DirectoryError::Io {
-            path: path.clone(),
-            source,
-        };
+        let io = |source| DirectoryError::Io { path: path.clone(), source };
         let tmp = path.with_extension("tmp");
         let mut f = fs::File::create(&tmp).map_err(io)?;
         f.write_all(&self.doc.save()).map_err(io)?;
@@ -228,19 +223,14 @@ impl Directory {
         peer: PeerId,
         bytes: &[u8],
     ) -> Result<BTreeSet<PeerId>, DirectoryError> {
-        let message = sync::Message::decode(bytes).map_err(|e| DirectoryError::Malformed {
-            peer,
-            reason: e.to_string(),
-        })?;
+        let message = sync::Message::decode(bytes)
+            .map_err(|e| DirectoryError::Malformed { peer, reason: e.to_string() })?;
         let before = self.doc.get_heads();
         let mut trial = self.doc.clone();
         let mut state = self.peers.get(&peer).cloned().unwrap_or_default();
         trial
             .receive_sync_message(&mut state, message)
-            .map_err(|e| DirectoryError::Malformed {
-                peer,
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| DirectoryError::Malformed { peer, reason: e.to_string() })?;
         let mut changed = BTreeSet::new();
         let own_actor = self.doc.get_actor().clone();
         for change in trial.get_changes(&before) {
@@ -299,9 +289,7 @@ fn check_change(change: &automerge::Change) -> Result<PeerId, String> {
             automerge::legacy::ObjectId::Id(id) => author_of(id.actor()) == Some(author),
         };
         if !ok {
-            return Err(format!(
-                "change {hash} by {author} writes outside its own entry"
-            ));
+            return Err(format!("change {hash} by {author} writes outside its own entry"));
         }
     }
     Ok(author)
@@ -342,9 +330,7 @@ fn write_entry(
             Some((Value::Object(ObjType::List), id)) => Some(read_list(tx, &id)),
             _ => None,
         };
-        if current
-            .as_deref()
-            .map(|c| c.iter().map(String::as_str).collect::<Vec<_>>())
+        if current.as_deref().map(|c| c.iter().map(String::as_str).collect::<Vec<_>>())
             != Some(items.clone())
         {
             let list = tx.put_object(entry, name, ObjType::List)?;
@@ -384,16 +370,10 @@ fn read_list<D: ReadDoc>(doc: &D, list: &automerge::ObjId) -> Vec<String> {
 
 fn read_entry<D: ReadDoc>(doc: &D, entry: &automerge::ObjId) -> Option<NodeDescriptor> {
     let str_of = |k: &str| -> Option<String> {
-        doc.get(entry, k)
-            .ok()?
-            .and_then(|(v, _)| v.as_str().map(str::to_owned))
+        doc.get(entry, k).ok()?.and_then(|(v, _)| v.as_str().map(str::to_owned))
     };
     let num_of = |k: &str| -> u64 {
-        doc.get(entry, k)
-            .ok()
-            .flatten()
-            .and_then(|(v, _)| v.as_u64())
-            .unwrap_or(0)
+        doc.get(entry, k).ok().flatten().and_then(|(v, _)| v.as_u64()).unwrap_or(0)
     };
     let list_of = |k: &str| -> Vec<String> {
         match doc.get(entry, k).ok().flatten() {
@@ -418,10 +398,8 @@ fn read_entry<D: ReadDoc>(doc: &D, entry: &automerge::ObjId) -> Option<NodeDescr
         Some(c) => Some(DeviceClass::parse(&c)?),
         None => None,
     };
-    let runtimes = list_of("runtimes")
-        .iter()
-        .map(|r| Runtime::parse(r))
-        .collect::<Option<Vec<_>>>()?;
+    let runtimes =
+        list_of("runtimes").iter().map(|r| Runtime::parse(r)).collect::<Option<Vec<_>>>()?;
     Some(NodeDescriptor {
         addrs: list_of("addrs"),
         labels,
@@ -534,10 +512,7 @@ mod tests {
             }
         }
         let err = err.expect("the forged change must be refused");
-        assert!(
-            err.to_string().contains("writes outside its own entry"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("writes outside its own entry"), "{err}");
         assert_eq!(victim.heads(), before);
         assert_eq!(victim.get(&pb), Some(desc("b")));
     }
@@ -549,11 +524,7 @@ mod tests {
         let (mut a, warning) = Directory::open(pa, dir.path()).unwrap();
         assert!(warning.is_none());
         let err = a.receive(peer(), b"\x42garbage").unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("malformed directory sync message"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("malformed directory sync message"), "{err}");
         a.set_own(&desc("a")).unwrap();
         a.persist(dir.path()).unwrap();
         let (b, _) = Directory::open(pa, dir.path()).unwrap();

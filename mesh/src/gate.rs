@@ -72,11 +72,7 @@ impl Behaviour {
     }
 
     fn check(&self, peer: &PeerId) -> Result<(), ConnectionDenied> {
-        if self.gate.admits(peer) {
-            Ok(())
-        } else {
-            Err(ConnectionDenied::new(NotAdmitted(*peer)))
-        }
+        if self.gate.admits(peer) { Ok(()) } else { Err(ConnectionDenied::new(NotAdmitted(*peer))) }
     }
 }
 

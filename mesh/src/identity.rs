@@ -45,35 +45,25 @@ pub enum IdentityError {
 /// there is none yet.
 pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
     let path = data_dir.join(KEY_FILE);
-    let io = |source| IdentityError::Io {
-        path: path.clone(),
-        source,
-    };
+    let io = |source| IdentityError::Io { path: path.clone(), source };
     match fs::read(&path) {
         Ok(bytes) => {
             check_permissions(&path)?;
-            let key =
-                Keypair::from_protobuf_encoding(&bytes).map_err(|e| IdentityError::Invalid {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
+            let key = Keypair::from_protobuf_encoding(&bytes).map_err(|e| {
+                IdentityError::Invalid { path: path.clone(), reason: e.to_string() }
+            })?;
             if key.clone().try_into_ed25519().is_err() {
-                return Err(IdentityError::Invalid {
-                    path,
-                    reason: "not an ed25519 key".into(),
-                });
+                return Err(IdentityError::Invalid { path, reason: "not an ed25519 key".into() });
             }
             Ok(key)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             fs::create_dir_all(data_dir).map_err(io)?;
             let key = Keypair::generate_ed25519();
-            let bytes = key
-                .to_protobuf_encoding()
-                .map_err(|e| IdentityError::Invalid {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
+            let bytes = key.to_protobuf_encoding().map_err(|e| IdentityError::Invalid {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
             write_private(&path, &bytes).map_err(io)?;
             Ok(key)
         }
@@ -85,18 +75,12 @@ pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
 fn check_permissions(path: &Path) -> Result<(), IdentityError> {
     use std::os::unix::fs::PermissionsExt;
     let mode = fs::metadata(path)
-        .map_err(|source| IdentityError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?
+        .map_err(|source| IdentityError::Io { path: path.to_path_buf(), source })?
         .permissions()
         .mode()
         & 0o777;
     if mode & 0o077 != 0 {
-        return Err(IdentityError::Permissions {
-            path: path.to_path_buf(),
-            mode,
-        });
+        return Err(IdentityError::Permissions { path: path.to_path_buf(), mode });
     }
     Ok(())
 }
@@ -135,11 +119,8 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(dir.path().join(KEY_FILE))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777;
+            let mode =
+                fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600);
         }
     }
@@ -150,10 +131,7 @@ mod tests {
         let path = dir.path().join(KEY_FILE);
         write_private(&path, b"not a key").unwrap();
         let err = load_or_create(dir.path()).unwrap_err();
-        assert!(
-            err.to_string().contains("is not a valid ed25519 key"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("is not a valid ed25519 key"), "{err}");
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

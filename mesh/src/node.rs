@@ -226,10 +226,7 @@ impl Handle {
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
     ) -> Result<T, MeshError> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(make(tx))
-            .await
-            .map_err(|_| MeshError::Closed)?;
+        self.tx.send(make(tx)).await.map_err(|_| MeshError::Closed)?;
         rx.await.map_err(|_| MeshError::Closed)
     }
 
@@ -256,10 +253,7 @@ impl Handle {
     /// Reports this node's current capacity; the membership announces it when it changed
     /// meaningfully.
     pub async fn set_capacity(&self, capacity: Capacity) -> Result<(), MeshError> {
-        self.tx
-            .send(Command::SetCapacity(capacity))
-            .await
-            .map_err(|_| MeshError::Closed)
+        self.tx.send(Command::SetCapacity(capacity)).await.map_err(|_| MeshError::Closed)
     }
 
     /// Replaces this node's directory entry (its addresses are kept up to date by the mesh).
@@ -288,26 +282,14 @@ impl Handle {
         if service.is_empty() || service.len() > MAX_SERVICE_NAME {
             return Err(RpcError::BadService(service.to_string()));
         }
-        let envelope = Envelope {
-            service: service.to_string(),
-            body,
-        };
-        let size = encode(&envelope, usize::MAX)
-            .map(|b| b.len())
-            .unwrap_or(usize::MAX);
+        let envelope = Envelope { service: service.to_string(), body };
+        let size = encode(&envelope, usize::MAX).map(|b| b.len()).unwrap_or(usize::MAX);
         if size > self.rpc_max_bytes {
-            return Err(RpcError::TooLarge {
-                size,
-                max: self.rpc_max_bytes,
-            });
+            return Err(RpcError::TooLarge { size, max: self.rpc_max_bytes });
         }
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Command::Request {
-                peer,
-                envelope,
-                reply: tx,
-            })
+            .send(Command::Request { peer, envelope, reply: tx })
             .await
             .map_err(|_| RpcError::Closed)?;
         match tokio::time::timeout(timeout, rx).await {
@@ -323,8 +305,7 @@ impl Handle {
         peer: PeerId,
         request: &R::Request,
     ) -> Result<R::Response, RpcError> {
-        self.call_with_timeout::<R>(peer, request, self.rpc_timeout)
-            .await
+        self.call_with_timeout::<R>(peer, request, self.rpc_timeout).await
     }
 
     /// Calls service `R` on `peer`, waiting at most `timeout`.
@@ -334,10 +315,7 @@ impl Handle {
         request: &R::Request,
         timeout: Duration,
     ) -> Result<R::Response, RpcError> {
-        let codec = |reason: String| RpcError::Codec {
-            service: R::SERVICE.to_string(),
-            reason,
-        };
+        let codec = |reason: String| RpcError::Codec { service: R::SERVICE.to_string(), reason };
         let body = postcard::to_allocvec(request).map_err(|e| codec(e.to_string()))?;
         let answer = self.request(peer, R::SERVICE, body, timeout).await?;
         postcard::from_bytes(&answer).map_err(|e| codec(e.to_string()))
@@ -357,12 +335,8 @@ impl Handle {
             });
         }
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        self.ask(|r| Command::Serve {
-            service: service.to_string(),
-            sender: tx,
-            reply: r,
-        })
-        .await??;
+        self.ask(|r| Command::Serve { service: service.to_string(), sender: tx, reply: r })
+            .await??;
         Ok(rx)
     }
 
@@ -413,10 +387,7 @@ pub async fn start_with_identity(
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())
-            .map_err(|e| MeshError::Listen {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| MeshError::Listen { addr: addr.clone(), reason: e.to_string() })?;
     }
     let (directory, membership) = if member {
         let (dir, warning) = Directory::open(me, &config.data_dir)?;
@@ -474,6 +445,7 @@ pub async fn start_with_identity(
         inbound: FuturesUnordered::new(),
         pending: HashMap::new(),
         parked: HashMap::new(),
+        lookups: HashMap::new(),
         relays: HashSet::new(),
         relay_candidates: HashMap::new(),
         reachability: Reachability::Unknown,
@@ -481,11 +453,7 @@ pub async fn start_with_identity(
         config,
     };
     let task = tokio::spawn(task.run());
-    Ok(Mesh {
-        handle,
-        events,
-        task,
-    })
+    Ok(Mesh { handle, events, task })
 }
 
 fn build_swarm(
@@ -520,19 +488,14 @@ fn build_swarm(
             .map_err(|e| transport(&e))?;
         let mut g = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, cfg)
             .map_err(|e| transport(&e))?;
-        g.subscribe(&gossipsub::IdentTopic::new(MEMBERSHIP_TOPIC))
-            .map_err(|e| transport(&e))?;
+        g.subscribe(&gossipsub::IdentTopic::new(MEMBERSHIP_TOPIC)).map_err(|e| transport(&e))?;
         Some(g)
     } else {
         None
     };
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
         .map_err(|e| transport(&e))?
         .with_quic()
         .with_dns()
@@ -545,11 +508,7 @@ fn build_swarm(
                 MemoryStore::new(me),
                 kad::Config::new(KAD_PROTOCOL),
             );
-            kad.set_mode(Some(if member {
-                kad::Mode::Server
-            } else {
-                kad::Mode::Client
-            }));
+            kad.set_mode(Some(if member { kad::Mode::Server } else { kad::Mode::Client }));
             let mdns = if mdns_on {
                 mdns::tokio::Behaviour::new(mdns::Config::default(), me).ok()
             } else {
@@ -574,11 +533,7 @@ fn build_swarm(
                     Codec::new(dg_max, 16),
                     [(
                         DATAGRAM_PROTOCOL,
-                        if member {
-                            ProtocolSupport::Full
-                        } else {
-                            ProtocolSupport::Outbound
-                        },
+                        if member { ProtocolSupport::Full } else { ProtocolSupport::Outbound },
                     )],
                     datagram_config,
                 ),
@@ -605,13 +560,8 @@ fn next_incarnation(data_dir: &Path) -> u32 {
         .map_or(0, |i| i.saturating_add(1))
 }
 
-type InboundFuture = BoxFuture<
-    'static,
-    (
-        Result<Reply, oneshot::error::RecvError>,
-        ResponseChannel<Reply>,
-    ),
->;
+type InboundFuture =
+    BoxFuture<'static, (Result<Reply, oneshot::error::RecvError>, ResponseChannel<Reply>)>;
 
 struct PendingRpc {
     peer: PeerId,
@@ -643,6 +593,8 @@ struct Task {
     inbound: FuturesUnordered<InboundFuture>,
     pending: HashMap<OutboundRequestId, PendingRpc>,
     parked: HashMap<kad::QueryId, Vec<PendingRpc>>,
+    /// DHT lookups started for members we could not dial.
+    lookups: HashMap<kad::QueryId, PeerId>,
     relays: HashSet<PeerId>,
     relay_candidates: HashMap<PeerId, Multiaddr>,
     reachability: Reachability,
@@ -703,10 +655,7 @@ impl Task {
         if self.events.try_send(event).is_err() {
             self.dropped_events += 1;
             if self.dropped_events.is_power_of_two() {
-                warn!(
-                    dropped = self.dropped_events,
-                    "mesh event queue full; events dropped"
-                );
+                warn!(dropped = self.dropped_events, "mesh event queue full; events dropped");
             }
         }
     }
@@ -717,17 +666,14 @@ impl Task {
                 let me = self.me;
                 let addrs = quic_first(&self.listen);
                 let _ = r.send(
-                    addrs
-                        .into_iter()
-                        .map(|a| a.with_p2p(me).unwrap_or_else(|a| a))
-                        .collect(),
+                    addrs.into_iter().map(|a| a.with_p2p(me).unwrap_or_else(|a| a)).collect(),
                 );
             }
             Command::Dial(addr, r) => {
-                let res = self.swarm.dial(addr.clone()).map_err(|e| MeshError::Dial {
-                    addr,
-                    reason: e.to_string(),
-                });
+                let res = self
+                    .swarm
+                    .dial(addr.clone())
+                    .map_err(|e| MeshError::Dial { addr, reason: e.to_string() });
                 let _ = r.send(res);
             }
             Command::Connected(r) => {
@@ -767,11 +713,7 @@ impl Task {
                     .ok_or(MeshError::NotAMember("directory"));
                 let _ = r.send(res);
             }
-            Command::Request {
-                peer,
-                envelope,
-                reply,
-            } => {
+            Command::Request { peer, envelope, reply } => {
                 if self.pending.len() >= self.config.rpc_max_pending {
                     let _ = reply.send(Err(RpcError::Busy));
                     return;
@@ -781,16 +723,9 @@ impl Task {
                     .then(|| envelope.clone());
                 self.send_rpc(peer, envelope, retry, reply);
             }
-            Command::Serve {
-                service,
-                sender,
-                reply,
-            } => {
+            Command::Serve { service, sender, reply } => {
                 let res = if self.services.get(&service).is_some_and(|s| !s.is_closed()) {
-                    Err(MeshError::Serve {
-                        service,
-                        reason: "already served".into(),
-                    })
+                    Err(MeshError::Serve { service, reason: "already served".into() })
                 } else {
                     self.services.insert(service, sender);
                     Ok(())
@@ -829,34 +764,16 @@ impl Task {
     fn on_rpc_event(&mut self, event: request_response::Event<Envelope, Reply>) {
         use request_response::{Event as E, Message as M, OutboundFailure};
         match event {
-            E::Message {
-                peer,
-                message: M::Request {
-                    request, channel, ..
-                },
-                ..
-            } => self.on_rpc_request(peer, request, channel),
-            E::Message {
-                peer,
-                message:
-                    M::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
+            E::Message { peer, message: M::Request { request, channel, .. }, .. } => {
+                self.on_rpc_request(peer, request, channel)
+            }
+            E::Message { peer, message: M::Response { request_id, response }, .. } => {
                 if let Some(p) = self.pending.remove(&request_id) {
-                    let _ = p
-                        .reply
-                        .send(response.map_err(|error| RpcError::Remote { peer, error }));
+                    let _ =
+                        p.reply.send(response.map_err(|error| RpcError::Remote { peer, error }));
                 }
             }
-            E::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
+            E::OutboundFailure { peer, request_id, error, .. } => {
                 let Some(p) = self.pending.remove(&request_id) else {
                     return;
                 };
@@ -870,10 +787,7 @@ impl Task {
                     self.parked.entry(q).or_default().push(p);
                     return;
                 }
-                let _ = p.reply.send(Err(RpcError::Transport {
-                    peer,
-                    reason: error.to_string(),
-                }));
+                let _ = p.reply.send(Err(RpcError::Transport { peer, reason: error.to_string() }));
             }
             E::InboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "inbound rpc failed");
@@ -885,27 +799,17 @@ impl Task {
     fn on_rpc_request(&mut self, peer: PeerId, request: Envelope, channel: ResponseChannel<Reply>) {
         let service = request.service.clone();
         let refusal = if service.is_empty() || service.len() > MAX_SERVICE_NAME {
-            Some((
-                RemoteErrorKind::BadRequest,
-                "service name must be 1 to 64 bytes".to_string(),
-            ))
+            Some((RemoteErrorKind::BadRequest, "service name must be 1 to 64 bytes".to_string()))
         } else if !self.gate.allows(&peer, Protocol::Rpc { service: &service }) {
             warn!(%peer, %service, "rpc refused by the gate");
-            Some((
-                RemoteErrorKind::Unauthorized,
-                format!("not allowed to use {service}"),
-            ))
+            Some((RemoteErrorKind::Unauthorized, format!("not allowed to use {service}")))
         } else if self.inbound.len() >= MAX_INBOUND_PENDING {
-            Some((
-                RemoteErrorKind::Busy,
-                "too many requests in progress".to_string(),
-            ))
+            Some((RemoteErrorKind::Busy, "too many requests in progress".to_string()))
         } else {
             match self.services.get(&service) {
-                None => Some((
-                    RemoteErrorKind::UnknownService,
-                    format!("no service named {service}"),
-                )),
+                None => {
+                    Some((RemoteErrorKind::UnknownService, format!("no service named {service}")))
+                }
                 Some(sender) => {
                     let (tx, rx) = oneshot::channel();
                     match sender.try_send(InboundRequest {
@@ -915,8 +819,7 @@ impl Task {
                         reply: tx,
                     }) {
                         Ok(()) => {
-                            self.inbound
-                                .push(Box::pin(async move { (rx.await, channel) }));
+                            self.inbound.push(Box::pin(async move { (rx.await, channel) }));
                             return;
                         }
                         Err(mpsc::error::TrySendError::Full(_)) => {
@@ -953,25 +856,12 @@ impl Task {
     fn on_datagram_event(&mut self, event: request_response::Event<Datagram, ()>) {
         use request_response::{Event as E, Message as M};
         match event {
-            E::Message {
-                peer,
-                message: M::Request {
-                    request, channel, ..
-                },
-                ..
-            } => {
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .datagram
-                    .send_response(channel, ());
+            E::Message { peer, message: M::Request { request, channel, .. }, .. } => {
+                let _ = self.swarm.behaviour_mut().datagram.send_response(channel, ());
                 match request {
                     Datagram::Membership(message) => {
                         if self.gate.allows(&peer, Protocol::Membership) {
-                            self.drive(Input::Message {
-                                from: peer,
-                                message,
-                            });
+                            self.drive(Input::Message { from: peer, message });
                         }
                     }
                     Datagram::Directory(bytes) => {
@@ -982,15 +872,25 @@ impl Task {
                 }
             }
             E::OutboundFailure { peer, error, .. } => {
-                debug!(%peer, %error, "datagram not delivered")
+                debug!(%peer, %error, "datagram not delivered");
+                if matches!(error, request_response::OutboundFailure::DialFailure) {
+                    self.look_up(peer);
+                }
             }
             E::InboundFailure { peer, error, .. } => debug!(%peer, %error, "datagram refused"),
-            E::Message {
-                message: M::Response { .. },
-                ..
-            }
-            | E::ResponseSent { .. } => {}
+            E::Message { message: M::Response { .. }, .. } | E::ResponseSent { .. } => {}
         }
+    }
+
+    /// Asks the DHT where a member we cannot dial is (a member learned from a member list
+    /// before its directory entry arrived). One lookup per peer at a time, at most
+    /// [`MAX_PARKED`] at once.
+    fn look_up(&mut self, peer: PeerId) {
+        if self.lookups.len() >= MAX_PARKED || self.lookups.values().any(|p| *p == peer) {
+            return;
+        }
+        let q = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+        self.lookups.insert(q, peer);
     }
 
     /// Feeds the membership core and carries out what it asks.
@@ -1028,13 +928,7 @@ impl Task {
     }
 
     fn on_member_event(&mut self, e: membership::Event<PeerId>) {
-        if let membership::Event::State {
-            id,
-            previous,
-            state,
-            ..
-        } = &e
-        {
+        if let membership::Event::State { id, previous, state, .. } = &e {
             debug!(peer = %id, ?previous, ?state, "membership");
             let was_live = matches!(previous, Some(State::Alive | State::Suspect));
             match state {
@@ -1107,10 +1001,8 @@ impl Task {
         let (Some(dir), Some(core)) = (self.directory.as_mut(), self.membership.as_ref()) else {
             return;
         };
-        let peers: Vec<PeerId> = core
-            .live_peers()
-            .copied()
-            .choose_multiple(&mut rand::thread_rng(), fanout);
+        let peers: Vec<PeerId> =
+            core.live_peers().copied().choose_multiple(&mut rand::thread_rng(), fanout);
         let mut out = Vec::new();
         for p in peers {
             if let Some(msg) = dir.generate(p) {
@@ -1135,10 +1027,7 @@ impl Task {
                     if let Some(d) = &d {
                         add_addresses(&mut self.swarm, &p, &d.addrs);
                     }
-                    self.emit(Event::Directory {
-                        peer: p,
-                        descriptor: d,
-                    });
+                    self.emit(Event::Directory { peer: p, descriptor: d });
                 }
                 if let Some(msg) = reply {
                     self.send_datagram(peer, Datagram::Directory(msg));
@@ -1188,12 +1077,17 @@ impl Task {
                 self.listen.retain(|a| *a != address);
                 let _ = self.publish_own();
             }
-            SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
-            } => {
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
                 if self.gate.allows(&peer_id, Protocol::Membership) {
                     self.drive(Input::Contact { peer: peer_id });
+                }
+                // A new connection is the cheapest moment to reconcile directories: a joiner
+                // learns every member's addresses from its first peer at once.
+                if self.gate.allows(&peer_id, Protocol::Directory) {
+                    if let Some(msg) = self.directory.as_mut().and_then(|d| d.generate(peer_id)) {
+                        self.send_datagram(peer_id, Datagram::Directory(msg));
+                    }
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
@@ -1205,9 +1099,7 @@ impl Task {
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, %error, "dial failed");
             }
-            SwarmEvent::ListenerClosed {
-                addresses, reason, ..
-            } => {
+            SwarmEvent::ListenerClosed { addresses, reason, .. } => {
                 debug!(?addresses, ?reason, "listener closed");
                 for a in addresses {
                     self.listen.retain(|l| *l != a);
@@ -1261,10 +1153,7 @@ impl Task {
                     .collect();
                 if info.protocols.contains(&KAD_PROTOCOL) {
                     for a in &routable {
-                        self.swarm
-                            .behaviour_mut()
-                            .kad
-                            .add_address(&peer_id, a.clone());
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, a.clone());
                     }
                 }
                 if info.protocols.iter().any(|p| p.as_ref() == RELAY_HOP)
@@ -1289,6 +1178,7 @@ impl Task {
                     }
                 }
                 if step.last {
+                    self.lookups.remove(&id);
                     for p in self.parked.remove(&id).unwrap_or_default() {
                         if let Some(envelope) = p.retry {
                             self.send_rpc(p.peer, envelope, None, p.reply);
@@ -1343,10 +1233,8 @@ impl Task {
             return;
         }
         info!("publicly reachable: serving as a relay");
-        self.swarm.behaviour_mut().relay_server = Toggle::from(Some(relay::Behaviour::new(
-            self.me,
-            relay::Config::default(),
-        )));
+        self.swarm.behaviour_mut().relay_server =
+            Toggle::from(Some(relay::Behaviour::new(self.me, relay::Config::default())));
     }
 
     /// Behind a NAT, keeps reservations with up to [`MAX_RELAYS`] relays so peers can reach us

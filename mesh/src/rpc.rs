@@ -173,10 +173,7 @@ impl InboundRequest {
     /// Answers with `R`'s response.
     pub fn respond<R: Rpc>(self, response: &R::Response) {
         let reply = postcard::to_allocvec(response).map_err(|e| {
-            RemoteError::new(
-                RemoteErrorKind::Failed,
-                format!("cannot encode response: {e}"),
-            )
+            RemoteError::new(RemoteErrorKind::Failed, format!("cannot encode response: {e}"))
         });
         let _ = self.reply.send(reply);
     }

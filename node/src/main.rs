@@ -88,9 +88,7 @@ fn parse_relay(s: &str) -> Result<RelayMode, String> {
         "auto" => Ok(RelayMode::Auto),
         "always" => Ok(RelayMode::Always),
         "never" => Ok(RelayMode::Never),
-        other => Err(format!(
-            "relay must be auto, always or never, not {other:?}"
-        )),
+        other => Err(format!("relay must be auto, always or never, not {other:?}")),
     }
 }
 
@@ -101,9 +99,7 @@ fn parse_class(s: &str) -> Result<DeviceClass, String> {
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("label {s:?} must be key=value"))?;
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("label {s:?} must be key=value"))?;
     Ok((k.to_string(), v.to_string()))
 }
 
@@ -143,18 +139,11 @@ async fn run(args: RunArgs) -> Result<()> {
     config.descriptor.runtimes = vec![Runtime::Wasi];
     config.descriptor.labels = args.labels.into_iter().collect();
     config.validate().context("invalid configuration")?;
-    let Mesh {
-        handle,
-        events,
-        task,
-    } = cloudless_mesh::start(config, Arc::new(OpenGate))
-        .await
-        .context("cannot start the mesh")?;
+    let Mesh { handle, events, task } =
+        cloudless_mesh::start(config, Arc::new(OpenGate)).await.context("cannot start the mesh")?;
     info!(peer = %handle.peer_id(), "node started");
     let printer = tokio::spawn(print_events(events, None));
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot wait for Ctrl-C")?;
+    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
     info!("Ctrl-C: leaving the cluster");
     handle.leave().await.context("cannot leave cleanly")?;
     let _ = task.await;
@@ -166,12 +155,7 @@ async fn print_events(mut events: tokio::sync::mpsc::Receiver<Event>, name: Opti
     let who = name.unwrap_or_default();
     while let Some(e) = events.recv().await {
         match e {
-            Event::Member(membership::Event::State {
-                id,
-                previous,
-                state,
-                incarnation,
-            }) => {
+            Event::Member(membership::Event::State { id, previous, state, incarnation }) => {
                 info!(node = %who, peer = %id, ?previous, ?state, incarnation, "membership");
             }
             Event::Member(membership::Event::Capacity { id, capacity }) => {
@@ -200,10 +184,7 @@ async fn dev(n: usize) -> Result<()> {
     for i in 0..n {
         let mut config = Config {
             data_dir: dir.path().join(format!("node-{i}")),
-            listen: vec![
-                "/ip4/127.0.0.1/udp/0/quic-v1".parse()?,
-                "/ip4/127.0.0.1/tcp/0".parse()?,
-            ],
+            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse()?, "/ip4/127.0.0.1/tcp/0".parse()?],
             bootstrap: bootstrap.clone(),
             mdns: false,
             relay: RelayMode::Never,
@@ -212,11 +193,8 @@ async fn dev(n: usize) -> Result<()> {
         config.descriptor.zone = Some(format!("dev-zone-{}", i % 2));
         config.descriptor.device_class = Some(DeviceClass::Desktop);
         config.descriptor.runtimes = vec![Runtime::Wasi];
-        let Mesh {
-            handle,
-            events,
-            task,
-        } = cloudless_mesh::start(config, Arc::new(OpenGate)).await?;
+        let Mesh { handle, events, task } =
+            cloudless_mesh::start(config, Arc::new(OpenGate)).await?;
         tokio::spawn(print_events(events, Some(format!("node-{i}"))));
         if i == 0 {
             bootstrap = wait_for_addrs(&handle).await?;
@@ -228,12 +206,7 @@ async fn dev(n: usize) -> Result<()> {
     loop {
         let mut all = true;
         for h in &handles {
-            let alive = h
-                .members()
-                .await?
-                .iter()
-                .filter(|m| m.state == State::Alive)
-                .count();
+            let alive = h.members().await?.iter().filter(|m| m.state == State::Alive).count();
             all &= alive == n;
         }
         if all {
@@ -244,16 +217,10 @@ async fn dev(n: usize) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!(
-        "\nCloudless dev cluster: {n} nodes converged in {:.2?}",
-        started.elapsed()
-    );
+    println!("\nCloudless dev cluster: {n} nodes converged in {:.2?}", started.elapsed());
     let dir_view: BTreeMap<_, _> = handles[0].directory().await?;
     for (i, h) in handles.iter().enumerate() {
-        let zone = dir_view
-            .get(&h.peer_id())
-            .and_then(|d| d.zone.clone())
-            .unwrap_or_default();
+        let zone = dir_view.get(&h.peer_id()).and_then(|d| d.zone.clone()).unwrap_or_default();
         println!("  node-{i}  {}  {zone}", h.peer_id());
         for a in h.listen_addrs().await? {
             println!("          {a}");
@@ -266,9 +233,7 @@ async fn dev(n: usize) -> Result<()> {
     println!(
         "Workloads arrive with the scheduler and runtime; for now watch membership below. Ctrl-C stops.\n"
     );
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot wait for Ctrl-C")?;
+    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
     for h in &handles {
         if let Err(e) = h.leave().await {
             warn!(error = %e, "node did not leave cleanly");

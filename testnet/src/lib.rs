@@ -95,12 +95,8 @@ pub fn test_config(data_dir: PathBuf) -> Config {
     let mut c = Config {
         data_dir,
         listen: vec![
-            "/ip4/127.0.0.1/udp/0/quic-v1"
-                .parse()
-                .unwrap_or_else(|_| Multiaddr::empty()),
-            "/ip4/127.0.0.1/tcp/0"
-                .parse()
-                .unwrap_or_else(|_| Multiaddr::empty()),
+            "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap_or_else(|_| Multiaddr::empty()),
+            "/ip4/127.0.0.1/tcp/0".parse().unwrap_or_else(|_| Multiaddr::empty()),
         ],
         mdns: false,
         relay: RelayMode::Never,
@@ -121,12 +117,8 @@ impl Testnet {
     /// Starts `n` nodes, letting `tweak` adjust each configuration.
     pub async fn start_with(n: usize, tweak: Tweak) -> Result<Testnet> {
         let dir = tempfile::tempdir().context("cannot create the testnet directory")?;
-        let mut net = Testnet {
-            nodes: Vec::new(),
-            table: PartitionTable::default(),
-            tweak,
-            _dir: dir,
-        };
+        let mut net =
+            Testnet { nodes: Vec::new(), table: PartitionTable::default(), tweak, _dir: dir };
         for _ in 0..n {
             net.add_node().await?;
         }
@@ -152,26 +144,16 @@ impl Testnet {
     }
 
     async fn boot(&mut self, i: usize) -> Result<()> {
-        let bootstrap = if i == 0 {
-            Vec::new()
-        } else {
-            self.nodes[0].addrs.clone()
-        };
+        let bootstrap = if i == 0 { Vec::new() } else { self.nodes[0].addrs.clone() };
         let node = &mut self.nodes[i];
         let mut config = test_config(node.data_dir.clone());
         config.bootstrap = bootstrap;
         (self.tweak)(i, &mut config);
-        let gate = Arc::new(PartitionGate {
-            me: node.peer,
-            table: self.table.clone(),
-        });
-        let Mesh {
-            handle,
-            mut events,
-            task,
-        } = cloudless_mesh::start_with_identity(config, node.keypair.clone(), gate)
-            .await
-            .with_context(|| format!("cannot start node {i}"))?;
+        let gate = Arc::new(PartitionGate { me: node.peer, table: self.table.clone() });
+        let Mesh { handle, mut events, task } =
+            cloudless_mesh::start_with_identity(config, node.keypair.clone(), gate)
+                .await
+                .with_context(|| format!("cannot start node {i}"))?;
         let history = node.history.clone();
         let drain = tokio::spawn(async move {
             while let Some(e) = events.recv().await {
@@ -231,18 +213,12 @@ impl Testnet {
 
     /// Indexes of running nodes.
     pub fn running(&self) -> Vec<usize> {
-        (0..self.nodes.len())
-            .filter(|i| self.nodes[*i].running.is_some())
-            .collect()
+        (0..self.nodes.len()).filter(|i| self.nodes[*i].running.is_some()).collect()
     }
 
     /// The events node `i` emitted so far (the most recent [`HISTORY`] of them).
     pub fn history(&self, i: usize) -> Vec<Event> {
-        self.nodes[i]
-            .history
-            .lock()
-            .map(|h| h.clone())
-            .unwrap_or_default()
+        self.nodes[i].history.lock().map(|h| h.clone()).unwrap_or_default()
     }
 
     /// Crashes node `i`: its task is aborted, its sockets close, nothing is announced.
@@ -277,11 +253,8 @@ impl Testnet {
     /// no group keep reaching everyone.
     pub async fn partition(&mut self, groups: &[&[usize]]) -> Result<()> {
         {
-            let mut t = self
-                .table
-                .0
-                .write()
-                .map_err(|_| anyhow::anyhow!("partition table poisoned"))?;
+            let mut t =
+                self.table.0.write().map_err(|_| anyhow::anyhow!("partition table poisoned"))?;
             t.clear();
             for (side, group) in groups.iter().enumerate() {
                 for &i in *group {
@@ -294,11 +267,7 @@ impl Testnet {
 
     /// Removes every partition.
     pub async fn heal(&mut self) -> Result<()> {
-        self.table
-            .0
-            .write()
-            .map_err(|_| anyhow::anyhow!("partition table poisoned"))?
-            .clear();
+        self.table.0.write().map_err(|_| anyhow::anyhow!("partition table poisoned"))?.clear();
         self.recheck().await
     }
 
@@ -322,11 +291,7 @@ impl Testnet {
     /// How node `i` sees node `j`.
     pub async fn state_of(&self, i: usize, j: usize) -> Option<State> {
         let peer = self.peer(j);
-        self.members(i)
-            .await
-            .into_iter()
-            .find(|m| m.id == peer)
-            .map(|m| m.state)
+        self.members(i).await.into_iter().find(|m| m.id == peer).map(|m| m.state)
     }
 
     /// Whether every node in `observers` holds every node in `subjects` in `state`.

@@ -56,24 +56,18 @@ async fn ten_nodes_converge_from_one_bootstrap_peer() {
     )
     .await
     .unwrap();
-    let took = net
-        .wait_until("all ten see all ten alive", CONVERGE, || net.converged())
-        .await
-        .unwrap();
+    let took =
+        net.wait_until("all ten see all ten alive", CONVERGE, || net.converged()).await.unwrap();
     eprintln!("membership converged in {took:?}");
-    net.wait_until(
-        "every directory holds ten valid entries",
-        CONVERGE,
-        || async {
-            for i in 0..10 {
-                let dir = net.handle(i).unwrap().directory().await.unwrap();
-                if dir.len() != 10 || dir.values().any(|d| d.addrs.is_empty()) {
-                    return false;
-                }
+    net.wait_until("every directory holds ten valid entries", CONVERGE, || async {
+        for i in 0..10 {
+            let dir = net.handle(i).unwrap().directory().await.unwrap();
+            if dir.len() != 10 || dir.values().any(|d| d.addrs.is_empty()) {
+                return false;
             }
-            true
-        },
-    )
+        }
+        true
+    })
     .await
     .unwrap();
     // Capacity travelled with the join messages and floods.
@@ -89,22 +83,15 @@ async fn ten_nodes_converge_from_one_bootstrap_peer() {
 async fn killed_node_is_seen_dead_by_all() {
     init_tracing();
     let mut net = Testnet::start(5).await.unwrap();
-    net.wait_until("five converge", CONVERGE, || net.converged())
-        .await
-        .unwrap();
+    net.wait_until("five converge", CONVERGE, || net.converged()).await.unwrap();
     net.kill(4).await;
     let took = net
-        .wait_until("all see node 4 dead", DETECT, || {
-            net.all_see(&[0, 1, 2, 3], &[4], State::Dead)
-        })
+        .wait_until("all see node 4 dead", DETECT, || net.all_see(&[0, 1, 2, 3], &[4], State::Dead))
         .await
         .unwrap();
     eprintln!("crash declared dead everywhere in {took:?}");
     for i in 0..4 {
-        assert!(
-            !net.ever_saw(i, 4, State::Left),
-            "node {i} took a crash for a leave"
-        );
+        assert!(!net.ever_saw(i, 4, State::Left), "node {i} took a crash for a leave");
     }
 }
 
@@ -113,24 +100,14 @@ async fn killed_node_is_seen_dead_by_all() {
 async fn leaving_node_is_seen_left_not_dead() {
     init_tracing();
     let mut net = Testnet::start(5).await.unwrap();
-    net.wait_until("five converge", CONVERGE, || net.converged())
+    net.wait_until("five converge", CONVERGE, || net.converged()).await.unwrap();
+    net.leave(2).await.unwrap();
+    net.wait_until("all see node 2 left", DETECT, || net.all_see(&[0, 1, 3, 4], &[2], State::Left))
         .await
         .unwrap();
-    net.leave(2).await.unwrap();
-    net.wait_until("all see node 2 left", DETECT, || {
-        net.all_see(&[0, 1, 3, 4], &[2], State::Left)
-    })
-    .await
-    .unwrap();
     for i in [0, 1, 3, 4] {
-        assert!(
-            !net.ever_saw(i, 2, State::Dead),
-            "node {i} took a leave for a failure"
-        );
-        assert!(
-            !net.ever_saw(i, 2, State::Suspect),
-            "node {i} suspected a node that left"
-        );
+        assert!(!net.ever_saw(i, 2, State::Dead), "node {i} took a leave for a failure");
+        assert!(!net.ever_saw(i, 2, State::Suspect), "node {i} suspected a node that left");
     }
 }
 
@@ -141,9 +118,7 @@ async fn leaving_node_is_seen_left_not_dead() {
 async fn partition_and_heal_converge_the_directory() {
     init_tracing();
     let mut net = Testnet::start(6).await.unwrap();
-    net.wait_until("six converge", CONVERGE, || net.converged())
-        .await
-        .unwrap();
+    net.wait_until("six converge", CONVERGE, || net.converged()).await.unwrap();
     let (a, b): (&[usize], &[usize]) = (&[0, 1, 2], &[3, 4, 5]);
     net.partition(&[a, b]).await.unwrap();
     net.wait_until("each side sees the other dead", DETECT, || async {
@@ -153,40 +128,33 @@ async fn partition_and_heal_converge_the_directory() {
     .unwrap();
     for i in [1usize, 4] {
         let mut d = NodeDescriptor::default();
-        d.labels
-            .insert("edited".into(), format!("during-partition-{i}"));
+        d.labels.insert("edited".into(), format!("during-partition-{i}"));
         d.zone = Some(format!("zone-{i}"));
         net.handle(i).unwrap().set_descriptor(d).await.unwrap();
     }
     net.heal().await.unwrap();
     let took = net
-        .wait_until("membership merges after the heal", CONVERGE, || {
-            net.converged()
-        })
+        .wait_until("membership merges after the heal", CONVERGE, || net.converged())
         .await
         .unwrap();
     eprintln!("membership merged {took:?} after the heal");
-    net.wait_until(
-        "all directories are identical and hold both edits",
-        CONVERGE,
-        || async {
-            let first = net.handle(0).unwrap().directory_heads().await.unwrap();
-            for i in 0..6 {
-                let h = net.handle(i).unwrap();
-                if h.directory_heads().await.unwrap() != first {
-                    return false;
-                }
-                let dir = h.directory().await.unwrap();
-                for e in [1usize, 4] {
-                    match dir.get(&net.peer(e)) {
-                        Some(d) if d.zone.as_deref() == Some(format!("zone-{e}").as_str()) => {}
-                        _ => return false,
-                    }
+    net.wait_until("all directories are identical and hold both edits", CONVERGE, || async {
+        let first = net.handle(0).unwrap().directory_heads().await.unwrap();
+        for i in 0..6 {
+            let h = net.handle(i).unwrap();
+            if h.directory_heads().await.unwrap() != first {
+                return false;
+            }
+            let dir = h.directory().await.unwrap();
+            for e in [1usize, 4] {
+                match dir.get(&net.peer(e)) {
+                    Some(d) if d.zone.as_deref() == Some(format!("zone-{e}").as_str()) => {}
+                    _ => return false,
                 }
             }
-            true
-        },
-    )
+        }
+        true
+    })
     .await
     .unwrap();
 }
@@ -197,32 +165,15 @@ async fn partition_and_heal_converge_the_directory() {
 async fn restarted_node_is_alive_again_everywhere() {
     init_tracing();
     let mut net = Testnet::start(4).await.unwrap();
-    net.wait_until("four converge", CONVERGE, || net.converged())
-        .await
-        .unwrap();
+    net.wait_until("four converge", CONVERGE, || net.converged()).await.unwrap();
     net.kill(3).await;
-    net.wait_until("all see node 3 dead", DETECT, || {
-        net.all_see(&[0, 1, 2], &[3], State::Dead)
-    })
-    .await
-    .unwrap();
-    net.restart(3).await.unwrap();
-    net.wait_until("node 3 is alive everywhere again", CONVERGE, || {
-        net.converged()
-    })
-    .await
-    .unwrap();
-    let me = net
-        .members(3)
+    net.wait_until("all see node 3 dead", DETECT, || net.all_see(&[0, 1, 2], &[3], State::Dead))
         .await
-        .into_iter()
-        .find(|m| m.id == net.peer(3))
         .unwrap();
-    assert!(
-        me.incarnation >= 1,
-        "restart must raise the incarnation, got {}",
-        me.incarnation
-    );
+    net.restart(3).await.unwrap();
+    net.wait_until("node 3 is alive everywhere again", CONVERGE, || net.converged()).await.unwrap();
+    let me = net.members(3).await.into_iter().find(|m| m.id == net.peer(3)).unwrap();
+    assert!(me.incarnation >= 1, "restart must raise the incarnation, got {}", me.incarnation);
 }
 
 /// A client that knows only node 0 calls a service on node 2, which it never dialed: the
@@ -231,9 +182,7 @@ async fn restarted_node_is_alive_again_everywhere() {
 async fn rpc_reaches_a_peer_found_through_the_dht() {
     init_tracing();
     let net = Testnet::start(3).await.unwrap();
-    net.wait_until("three converge", CONVERGE, || net.converged())
-        .await
-        .unwrap();
+    net.wait_until("three converge", CONVERGE, || net.converged()).await.unwrap();
     let server = net.handle(2).unwrap().clone();
     let mut requests = server.serve(Echo::SERVICE, 16).await.unwrap();
     tokio::spawn(async move {
@@ -248,9 +197,7 @@ async fn rpc_reaches_a_peer_found_through_the_dht() {
     let mut config = test_config(dir.path().to_path_buf());
     config.role = Role::Client;
     config.bootstrap = net.addrs(0).to_vec();
-    let client = cloudless_mesh::start(config, Arc::new(cloudless_mesh::OpenGate))
-        .await
-        .unwrap();
+    let client = cloudless_mesh::start(config, Arc::new(cloudless_mesh::OpenGate)).await.unwrap();
     let c = client.handle.clone();
     wait_until("the client connects to node 0", CONVERGE, &mut || {
         let c = c.clone();
@@ -259,10 +206,7 @@ async fn rpc_reaches_a_peer_found_through_the_dht() {
     })
     .await
     .unwrap();
-    let answer = c
-        .call::<Echo>(net.peer(2), &"hello".to_string())
-        .await
-        .unwrap();
+    let answer = c.call::<Echo>(net.peer(2), &"hello".to_string()).await.unwrap();
     assert_eq!(answer, "echo: hello");
     // A client is no member: the cluster never lists it.
     assert!(net.members(0).await.iter().all(|m| m.id != c.peer_id()));
@@ -275,13 +219,8 @@ async fn rpc_reaches_a_peer_found_through_the_dht() {
 async fn rpc_errors_are_typed_and_leave_the_server_serving() {
     init_tracing();
     let net = Testnet::start(2).await.unwrap();
-    net.wait_until("two converge", CONVERGE, || net.converged())
-        .await
-        .unwrap();
-    let (a, b) = (
-        net.handle(0).unwrap().clone(),
-        net.handle(1).unwrap().clone(),
-    );
+    net.wait_until("two converge", CONVERGE, || net.converged()).await.unwrap();
+    let (a, b) = (net.handle(0).unwrap().clone(), net.handle(1).unwrap().clone());
     let mut requests = b.serve(Echo::SERVICE, 16).await.unwrap();
     tokio::spawn(async move {
         while let Some(r) = requests.recv().await {
@@ -292,18 +231,10 @@ async fn rpc_errors_are_typed_and_leave_the_server_serving() {
         }
     });
     let big = vec![0u8; 5 * 1024 * 1024];
-    let err = a
-        .request(b.peer_id(), Echo::SERVICE, big, Duration::from_secs(5))
-        .await
-        .unwrap_err();
+    let err = a.request(b.peer_id(), Echo::SERVICE, big, Duration::from_secs(5)).await.unwrap_err();
     assert!(matches!(err, RpcError::TooLarge { .. }), "{err}");
     let err = a
-        .request(
-            b.peer_id(),
-            "no.such.service",
-            vec![],
-            Duration::from_secs(5),
-        )
+        .request(b.peer_id(), "no.such.service", vec![], Duration::from_secs(5))
         .await
         .unwrap_err();
     match err {
@@ -326,9 +257,6 @@ async fn rpc_errors_are_typed_and_leave_the_server_serving() {
         }
         other => panic!("unexpected {other}"),
     }
-    let ok = a
-        .call::<Echo>(b.peer_id(), &"still here".to_string())
-        .await
-        .unwrap();
+    let ok = a.call::<Echo>(b.peer_id(), &"still here".to_string()).await.unwrap();
     assert_eq!(ok, "still here");
 }

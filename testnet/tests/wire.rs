@@ -107,18 +107,16 @@ async fn send_raw(
         };
         match event {
             request_response::Event::Message {
-                message:
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    },
+                message: request_response::Message::Response { request_id, response },
                 ..
             } if request_id == id => {
                 return Ok(response);
             }
-            request_response::Event::OutboundFailure {
-                request_id, error, ..
-            } if request_id == id => return Err(error.to_string()),
+            request_response::Event::OutboundFailure { request_id, error, .. }
+                if request_id == id =>
+            {
+                return Err(error.to_string());
+            }
             _ => {}
         }
     }
@@ -127,13 +125,8 @@ async fn send_raw(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_and_malformed_frames_are_refused_without_harm() {
     let net = Testnet::start(2).await.unwrap();
-    net.wait_until("two converge", Duration::from_secs(60), || net.converged())
-        .await
-        .unwrap();
-    let (a, b) = (
-        net.handle(0).unwrap().clone(),
-        net.handle(1).unwrap().clone(),
-    );
+    net.wait_until("two converge", Duration::from_secs(60), || net.converged()).await.unwrap();
+    let (a, b) = (net.handle(0).unwrap().clone(), net.handle(1).unwrap().clone());
     let mut requests = b.serve(Echo::SERVICE, 16).await.unwrap();
     tokio::spawn(async move {
         while let Some(r) = requests.recv().await {
@@ -161,12 +154,7 @@ async fn oversize_and_malformed_frames_are_refused_without_harm() {
         })
         .unwrap()
         .build();
-    let quic = net
-        .addrs(1)
-        .iter()
-        .find(|a| a.to_string().contains("quic"))
-        .unwrap()
-        .clone();
+    let quic = net.addrs(1).iter().find(|a| a.to_string().contains("quic")).unwrap().clone();
     raw.dial(quic).unwrap();
     let peer = b.peer_id();
 
@@ -185,27 +173,15 @@ async fn oversize_and_malformed_frames_are_refused_without_harm() {
     let r = send_raw(&mut raw, peer, DATAGRAM_PROTOCOL, frame(4, &[9, 9, 9, 9])).await;
     assert!(r.is_err(), "malformed datagram answered: {r:?}");
     // A well-formed directory datagram holding garbage instead of a sync message.
-    let r = send_raw(
-        &mut raw,
-        peer,
-        DATAGRAM_PROTOCOL,
-        frame(4, &[1, 2, 0x42, 0x00]),
-    )
-    .await;
+    let r = send_raw(&mut raw, peer, DATAGRAM_PROTOCOL, frame(4, &[1, 2, 0x42, 0x00])).await;
     assert!(
         r.is_ok(),
         "a well-framed datagram is acknowledged even if its content is refused: {r:?}"
     );
 
     // The raw peer's connection survived its bad streams...
-    assert!(
-        raw.is_connected(&peer),
-        "the connection was torn down by bad streams"
-    );
+    assert!(raw.is_connected(&peer), "the connection was torn down by bad streams");
     // ...and the node serves, and is still a healthy member for everyone.
-    assert_eq!(
-        a.call::<Echo>(peer, &"fine".to_string()).await.unwrap(),
-        "fine"
-    );
+    assert_eq!(a.call::<Echo>(peer, &"fine".to_string()).await.unwrap(), "fine");
     assert!(net.all_see(&[0, 1], &[0, 1], State::Alive).await);
 }

@@ -194,12 +194,7 @@ pub struct ConfigError {
 impl Config {
     /// Checks that the timings are consistent and the bounds usable.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let err = |field, reason: &str| {
-            Err(ConfigError {
-                field,
-                reason: reason.to_string(),
-            })
-        };
+        let err = |field, reason: &str| Err(ConfigError { field, reason: reason.to_string() });
         if self.probe_interval.is_zero() {
             return err("probe_interval", "must be positive");
         }
@@ -207,10 +202,7 @@ impl Config {
             return err("probe_timeout", "must be positive");
         }
         if self.suspicion_min.is_zero() || self.suspicion_min > self.suspicion_max {
-            return err(
-                "suspicion_min",
-                "must be positive and at most suspicion_max",
-            );
+            return err("suspicion_min", "must be positive and at most suspicion_max");
         }
         if self.max_members < 2 {
             return err("max_members", "must be at least 2");
@@ -558,11 +550,7 @@ impl<I: Id> Membership<I> {
         let mut members = Map::default();
         members.insert(
             me.clone(),
-            Member {
-                state: State::Alive,
-                incarnation,
-                capacity: Some((incarnation, 0, capacity)),
-            },
+            Member { state: State::Alive, incarnation, capacity: Some((incarnation, 0, capacity)) },
         );
         Membership {
             next_probe: now + jitter,
@@ -639,11 +627,7 @@ impl<I: Id> Membership<I> {
         }
         let mut next = self.next_probe.min(self.next_reconnect).min(self.next_reap);
         for p in self.probes.values() {
-            next = next.min(if p.indirect_sent {
-                p.end
-            } else {
-                p.direct_deadline
-            });
+            next = next.min(if p.indirect_sent { p.end } else { p.direct_deadline });
         }
         for r in self.relays.values() {
             next = next.min(r.deadline);
@@ -745,14 +729,7 @@ impl<I: Id> Membership<I> {
             },
         );
         let updates = self.piggyback_for(&target);
-        self.send(
-            target,
-            Message::Ping {
-                seq,
-                incarnation: self.incarnation,
-                updates,
-            },
-        );
+        self.send(target, Message::Ping { seq, incarnation: self.incarnation, updates });
     }
 
     /// The next member in the shuffled round-robin order that is alive or suspect and not
@@ -786,13 +763,7 @@ impl<I: Id> Membership<I> {
         let due: Vec<u32> = self
             .probes
             .iter()
-            .filter(|(_, p)| {
-                now >= if p.indirect_sent {
-                    p.end
-                } else {
-                    p.direct_deadline
-                }
-            })
+            .filter(|(_, p)| now >= if p.indirect_sent { p.end } else { p.direct_deadline })
             .map(|(s, _)| *s)
             .collect();
         for seq in due {
@@ -809,25 +780,11 @@ impl<I: Id> Membership<I> {
                 }
                 for h in helpers {
                     let updates = self.piggyback_for(&h);
-                    self.send(
-                        h,
-                        Message::PingReq {
-                            seq,
-                            target: target.clone(),
-                            updates,
-                        },
-                    );
+                    self.send(h, Message::PingReq { seq, target: target.clone(), updates });
                 }
                 // A second direct attempt, in case only the first ping or its ack was lost.
                 let updates = self.piggyback_for(&target);
-                self.send(
-                    target,
-                    Message::Ping {
-                        seq,
-                        incarnation: self.incarnation,
-                        updates,
-                    },
-                );
+                self.send(target, Message::Ping { seq, incarnation: self.incarnation, updates });
                 continue;
             }
             let Some(probe) = self.probes.remove(&seq) else {
@@ -843,12 +800,8 @@ impl<I: Id> Membership<I> {
     }
 
     fn expire_relays(&mut self, now: Instant) {
-        let due: Vec<u32> = self
-            .relays
-            .iter()
-            .filter(|(_, r)| now >= r.deadline)
-            .map(|(s, _)| *s)
-            .collect();
+        let due: Vec<u32> =
+            self.relays.iter().filter(|(_, r)| now >= r.deadline).map(|(s, _)| *s).collect();
         for seq in due {
             if let Some(r) = self.relays.remove(&seq) {
                 self.send(r.origin, Message::Nack { seq: r.origin_seq });
@@ -861,11 +814,7 @@ impl<I: Id> Membership<I> {
             let updates = self.piggyback_for(&relay.origin);
             self.send(
                 relay.origin,
-                Message::Ack {
-                    seq: relay.origin_seq,
-                    incarnation: self.incarnation,
-                    updates,
-                },
+                Message::Ack { seq: relay.origin_seq, incarnation: self.incarnation, updates },
             );
             return;
         }
@@ -879,11 +828,7 @@ impl<I: Id> Membership<I> {
         let dead: Vec<&I> = self
             .gone
             .keys()
-            .filter(|id| {
-                self.members
-                    .get(*id)
-                    .is_some_and(|m| m.state == State::Dead)
-            })
+            .filter(|id| self.members.get(*id).is_some_and(|m| m.state == State::Dead))
             .collect();
         if dead.is_empty() {
             return;
@@ -893,22 +838,13 @@ impl<I: Id> Membership<I> {
         // Say why we ask: a live member refutes its death and we flood its answer.
         let mut updates: Vec<Update<I>> = self.liveness_update(&target).into_iter().collect();
         updates.extend(self.piggyback(&target, self.config.piggyback_bytes / 2));
-        self.send(
-            target,
-            Message::Ping {
-                seq,
-                incarnation: self.incarnation,
-                updates,
-            },
-        );
+        self.send(target, Message::Ping { seq, incarnation: self.incarnation, updates });
     }
 
     // ---- suspicion -----------------------------------------------------------------------
 
     fn suspicion_timeout(&self, confirmations: u32) -> Duration {
-        let k = u32::try_from(self.config.indirect_checks)
-            .unwrap_or(u32::MAX)
-            .max(1);
+        let k = u32::try_from(self.config.indirect_checks).unwrap_or(u32::MAX).max(1);
         let c = confirmations.min(k);
         let frac = f64::from(c + 1).ln() / f64::from(k + 1).ln();
         let (min, max) = (self.config.suspicion_min, self.config.suspicion_max);
@@ -925,10 +861,7 @@ impl<I: Id> Membership<I> {
         let update = Update {
             id: target.clone(),
             incarnation: m.incarnation,
-            kind: UpdateKind::Suspect {
-                by: self.me.clone(),
-                witnesses,
-            },
+            kind: UpdateKind::Suspect { by: self.me.clone(), witnesses },
         };
         if self.apply(update.clone(), Via::Local, now) {
             self.out.push(Output::Broadcast(vec![update.clone()]));
@@ -936,14 +869,7 @@ impl<I: Id> Membership<I> {
             let seq = self.next_seq();
             let mut updates = vec![update];
             updates.extend(self.piggyback(&target, self.config.piggyback_bytes / 2));
-            self.send(
-                target,
-                Message::Ping {
-                    seq,
-                    incarnation: self.incarnation,
-                    updates,
-                },
-            );
+            self.send(target, Message::Ping { seq, incarnation: self.incarnation, updates });
         }
     }
 
@@ -960,11 +886,8 @@ impl<I: Id> Membership<I> {
             };
             // Not flooded: every node that got the suspicion runs the same timer; the rare one
             // that missed it learns from piggybacking.
-            let update = Update {
-                id: id.clone(),
-                incarnation: s.incarnation,
-                kind: UpdateKind::Dead,
-            };
+            let update =
+                Update { id: id.clone(), incarnation: s.incarnation, kind: UpdateKind::Dead };
             self.apply(update, Via::Local, now);
         }
     }
@@ -975,41 +898,41 @@ impl<I: Id> Membership<I> {
         if from == self.me {
             return;
         }
+        if self.leaving {
+            // Until the process stops, answer probes with the leave itself: the prober gets
+            // its ack (no suspicion) and the news in one message.
+            if let Message::Ping { seq, .. } = message {
+                let left = Update {
+                    id: self.me.clone(),
+                    incarnation: self.incarnation,
+                    kind: UpdateKind::Left,
+                };
+                self.send(
+                    from,
+                    Message::Ack { seq, incarnation: self.incarnation, updates: vec![left] },
+                );
+            }
+            return;
+        }
         let mut sender_incarnation = None;
         let updates = match message {
-            Message::Ping {
-                seq,
-                incarnation,
-                updates,
-            } => {
+            Message::Ping { seq, incarnation, updates } => {
                 if !self.leaving {
                     let reply = self.piggyback_for(&from);
                     self.send(
                         from.clone(),
-                        Message::Ack {
-                            seq,
-                            incarnation: self.incarnation,
-                            updates: reply,
-                        },
+                        Message::Ack { seq, incarnation: self.incarnation, updates: reply },
                     );
                 }
                 sender_incarnation = Some(incarnation);
                 updates
             }
-            Message::Ack {
-                seq,
-                incarnation,
-                updates,
-            } => {
+            Message::Ack { seq, incarnation, updates } => {
                 self.on_ack(seq);
                 sender_incarnation = Some(incarnation);
                 updates
             }
-            Message::PingReq {
-                seq,
-                target,
-                updates,
-            } => {
+            Message::PingReq { seq, target, updates } => {
                 if !self.leaving && self.relays.len() < MAX_RELAYS && target != self.me {
                     let my_seq = self.next_seq();
                     self.relays.insert(
@@ -1025,11 +948,7 @@ impl<I: Id> Membership<I> {
                     let fwd = self.piggyback_for(&target);
                     self.send(
                         target.clone(),
-                        Message::Ping {
-                            seq: my_seq,
-                            incarnation: self.incarnation,
-                            updates: fwd,
-                        },
+                        Message::Ping { seq: my_seq, incarnation: self.incarnation, updates: fwd },
                     );
                     self.send(
                         target,
@@ -1058,29 +977,17 @@ impl<I: Id> Membership<I> {
                 self.flood_firsthand();
                 if want_sync && !self.leaving {
                     self.send_sync(&from);
-                } else if self
-                    .members
-                    .get(&from)
-                    .is_some_and(|m| m.state != State::Alive)
-                {
+                } else if self.members.get(&from).is_some_and(|m| m.state != State::Alive) {
                     // It is not alive in our view at the incarnation it claims: tell it why.
                     let news = self.liveness_update(&from);
                     self.send(
                         from.clone(),
-                        Message::Sync {
-                            page: 0,
-                            pages: 1,
-                            updates: news.into_iter().collect(),
-                        },
+                        Message::Sync { page: 0, pages: 1, updates: news.into_iter().collect() },
                     );
                 }
                 Vec::new()
             }
-            Message::Sync {
-                page,
-                pages,
-                updates,
-            } => {
+            Message::Sync { page, pages, updates } => {
                 if let Some(j) = &mut self.join_pending {
                     // Pages are arriving: wait for the rest before asking again.
                     j.retry_at = now + self.config.join_retry;
@@ -1100,11 +1007,7 @@ impl<I: Id> Membership<I> {
         };
         let mut speaks_for_itself = false;
         for u in updates.into_iter().take(MAX_UPDATES_PER_MESSAGE) {
-            let via = if u.id == from {
-                Via::FirstHand
-            } else {
-                Via::Direct
-            };
+            let via = if u.id == from { Via::FirstHand } else { Via::Direct };
             speaks_for_itself |= u.id == from && u.kind.is_liveness();
             self.apply(u, via, now);
         }
@@ -1113,11 +1016,7 @@ impl<I: Id> Membership<I> {
         // a join flood learns of the joiner at the latest when the joiner first probes it.
         if let (Some(incarnation), false) = (sender_incarnation, speaks_for_itself) {
             self.apply(
-                Update {
-                    id: from.clone(),
-                    incarnation,
-                    kind: UpdateKind::Alive,
-                },
+                Update { id: from.clone(), incarnation, kind: UpdateKind::Alive },
                 Via::Implied,
                 now,
             );
@@ -1133,11 +1032,7 @@ impl<I: Id> Membership<I> {
             let seq = self.next_seq();
             self.send(
                 from,
-                Message::Ping {
-                    seq,
-                    incarnation: self.incarnation,
-                    updates: vec![news],
-                },
+                Message::Ping { seq, incarnation: self.incarnation, updates: vec![news] },
             );
         }
     }
@@ -1223,14 +1118,7 @@ impl<I: Id> Membership<I> {
         let count = u16::try_from(pages.len()).unwrap_or(u16::MAX);
         for (i, updates) in pages.into_iter().enumerate().take(usize::from(count)) {
             let page = u16::try_from(i).unwrap_or(u16::MAX);
-            self.send(
-                to.clone(),
-                Message::Sync {
-                    page,
-                    pages: count,
-                    updates,
-                },
-            );
+            self.send(to.clone(), Message::Sync { page, pages: count, updates });
         }
     }
 
@@ -1246,11 +1134,7 @@ impl<I: Id> Membership<I> {
             }
             other => liveness_kind(other, &self.me),
         };
-        Some(Update {
-            id: id.clone(),
-            incarnation: m.incarnation,
-            kind,
-        })
+        Some(Update { id: id.clone(), incarnation: m.incarnation, kind })
     }
 
     fn leave(&mut self) {
@@ -1258,11 +1142,8 @@ impl<I: Id> Membership<I> {
             return;
         }
         self.leaving = true;
-        let update = Update {
-            id: self.me.clone(),
-            incarnation: self.incarnation,
-            kind: UpdateKind::Left,
-        };
+        let update =
+            Update { id: self.me.clone(), incarnation: self.incarnation, kind: UpdateKind::Left };
         if let Some(m) = self.members.get_mut(&self.me) {
             m.state = State::Left;
         }
@@ -1277,11 +1158,7 @@ impl<I: Id> Membership<I> {
             let seq = self.next_seq();
             self.send(
                 peer,
-                Message::Ping {
-                    seq,
-                    incarnation: self.incarnation,
-                    updates: vec![update.clone()],
-                },
+                Message::Ping { seq, incarnation: self.incarnation, updates: vec![update.clone()] },
             );
         }
         self.probes.clear();
@@ -1350,11 +1227,7 @@ impl<I: Id> Membership<I> {
             None => {
                 self.members.insert(
                     u.id.clone(),
-                    Member {
-                        state,
-                        incarnation: u.incarnation,
-                        capacity: None,
-                    },
+                    Member { state, incarnation: u.incarnation, capacity: None },
                 );
                 // Put it at a random position so new members are probed soon, but not by
                 // everyone at once (memberlist does the same). A swap keeps this O(1).
@@ -1425,11 +1298,8 @@ impl<I: Id> Membership<I> {
         let Some(m) = self.members.get(&id) else {
             return;
         };
-        let mut updates = vec![Update {
-            id: id.clone(),
-            incarnation: m.incarnation,
-            kind: UpdateKind::Alive,
-        }];
+        let mut updates =
+            vec![Update { id: id.clone(), incarnation: m.incarnation, kind: UpdateKind::Alive }];
         if let Some((incarnation, version, capacity)) = m.capacity {
             updates.push(Update {
                 id,
@@ -1530,17 +1400,14 @@ impl<I: Id> Membership<I> {
         let Some(m) = self.members.get_mut(&id) else {
             return false;
         };
-        let newer = m
-            .capacity
-            .is_none_or(|(inc, v, _)| (incarnation, version) > (inc, v));
+        let newer = m.capacity.is_none_or(|(inc, v, _)| (incarnation, version) > (inc, v));
         if !newer {
             return false;
         }
         let changed = m.capacity.is_none_or(|(_, _, c)| c != capacity);
         m.capacity = Some((incarnation, version, capacity));
         if changed {
-            self.out
-                .push(Output::Event(Event::Capacity { id, capacity }));
+            self.out.push(Output::Event(Event::Capacity { id, capacity }));
         }
         true
     }
@@ -1633,10 +1500,7 @@ impl<I: Id> Membership<I> {
                 break;
             }
             let id = &self.probe_order[self.rng.gen_range(0..self.probe_order.len())];
-            let live = self
-                .members
-                .get(id)
-                .is_some_and(|m| m.state == State::Alive);
+            let live = self.members.get(id).is_some_and(|m| m.state == State::Alive);
             if live && !exclude.contains(id) && !picked.contains(id) && *id != self.me {
                 picked.push(id.clone());
             }
@@ -1652,22 +1516,14 @@ impl<I: Id> Membership<I> {
             .retain(|q| !(q.update.id == update.id && q.update.kind.is_liveness() == liveness));
         if self.queue.len() >= MAX_QUEUE {
             // Drop the most retransmitted entry: it has had the most chances already.
-            if let Some(i) = self
-                .queue
-                .iter()
-                .enumerate()
-                .max_by_key(|(_, q)| q.transmits)
-                .map(|(i, _)| i)
+            if let Some(i) =
+                self.queue.iter().enumerate().max_by_key(|(_, q)| q.transmits).map(|(i, _)| i)
             {
                 self.queue.swap_remove(i);
             }
         }
         let size = encoded_len(&update);
-        self.queue.push(Queued {
-            update,
-            size,
-            transmits: 0,
-        });
+        self.queue.push(Queued { update, size, transmits: 0 });
     }
 
     fn retransmit_limit(&self) -> u32 {
@@ -1732,10 +1588,7 @@ fn liveness_kind<I: Clone>(state: State, me: &I) -> UpdateKind<I> {
     match state {
         State::Alive => UpdateKind::Alive,
         // Only reached without a suspicion record; the news is then ours to vouch for.
-        State::Suspect => UpdateKind::Suspect {
-            by: me.clone(),
-            witnesses: 1,
-        },
+        State::Suspect => UpdateKind::Suspect { by: me.clone(), witnesses: 1 },
         State::Dead => UpdateKind::Dead,
         State::Left => UpdateKind::Left,
     }

@@ -243,11 +243,7 @@ impl fmt::Display for Report {
             s.config.suspicion_max.as_millis()
         )?;
         writeln!(f, "join known alive by all      {}", self.joins)?;
-        writeln!(
-            f,
-            "crash suspected by all       {}",
-            self.failures_suspected
-        )?;
+        writeln!(f, "crash suspected by all       {}", self.failures_suspected)?;
         writeln!(f, "crash declared dead by all   {}", self.failures_dead)?;
         writeln!(f, "leave known as left by all   {}", self.leaves)?;
         writeln!(
@@ -265,36 +261,19 @@ impl fmt::Display for Report {
             write!(f, " {kind} {b:.0}")?;
         }
         writeln!(f)?;
-        write!(
-            f,
-            "simulated {} events in {:.1}s",
-            self.events,
-            self.wall.as_secs_f64()
-        )
+        write!(f, "simulated {} events in {:.1}s", self.events, self.wall.as_secs_f64())
     }
 }
 
 #[derive(Debug)]
 enum Ev {
-    Deliver {
-        to: u32,
-        from: u32,
-        message: Message<SimId>,
-    },
-    Flood {
-        to: u32,
-        from: u32,
-        flood: u32,
-    },
-    Timer {
-        node: u32,
-    },
+    Deliver { to: u32, from: u32, message: Message<SimId> },
+    Flood { to: u32, from: u32, flood: u32 },
+    Timer { node: u32 },
     Crash,
     Join,
     Leave,
-    Stop {
-        node: u32,
-    },
+    Stop { node: u32 },
 }
 
 struct Queued {
@@ -435,11 +414,7 @@ impl Sim {
 
     fn push(&mut self, at: u64, ev: Ev) {
         self.seq += 1;
-        self.queue.push(Reverse(Queued {
-            at,
-            seq: self.seq,
-            ev,
-        }));
+        self.queue.push(Reverse(Queued { at, seq: self.seq, ev }));
     }
 
     fn capacity(&mut self) -> Capacity {
@@ -550,23 +525,12 @@ impl Sim {
         let mut all = Vec::with_capacity(n * 2);
         for node in self.nodes.iter().flatten() {
             let me = *node.core.me();
-            let cap = node
-                .core
-                .member(&me)
-                .and_then(|m| m.capacity)
-                .unwrap_or(Capacity::EMPTY);
+            let cap = node.core.member(&me).and_then(|m| m.capacity).unwrap_or(Capacity::EMPTY);
+            all.push(Update { id: me, incarnation: 0, kind: super::UpdateKind::Alive });
             all.push(Update {
                 id: me,
                 incarnation: 0,
-                kind: super::UpdateKind::Alive,
-            });
-            all.push(Update {
-                id: me,
-                incarnation: 0,
-                kind: super::UpdateKind::Capacity {
-                    version: 0,
-                    capacity: cap,
-                },
+                kind: super::UpdateKind::Capacity { version: 0, capacity: cap },
             });
         }
         let now = self.instant(0);
@@ -576,11 +540,7 @@ impl Sim {
                     let _ = node.core.handle(
                         Input::Message {
                             from: SimId(u32::MAX),
-                            message: Message::Sync {
-                                page: 0,
-                                pages: 1,
-                                updates: page.to_vec(),
-                            },
+                            message: Message::Sync { page: 0, pages: 1, updates: page.to_vec() },
                         },
                         now,
                     );
@@ -599,10 +559,7 @@ impl Sim {
         };
         // Round up: a tick delivered a fraction of a microsecond early would find nothing due
         // and ask for the same instant again, forever.
-        let nanos = deadline
-            .saturating_duration_since(self.base)
-            .as_nanos()
-            .div_ceil(1000);
+        let nanos = deadline.saturating_duration_since(self.base).as_nanos().div_ceil(1000);
         let at = u64::try_from(nanos).unwrap_or(u64::MAX).max(self.now);
         if node.timer.is_none_or(|t| at < t) {
             node.timer = Some(at);
@@ -626,12 +583,8 @@ impl Sim {
         let started = Instant::now();
         self.bootstrap();
         self.now = self.measure_from;
-        let (n, c, j, l) = (
-            self.sc.nodes,
-            self.sc.crash_rate,
-            self.sc.join_rate,
-            self.sc.leave_rate,
-        );
+        let (n, c, j, l) =
+            (self.sc.nodes, self.sc.crash_rate, self.sc.join_rate, self.sc.leave_rate);
         self.schedule_churn(Ev::Crash, c, n);
         self.schedule_churn(Ev::Join, j, n);
         self.schedule_churn(Ev::Leave, l, n);
@@ -673,13 +626,7 @@ impl Sim {
             }
             Ev::Deliver { to, from, message } => {
                 if self.nodes[to as usize].is_some() {
-                    self.feed(
-                        to,
-                        Input::Message {
-                            from: SimId(from),
-                            message,
-                        },
-                    );
+                    self.feed(to, Input::Message { from: SimId(from), message });
                 }
             }
             Ev::Flood { to, from, flood } => {
@@ -741,14 +688,7 @@ impl Sim {
                     }
                     let at = self.now + self.latency();
                     if (to.0 as usize) < self.nodes.len() {
-                        self.push(
-                            at,
-                            Ev::Deliver {
-                                to: to.0,
-                                from: id,
-                                message,
-                            },
-                        );
+                        self.push(at, Ev::Deliver { to: to.0, from: id, message });
                     }
                 }
                 Output::Broadcast(updates) => {
@@ -756,11 +696,7 @@ impl Sim {
                     let flood = u32::try_from(self.floods.len()).unwrap_or(u32::MAX);
                     let mut seen = vec![false; self.nodes.len()];
                     seen[id as usize] = true;
-                    self.floods.push(FloodMsg {
-                        updates,
-                        seen,
-                        copy_bytes,
-                    });
+                    self.floods.push(FloodMsg { updates, seen, copy_bytes });
                     self.forward(id, id, flood);
                 }
                 Output::Event(e) => self.observe(id, e),
@@ -771,11 +707,7 @@ impl Sim {
 
     fn latency(&mut self) -> u64 {
         let (lo, hi) = (micros(self.sc.latency_min), micros(self.sc.latency_max));
-        if hi <= lo {
-            lo
-        } else {
-            self.rng.gen_range(lo..=hi)
-        }
+        if hi <= lo { lo } else { self.rng.gen_range(lo..=hi) }
     }
 
     /// Gossipsub eager push: the first copy a node sees goes on to all its mesh peers.
@@ -878,10 +810,9 @@ impl Sim {
             let t = &mut self.trackers[i];
             let (knows, suspects) = match t.kind {
                 TrackKind::Join => (matches!(state, State::Alive | State::Suspect), false),
-                TrackKind::Crash => (
-                    state == State::Dead,
-                    matches!(state, State::Suspect | State::Dead),
-                ),
+                TrackKind::Crash => {
+                    (state == State::Dead, matches!(state, State::Suspect | State::Dead))
+                }
                 TrackKind::Leave => (state == State::Left, false),
             };
             let o = observer as usize;
@@ -933,9 +864,7 @@ impl Sim {
                     };
                     let k = format!(
                         "{:?}",
-                        n.core
-                            .member(&SimId(t.subject))
-                            .map(|m| (m.state, m.incarnation))
+                        n.core.member(&SimId(t.subject)).map(|m| (m.state, m.incarnation))
                     );
                     if k == "None" {
                         eprintln!(
@@ -985,11 +914,8 @@ impl Sim {
             }
         }
         let p99 = Spread::of(per_node, 0).p99;
-        let mut breakdown: Vec<(&'static str, f64)> = self
-            .by_kind
-            .iter()
-            .map(|(k, b)| (*k, *b as f64 / node_secs.max(1e-9)))
-            .collect();
+        let mut breakdown: Vec<(&'static str, f64)> =
+            self.by_kind.iter().map(|(k, b)| (*k, *b as f64 / node_secs.max(1e-9))).collect();
         breakdown.sort_by(|a, b| b.1.total_cmp(&a.1));
         Report {
             joins: spread(TrackKind::Join, false),

@@ -93,9 +93,7 @@ impl Runtime {
 
     /// Parses the lowercase name; `None` for anything else.
     pub fn parse(s: &str) -> Option<Self> {
-        [Runtime::Container, Runtime::Wasi]
-            .into_iter()
-            .find(|r| r.as_str() == s)
+        [Runtime::Container, Runtime::Wasi].into_iter().find(|r| r.as_str() == s)
     }
 }
 
@@ -119,9 +117,7 @@ impl Runtimes {
 
     /// The runtimes in the set, in a fixed order.
     pub fn iter(self) -> impl Iterator<Item = Runtime> {
-        [Runtime::Container, Runtime::Wasi]
-            .into_iter()
-            .filter(move |r| self.contains(*r))
+        [Runtime::Container, Runtime::Wasi].into_iter().filter(move |r| self.contains(*r))
     }
 
     /// Whether the set holds only bits that name a known runtime.
@@ -180,10 +176,7 @@ pub enum InvalidInput {
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> InvalidInput {
-    InvalidInput::Field {
-        field: field.into(),
-        reason: reason.into(),
-    }
+    InvalidInput::Field { field: field.into(), reason: reason.into() }
 }
 
 impl Capacity {
@@ -237,21 +230,9 @@ impl Capacity {
             || self.cpu_total_millis != previous.cpu_total_millis
             || self.memory_total_mib != previous.memory_total_mib
             || self.workloads != previous.workloads
-            || moved(
-                self.cpu_free_millis,
-                previous.cpu_free_millis,
-                self.cpu_total_millis,
-            )
-            || moved(
-                self.memory_free_mib,
-                previous.memory_free_mib,
-                self.memory_total_mib,
-            )
-            || moved(
-                self.disk_free_mib,
-                previous.disk_free_mib,
-                self.disk_free_mib.max(1024),
-            )
+            || moved(self.cpu_free_millis, previous.cpu_free_millis, self.cpu_total_millis)
+            || moved(self.memory_free_mib, previous.memory_free_mib, self.memory_total_mib)
+            || moved(self.disk_free_mib, previous.disk_free_mib, self.disk_free_mib.max(1024))
     }
 
     /// Free CPU or memory must move by this share of the total (in percent) before a change is
@@ -338,10 +319,7 @@ impl NodeDescriptor {
             if let Some(v) = v
                 && (v.is_empty() || v.len() > MAX_NAME)
             {
-                return Err(invalid(
-                    field,
-                    format!("length {} not in 1..={MAX_NAME}", v.len()),
-                ));
+                return Err(invalid(field, format!("length {} not in 1..={MAX_NAME}", v.len())));
             }
         }
         let mut seen = Vec::new();
@@ -380,56 +358,26 @@ mod tests {
     #[test]
     fn small_drift_is_not_meaningful_but_discrete_changes_are() {
         let base = cap();
-        let drift = Capacity {
-            cpu_free_millis: 2900,
-            ..base
-        };
+        let drift = Capacity { cpu_free_millis: 2900, ..base };
         assert!(!drift.differs_meaningfully(&base));
-        let big = Capacity {
-            cpu_free_millis: 2500,
-            ..base
-        };
+        let big = Capacity { cpu_free_millis: 2500, ..base };
         assert!(big.differs_meaningfully(&base));
-        let battery = Capacity {
-            power: Power::Battery(80),
-            ..base
-        };
+        let battery = Capacity { power: Power::Battery(80), ..base };
         assert!(battery.differs_meaningfully(&base));
-        let one_more = Capacity {
-            workloads: 3,
-            ..base
-        };
+        let one_more = Capacity { workloads: 3, ..base };
         assert!(one_more.differs_meaningfully(&base));
     }
 
     #[test]
     fn capacity_validation_names_the_field() {
-        let bad = Capacity {
-            cpu_free_millis: 5000,
-            ..cap()
-        };
+        let bad = Capacity { cpu_free_millis: 5000, ..cap() };
         assert_eq!(
             bad.validate().unwrap_err().to_string(),
             "cpu_free_millis: exceeds cpu_total_millis"
         );
-        let bad = Capacity {
-            power: Power::Battery(101),
-            ..cap()
-        };
-        assert!(
-            bad.validate()
-                .unwrap_err()
-                .to_string()
-                .starts_with("power:")
-        );
-        assert!(
-            Capacity {
-                runtimes: Runtimes(0x80),
-                ..cap()
-            }
-            .validate()
-            .is_err()
-        );
+        let bad = Capacity { power: Power::Battery(101), ..cap() };
+        assert!(bad.validate().unwrap_err().to_string().starts_with("power:"));
+        assert!(Capacity { runtimes: Runtimes(0x80), ..cap() }.validate().is_err());
         cap().validate().unwrap();
     }
 
@@ -437,24 +385,11 @@ mod tests {
     fn descriptor_validation_names_the_field() {
         let mut d = NodeDescriptor::default();
         d.labels.insert("zone name".into(), "x".into());
-        assert!(
-            d.validate()
-                .unwrap_err()
-                .to_string()
-                .starts_with("labels.zone name")
-        );
-        let d = NodeDescriptor {
-            runtimes: vec![Runtime::Wasi, Runtime::Wasi],
-            ..Default::default()
-        };
-        assert_eq!(
-            d.validate().unwrap_err().to_string(),
-            "runtimes: wasi listed twice"
-        );
-        let d = NodeDescriptor {
-            zone: Some(String::new()),
-            ..Default::default()
-        };
+        assert!(d.validate().unwrap_err().to_string().starts_with("labels.zone name"));
+        let d =
+            NodeDescriptor { runtimes: vec![Runtime::Wasi, Runtime::Wasi], ..Default::default() };
+        assert_eq!(d.validate().unwrap_err().to_string(), "runtimes: wasi listed twice");
+        let d = NodeDescriptor { zone: Some(String::new()), ..Default::default() };
         assert!(d.validate().is_err());
     }
 

@@ -122,7 +122,10 @@ async fn up(n: usize, script: Option<String>) -> Result<()> {
         bail!("--nodes must be between 1 and 256, not {n}");
     }
     let mut net = Testnet::start(n).await?;
-    println!("started {n} nodes; bootstrap peer: {}", net.addrs(0).first().map(|a| a.to_string()).unwrap_or_default());
+    println!(
+        "started {n} nodes; bootstrap peer: {}",
+        net.addrs(0).first().map(|a| a.to_string()).unwrap_or_default()
+    );
     match script {
         Some(s) => {
             for cmd in s.split(';').map(str::trim).filter(|c| !c.is_empty()) {
@@ -156,7 +159,9 @@ fn index(net: &Testnet, arg: Option<&str>) -> Result<usize> {
 }
 
 fn secs(arg: Option<&str>, default: u64) -> Result<Duration> {
-    Ok(Duration::from_secs(arg.map(str::parse).transpose().context("seconds must be a number")?.unwrap_or(default)))
+    Ok(Duration::from_secs(
+        arg.map(str::parse).transpose().context("seconds must be a number")?.unwrap_or(default),
+    ))
 }
 
 /// Runs one command; returns false on `quit`.
@@ -204,7 +209,11 @@ async fn exec(net: &mut Testnet, cmd: &str) -> Result<bool> {
             println!("healed");
         }
         "wait-converged" => {
-            let took = net.wait_until("all running nodes see each other alive", secs(a, 60)?, || net.converged()).await?;
+            let took = net
+                .wait_until("all running nodes see each other alive", secs(a, 60)?, || {
+                    net.converged()
+                })
+                .await?;
             println!("converged after {took:.2?}");
         }
         "wait-dead" | "wait-left" => {
@@ -213,9 +222,11 @@ async fn exec(net: &mut Testnet, cmd: &str) -> Result<bool> {
             let observers: Vec<usize> = net.running().into_iter().filter(|o| *o != i).collect();
             let subject = [i];
             let took = net
-                .wait_until(&format!("every running node holds node {i} {state:?}"), secs(b, 60)?, || {
-                    net.all_see(&observers, &subject, state)
-                })
+                .wait_until(
+                    &format!("every running node holds node {i} {state:?}"),
+                    secs(b, 60)?,
+                    || net.all_see(&observers, &subject, state),
+                )
                 .await?;
             println!("node {i} is {state:?} everywhere after {took:.2?}");
         }
@@ -225,7 +236,10 @@ async fn exec(net: &mut Testnet, cmd: &str) -> Result<bool> {
 }
 
 async fn status(net: &Testnet) {
-    println!("{:<5} {:<54} {:>5} {:>7} {:>5} {:>5} {:>5}", "node", "peer", "alive", "suspect", "dead", "left", "dir");
+    println!(
+        "{:<5} {:<54} {:>5} {:>7} {:>5} {:>5} {:>5}",
+        "node", "peer", "alive", "suspect", "dead", "left", "dir"
+    );
     for i in 0..net.len() {
         let Some(h) = net.handle(i) else {
             println!("{i:<5} {:<54} (stopped)", net.peer(i));
