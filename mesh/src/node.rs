@@ -1084,10 +1084,10 @@ impl Task {
                 }
                 // A new connection is the cheapest moment to reconcile directories: a joiner
                 // learns every member's addresses from its first peer at once.
-                if self.gate.allows(&peer_id, Protocol::Directory) {
-                    if let Some(msg) = self.directory.as_mut().and_then(|d| d.generate(peer_id)) {
-                        self.send_datagram(peer_id, Datagram::Directory(msg));
-                    }
+                if self.gate.allows(&peer_id, Protocol::Directory)
+                    && let Some(msg) = self.directory.as_mut().and_then(|d| d.generate(peer_id))
+                {
+                    self.send_datagram(peer_id, Datagram::Directory(msg));
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
