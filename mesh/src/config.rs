@@ -47,6 +47,10 @@ pub struct Config {
     pub mdns: bool,
     /// Relay server policy.
     pub relay: RelayMode,
+    /// This node is behind a NAT (a phone on carrier NAT, a home PC without port forwarding):
+    /// reserve relay slots as soon as a relay is known instead of waiting for AutoNAT's
+    /// verdict. Such a node may have no listen address of its own.
+    pub behind_nat: bool,
     /// Member or client.
     pub role: Role,
     /// Largest RPC request or response, in bytes.
@@ -89,6 +93,7 @@ impl Default for Config {
             bootstrap: Vec::new(),
             mdns: true,
             relay: RelayMode::Auto,
+            behind_nat: false,
             role: Role::Member,
             rpc_max_bytes: 4 * 1024 * 1024,
             rpc_timeout: Duration::from_secs(10),
@@ -121,8 +126,11 @@ impl Config {
         let err = |field: &str, reason: &str| {
             Err(ConfigError { field: field.into(), reason: reason.into() })
         };
-        if self.listen.is_empty() && self.role == Role::Member {
-            return err("listen", "a member needs at least one listen address");
+        if self.listen.is_empty() && self.role == Role::Member && !self.behind_nat {
+            return err(
+                "listen",
+                "a member needs at least one listen address unless behind_nat is set",
+            );
         }
         if self.rpc_max_bytes < 1024 || self.rpc_max_bytes > 64 * 1024 * 1024 {
             return err("rpc_max_bytes", "must be between 1 KiB and 64 MiB");

@@ -448,7 +448,7 @@ pub async fn start_with_identity(
         lookups: HashMap::new(),
         relays: HashSet::new(),
         relay_candidates: HashMap::new(),
-        reachability: Reachability::Unknown,
+        reachability: if config.behind_nat { Reachability::Private } else { Reachability::Unknown },
         last_persist: Instant::now(),
         config,
     };
@@ -473,7 +473,19 @@ fn build_swarm(
         .with_max_concurrent_streams(256);
     let (rpc_max, dg_max) = (config.rpc_max_bytes, config.datagram_max_bytes);
     let mdns_on = config.mdns && member;
-    let relay_always = config.relay == RelayMode::Always && member;
+    // The relay server advertises itself once the node has a confirmed external address,
+    // which AutoNAT provides when it finds the node publicly reachable (`Auto`); `Always`
+    // advertises from the start, `Never` (and clients) leave it out.
+    let relay_server = match (config.relay, member) {
+        (RelayMode::Never, _) | (_, false) => None,
+        (mode, true) => {
+            let mut r = relay::Behaviour::new(me, relay_config());
+            if mode == RelayMode::Always {
+                r.set_status(Some(relay::Status::Enable));
+            }
+            Some(r)
+        }
+    };
     let gossip = if member {
         let cfg = gossipsub::ConfigBuilder::default()
             .validation_mode(gossipsub::ValidationMode::Anonymous)
@@ -539,9 +551,7 @@ fn build_swarm(
                 ),
                 autonat: autonat::Behaviour::new(me, autonat::Config::default()),
                 relay_client,
-                relay_server: Toggle::from(
-                    relay_always.then(|| relay::Behaviour::new(me, relay::Config::default())),
-                ),
+                relay_server: Toggle::from(relay_server),
                 dcutr: dcutr::Behaviour::new(me),
             }
         })
@@ -670,6 +680,10 @@ impl Task {
                 );
             }
             Command::Dial(addr, r) => {
+                // Remember where the peer is, so later requests can dial it again.
+                if let Some(Proto::P2p(peer)) = addr.iter().last() {
+                    self.swarm.add_peer_address(peer, addr.clone());
+                }
                 let res = self
                     .swarm
                     .dial(addr.clone())
@@ -1065,9 +1079,14 @@ impl Task {
             SwarmEvent::Behaviour(b) => self.on_behaviour_event(b),
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
-                if !self.listen.contains(&address)
-                    && !address.iter().any(|p| matches!(p, Proto::P2pCircuit))
-                {
+                // A node told it is public (a relay with `Always`) vouches for its own listen
+                // addresses; otherwise AutoNAT confirms external addresses.
+                let circuit = address.iter().any(|p| matches!(p, Proto::P2pCircuit));
+                if self.config.relay == RelayMode::Always && !circuit {
+                    self.swarm.add_external_address(address.clone());
+                }
+                // Relay circuits included: for a node behind a NAT they are the way in.
+                if !self.listen.contains(&address) {
                     self.listen.push(address.clone());
                     let _ = self.publish_own();
                 }
@@ -1101,9 +1120,25 @@ impl Task {
             }
             SwarmEvent::ListenerClosed { addresses, reason, .. } => {
                 debug!(?addresses, ?reason, "listener closed");
-                for a in addresses {
-                    self.listen.retain(|l| *l != a);
+                for a in &addresses {
+                    self.listen.retain(|l| l != a);
                 }
+                // A lost relay reservation: find another relay.
+                let lost: Vec<PeerId> = addresses
+                    .iter()
+                    .filter(|a| a.iter().any(|p| matches!(p, Proto::P2pCircuit)))
+                    .filter_map(|a| {
+                        a.iter().find_map(|p| match p {
+                            Proto::P2p(peer) => Some(peer),
+                            _ => None,
+                        })
+                    })
+                    .collect();
+                for relay in lost {
+                    self.relays.remove(&relay);
+                }
+                let _ = self.publish_own();
+                self.ensure_relays();
             }
             _ => {}
         }
@@ -1146,6 +1181,7 @@ impl Task {
                     debug!(peer = %peer_id, version = %info.protocol_version, "not a cloudless peer");
                     return;
                 }
+                debug!(peer = %peer_id, protocols = ?info.protocols, "identified");
                 let routable: Vec<Multiaddr> = info
                     .listen_addrs
                     .into_iter()
@@ -1207,12 +1243,8 @@ impl Task {
                     autonat::NatStatus::Unknown => Reachability::Unknown,
                 };
                 info!(reachability = ?r, "autonat");
-                self.reachability = r.clone();
-                if matches!(r, Reachability::Public(_))
-                    && self.config.relay == RelayMode::Auto
-                    && self.config.role == Role::Member
-                {
-                    self.enable_relay_server();
+                if !self.config.behind_nat {
+                    self.reachability = r.clone();
                 }
                 self.ensure_relays();
                 self.emit(Event::Nat(r));
@@ -1224,17 +1256,6 @@ impl Task {
             | BehaviourEvent::Dcutr(_) => {}
             BehaviourEvent::Gate(never) => match never {},
         }
-    }
-
-    /// Starts serving as a relay once AutoNAT found us public. The behaviour is swapped in:
-    /// connections opened from now on offer the hop protocol, and identify advertises it.
-    fn enable_relay_server(&mut self) {
-        if self.swarm.behaviour().relay_server.is_enabled() {
-            return;
-        }
-        info!("publicly reachable: serving as a relay");
-        self.swarm.behaviour_mut().relay_server =
-            Toggle::from(Some(relay::Behaviour::new(self.me, relay::Config::default())));
     }
 
     /// Behind a NAT, keeps reservations with up to [`MAX_RELAYS`] relays so peers can reach us
@@ -1262,6 +1283,18 @@ impl Task {
                 Err(e) => debug!(%circuit, error = %e, "cannot listen through relay"),
             }
         }
+    }
+}
+
+/// Relay server limits. libp2p's defaults (2 minutes, 128 KiB per circuit) suit hole-punch
+/// coordination only; a community relay also carries the membership probes and RPCs of
+/// devices whose NAT defeats hole punching, so circuits may last 10 minutes and carry 16 MiB
+/// before they are re-established.
+fn relay_config() -> relay::Config {
+    relay::Config {
+        max_circuit_duration: Duration::from_secs(600),
+        max_circuit_bytes: 16 * 1024 * 1024,
+        ..relay::Config::default()
     }
 }
 
