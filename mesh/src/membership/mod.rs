@@ -331,8 +331,10 @@ pub enum Message<I> {
     Join {
         /// The sender's own alive and capacity news.
         updates: Vec<Update<I>>,
-        /// Whether the sender wants the full member list back.
+        /// Whether the sender wants the member list back.
         want_sync: bool,
+        /// Which pages of it, when retrying after a loss; empty means all.
+        pages: Vec<u16>,
     },
     /// A page of the member list, sent to a joiner (or, as a single page, to a member that
     /// must learn what we believe about it).
@@ -472,8 +474,8 @@ struct Joining<I> {
     /// Peers asked for the member list.
     peers: Vec<I>,
     retry_at: Instant,
-    /// Pages received per answering peer.
-    received: Map<I, Vec<u16>>,
+    /// Page count and pages received, per answering peer.
+    received: Map<I, (u16, Vec<u16>)>,
 }
 
 #[derive(Clone, Debug)]
@@ -687,12 +689,26 @@ impl<I: Id> Membership<I> {
         if let Some(j) = &mut self.join_pending
             && now >= j.retry_at
         {
-            // Some page was lost (or the peer is gone): ask everyone again for all of it.
+            // Some page was lost (or the peer is gone): ask again, for the missing pages only
+            // where some arrived. At 10,000 members the list is some 80 pages; asking for all
+            // of it again after every single loss would rarely finish under heavy loss.
             j.retry_at = now + self.config.join_retry;
-            j.received.clear();
-            let peers = j.peers.clone();
-            for p in peers {
-                self.send_join(p, true);
+            let asks: Vec<(I, Vec<u16>)> = j
+                .peers
+                .iter()
+                .map(|p| {
+                    let missing = match j.received.get(p) {
+                        Some((total, got)) if !got.is_empty() => (0..*total)
+                            .filter(|i| !got.contains(i))
+                            .take(MAX_UPDATES_PER_MESSAGE)
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    (p.clone(), missing)
+                })
+                .collect();
+            for (p, missing) in asks {
+                self.send_join(p, true, missing);
             }
         }
         self.announce_capacity_if_due(now);
@@ -967,7 +983,7 @@ impl<I: Id> Membership<I> {
                 }
                 Vec::new()
             }
-            Message::Join { updates, want_sync } => {
+            Message::Join { updates, want_sync, pages } => {
                 for u in updates.into_iter().take(2) {
                     // A joiner speaks only for itself.
                     if u.id == from {
@@ -976,7 +992,7 @@ impl<I: Id> Membership<I> {
                 }
                 self.flood_firsthand();
                 if want_sync && !self.leaving {
-                    self.send_sync(&from);
+                    self.send_sync(&from, &pages);
                 } else if self.members.get(&from).is_some_and(|m| m.state != State::Alive) {
                     // It is not alive in our view at the incarnation it claims: tell it why.
                     let news = self.liveness_update(&from);
@@ -988,14 +1004,19 @@ impl<I: Id> Membership<I> {
                 Vec::new()
             }
             Message::Sync { page, pages, updates } => {
-                if let Some(j) = &mut self.join_pending {
+                // Only the peers we asked count towards a complete list; a single-page
+                // correction from anyone else does not end the join.
+                if let Some(j) = self.join_pending.as_mut().filter(|j| j.peers.contains(&from)) {
                     // Pages are arriving: wait for the rest before asking again.
                     j.retry_at = now + self.config.join_retry;
-                    let got = j.received.entry(from.clone()).or_default();
-                    if page < pages && !got.contains(&page) && got.len() < usize::from(pages) {
+                    let (total, got) = j.received.entry(from.clone()).or_default();
+                    // The list may have been re-paged between two answers: the latest count
+                    // wins, pages already received still count.
+                    *total = pages;
+                    if page < pages && !got.contains(&page) {
                         got.push(page);
                     }
-                    if got.len() == usize::from(pages) {
+                    if (0..pages).all(|p| got.contains(&p)) {
                         self.join_pending = None;
                     }
                 }
@@ -1067,20 +1088,21 @@ impl<I: Id> Membership<I> {
                 }
             }
         }
-        self.send_join(peer, joining);
+        self.send_join(peer, joining, Vec::new());
     }
 
-    fn send_join(&mut self, peer: I, want_sync: bool) {
+    fn send_join(&mut self, peer: I, want_sync: bool, pages: Vec<u16>) {
         let mut updates = vec![Update {
             id: self.me.clone(),
             incarnation: self.incarnation,
             kind: UpdateKind::Alive,
         }];
         updates.extend(self.own_capacity_update());
-        self.send(peer, Message::Join { updates, want_sync });
+        self.send(peer, Message::Join { updates, want_sync, pages });
     }
 
-    fn send_sync(&mut self, to: &I) {
+    /// Sends the member list to `to`: the pages numbered in `wanted`, or all when empty.
+    fn send_sync(&mut self, to: &I, wanted: &[u16]) {
         let mut page = Vec::new();
         let mut size = 0;
         let mut ids: Vec<&I> = self.members.keys().collect();
@@ -1118,7 +1140,9 @@ impl<I: Id> Membership<I> {
         let count = u16::try_from(pages.len()).unwrap_or(u16::MAX);
         for (i, updates) in pages.into_iter().enumerate().take(usize::from(count)) {
             let page = u16::try_from(i).unwrap_or(u16::MAX);
-            self.send(to.clone(), Message::Sync { page, pages: count, updates });
+            if wanted.is_empty() || wanted.contains(&page) {
+                self.send(to.clone(), Message::Sync { page, pages: count, updates });
+            }
         }
     }
 

@@ -283,13 +283,25 @@ fn a_joiner_gets_every_page_of_the_member_list_and_asks_again_for_lost_ones() {
     assert!(joiner.join_pending.is_some());
     let retry = now + Config::default().join_retry;
     let out = joiner.handle(Input::Tick, retry);
+    let last = u16::try_from(pages.len() - 1).unwrap();
+    let ask = sends(&out)
+        .into_iter()
+        .find_map(|(to, m)| match m {
+            Message::Join { want_sync: true, pages, .. } if to == 2 => {
+                Some(Message::Join { updates: vec![], want_sync: true, pages })
+            }
+            _ => None,
+        })
+        .expect("the joiner asks again");
     assert!(
-        sends(&out)
-            .iter()
-            .any(|(to, m)| *to == 2 && matches!(m, Message::Join { want_sync: true, .. }))
+        matches!(&ask, Message::Join { pages, .. } if *pages == vec![last]),
+        "only the lost page: {ask:?}"
     );
-    let out = seed.handle(Input::Message { from: 1, message: join }, retry);
-    for (_, p) in sends(&out).into_iter().filter(|(to, _)| *to == 1) {
+    let out = seed.handle(Input::Message { from: 1, message: ask }, retry);
+    let resent: Vec<Message<u32>> =
+        sends(&out).into_iter().filter(|(to, _)| *to == 1).map(|(_, m)| m).collect();
+    assert_eq!(resent.len(), 1, "the seed sends only the missing page");
+    for p in resent {
         let _ = joiner.handle(Input::Message { from: 2, message: p }, retry);
     }
     assert!(joiner.join_pending.is_none());
@@ -442,8 +454,11 @@ fn arb_message() -> impl Strategy<Value = Message<u32>> {
             updates
         }),
         (0u32..8).prop_map(|seq| Message::Nack { seq }),
-        (ups(), any::<bool>())
-            .prop_map(|(updates, want_sync)| Message::Join { updates, want_sync }),
+        (ups(), any::<bool>()).prop_map(|(updates, want_sync)| Message::Join {
+            updates,
+            want_sync,
+            pages: vec![]
+        }),
         (0u16..3, 0u16..3, ups()).prop_map(|(page, pages, updates)| Message::Sync {
             page,
             pages,
