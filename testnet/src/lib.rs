@@ -370,3 +370,28 @@ impl Drop for Testnet {
         }
     }
 }
+
+/// A trivial RPC service for tests and demos: answers a string with a prefixed copy.
+pub struct Echo;
+
+impl cloudless_mesh::rpc::Rpc for Echo {
+    const SERVICE: &'static str = "testnet.echo";
+    type Request = String;
+    type Response = String;
+}
+
+/// Serves [`Echo`] on `handle`, answering `"{prefix}{request}"`; a body that is not a string
+/// gets a bad-request error.
+pub async fn serve_echo(handle: &Handle, prefix: &str) -> Result<()> {
+    let mut requests = handle.serve(<Echo as cloudless_mesh::rpc::Rpc>::SERVICE, 16).await?;
+    let prefix = prefix.to_string();
+    tokio::spawn(async move {
+        while let Some(r) = requests.recv().await {
+            match r.decode::<Echo>() {
+                Ok(text) => r.respond::<Echo>(&format!("{prefix}{text}")),
+                Err(e) => r.fail(e),
+            }
+        }
+    });
+    Ok(())
+}

@@ -6,19 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloudless_mesh::membership::State;
-use cloudless_mesh::rpc::Rpc;
 use cloudless_mesh::{Config, RelayMode, Role};
-use cloudless_testnet::{Testnet, test_config, wait_until};
+use cloudless_testnet::{Echo, Testnet, serve_echo, test_config, wait_until};
 use libp2p::multiaddr::Protocol;
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-struct Echo;
-impl Rpc for Echo {
-    const SERVICE: &'static str = "test.echo";
-    type Request = String;
-    type Response = String;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_behind_a_nat_is_reached_through_a_relay() {
@@ -56,14 +48,7 @@ async fn a_node_behind_a_nat_is_reached_through_a_relay() {
     .await
     .unwrap();
 
-    let mut requests = net.handle(2).unwrap().serve(Echo::SERVICE, 8).await.unwrap();
-    tokio::spawn(async move {
-        while let Some(r) = requests.recv().await {
-            if let Ok(t) = r.decode::<Echo>() {
-                r.respond::<Echo>(&format!("relayed: {t}"));
-            }
-        }
-    });
+    serve_echo(net.handle(2).unwrap(), "relayed: ").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path().to_path_buf());
     config.role = Role::Client;

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use cloudless_mesh::membership::State;
 use cloudless_mesh::node::{DATAGRAM_PROTOCOL, RPC_PROTOCOL};
-use cloudless_mesh::rpc::Rpc;
-use cloudless_testnet::Testnet;
+use cloudless_testnet::{Echo, Testnet, serve_echo};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
@@ -61,13 +60,6 @@ impl request_response::Codec for Raw {
     ) -> io::Result<()> {
         io.write_all(&res).await
     }
-}
-
-struct Echo;
-impl Rpc for Echo {
-    const SERVICE: &'static str = "test.echo";
-    type Request = String;
-    type Response = String;
 }
 
 fn frame(len: u32, body: &[u8]) -> Vec<u8> {
@@ -127,14 +119,7 @@ async fn oversize_and_malformed_frames_are_refused_without_harm() {
     let net = Testnet::start(2).await.unwrap();
     net.wait_until("two converge", Duration::from_secs(60), || net.converged()).await.unwrap();
     let (a, b) = (net.handle(0).unwrap().clone(), net.handle(1).unwrap().clone());
-    let mut requests = b.serve(Echo::SERVICE, 16).await.unwrap();
-    tokio::spawn(async move {
-        while let Some(r) = requests.recv().await {
-            if let Ok(t) = r.decode::<Echo>() {
-                r.respond::<Echo>(&t);
-            }
-        }
-    });
+    serve_echo(&b, "").await.unwrap();
 
     let cfg = request_response::Config::default().with_request_timeout(Duration::from_secs(10));
     let mut raw = SwarmBuilder::with_new_identity()
