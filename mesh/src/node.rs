@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::codec::{Codec, encode};
+use crate::codec::Codec;
 use crate::config::{Config, RelayMode, Role};
 use crate::directory::Directory;
 use crate::gate::{self, Gate, Protocol};
@@ -78,6 +78,8 @@ const DIRECTORY_PUSH: usize = 3;
 const MAX_RELAYS: usize = 2;
 /// How long a leaving node keeps running so its announcement gets out.
 const LEAVE_LINGER: Duration = Duration::from_millis(500);
+/// How often a node that knows nobody dials its bootstrap peers again.
+const BOOTSTRAP_RETRY: Duration = Duration::from_secs(5);
 /// Name of the file holding the last membership incarnation.
 const INCARNATION_FILE: &str = "membership.incarnation";
 /// Relay v2 hop protocol, advertised by relay servers through identify.
@@ -283,7 +285,7 @@ impl Handle {
             return Err(RpcError::BadService(service.to_string()));
         }
         let envelope = Envelope { service: service.to_string(), body };
-        let size = encode(&envelope, usize::MAX).map(|b| b.len()).unwrap_or(usize::MAX);
+        let size = membership::encoded_len(&envelope);
         if size > self.rpc_max_bytes {
             return Err(RpcError::TooLarge { size, max: self.rpc_max_bytes });
         }
@@ -450,6 +452,7 @@ pub async fn start_with_identity(
         relay_candidates: HashMap::new(),
         reachability: if config.behind_nat { Reachability::Private } else { Reachability::Unknown },
         last_persist: Instant::now(),
+        last_bootstrap: Instant::now(),
         config,
     };
     let task = tokio::spawn(task.run());
@@ -609,6 +612,7 @@ struct Task {
     relay_candidates: HashMap<PeerId, Multiaddr>,
     reachability: Reachability,
     last_persist: Instant,
+    last_bootstrap: Instant,
 }
 
 impl Task {
@@ -1067,6 +1071,16 @@ impl Task {
     fn housekeeping(&mut self) {
         if self.last_persist.elapsed() >= self.config.persist_interval {
             self.persist_directory();
+        }
+        // Still alone: the bootstrap peers may have been down when we started (a device that
+        // boots before the network does). Keep knocking.
+        let alone = self.membership.as_ref().is_some_and(|m| m.alive_count() <= 1)
+            || (self.config.role == Role::Client && self.swarm.connected_peers().next().is_none());
+        if alone && self.last_bootstrap.elapsed() >= BOOTSTRAP_RETRY {
+            self.last_bootstrap = Instant::now();
+            for addr in self.config.bootstrap.clone() {
+                let _ = self.swarm.dial(addr);
+            }
         }
         // Callers that gave up: free their slots.
         self.pending.retain(|_, p| !p.reply.is_closed());

@@ -237,3 +237,43 @@ async fn rpc_errors_are_typed_and_leave_the_server_serving() {
     let ok = a.call::<Echo>(b.peer_id(), &"still here".to_string()).await.unwrap();
     assert_eq!(ok, "still here");
 }
+
+/// A node whose bootstrap peer is unreachable when it starts (a device that boots before its
+/// network) keeps trying and joins once the peer is reachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_keeps_dialing_its_bootstrap_peer_until_it_joins() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    struct Switch(AtomicBool);
+    impl cloudless_mesh::Gate for Switch {
+        fn admits(&self, _: &libp2p::PeerId) -> bool {
+            self.0.load(Ordering::SeqCst)
+        }
+        fn allows(&self, _: &libp2p::PeerId, _: cloudless_mesh::Protocol<'_>) -> bool {
+            true
+        }
+    }
+
+    init_tracing();
+    let net = Testnet::start(1).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path().to_path_buf());
+    config.bootstrap = net.addrs(0).to_vec();
+    let switch = Arc::new(Switch(AtomicBool::new(false)));
+    let b = cloudless_mesh::start(config, switch.clone()).await.unwrap();
+    let h = b.handle.clone();
+    let alone = || async { h.members().await.unwrap().len() == 1 };
+    wait_until("the first dial has been refused", CONVERGE, &mut || async { alone().await })
+        .await
+        .unwrap();
+    assert!(h.connected_peers().await.unwrap().is_empty());
+    switch.0.store(true, Ordering::SeqCst);
+    let a = net.peer(0);
+    wait_until("the node joins once its bootstrap peer is reachable", CONVERGE, &mut || {
+        let h = h.clone();
+        async move { h.members().await.unwrap().iter().any(|m| m.id == a && m.state == State::Alive) }
+    })
+    .await
+    .unwrap();
+    b.task.abort();
+}
