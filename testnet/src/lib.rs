@@ -216,7 +216,7 @@ impl Testnet {
         (0..self.nodes.len()).filter(|i| self.nodes[*i].running.is_some()).collect()
     }
 
-    /// The events node `i` emitted so far (the most recent [`HISTORY`] of them).
+    /// The events node `i` emitted so far (the most recent 10,000 to 20,000 of them).
     pub fn history(&self, i: usize) -> Vec<Event> {
         self.nodes[i].history.lock().map(|h| h.clone()).unwrap_or_default()
     }

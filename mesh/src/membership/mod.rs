@@ -29,14 +29,19 @@
 //!   peers), so a change reaches ten thousand nodes in a handful of hops instead of the
 //!   `O(log n)` protocol periods of piggyback-only SWIM. A flood is started only by the node
 //!   the change is about (join, refutation, leave, capacity), by the node that suspected, or by
-//!   a node that learned a liveness change point to point (a joiner's first contact, a dead
-//!   member answering a reconnect probe): information that arrived by flood is never
+//!   a node that heard first hand of a member's arrival or return (a joiner's first contact, a
+//!   dead member answering a reconnect probe): information that arrived by flood is never
 //!   re-flooded, the transport already forwards it. Piggybacking on pings and acks stays as a
-//!   cheap repair path for the rare node that missed a flood.
+//!   cheap repair path for the rare node that missed a flood, and a ping or ack itself tells
+//!   the receiver that its sender is alive.
 //! * **Suspicion (Lifeguard).** A suspect is declared dead when its suspicion timer runs out.
 //!   The timer starts at `suspicion_max` and shrinks logarithmically towards `suspicion_min` as
 //!   independent witnesses confirm it: the helpers that nacked count as witnesses, and so does
-//!   every other node that suspects the same member independently.
+//!   every other node that suspects the same member independently. Deaths are not flooded:
+//!   every node that got the suspicion runs the same timer.
+//! * **Joining.** A node that knows nobody sends `Join` to a peer it found and receives the
+//!   member list in pages of at most `sync_chunk_bytes`; after a loss it asks for the missing
+//!   pages only.
 //! * **Refutation.** A live node that hears it is suspect or dead raises its incarnation and
 //!   floods `Alive`. The suspecting node also tells the suspect directly, so refutation starts
 //!   one hop after the suspicion does.
@@ -44,8 +49,9 @@
 //!   has to refute suspicions about itself, is probably the slow one; it raises its local health
 //!   multiplier, which stretches its probe timeouts and intervals, so a struggling node stops
 //!   accusing healthy ones.
-//! * **Leaving** is announced: the node floods `Left` and tells a few members directly. `Left`
-//!   is final for that incarnation and is reported as a departure, never as a failure.
+//! * **Leaving** is announced: the node floods `Left`, tells a few members directly, and
+//!   answers probes with its leave until it stops. `Left` is final for that incarnation and is
+//!   reported as a departure, never as a failure.
 //! * **Partitions heal** because every `reconnect_interval` a node pings one member it holds as
 //!   dead, with the death notice attached; a live one refutes and its refutation is flooded.
 //!
