@@ -38,6 +38,7 @@ async fn ten_nodes_converge_from_one_bootstrap_peer() {
                 cpu_free_millis: 500,
                 memory_total_mib: 2048,
                 memory_free_mib: 1024,
+                disk_total_mib: 20_000,
                 disk_free_mib: 10_000,
                 workloads: 0,
                 power: Power::Mains,

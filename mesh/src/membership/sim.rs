@@ -425,6 +425,7 @@ impl Sim {
             cpu_free_millis: total / 2,
             memory_total_mib: mem,
             memory_free_mib: mem / 2,
+            disk_total_mib: 40_000,
             disk_free_mib: 20_000,
             workloads: 0,
             power: Power::Mains,

@@ -12,6 +12,7 @@ fn cap(free: u32) -> Capacity {
         cpu_free_millis: free,
         memory_total_mib: 4096,
         memory_free_mib: 2048,
+        disk_total_mib: 20_000,
         disk_free_mib: 10_000,
         workloads: 0,
         power: Power::Mains,

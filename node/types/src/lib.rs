@@ -150,6 +150,8 @@ pub struct Capacity {
     pub memory_total_mib: u32,
     /// Memory not yet used, in MiB.
     pub memory_free_mib: u32,
+    /// Disk offered in total, in MiB.
+    pub disk_total_mib: u32,
     /// Disk not yet used, in MiB.
     pub disk_free_mib: u32,
     /// Replicas running on the node.
@@ -186,6 +188,7 @@ impl Capacity {
         cpu_free_millis: 0,
         memory_total_mib: 0,
         memory_free_mib: 0,
+        disk_total_mib: 0,
         disk_free_mib: 0,
         workloads: 0,
         power: Power::Mains,
@@ -200,6 +203,9 @@ impl Capacity {
         }
         if self.memory_free_mib > self.memory_total_mib {
             return Err(invalid("memory_free_mib", "exceeds memory_total_mib"));
+        }
+        if self.disk_free_mib > self.disk_total_mib {
+            return Err(invalid("disk_free_mib", "exceeds disk_total_mib"));
         }
         if let Power::Battery(p) = self.power
             && p > 100
@@ -216,7 +222,7 @@ impl Capacity {
     /// than at the next periodic re-announcement.
     ///
     /// A change is meaningful when anything discrete changed (power source, metered link,
-    /// runtimes, totals, replica count) or when free CPU or free memory moved by at least
+    /// runtimes, totals, replica count) or when free CPU, memory or disk moved by at least
     /// [`Capacity::MEANINGFUL_PERCENT`] of the total. Small drifts in free resources are left to
     /// the periodic re-announcement so that a busy node does not flood the cluster.
     pub fn differs_meaningfully(&self, previous: &Capacity) -> bool {
@@ -232,10 +238,11 @@ impl Capacity {
             || self.workloads != previous.workloads
             || moved(self.cpu_free_millis, previous.cpu_free_millis, self.cpu_total_millis)
             || moved(self.memory_free_mib, previous.memory_free_mib, self.memory_total_mib)
-            || moved(self.disk_free_mib, previous.disk_free_mib, self.disk_free_mib.max(1024))
+            || self.disk_total_mib != previous.disk_total_mib
+            || moved(self.disk_free_mib, previous.disk_free_mib, self.disk_total_mib)
     }
 
-    /// Free CPU or memory must move by this share of the total (in percent) before a change is
+    /// Free CPU, memory or disk must move by this share of the total (in percent) before a change is
     /// announced early: 10 % keeps the scheduler's view within one typical replica of the truth
     /// while ignoring measurement noise.
     pub const MEANINGFUL_PERCENT: u32 = 10;
@@ -347,6 +354,7 @@ mod tests {
             cpu_free_millis: 3000,
             memory_total_mib: 8192,
             memory_free_mib: 4096,
+            disk_total_mib: 100_000,
             disk_free_mib: 50_000,
             workloads: 2,
             power: Power::Mains,
