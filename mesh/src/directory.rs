@@ -30,6 +30,8 @@ use cloudless_types::{DeviceClass, NodeDescriptor, Runtime};
 use libp2p::PeerId;
 use rand::RngCore;
 
+/// Largest number of peers whose sync state is kept at once (each is a few hundred bytes).
+pub const MAX_SYNC_PEERS: usize = 4096;
 /// Name of the document file inside the data dir.
 pub const FILE: &str = "directory.automerge";
 
@@ -203,8 +205,20 @@ impl Directory {
 
     /// The next sync message for `peer`, if it lacks anything we know of.
     pub fn generate(&mut self, peer: PeerId) -> Option<Vec<u8>> {
+        self.make_room(&peer);
         let state = self.peers.entry(peer).or_default();
         self.doc.generate_sync_message(state).map(|m| m.encode())
+    }
+
+    /// Keeps the per-peer sync states within [`MAX_SYNC_PEERS`]: a forgotten peer only costs
+    /// one extra round trip the next time (its state starts afresh).
+    fn make_room(&mut self, peer: &PeerId) {
+        if self.peers.len() >= MAX_SYNC_PEERS
+            && !self.peers.contains_key(peer)
+            && let Some(victim) = self.peers.keys().next().copied()
+        {
+            self.peers.remove(&victim);
+        }
     }
 
     /// Forgets the sync state of a peer that left or died.
@@ -243,6 +257,7 @@ impl Directory {
             changed.insert(author);
         }
         self.doc = trial;
+        self.make_room(&peer);
         self.peers.insert(peer, state);
         if !changed.is_empty() {
             self.dirty = true;

@@ -74,6 +74,8 @@ const MAX_INBOUND_PENDING: usize = 1024;
 const MAX_PARKED: usize = 256;
 /// Directory peers sent our own change at once, beyond periodic reconciliation.
 const DIRECTORY_PUSH: usize = 3;
+/// Relay servers remembered as candidates; a few dozen are plenty to pick two from.
+const MAX_RELAY_CANDIDATES: usize = 32;
 /// Relays a private node keeps reservations with.
 const MAX_RELAYS: usize = 2;
 /// How long a leaving node keeps running so its announcement gets out.
@@ -1208,6 +1210,8 @@ impl Task {
                 }
                 if info.protocols.iter().any(|p| p.as_ref() == RELAY_HOP)
                     && let Some(a) = routable.first()
+                    && (self.relay_candidates.len() < MAX_RELAY_CANDIDATES
+                        || self.relay_candidates.contains_key(&peer_id))
                 {
                     self.relay_candidates.insert(peer_id, a.clone());
                     self.ensure_relays();
