@@ -97,6 +97,7 @@ enum Datagram {
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     gate: gate::Behaviour,
+    unroutable: unroutable::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: kad::Behaviour<MemoryStore>,
@@ -457,7 +458,8 @@ pub async fn start_with_identity(
         last_bootstrap: Instant::now(),
         config,
     };
-    let task = tokio::spawn(task.run());
+    let span = tracing::info_span!("mesh", peer = %me);
+    let task = tokio::spawn(tracing::Instrument::instrument(task.run(), span));
     Ok(Mesh { handle, events, task })
 }
 
@@ -533,6 +535,7 @@ fn build_swarm(
             };
             Behaviour {
                 gate: gate::Behaviour::new(gate),
+                unroutable: unroutable::Behaviour::default(),
                 identify: identify::Behaviour::new(
                     identify::Config::new(IDENTIFY_VERSION.into(), key.public())
                         .with_agent_version(format!("cloudless/{}", env!("CARGO_PKG_VERSION"))),
@@ -880,6 +883,7 @@ impl Task {
                 let _ = self.swarm.behaviour_mut().datagram.send_response(channel, ());
                 match request {
                     Datagram::Membership(message) => {
+                        tracing::trace!(%peer, kind = message_kind(&message), "membership recv");
                         if self.gate.allows(&peer, Protocol::Membership) {
                             self.drive(Input::Message { from: peer, message });
                         }
@@ -922,6 +926,7 @@ impl Task {
         for o in outputs {
             match o {
                 Output::Send { to, message } => {
+                    tracing::trace!(%to, kind = message_kind(&message), "membership send");
                     self.send_datagram(to, Datagram::Membership(message))
                 }
                 Output::Broadcast(updates) => {
@@ -1273,6 +1278,10 @@ impl Task {
             | BehaviourEvent::RelayServer(_)
             | BehaviourEvent::Dcutr(_) => {}
             BehaviourEvent::Gate(never) => match never {},
+            BehaviourEvent::Unroutable(unroutable::NoAddress(peer)) => {
+                self.drive(Input::Unreachable { peer });
+                self.look_up(peer);
+            }
         }
     }
 
@@ -1339,4 +1348,110 @@ fn write_atomic(path: &PathBuf, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+/// Reports dials that failed because no address of the peer is known. The swarm tells only
+/// behaviours about those (they fail before any connection attempt), and the membership core
+/// must not take them for a dead peer.
+mod unroutable {
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+    use std::task::{Context, Poll, Waker};
+
+    use libp2p::core::Endpoint;
+    use libp2p::core::transport::PortUse;
+    use libp2p::swarm::{
+        ConnectionDenied, ConnectionId, DialError, FromSwarm, NetworkBehaviour, THandler,
+        THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
+    };
+    use libp2p::{Multiaddr, PeerId};
+
+    /// A dial to this peer found no address.
+    #[derive(Debug)]
+    pub struct NoAddress(pub PeerId);
+
+    /// Bounded: at most this many reports wait to be read.
+    const MAX_QUEUED: usize = 256;
+
+    #[derive(Default)]
+    pub struct Behaviour {
+        queue: VecDeque<PeerId>,
+        waker: Option<Waker>,
+    }
+
+    impl NetworkBehaviour for Behaviour {
+        type ConnectionHandler = dummy::ConnectionHandler;
+        type ToSwarm = NoAddress;
+
+        fn handle_established_inbound_connection(
+            &mut self,
+            _: ConnectionId,
+            _: PeerId,
+            _: &Multiaddr,
+            _: &Multiaddr,
+        ) -> Result<THandler<Self>, ConnectionDenied> {
+            Ok(dummy::ConnectionHandler)
+        }
+
+        fn handle_established_outbound_connection(
+            &mut self,
+            _: ConnectionId,
+            _: PeerId,
+            _: &Multiaddr,
+            _: Endpoint,
+            _: PortUse,
+        ) -> Result<THandler<Self>, ConnectionDenied> {
+            Ok(dummy::ConnectionHandler)
+        }
+
+        fn on_swarm_event(&mut self, event: FromSwarm) {
+            if let FromSwarm::DialFailure(f) = &event {
+                tracing::trace!(peer = ?f.peer_id, error = %f.error, "dial failure");
+            }
+            if let FromSwarm::DialFailure(f) = event
+                && let (Some(peer), DialError::NoAddresses) = (f.peer_id, f.error)
+                && self.queue.len() < MAX_QUEUED
+                && !self.queue.contains(&peer)
+            {
+                self.queue.push_back(peer);
+                if let Some(w) = self.waker.take() {
+                    w.wake();
+                }
+            }
+        }
+
+        fn on_connection_handler_event(
+            &mut self,
+            _: PeerId,
+            _: ConnectionId,
+            event: THandlerOutEvent<Self>,
+        ) {
+            let never: Infallible = event;
+            match never {}
+        }
+
+        fn poll(
+            &mut self,
+            cx: &mut Context<'_>,
+        ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+            match self.queue.pop_front() {
+                Some(peer) => Poll::Ready(ToSwarm::GenerateEvent(NoAddress(peer))),
+                None => {
+                    self.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        }
+    }
+}
+
+fn message_kind(m: &membership::Message<PeerId>) -> String {
+    match m {
+        membership::Message::Ping { seq, .. } => format!("ping/{seq}"),
+        membership::Message::Ack { seq, .. } => format!("ack/{seq}"),
+        membership::Message::PingReq { seq, .. } => format!("pingreq/{seq}"),
+        membership::Message::Nack { seq } => format!("nack/{seq}"),
+        membership::Message::Join { .. } => "join".into(),
+        membership::Message::Sync { .. } => "sync".into(),
+    }
 }

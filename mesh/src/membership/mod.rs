@@ -376,6 +376,13 @@ pub enum Input<I> {
         /// The peer.
         peer: I,
     },
+    /// The transport has no address for `peer` yet, so messages to it cannot leave. Probes of
+    /// it in flight are abandoned without suspicion: not knowing where a member is says
+    /// nothing about whether it lives (the driver looks the address up meanwhile).
+    Unreachable {
+        /// The peer.
+        peer: I,
+    },
     /// This node's capacity changed.
     SetCapacity(Capacity),
     /// This node is leaving the cluster on purpose.
@@ -471,6 +478,7 @@ struct Probe<I> {
 #[derive(Clone, Debug)]
 struct Relay<I> {
     origin: I,
+    target: I,
     origin_seq: u32,
     deadline: Instant,
 }
@@ -663,6 +671,11 @@ impl<I: Id> Membership<I> {
                 }
             }
             Input::Contact { peer } => self.on_contact(peer, now),
+            Input::Unreachable { peer } => {
+                self.probes.retain(|_, p| p.target != peer);
+                // As a helper we cannot tell either: no nack, which would count as a witness.
+                self.relays.retain(|_, r| r.target != peer);
+            }
             Input::SetCapacity(c) => {
                 self.capacity = c;
                 self.announce_capacity_if_due(now);
@@ -961,6 +974,7 @@ impl<I: Id> Membership<I> {
                         my_seq,
                         Relay {
                             origin: from.clone(),
+                            target: target.clone(),
                             origin_seq: seq,
                             deadline: now + self.scaled(self.config.probe_timeout),
                         },

@@ -546,3 +546,17 @@ fn the_simulator_detects_crashes_without_false_deaths_and_replays_from_its_seed(
     );
     assert_eq!(a.bytes_per_node_sec.to_bits(), b.bytes_per_node_sec.to_bits());
 }
+
+#[test]
+fn an_undialable_target_is_not_suspected() {
+    let now = Instant::now();
+    let mut m = node_with(1, &[2, 3, 4], now);
+    let first = m.next_deadline().unwrap();
+    let out = m.handle(Input::Tick, first);
+    let target = sends(&out)[0].0;
+    let _ = m.handle(Input::Unreachable { peer: target }, first);
+    let out = run_until(&mut m, first, first + Config::default().probe_timeout * 3);
+    assert_eq!(state_of(&m, target), Some(State::Alive));
+    assert!(!broadcasts(&out).iter().any(|u| u.id == target), "{out:?}");
+    assert_eq!(m.local_health(), 0);
+}
