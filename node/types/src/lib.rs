@@ -411,3 +411,9 @@ mod tests {
         assert_eq!(Runtime::parse("oci"), None);
     }
 }
+
+pub mod placement;
+pub use placement::{
+    DeviceRules, LabelOp, LabelRule, Placement, Resources, Spread, Strategy, Taint, TaintEffect,
+    Toleration, Topology, WorkloadTerm,
+};

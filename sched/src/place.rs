@@ -1,0 +1,741 @@
+//! Placing replicas: filter, score, choose, account, repeat; preempt when nothing fits.
+//!
+//! ```text
+//!  static pass over every node (once per decision)
+//!    filters ─▶ verdict per node ─▶ candidates ─▶ static score parts ─▶ max-heap
+//!  for each replica
+//!    pop best ─▶ stale? skip │ dynamic filters fail? drop (or park, for spread skew)
+//!              score dropped? push back │ otherwise place: account resources and counts,
+//!              push the node back with its new score
+//!    heap empty ─▶ preemption: the node whose lower-priority victims are cheapest to evict
+//!                └▶ nothing ─▶ Unschedulable: nodes counted by the first filter they fail
+//! ```
+//!
+//! A decision costs one pass over the nodes plus `O(log n)` per replica, so a batch of ten
+//! thousand replicas costs little more than one. Ties are broken by a seeded hash of the node
+//! name, so the same input always gives the same decision.
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::Arc;
+
+use cloudless_types::{Resources, Spread, Topology};
+
+use crate::filter::{
+    Admission, AllowAll, Reason, Unschedulable, own_terms, resource_verdict, static_verdict,
+};
+use crate::model::{Cluster, ClusterError, NodeId, ReplicaId, Workload};
+use crate::score::{self, Explanation, Factor, FactorScore, Weights, WeightsError};
+
+/// Scheduler settings.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Config {
+    /// Factor weights.
+    pub weights: Weights,
+    /// Seed for tie-breaks: the same seed and input give the same decision.
+    pub seed: u64,
+}
+
+
+/// Places replicas. Cheap to clone; holds no cluster state.
+#[derive(Clone)]
+pub struct Scheduler {
+    config: Config,
+    admission: Arc<dyn Admission>,
+}
+
+/// A replica and the node chosen for it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placed {
+    /// The replica.
+    pub replica: ReplicaId,
+    /// Its node.
+    pub node: NodeId,
+    /// The node's score when it was chosen.
+    pub score: f64,
+}
+
+/// A replica that only fit after evicting lower-priority ones.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Preemption {
+    /// The replica placed.
+    pub replica: ReplicaId,
+    /// Where.
+    pub node: NodeId,
+    /// What it evicts, all of lower priority.
+    pub victims: Vec<ReplicaId>,
+}
+
+/// The outcome of placing a workload's replicas.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// The workload.
+    pub workload: Arc<str>,
+    /// Every replica placed, preempting ones included.
+    pub placements: Vec<Placed>,
+    /// Placements that evict other replicas.
+    pub preemptions: Vec<Preemption>,
+    /// Replicas that fit nowhere.
+    pub unplaced: Vec<ReplicaId>,
+    /// Why they fit nowhere.
+    pub unschedulable: Option<Unschedulable>,
+}
+
+impl Decision {
+    /// Records the decision in the cluster view: evicts the victims and assigns the replicas.
+    pub fn apply(&self, cluster: &mut Cluster, workload: &Workload) -> Result<(), ClusterError> {
+        for p in &self.preemptions {
+            for v in &p.victims {
+                cluster.unassign(v);
+            }
+        }
+        for p in &self.placements {
+            cluster.assign(p.replica.clone(), &p.node, workload.resources, workload.priority)?;
+        }
+        Ok(())
+    }
+}
+
+/// The best candidates for a workload, explained, or why there is none.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ranking {
+    /// Candidates, best first.
+    pub candidates: Vec<Explanation>,
+    /// Why no node fits, when none does.
+    pub unschedulable: Option<Unschedulable>,
+}
+
+impl Scheduler {
+    /// A scheduler with `config` and no admission policy.
+    pub fn new(config: Config) -> Result<Self, WeightsError> {
+        Self::with_admission(config, Arc::new(AllowAll))
+    }
+
+    /// A scheduler with an admission policy.
+    pub fn with_admission(
+        config: Config,
+        admission: Arc<dyn Admission>,
+    ) -> Result<Self, WeightsError> {
+        config.weights.validate()?;
+        Ok(Scheduler { config, admission })
+    }
+
+    /// Its settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Finds nodes for `replicas` of `workload`, accounting capacity as it goes. The cluster
+    /// view is not changed (this is also the dry run); [`Decision::apply`] records the result.
+    /// Replicas already placed in the view are left out.
+    pub fn place(
+        &self,
+        cluster: &Cluster,
+        workload: &Workload,
+        replicas: &[ReplicaId],
+    ) -> Decision {
+        let mut b = Batch::new(self, cluster, workload);
+        let mut d = Decision {
+            workload: workload.id.clone(),
+            placements: Vec::new(),
+            preemptions: Vec::new(),
+            unplaced: Vec::new(),
+            unschedulable: None,
+        };
+        let mut exhausted = false;
+        for r in replicas {
+            if cluster.placement(r).is_some() {
+                continue;
+            }
+            if !exhausted {
+                if let Some(i) = b.next_node() {
+                    let score = b.score(i);
+                    b.commit(i);
+                    d.placements.push(Placed {
+                        replica: r.clone(),
+                        node: cluster.nodes[i].id.clone(),
+                        score,
+                    });
+                    continue;
+                }
+                if let Some((i, victims)) = b.preempt() {
+                    let score = b.score(i);
+                    b.commit(i);
+                    let node = cluster.nodes[i].id.clone();
+                    d.placements.push(Placed { replica: r.clone(), node: node.clone(), score });
+                    d.preemptions.push(Preemption { replica: r.clone(), node, victims });
+                    continue;
+                }
+                exhausted = true;
+                d.unschedulable = Some(b.report());
+            }
+            d.unplaced.push(r.clone());
+        }
+        d
+    }
+
+    /// The `limit` best nodes for one more replica of `workload`, each with its factor
+    /// breakdown, or why none fits.
+    pub fn rank(&self, cluster: &Cluster, workload: &Workload, limit: usize) -> Ranking {
+        let mut b = Batch::new(self, cluster, workload);
+        let mut candidates = Vec::new();
+        while candidates.len() < limit {
+            let Some(i) = b.next_node() else { break };
+            candidates.push(b.explain(i));
+            b.dead[i] = true;
+        }
+        let unschedulable =
+            candidates.is_empty().then(|| Batch::new(self, cluster, workload).report());
+        Ranking { candidates, unschedulable }
+    }
+
+    /// Why `replica` runs where it does: its node's score and factors as if the replica were
+    /// not there yet. `None` when the replica is not placed.
+    pub fn explain_replica(
+        &self,
+        cluster: &Cluster,
+        workload: &Workload,
+        replica: &ReplicaId,
+    ) -> Option<Result<Explanation, Reason>> {
+        let node = cluster.placement(replica)?.node.clone();
+        let mut without = cluster.clone();
+        without.unassign(replica);
+        self.explain(&without, workload, &node)
+    }
+
+    /// Whether `node` could take one more replica of `workload` and how it scores, or the
+    /// first filter it fails; `None` when the view has no such node.
+    pub fn explain(
+        &self,
+        cluster: &Cluster,
+        workload: &Workload,
+        node: &str,
+    ) -> Option<Result<Explanation, Reason>> {
+        let i = cluster.index_of(node)?;
+        let b = Batch::new(self, cluster, workload);
+        if let Some(r) = &b.verdicts[i] {
+            return Some(Err(r.clone()));
+        }
+        Some(b.dynamic_verdict(i, true).map(|()| b.explain(i)))
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    score: f64,
+    tie: u64,
+    i: usize,
+    version: u32,
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Entry {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.score
+            .total_cmp(&o.score)
+            .then(self.tie.cmp(&o.tie))
+            .then(o.i.cmp(&self.i))
+            .then(self.version.cmp(&o.version))
+    }
+}
+
+/// Static score parts of a candidate node.
+#[derive(Clone, Copy, Debug, Default)]
+struct Static {
+    /// Weighted reliability + cost + network.
+    weighted: f64,
+    reliability: f64,
+    cost: f64,
+    network: f64,
+    /// Satisfied weight of preferred terms about other workloads and node labels.
+    satisfied: f64,
+    /// Soft-taint penalty.
+    penalty: f64,
+    tie: u64,
+}
+
+/// The working state of one decision.
+struct Batch<'a> {
+    c: &'a Cluster,
+    w: &'a Workload,
+    weights: Weights,
+    wsum: f64,
+    verdicts: Vec<Option<Reason>>,
+    statics: Vec<Static>,
+    pref_weight: f64,
+    own_anti: Vec<Topology>,
+    own_aff: Vec<Topology>,
+    own_pref_aff: Vec<(f64, Topology)>,
+    own_pref_anti: Vec<(f64, Topology)>,
+    spread: Option<Spread>,
+    extra: HashMap<usize, Resources>,
+    freed: HashMap<usize, Resources>,
+    own_node: HashMap<usize, u32>,
+    own_zone: HashMap<u32, u32>,
+    own_region: HashMap<u32, u32>,
+    own_new: u32,
+    evicted: HashSet<ReplicaId>,
+    heap: BinaryHeap<Entry>,
+    version: Vec<u32>,
+    dead: Vec<bool>,
+    /// Spread only: candidate nodes parked because their domain was over the skew.
+    blocked: HashMap<u32, Vec<usize>>,
+    /// Spread only: per domain, candidate nodes that could take one more replica.
+    room: HashMap<u32, u32>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(s: &Scheduler, c: &'a Cluster, w: &'a Workload) -> Self {
+        let n = c.nodes.len();
+        let weights = s.config.weights;
+        let p = &w.placement;
+        let own_pref = |terms: &[(u32, cloudless_types::WorkloadTerm)]| -> Vec<(f64, Topology)> {
+            terms
+                .iter()
+                .filter(|(_, t)| *t.workload == *w.id)
+                .map(|(wt, t)| (f64::from(*wt), t.topology))
+                .collect()
+        };
+        let mut b = Batch {
+            c,
+            w,
+            weights,
+            wsum: weights.sum(),
+            verdicts: Vec::with_capacity(n),
+            statics: vec![Static::default(); n],
+            pref_weight: score::preference_weight(w),
+            own_anti: own_terms(w, &p.anti_affinity),
+            own_aff: own_terms(w, &p.affinity),
+            own_pref_aff: own_pref(&p.preferred_affinity),
+            own_pref_anti: own_pref(&p.preferred_anti_affinity),
+            spread: p.spread,
+            extra: HashMap::new(),
+            freed: HashMap::new(),
+            own_node: HashMap::new(),
+            own_zone: HashMap::new(),
+            own_region: HashMap::new(),
+            own_new: 0,
+            evicted: HashSet::new(),
+            heap: BinaryHeap::new(),
+            version: vec![0; n],
+            dead: vec![false; n],
+            blocked: HashMap::new(),
+            room: HashMap::new(),
+        };
+        let admission = s.admission.as_ref();
+        let mut max_cost = 0.0f64;
+        for i in 0..n {
+            let mut v = static_verdict(c, i, w, admission).err();
+            if v.is_none()
+                && let Some(sp) = b.spread
+                && c.domain_of(i, sp.topology).is_none()
+            {
+                v = Some(if sp.topology == Topology::Region {
+                    Reason::Region
+                } else {
+                    Reason::Zone
+                });
+            }
+            if v.is_none() {
+                max_cost = max_cost.max(f64::from(c.nodes[i].cost));
+            }
+            b.verdicts.push(v);
+        }
+        let mut entries = Vec::new();
+        for i in 0..n {
+            if b.verdicts[i].is_some() {
+                b.dead[i] = true;
+                continue;
+            }
+            let node = &c.nodes[i];
+            let (satisfied, penalty) = score::locality_static(c, i, w);
+            let (rel, cost, net) =
+                (score::reliability(node), score::cost(node, max_cost), score::network(node));
+            b.statics[i] = Static {
+                weighted: weights.reliability * rel + weights.cost * cost + weights.network * net,
+                reliability: rel,
+                cost,
+                network: net,
+                satisfied,
+                penalty,
+                tie: tie_break(s.config.seed, &node.id),
+            };
+            if b.dynamic_verdict(i, false).is_err() {
+                b.dead[i] = true;
+                continue;
+            }
+            if let Some(sp) = b.spread
+                && let Some(d) = c.domain_of(i, sp.topology)
+            {
+                *b.room.entry(d).or_default() += 1;
+            }
+            entries.push(Entry { score: b.score(i), tie: b.statics[i].tie, i, version: 0 });
+        }
+        b.heap = BinaryHeap::from(entries);
+        b
+    }
+
+    fn used(&self, i: usize) -> Resources {
+        let mut u = self.c.nodes[i].used;
+        if let Some(e) = self.extra.get(&i) {
+            u = u.saturating_add(e);
+        }
+        if let Some(f) = self.freed.get(&i) {
+            u = u.saturating_sub(f);
+        }
+        u
+    }
+
+    fn free(&self, i: usize) -> Resources {
+        self.c.nodes[i].allocatable.saturating_sub(&self.used(i))
+    }
+
+    /// Replicas of this workload within node `i`'s extent `t`, this batch included.
+    fn own_count(&self, i: usize, t: Topology) -> u32 {
+        let base = self.c.count_in(&self.w.id, i, t);
+        let delta = match t {
+            Topology::Node => self.own_node.get(&i).copied().unwrap_or(0),
+            Topology::Zone => {
+                self.c.domain_of(i, t).and_then(|d| self.own_zone.get(&d).copied()).unwrap_or(0)
+            }
+            Topology::Region => {
+                self.c.domain_of(i, t).and_then(|d| self.own_region.get(&d).copied()).unwrap_or(0)
+            }
+        };
+        base + delta
+    }
+
+    fn own_domain_count(&self, t: Topology, d: u32) -> u32 {
+        let base = self
+            .c
+            .counts
+            .get(&self.w.id)
+            .map_or(0, |c| crate::model::domain_map(c, t).get(&d).copied().unwrap_or(0));
+        let delta = if t == Topology::Region { &self.own_region } else { &self.own_zone };
+        base + delta.get(&d).copied().unwrap_or(0)
+    }
+
+    /// Lowest replica count among spread domains that can still take a replica.
+    fn min_room(&self, t: Topology) -> Option<u32> {
+        self.room.iter().filter(|(_, r)| **r > 0).map(|(d, _)| self.own_domain_count(t, *d)).min()
+    }
+
+    /// The filters that change while replicas are placed. `with_skew: false` leaves the spread
+    /// out (used to decide whether a node could take a replica at all).
+    fn dynamic_verdict(&self, i: usize, with_skew: bool) -> Result<(), Reason> {
+        resource_verdict(&self.free(i), &self.w.resources)?;
+        self.dynamic_rules(i, with_skew)
+    }
+
+    /// The dynamic filters other than resources: the workload's own affinity, anti-affinity
+    /// and spread.
+    fn dynamic_rules(&self, i: usize, with_skew: bool) -> Result<(), Reason> {
+        for t in &self.own_anti {
+            if self.own_count(i, *t) > 0 {
+                return Err(Reason::AntiAffinity);
+            }
+        }
+        let total = self.c.total_of(&self.w.id) + self.own_new;
+        for t in &self.own_aff {
+            if total > 0 && self.own_count(i, *t) == 0 {
+                return Err(Reason::Affinity);
+            }
+        }
+        if with_skew && let Some(sp) = self.spread {
+            let Some(d) = self.c.domain_of(i, sp.topology) else { return Err(Reason::Zone) };
+            let min = self.min_room(sp.topology).unwrap_or(0);
+            if self.own_domain_count(sp.topology, d) + 1 > min + sp.max_skew {
+                return Err(Reason::Skew);
+            }
+        }
+        Ok(())
+    }
+
+    fn locality(&self, i: usize) -> f64 {
+        let st = &self.statics[i];
+        let mut satisfied = st.satisfied;
+        for (wt, t) in &self.own_pref_aff {
+            if self.own_count(i, *t) > 0 {
+                satisfied += wt;
+            }
+        }
+        for (wt, t) in &self.own_pref_anti {
+            if self.own_count(i, *t) == 0 {
+                satisfied += wt;
+            }
+        }
+        score::locality(satisfied, self.pref_weight, st.penalty)
+    }
+
+    fn utilization(&self, i: usize) -> f64 {
+        let n = &self.c.nodes[i];
+        score::utilization(
+            &n.allocatable,
+            &self.used(i),
+            &self.w.resources,
+            self.w.placement.strategy,
+        )
+    }
+
+    fn score(&self, i: usize) -> f64 {
+        let wt = &self.weights;
+        (self.statics[i].weighted
+            + wt.locality * self.locality(i)
+            + wt.utilization * self.utilization(i))
+            / self.wsum
+    }
+
+    fn explain(&self, i: usize) -> Explanation {
+        let st = &self.statics[i];
+        let factors = Factor::ALL
+            .iter()
+            .map(|&f| {
+                let score = match f {
+                    Factor::Locality => self.locality(i),
+                    Factor::Reliability => st.reliability,
+                    Factor::Cost => st.cost,
+                    Factor::Utilization => self.utilization(i),
+                    Factor::Network => st.network,
+                };
+                let weight = self.weights.get(f);
+                FactorScore { factor: f, score, weight, contribution: score * weight / self.wsum }
+            })
+            .collect();
+        Explanation { node: self.c.nodes[i].id.clone(), total: self.score(i), factors }
+    }
+
+    fn push(&mut self, i: usize) {
+        self.version[i] += 1;
+        let e =
+            Entry { score: self.score(i), tie: self.statics[i].tie, i, version: self.version[i] };
+        self.heap.push(e);
+    }
+
+    /// The best node that can take one more replica now.
+    fn next_node(&mut self) -> Option<usize> {
+        let mut rescanned = false;
+        loop {
+            let Some(e) = self.heap.pop() else {
+                // Parked nodes may have become allowed in ways the incremental bookkeeping
+                // did not see (a zone that filled up): recount once, then give up.
+                if rescanned || self.blocked.is_empty() {
+                    return None;
+                }
+                rescanned = true;
+                self.recount_room();
+                let parked: Vec<usize> = self.blocked.drain().flat_map(|(_, v)| v).collect();
+                for i in parked {
+                    if !self.dead[i] {
+                        self.push(i);
+                    }
+                }
+                continue;
+            };
+            if self.dead[e.i] || e.version != self.version[e.i] {
+                continue;
+            }
+            match self.dynamic_verdict(e.i, true) {
+                Ok(()) => {}
+                Err(Reason::Skew) => {
+                    if let Some(d) = self.spread.and_then(|sp| self.c.domain_of(e.i, sp.topology)) {
+                        self.blocked.entry(d).or_default().push(e.i);
+                    }
+                    continue;
+                }
+                Err(_) => {
+                    self.mark_dead(e.i);
+                    continue;
+                }
+            }
+            let s = self.score(e.i);
+            if s + 1e-9 < e.score {
+                // Its score fell since it was pushed (soft anti-affinity to itself): retry.
+                self.push(e.i);
+                continue;
+            }
+            return Some(e.i);
+        }
+    }
+
+    fn mark_dead(&mut self, i: usize) {
+        if self.dead[i] {
+            return;
+        }
+        self.dead[i] = true;
+        if let Some(sp) = self.spread
+            && let Some(d) = self.c.domain_of(i, sp.topology)
+            && let Some(r) = self.room.get_mut(&d)
+        {
+            *r = r.saturating_sub(1);
+        }
+    }
+
+    fn recount_room(&mut self) {
+        let Some(sp) = self.spread else { return };
+        self.room.clear();
+        for i in 0..self.c.nodes.len() {
+            if self.verdicts[i].is_none()
+                && self.dynamic_verdict(i, false).is_ok()
+                && let Some(d) = self.c.domain_of(i, sp.topology)
+            {
+                *self.room.entry(d).or_default() += 1;
+            }
+        }
+    }
+
+    /// Accounts one replica on node `i`.
+    fn commit(&mut self, i: usize) {
+        let before = self.spread.and_then(|sp| self.min_room(sp.topology));
+        let need = self.w.resources;
+        let e = self.extra.entry(i).or_insert(Resources::ZERO);
+        *e = e.saturating_add(&need);
+        *self.own_node.entry(i).or_default() += 1;
+        if let Some(z) = self.c.domain_of(i, Topology::Zone) {
+            *self.own_zone.entry(z).or_default() += 1;
+        }
+        if let Some(r) = self.c.domain_of(i, Topology::Region) {
+            *self.own_region.entry(r).or_default() += 1;
+        }
+        self.own_new += 1;
+        self.dead[i] = false;
+        if self.dynamic_verdict(i, false).is_ok() {
+            self.push(i);
+        } else {
+            self.mark_dead(i);
+        }
+        if let Some(sp) = self.spread {
+            let after = self.min_room(sp.topology);
+            if after != before {
+                self.unblock(sp);
+            }
+        }
+    }
+
+    /// Puts parked nodes back whose domain is within the skew again.
+    fn unblock(&mut self, sp: Spread) {
+        let min = self.min_room(sp.topology).unwrap_or(0);
+        let ready: Vec<u32> = self
+            .blocked
+            .keys()
+            .copied()
+            .filter(|d| self.own_domain_count(sp.topology, *d) < min + sp.max_skew)
+            .collect();
+        for d in ready {
+            for i in self.blocked.remove(&d).unwrap_or_default() {
+                if !self.dead[i] {
+                    self.push(i);
+                }
+            }
+        }
+    }
+
+    /// Finds the node where evicting lower-priority replicas makes room at the least cost, and
+    /// accounts the eviction.
+    fn preempt(&mut self) -> Option<(usize, Vec<ReplicaId>)> {
+        let need = self.w.resources;
+        let mut best: Option<(PreemptionCost, usize, Vec<ReplicaId>)> = None;
+        for i in 0..self.c.nodes.len() {
+            if self.verdicts[i].is_some() {
+                continue;
+            }
+            // Everything but resources must already hold.
+            if self.dynamic_rules(i, true).is_err() {
+                continue;
+            }
+            let mut victims: Vec<(&ReplicaId, i32, Resources)> = self
+                .c
+                .replicas_on(&self.c.nodes[i].id)
+                .iter()
+                .filter(|r| !self.evicted.contains(*r))
+                .filter_map(|r| self.c.placement(r).map(|a| (r, a.priority, a.resources)))
+                .filter(|(_, p, _)| *p < self.w.priority)
+                .collect();
+            victims.sort_by(|a, b| {
+                a.1.cmp(&b.1)
+                    .then((b.2.cpu_millis, b.2.memory_mib).cmp(&(a.2.cpu_millis, a.2.memory_mib)))
+                    .then(a.0.cmp(b.0))
+            });
+            let mut free = self.free(i);
+            let mut chosen = Vec::new();
+            for (r, p, res) in victims {
+                if need.fits_in(&free) {
+                    break;
+                }
+                free = free.saturating_add(&res);
+                chosen.push((r.clone(), p, res));
+            }
+            if !need.fits_in(&free) || chosen.is_empty() {
+                continue;
+            }
+            let max_p = chosen.iter().map(|(_, p, _)| i64::from(*p)).max().unwrap_or(i64::MIN);
+            let sum_p: i64 = chosen.iter().map(|(_, p, _)| i64::from(*p)).sum();
+            let key = (
+                max_p,
+                chosen.len(),
+                sum_p,
+                u64::MAX - (self.score(i) * 1e6) as u64,
+                self.statics[i].tie,
+            );
+            if best.as_ref().is_none_or(|(k, _, _)| key < *k) {
+                best = Some((key, i, chosen.into_iter().map(|(r, _, _)| r).collect()));
+            }
+        }
+        let (_, i, victims) = best?;
+        let mut freed = Resources::ZERO;
+        for v in &victims {
+            if let Some(a) = self.c.placement(v) {
+                freed = freed.saturating_add(&a.resources);
+            }
+            self.evicted.insert(v.clone());
+        }
+        let f = self.freed.entry(i).or_insert(Resources::ZERO);
+        *f = f.saturating_add(&freed);
+        Some((i, victims))
+    }
+
+    /// Every node, counted by the first filter it fails now.
+    fn report(&self) -> Unschedulable {
+        let mut counts: HashMap<Reason, usize> = HashMap::new();
+        for i in 0..self.c.nodes.len() {
+            let reason = match &self.verdicts[i] {
+                Some(r) => r.clone(),
+                None => match self.dynamic_verdict(i, true) {
+                    Err(r) => r,
+                    // Could take one only by breaking a rule checked elsewhere: say skew.
+                    Ok(()) => Reason::Skew,
+                },
+            };
+            *counts.entry(reason).or_default() += 1;
+        }
+        let mut reasons: Vec<(Reason, usize)> = counts.into_iter().collect();
+        reasons.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        Unschedulable { nodes: self.c.nodes.len(), reasons }
+    }
+}
+
+/// How bad an eviction is, compared lexicographically: the highest victim priority, the
+/// number of victims, the sum of their priorities, then the node's score (inverted) and tie.
+type PreemptionCost = (i64, usize, i64, u64, u64);
+
+/// FNV-1a of the seed and the node name: stable across runs, platforms and Rust releases.
+fn tie_break(seed: u64, id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in seed.to_le_bytes().iter().chain(id.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests;
