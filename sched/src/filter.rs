@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use cloudless_types::{Power, Runtime, TaintEffect, Topology};
+use cloudless_types::{LabelOp, LabelRule, Power, Runtime, TaintEffect, Topology};
 
 use crate::model::{Cluster, Liveness, Node, Workload};
 
@@ -160,6 +160,87 @@ impl Admission for AllowAll {
     }
 }
 
+/// A label rule compiled against a cluster's interned strings.
+#[derive(Clone, Debug)]
+pub(crate) enum Rule {
+    /// The key is present with one of these values.
+    In(u32, Vec<u32>),
+    /// The key is absent or has none of these values.
+    NotIn(u32, Vec<u32>),
+    /// The key is present.
+    Exists(u32),
+    /// The key is absent.
+    Absent(u32),
+    /// Holds on every node (NotIn or DoesNotExist on a key no node has).
+    Always,
+    /// Holds on no node (In or Exists on a key no node has).
+    Never,
+}
+
+impl Rule {
+    fn compile(c: &Cluster, r: &LabelRule) -> Rule {
+        let Some(key) = c.string_id(&r.key) else {
+            return match r.op {
+                LabelOp::In(_) | LabelOp::Exists => Rule::Never,
+                LabelOp::NotIn(_) | LabelOp::DoesNotExist => Rule::Always,
+            };
+        };
+        let ids =
+            |values: &[String]| values.iter().filter_map(|v| c.string_id(v)).collect::<Vec<u32>>();
+        match &r.op {
+            LabelOp::In(v) => Rule::In(key, ids(v)),
+            LabelOp::NotIn(v) => Rule::NotIn(key, ids(v)),
+            LabelOp::Exists => Rule::Exists(key),
+            LabelOp::DoesNotExist => Rule::Absent(key),
+        }
+    }
+
+    pub(crate) fn matches(&self, labels: &[(u32, u32)]) -> bool {
+        let get =
+            |key: u32| labels.binary_search_by_key(&key, |(k, _)| *k).ok().map(|i| labels[i].1);
+        match self {
+            Rule::In(k, vs) => get(*k).is_some_and(|v| vs.contains(&v)),
+            Rule::NotIn(k, vs) => get(*k).is_none_or(|v| !vs.contains(&v)),
+            Rule::Exists(k) => get(*k).is_some(),
+            Rule::Absent(k) => get(*k).is_none(),
+            Rule::Always => true,
+            Rule::Never => false,
+        }
+    }
+}
+
+/// A workload's label conditions compiled against the cluster's interned strings, once per
+/// decision: label checks then compare integers.
+#[derive(Clone, Debug)]
+pub(crate) struct Labels {
+    /// The node selector, one `In` rule per pair.
+    selector: Vec<Rule>,
+    /// The required node rules.
+    required: Vec<Rule>,
+    /// The preferred node rules with their weights.
+    pub(crate) preferred: Vec<(f64, Rule)>,
+}
+
+impl Labels {
+    pub(crate) fn compile(c: &Cluster, w: &Workload) -> Labels {
+        let p = &w.placement;
+        let selector = p
+            .node_selector
+            .iter()
+            .map(|(k, v)| {
+                Rule::compile(c, &LabelRule { key: k.clone(), op: LabelOp::In(vec![v.clone()]) })
+            })
+            .collect();
+        let required = p.required_node_rules.iter().map(|r| Rule::compile(c, r)).collect();
+        let preferred = p
+            .preferred_node_rules
+            .iter()
+            .map(|(wt, r)| (f64::from(*wt), Rule::compile(c, r)))
+            .collect();
+        Labels { selector, required, preferred }
+    }
+}
+
 /// Checks the filters that do not change while a workload's replicas are placed. Terms about
 /// the workload itself (its own affinity, anti-affinity, spread) are left to the dynamic
 /// check.
@@ -167,6 +248,7 @@ pub(crate) fn static_verdict(
     c: &Cluster,
     i: usize,
     w: &Workload,
+    labels: &Labels,
     admission: &dyn Admission,
 ) -> Result<(), Reason> {
     let n = &c.nodes[i];
@@ -198,10 +280,11 @@ pub(crate) fn static_verdict(
     if !p.regions.is_empty() && !n.region.as_ref().is_some_and(|r| p.regions.contains(r)) {
         return Err(Reason::Region);
     }
-    if !p.node_selector.iter().all(|(k, v)| n.labels.get(k) == Some(v)) {
+    let node_labels = c.labels_of(i);
+    if !labels.selector.iter().all(|r| r.matches(node_labels)) {
         return Err(Reason::NodeSelector);
     }
-    if !p.required_node_rules.iter().all(|r| r.matches(&n.labels)) {
+    if !labels.required.iter().all(|r| r.matches(node_labels)) {
         return Err(Reason::NodeRules);
     }
     let untolerated = n.taints.iter().any(|t| {
@@ -285,7 +368,8 @@ mod tests {
     }
 
     fn verdict(n: Node, w: &Workload) -> Result<(), Reason> {
-        static_verdict(&cluster(n), 0, w, &AllowAll)
+        let c = cluster(n);
+        static_verdict(&c, 0, w, &Labels::compile(&c, w), &AllowAll)
     }
 
     #[test]
@@ -360,14 +444,20 @@ mod tests {
         let db: Arc<str> = Arc::from("db");
         let mut w = wl();
         w.placement.affinity.push(WorkloadTerm { workload: "db".into(), topology: Topology::Zone });
-        assert_eq!(static_verdict(&c, 0, &w, &AllowAll), Err(Reason::Affinity));
+        assert_eq!(
+            static_verdict(&c, 0, &w, &Labels::compile(&c, &w), &AllowAll),
+            Err(Reason::Affinity)
+        );
         c.assign(ReplicaId::new(&db, 0), "n", Resources::ZERO, 0).unwrap();
-        assert_eq!(static_verdict(&c, 0, &w, &AllowAll), Ok(()));
+        assert_eq!(static_verdict(&c, 0, &w, &Labels::compile(&c, &w), &AllowAll), Ok(()));
         let mut away = wl();
         away.placement
             .anti_affinity
             .push(WorkloadTerm { workload: "db".into(), topology: Topology::Node });
-        assert_eq!(static_verdict(&c, 0, &away, &AllowAll), Err(Reason::AntiAffinity));
+        assert_eq!(
+            static_verdict(&c, 0, &away, &Labels::compile(&c, &away), &AllowAll),
+            Err(Reason::AntiAffinity)
+        );
     }
 
     #[test]
@@ -386,7 +476,7 @@ mod tests {
         w.placement.device.allow_battery = true;
         let c = cluster(Node { device_class: DeviceClass::Phone, ..node() });
         assert_eq!(
-            static_verdict(&c, 0, &w, &NoPhones),
+            static_verdict(&c, 0, &w, &Labels::compile(&c, &w), &NoPhones),
             Err(Reason::Policy("no phones here".into()))
         );
     }

@@ -189,6 +189,12 @@ pub enum ClusterError {
 pub(crate) struct Slot {
     pub(crate) zone: Option<u32>,
     pub(crate) region: Option<u32>,
+    /// Where the node's labels are in the cluster's label arena: interned `(key, value)`
+    /// pairs sorted by key, so label rules compare integers in memory that a pass over the
+    /// nodes reads front to back.
+    pub(crate) labels: (u32, u32),
+    /// FNV-1a of the node's name, for seeded tie-breaks.
+    pub(crate) id_hash: u64,
     pub(crate) replicas: Vec<ReplicaId>,
     /// Replicas per workload on this node; short, so a vector.
     pub(crate) by_workload: Vec<(WorkloadId, u32)>,
@@ -218,6 +224,15 @@ pub struct Cluster {
     zone_index: HashMap<String, u32>,
     regions: Vec<String>,
     region_index: HashMap<String, u32>,
+    /// Interned label keys and values.
+    strings: Vec<String>,
+    /// Highest `cost` of any node.
+    max_cost: f32,
+    /// Every node's interned labels, back to back.
+    label_arena: Vec<(u32, u32)>,
+    /// Arena entries no node points to any more.
+    label_garbage: usize,
+    string_index: HashMap<String, u32>,
     replicas: BTreeMap<ReplicaId, Assigned>,
     pub(crate) counts: HashMap<WorkloadId, DomainCounts>,
 }
@@ -236,9 +251,12 @@ impl Cluster {
         let zone = node.zone.as_deref().map(|z| intern(&mut self.zones, &mut self.zone_index, z));
         let region =
             node.region.as_deref().map(|r| intern(&mut self.regions, &mut self.region_index, r));
+        let labels = self.store_labels(&node.labels);
+        let id_hash = fnv1a(node.id.as_bytes());
+        self.max_cost = self.max_cost.max(node.cost);
         self.index.insert(node.id.clone(), self.nodes.len());
         self.nodes.push(node);
-        self.slots.push(Slot { zone, region, ..Slot::default() });
+        self.slots.push(Slot { zone, region, labels, id_hash, ..Slot::default() });
         Ok(())
     }
 
@@ -247,14 +265,24 @@ impl Cluster {
     pub fn update_node(&mut self, id: &str, f: impl FnOnce(&mut Node)) -> Result<(), ClusterError> {
         let i = *self.index.get(id).ok_or_else(|| ClusterError::UnknownNode(Arc::from(id)))?;
         let old_id = self.nodes[i].id.clone();
+        let old_cost = self.nodes[i].cost;
         f(&mut self.nodes[i]);
         self.nodes[i].id = old_id;
+        if self.nodes[i].cost != old_cost {
+            self.refresh_max_cost();
+        }
         let zone = self.nodes[i].zone.clone();
         let region = self.nodes[i].region.clone();
         self.slots[i].zone =
             zone.as_deref().map(|z| intern(&mut self.zones, &mut self.zone_index, z));
         self.slots[i].region =
             region.as_deref().map(|r| intern(&mut self.regions, &mut self.region_index, r));
+        let labels = self.nodes[i].labels.clone();
+        self.label_garbage += self.slots[i].labels.1 as usize;
+        self.slots[i].labels = self.store_labels(&labels);
+        if self.label_garbage > self.label_arena.len() / 2 {
+            self.compact_labels();
+        }
         Ok(())
     }
 
@@ -270,8 +298,12 @@ impl Cluster {
             }
         }
         self.index.remove(id);
-        self.nodes.swap_remove(i);
+        self.label_garbage += self.slots[i].labels.1 as usize;
+        let cost = self.nodes.swap_remove(i).cost;
         self.slots.swap_remove(i);
+        if cost >= self.max_cost {
+            self.refresh_max_cost();
+        }
         if let Some(moved) = self.nodes.get(i) {
             self.index.insert(moved.id.clone(), i);
         }
@@ -386,6 +418,61 @@ impl Cluster {
         self.replicas.iter().filter(move |(r, _)| &*r.workload == workload)
     }
 
+    /// The highest cost of any node: the cost factor is relative to it.
+    pub fn max_cost(&self) -> f32 {
+        self.max_cost
+    }
+
+    fn refresh_max_cost(&mut self) {
+        self.max_cost = self.nodes.iter().map(|n| n.cost).fold(0.0, f32::max);
+    }
+
+    /// Appends a node's interned labels to the arena and returns their range.
+    fn store_labels(&mut self, labels: &BTreeMap<String, String>) -> (u32, u32) {
+        let v = self.intern_labels(labels);
+        let start = u32::try_from(self.label_arena.len()).unwrap_or(u32::MAX);
+        let len = u32::try_from(v.len()).unwrap_or(u32::MAX);
+        self.label_arena.extend(v);
+        (start, len)
+    }
+
+    /// Rewrites the arena in node order, dropping ranges of replaced labels.
+    fn compact_labels(&mut self) {
+        let mut arena = Vec::with_capacity(self.label_arena.len() - self.label_garbage);
+        for slot in &mut self.slots {
+            let (start, len) = slot.labels;
+            let new_start = u32::try_from(arena.len()).unwrap_or(u32::MAX);
+            arena.extend_from_slice(&self.label_arena[start as usize..(start + len) as usize]);
+            slot.labels = (new_start, len);
+        }
+        self.label_arena = arena;
+        self.label_garbage = 0;
+    }
+
+    /// Node `i`'s interned labels.
+    pub(crate) fn labels_of(&self, i: usize) -> &[(u32, u32)] {
+        let (start, len) = self.slots[i].labels;
+        &self.label_arena[start as usize..(start + len) as usize]
+    }
+
+    fn intern_labels(&mut self, labels: &BTreeMap<String, String>) -> Vec<(u32, u32)> {
+        let mut v: Vec<(u32, u32)> = labels
+            .iter()
+            .map(|(k, val)| {
+                let k = intern(&mut self.strings, &mut self.string_index, k);
+                (k, intern(&mut self.strings, &mut self.string_index, val))
+            })
+            .collect();
+        // Interned ids are not ordered like the strings: sort for binary search.
+        v.sort_unstable();
+        v
+    }
+
+    /// The interned id of a label key or value, if any node uses it.
+    pub(crate) fn string_id(&self, s: &str) -> Option<u32> {
+        self.string_index.get(s).copied()
+    }
+
     pub(crate) fn index_of(&self, id: &str) -> Option<usize> {
         self.index.get(id).copied()
     }
@@ -409,6 +496,14 @@ impl Cluster {
                     .map_or(0, |c| domain_map(c, t).get(&d).copied().unwrap_or(0))
             }
         }
+    }
+
+    pub(crate) fn zone_count(&self) -> usize {
+        self.zones.len()
+    }
+
+    pub(crate) fn region_count(&self) -> usize {
+        self.regions.len()
     }
 
     pub(crate) fn total_of(&self, workload: &str) -> u32 {
@@ -437,6 +532,16 @@ fn decrement(map: &mut HashMap<u32, u32>, k: u32) {
             map.remove(&k);
         }
     }
+}
+
+/// FNV-1a: a small, stable hash (the same on every platform and Rust release).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use cloudless_types::{Resources, Spread, Topology};
 
 use crate::filter::{
-    Admission, AllowAll, Reason, Unschedulable, own_terms, resource_verdict, static_verdict,
+    Admission, AllowAll, Labels, Reason, Unschedulable, own_terms, resource_verdict, static_verdict,
 };
 use crate::model::{Cluster, ClusterError, NodeId, ReplicaId, Workload};
 use crate::score::{self, Explanation, Factor, FactorScore, Weights, WeightsError};
@@ -35,7 +35,6 @@ pub struct Config {
     /// Seed for tie-breaks: the same seed and input give the same decision.
     pub seed: u64,
 }
-
 
 /// Places replicas. Cheap to clone; holds no cluster state.
 #[derive(Clone)]
@@ -249,14 +248,11 @@ impl Ord for Entry {
     }
 }
 
-/// Static score parts of a candidate node.
+/// Static score parts of a candidate node (small: one per node per decision).
 #[derive(Clone, Copy, Debug, Default)]
 struct Static {
     /// Weighted reliability + cost + network.
     weighted: f64,
-    reliability: f64,
-    cost: f64,
-    network: f64,
     /// Satisfied weight of preferred terms about other workloads and node labels.
     satisfied: f64,
     /// Soft-taint penalty.
@@ -278,11 +274,17 @@ struct Batch<'a> {
     own_pref_aff: Vec<(f64, Topology)>,
     own_pref_anti: Vec<(f64, Topology)>,
     spread: Option<Spread>,
-    extra: HashMap<usize, Resources>,
-    freed: HashMap<usize, Resources>,
-    own_node: HashMap<usize, u32>,
-    own_zone: HashMap<u32, u32>,
-    own_region: HashMap<u32, u32>,
+    /// Per node: resources added by this decision (dense: a pass reads every node).
+    extra: Vec<Resources>,
+    /// Per node: resources freed by this decision's evictions.
+    freed: Vec<Resources>,
+    /// Per node: replicas of this workload added by this decision.
+    own_node: Vec<u32>,
+    /// Replicas of this workload per zone and per region, existing and added (dense).
+    zone_count: Vec<u32>,
+    region_count: Vec<u32>,
+    /// Replicas of this workload before this decision.
+    base_total: u32,
     own_new: u32,
     evicted: HashSet<ReplicaId>,
     heap: BinaryHeap<Entry>,
@@ -291,7 +293,7 @@ struct Batch<'a> {
     /// Spread only: candidate nodes parked because their domain was over the skew.
     blocked: HashMap<u32, Vec<usize>>,
     /// Spread only: per domain, candidate nodes that could take one more replica.
-    room: HashMap<u32, u32>,
+    room: Vec<u32>,
 }
 
 impl<'a> Batch<'a> {
@@ -319,23 +321,42 @@ impl<'a> Batch<'a> {
             own_pref_aff: own_pref(&p.preferred_affinity),
             own_pref_anti: own_pref(&p.preferred_anti_affinity),
             spread: p.spread,
-            extra: HashMap::new(),
-            freed: HashMap::new(),
-            own_node: HashMap::new(),
-            own_zone: HashMap::new(),
-            own_region: HashMap::new(),
+            extra: vec![Resources::ZERO; n],
+            freed: vec![Resources::ZERO; n],
+            own_node: vec![0; n],
+            zone_count: vec![0; c.zone_count()],
+            region_count: vec![0; c.region_count()],
+            base_total: c.total_of(&w.id),
             own_new: 0,
             evicted: HashSet::new(),
             heap: BinaryHeap::new(),
             version: vec![0; n],
             dead: vec![false; n],
             blocked: HashMap::new(),
-            room: HashMap::new(),
+            room: vec![
+                0;
+                p.spread.map_or(0, |sp| if sp.topology == Topology::Region {
+                    c.region_count()
+                } else {
+                    c.zone_count()
+                })
+            ],
         };
+        if let Some(counts) = c.counts.get(&w.id) {
+            for (d, n) in &counts.zone {
+                b.zone_count[*d as usize] = *n;
+            }
+            for (d, n) in &counts.region {
+                b.region_count[*d as usize] = *n;
+            }
+        }
         let admission = s.admission.as_ref();
-        let mut max_cost = 0.0f64;
+        let labels = Labels::compile(c, w);
+        // Costs are relative to the dearest node of the whole pool, so one pass suffices.
+        let max_cost = f64::from(c.max_cost());
+        let mut entries = Vec::new();
         for i in 0..n {
-            let mut v = static_verdict(c, i, w, admission).err();
+            let mut v = static_verdict(c, i, w, &labels, admission).err();
             if v.is_none()
                 && let Some(sp) = b.spread
                 && c.domain_of(i, sp.topology).is_none()
@@ -346,29 +367,22 @@ impl<'a> Batch<'a> {
                     Reason::Zone
                 });
             }
-            if v.is_none() {
-                max_cost = max_cost.max(f64::from(c.nodes[i].cost));
-            }
-            b.verdicts.push(v);
-        }
-        let mut entries = Vec::new();
-        for i in 0..n {
-            if b.verdicts[i].is_some() {
+            if v.is_some() {
+                b.verdicts.push(v);
                 b.dead[i] = true;
                 continue;
             }
+            b.verdicts.push(None);
             let node = &c.nodes[i];
-            let (satisfied, penalty) = score::locality_static(c, i, w);
-            let (rel, cost, net) =
-                (score::reliability(node), score::cost(node, max_cost), score::network(node));
+            let (satisfied, penalty) = score::locality_static(c, i, w, &labels);
+            let weighted = weights.reliability * score::reliability(node)
+                + weights.cost * score::cost(node, max_cost)
+                + weights.network * score::network(node);
             b.statics[i] = Static {
-                weighted: weights.reliability * rel + weights.cost * cost + weights.network * net,
-                reliability: rel,
-                cost,
-                network: net,
+                weighted,
                 satisfied,
                 penalty,
-                tie: tie_break(s.config.seed, &node.id),
+                tie: mix(s.config.seed, c.slots[i].id_hash),
             };
             if b.dynamic_verdict(i, false).is_err() {
                 b.dead[i] = true;
@@ -377,7 +391,7 @@ impl<'a> Batch<'a> {
             if let Some(sp) = b.spread
                 && let Some(d) = c.domain_of(i, sp.topology)
             {
-                *b.room.entry(d).or_default() += 1;
+                b.room[d as usize] += 1;
             }
             entries.push(Entry { score: b.score(i), tie: b.statics[i].tie, i, version: 0 });
         }
@@ -386,14 +400,7 @@ impl<'a> Batch<'a> {
     }
 
     fn used(&self, i: usize) -> Resources {
-        let mut u = self.c.nodes[i].used;
-        if let Some(e) = self.extra.get(&i) {
-            u = u.saturating_add(e);
-        }
-        if let Some(f) = self.freed.get(&i) {
-            u = u.saturating_sub(f);
-        }
-        u
+        self.c.nodes[i].used.saturating_add(&self.extra[i]).saturating_sub(&self.freed[i])
     }
 
     fn free(&self, i: usize) -> Resources {
@@ -402,32 +409,23 @@ impl<'a> Batch<'a> {
 
     /// Replicas of this workload within node `i`'s extent `t`, this batch included.
     fn own_count(&self, i: usize, t: Topology) -> u32 {
-        let base = self.c.count_in(&self.w.id, i, t);
-        let delta = match t {
-            Topology::Node => self.own_node.get(&i).copied().unwrap_or(0),
-            Topology::Zone => {
-                self.c.domain_of(i, t).and_then(|d| self.own_zone.get(&d).copied()).unwrap_or(0)
+        match t {
+            Topology::Node => self.c.count_in(&self.w.id, i, t) + self.own_node[i],
+            Topology::Zone | Topology::Region => {
+                self.c.domain_of(i, t).map_or(0, |d| self.own_domain_count(t, d))
             }
-            Topology::Region => {
-                self.c.domain_of(i, t).and_then(|d| self.own_region.get(&d).copied()).unwrap_or(0)
-            }
-        };
-        base + delta
+        }
     }
 
     fn own_domain_count(&self, t: Topology, d: u32) -> u32 {
-        let base = self
-            .c
-            .counts
-            .get(&self.w.id)
-            .map_or(0, |c| crate::model::domain_map(c, t).get(&d).copied().unwrap_or(0));
-        let delta = if t == Topology::Region { &self.own_region } else { &self.own_zone };
-        base + delta.get(&d).copied().unwrap_or(0)
+        let counts = if t == Topology::Region { &self.region_count } else { &self.zone_count };
+        counts.get(d as usize).copied().unwrap_or(0)
     }
 
     /// Lowest replica count among spread domains that can still take a replica.
     fn min_room(&self, t: Topology) -> Option<u32> {
-        self.room.iter().filter(|(_, r)| **r > 0).map(|(d, _)| self.own_domain_count(t, *d)).min()
+        let counts = if t == Topology::Region { &self.region_count } else { &self.zone_count };
+        self.room.iter().zip(counts).filter(|(r, _)| **r > 0).map(|(_, c)| *c).min()
     }
 
     /// The filters that change while replicas are placed. `with_skew: false` leaves the spread
@@ -445,7 +443,7 @@ impl<'a> Batch<'a> {
                 return Err(Reason::AntiAffinity);
             }
         }
-        let total = self.c.total_of(&self.w.id) + self.own_new;
+        let total = self.base_total + self.own_new;
         for t in &self.own_aff {
             if total > 0 && self.own_count(i, *t) == 0 {
                 return Err(Reason::Affinity);
@@ -496,16 +494,16 @@ impl<'a> Batch<'a> {
     }
 
     fn explain(&self, i: usize) -> Explanation {
-        let st = &self.statics[i];
+        let node = &self.c.nodes[i];
         let factors = Factor::ALL
             .iter()
             .map(|&f| {
                 let score = match f {
                     Factor::Locality => self.locality(i),
-                    Factor::Reliability => st.reliability,
-                    Factor::Cost => st.cost,
+                    Factor::Reliability => score::reliability(node),
+                    Factor::Cost => score::cost(node, f64::from(self.c.max_cost())),
                     Factor::Utilization => self.utilization(i),
-                    Factor::Network => st.network,
+                    Factor::Network => score::network(node),
                 };
                 let weight = self.weights.get(f);
                 FactorScore { factor: f, score, weight, contribution: score * weight / self.wsum }
@@ -574,7 +572,7 @@ impl<'a> Batch<'a> {
         self.dead[i] = true;
         if let Some(sp) = self.spread
             && let Some(d) = self.c.domain_of(i, sp.topology)
-            && let Some(r) = self.room.get_mut(&d)
+            && let Some(r) = self.room.get_mut(d as usize)
         {
             *r = r.saturating_sub(1);
         }
@@ -582,13 +580,13 @@ impl<'a> Batch<'a> {
 
     fn recount_room(&mut self) {
         let Some(sp) = self.spread else { return };
-        self.room.clear();
+        self.room.iter_mut().for_each(|r| *r = 0);
         for i in 0..self.c.nodes.len() {
             if self.verdicts[i].is_none()
                 && self.dynamic_verdict(i, false).is_ok()
                 && let Some(d) = self.c.domain_of(i, sp.topology)
             {
-                *self.room.entry(d).or_default() += 1;
+                self.room[d as usize] += 1;
             }
         }
     }
@@ -597,14 +595,13 @@ impl<'a> Batch<'a> {
     fn commit(&mut self, i: usize) {
         let before = self.spread.and_then(|sp| self.min_room(sp.topology));
         let need = self.w.resources;
-        let e = self.extra.entry(i).or_insert(Resources::ZERO);
-        *e = e.saturating_add(&need);
-        *self.own_node.entry(i).or_default() += 1;
+        self.extra[i] = self.extra[i].saturating_add(&need);
+        self.own_node[i] += 1;
         if let Some(z) = self.c.domain_of(i, Topology::Zone) {
-            *self.own_zone.entry(z).or_default() += 1;
+            self.zone_count[z as usize] += 1;
         }
         if let Some(r) = self.c.domain_of(i, Topology::Region) {
-            *self.own_region.entry(r).or_default() += 1;
+            self.region_count[r as usize] += 1;
         }
         self.own_new += 1;
         self.dead[i] = false;
@@ -698,8 +695,7 @@ impl<'a> Batch<'a> {
             }
             self.evicted.insert(v.clone());
         }
-        let f = self.freed.entry(i).or_insert(Resources::ZERO);
-        *f = f.saturating_add(&freed);
+        self.freed[i] = self.freed[i].saturating_add(&freed);
         Some((i, victims))
     }
 
@@ -727,14 +723,13 @@ impl<'a> Batch<'a> {
 /// number of victims, the sum of their priorities, then the node's score (inverted) and tie.
 type PreemptionCost = (i64, usize, i64, u64, u64);
 
-/// FNV-1a of the seed and the node name: stable across runs, platforms and Rust releases.
-fn tie_break(seed: u64, id: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in seed.to_le_bytes().iter().chain(id.as_bytes()) {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+/// Mixes the seed into a node's name hash (splitmix64's finalizer): stable across runs,
+/// platforms and Rust releases.
+fn mix(seed: u64, id_hash: u64) -> u64 {
+    let mut z = seed ^ id_hash;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]

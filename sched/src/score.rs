@@ -214,13 +214,18 @@ pub(crate) fn utilization(
 
 /// The static part of locality: preferred node rules and preferred (anti-)affinity to other
 /// workloads, as satisfied weight; the penalty for untolerated soft taints.
-pub(crate) fn locality_static(c: &Cluster, i: usize, w: &Workload) -> (f64, f64) {
+pub(crate) fn locality_static(
+    c: &Cluster,
+    i: usize,
+    w: &Workload,
+    labels: &crate::filter::Labels,
+) -> (f64, f64) {
     let n = &c.nodes[i];
     let p = &w.placement;
     let mut satisfied = 0.0;
-    for (weight, rule) in &p.preferred_node_rules {
-        if rule.matches(&n.labels) {
-            satisfied += f64::from(*weight);
+    for (weight, rule) in &labels.preferred {
+        if rule.matches(c.labels_of(i)) {
+            satisfied += weight;
         }
     }
     for (weight, term) in p.preferred_affinity.iter().filter(|(_, t)| *t.workload != *w.id) {
@@ -334,7 +339,7 @@ mod tests {
         w.placement
             .preferred_node_rules
             .push((70, LabelRule { key: "gpu".into(), op: LabelOp::Exists }));
-        let (sat, pen) = locality_static(&c, 0, &w);
+        let (sat, pen) = locality_static(&c, 0, &w, &crate::filter::Labels::compile(&c, &w));
         assert_eq!(sat, 30.0);
         assert_eq!(pen, SOFT_TAINT_PENALTY);
         assert!((locality(sat, preference_weight(&w), pen) - 0.0).abs() < 1e-9);
