@@ -169,13 +169,7 @@ impl Scheduler {
     ) -> Result<Plan, ClusterError> {
         let mut c = cluster.clone();
         let orphans = c.remove_node(node)?;
-        let mut by_workload: BTreeMap<WorkloadId, Vec<ReplicaId>> = BTreeMap::new();
-        for (r, _) in orphans {
-            by_workload.entry(r.workload.clone()).or_default().push(r);
-        }
-        let mut order: Vec<(&'a Workload, Vec<ReplicaId>)> =
-            by_workload.into_iter().filter_map(|(id, rs)| workload(&id).map(|w| (w, rs))).collect();
-        order.sort_by(|a, b| b.0.priority.cmp(&a.0.priority).then(a.0.id.cmp(&b.0.id)));
+        let order = by_priority(orphans.into_iter().map(|(r, _)| r), workload);
         let mut plan = Plan::default();
         for (w, replicas) in order {
             let d = self.place(&c, w, &replicas);
@@ -200,13 +194,7 @@ impl Scheduler {
             .node(node)
             .map(|n| n.id.clone())
             .ok_or_else(|| ClusterError::UnknownNode(node.into()))?;
-        let mut by_workload: BTreeMap<WorkloadId, Vec<ReplicaId>> = BTreeMap::new();
-        for r in c.replicas_on(node).to_vec() {
-            by_workload.entry(r.workload.clone()).or_default().push(r);
-        }
-        let mut order: Vec<(&'a Workload, Vec<ReplicaId>)> =
-            by_workload.into_iter().filter_map(|(id, rs)| workload(&id).map(|w| (w, rs))).collect();
-        order.sort_by(|a, b| b.0.priority.cmp(&a.0.priority).then(a.0.id.cmp(&b.0.id)));
+        let order = by_priority(c.replicas_on(node).to_vec(), workload);
         let mut plan = Plan::default();
         for (w, replicas) in order {
             // The replicas keep running where they are until their replacement runs, so they
@@ -269,6 +257,22 @@ impl Scheduler {
         }
         plan
     }
+}
+
+/// Replicas grouped by workload, highest priority first (then by name, for determinism);
+/// replicas of unknown workloads are left out.
+fn by_priority<'a>(
+    replicas: impl IntoIterator<Item = ReplicaId>,
+    workload: impl Fn(&str) -> Option<&'a Workload>,
+) -> Vec<(&'a Workload, Vec<ReplicaId>)> {
+    let mut by_workload: BTreeMap<WorkloadId, Vec<ReplicaId>> = BTreeMap::new();
+    for r in replicas {
+        by_workload.entry(r.workload.clone()).or_default().push(r);
+    }
+    let mut order: Vec<(&'a Workload, Vec<ReplicaId>)> =
+        by_workload.into_iter().filter_map(|(id, rs)| workload(&id).map(|w| (w, rs))).collect();
+    order.sort_by(|a, b| b.0.priority.cmp(&a.0.priority).then(a.0.id.cmp(&b.0.id)));
+    order
 }
 
 /// The replica of `w` whose loss hurts least.
