@@ -413,7 +413,9 @@ mod tests {
 }
 
 pub mod placement;
+pub mod spec;
 pub use placement::{
     DeviceRules, LabelOp, LabelRule, Placement, Resources, Spread, Strategy, Taint, TaintEffect,
     Toleration, Topology, WorkloadTerm,
 };
+pub use spec::{Image, Kind, Port, Restart, WorkloadSpec};

@@ -1,0 +1,888 @@
+//! The replicated state machine: a plain struct of ordered maps and a deterministic
+//! [`State::apply`]. No I/O, no clocks (time comes inside each request, chosen by the leader
+//! that proposed it), no randomness: every voter applying the same log reaches the same state.
+//!
+//! ```text
+//!   Request { client, serial, actor, time_ms, command }
+//!      │ retried? (client, serial) seen ──▶ the stored response, nothing applied
+//!      │ authorized? (actor's role) ──────▶ Unauthorized, nothing applied
+//!      │ valid? (spec, token, epoch…) ────▶ typed error, nothing applied
+//!      ▼
+//!   mutate ──▶ Reply
+//! ```
+//!
+//! A command either applies completely or not at all: every check happens before the first
+//! change.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use cloudless_types::{InvalidInput, WorkloadSpec};
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+/// A user's public key (ed25519), the identity of a CLI user.
+pub type UserKey = [u8; 32];
+
+/// What a user may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Read only.
+    Viewer,
+    /// Read, and manage workloads.
+    Deployer,
+    /// Everything.
+    Admin,
+}
+
+/// What a node may be used for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum NodeRole {
+    /// Runs workloads.
+    Worker,
+    /// May be chosen as a raft voter.
+    Voter,
+}
+
+/// Who makes a request. The node that accepts it establishes this (by checking the request's
+/// signature); the state machine checks what the actor may do.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Actor {
+    /// A CLI user, by public key.
+    User(UserKey),
+    /// An enrolled node, by PeerId (text).
+    Node(String),
+    /// The raft leader itself (placements, housekeeping).
+    System,
+}
+
+impl fmt::Display for Actor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Actor::User(k) => write!(f, "user {}", hex(&k[..8])),
+            Actor::Node(p) => write!(f, "node {p}"),
+            Actor::System => f.write_str("the leader"),
+        }
+    }
+}
+
+/// A replica: workload name and ordinal.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ReplicaKey {
+    /// The workload.
+    pub workload: String,
+    /// The ordinal.
+    pub index: u32,
+}
+
+/// How a replica is doing, as its node reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Assigned, not started yet (pulling, compiling).
+    Pending,
+    /// Running.
+    Running,
+    /// Finished successfully (jobs).
+    Succeeded,
+    /// Failed, with the reason.
+    Failed(String),
+    /// Waiting to be restarted after a failure.
+    Restarting,
+}
+
+/// A node's report about one replica.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// Who reports.
+    pub node: String,
+    /// The phase.
+    pub phase: Phase,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// When the node observed it (its clock, milliseconds since the epoch).
+    pub at_ms: u64,
+}
+
+/// An enrolled node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// What it may be used for.
+    pub roles: BTreeSet<NodeRole>,
+    /// Labels granted by its invite (and changed by admins).
+    pub labels: BTreeMap<String, String>,
+    /// Cut off everywhere.
+    pub revoked: bool,
+    /// When it enrolled (leader's clock).
+    pub enrolled_ms: u64,
+}
+
+/// A CLI user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// A name for people.
+    pub name: String,
+    /// What the user may do.
+    pub role: Role,
+}
+
+/// A stored workload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadRecord {
+    /// The validated spec (its `replicas` is the desired count).
+    pub spec: WorkloadSpec,
+    /// Increases with every change of the spec.
+    pub version: u64,
+}
+
+/// Where a replica is assigned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The node.
+    pub node: String,
+    /// The placement epoch of the decision.
+    pub epoch: u64,
+}
+
+/// Cluster-wide settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    /// The cluster's name.
+    pub name: String,
+    /// The cluster root public key: signs enrollment tokens.
+    pub root_key: UserKey,
+    /// Wanted voters; `None` follows the default rule (1, 3 or 5 by eligible peers).
+    pub voter_target: Option<u8>,
+    /// Whether phones may vote.
+    pub phones_may_vote: bool,
+}
+
+/// The contents of an invite's enrollment token, signed by the cluster root key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    /// The cluster it is for.
+    pub cluster: String,
+    /// Single-use (or `max_uses`) identifier.
+    pub nonce: [u8; 16],
+    /// Valid until (milliseconds since the epoch).
+    pub expires_ms: u64,
+    /// How many nodes may enroll with it.
+    pub max_uses: u32,
+    /// Roles granted.
+    pub roles: BTreeSet<NodeRole>,
+    /// Labels granted.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Token {
+    /// The bytes the root key signs.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Encoding a struct of plain fields into a Vec cannot fail.
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+}
+
+/// A change to the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Creates the cluster: settings, the first admin, the first node. Only once.
+    Bootstrap {
+        /// Settings.
+        settings: Settings,
+        /// The first admin's key.
+        admin: UserKey,
+        /// The first node (the first voter).
+        node: String,
+    },
+    /// Replaces the settings (the root key cannot change).
+    SetSettings(Settings),
+    /// Enrolls `peer` with a signed token.
+    Enroll {
+        /// The token.
+        token: Token,
+        /// The root key's signature over `token.to_bytes()`.
+        signature: Vec<u8>,
+        /// The node enrolling.
+        peer: String,
+    },
+    /// Cuts a node off.
+    Revoke {
+        /// The node.
+        peer: String,
+    },
+    /// Replaces a node's labels.
+    SetNodeLabels {
+        /// The node.
+        peer: String,
+        /// Its labels.
+        labels: BTreeMap<String, String>,
+    },
+    /// Adds or changes a user.
+    PutUser {
+        /// The key.
+        key: UserKey,
+        /// A name.
+        name: String,
+        /// The role.
+        role: Role,
+    },
+    /// Removes a user.
+    RemoveUser {
+        /// The key.
+        key: UserKey,
+    },
+    /// Creates or updates a workload.
+    PutWorkload(WorkloadSpec),
+    /// Deletes a workload and its assignments.
+    DeleteWorkload {
+        /// The workload.
+        name: String,
+    },
+    /// Changes a workload's desired replicas.
+    Scale {
+        /// The workload.
+        name: String,
+        /// Desired replicas.
+        replicas: u32,
+    },
+    /// Records placements (from the leader's scheduler).
+    Assign {
+        /// The placement epoch: must be above the last one.
+        epoch: u64,
+        /// Replicas and their nodes.
+        set: Vec<(ReplicaKey, String)>,
+        /// Replicas no longer assigned.
+        unset: Vec<ReplicaKey>,
+    },
+    /// Records replica status reports from a node.
+    Report(Vec<(ReplicaKey, ReplicaStatus)>),
+}
+
+impl Command {
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Bootstrap { .. } => "bootstrap",
+            Command::SetSettings(_) => "set settings",
+            Command::Enroll { .. } => "enroll",
+            Command::Revoke { .. } => "revoke",
+            Command::SetNodeLabels { .. } => "set node labels",
+            Command::PutUser { .. } => "put user",
+            Command::RemoveUser { .. } => "remove user",
+            Command::PutWorkload(_) => "put workload",
+            Command::DeleteWorkload { .. } => "delete workload",
+            Command::Scale { .. } => "scale",
+            Command::Assign { .. } => "assign",
+            Command::Report(_) => "report",
+        }
+    }
+}
+
+/// One write, as proposed to raft.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// The client's session id (random per client process).
+    pub client: u64,
+    /// Increases with each request of that client; a retry reuses it.
+    pub serial: u64,
+    /// Who asks.
+    pub actor: Actor,
+    /// The proposing leader's clock, milliseconds since the epoch (for token expiry).
+    pub time_ms: u64,
+    /// What to do.
+    pub command: Command,
+}
+
+/// What a successful command returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Done.
+    Done,
+    /// The workload's new version.
+    Version(u64),
+}
+
+/// Why a command was refused. Nothing was changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum CommandError {
+    /// The cluster has not been bootstrapped.
+    #[error("the cluster is not bootstrapped yet")]
+    NotBootstrapped,
+    /// The cluster is bootstrapped already.
+    #[error("the cluster is already bootstrapped")]
+    AlreadyBootstrapped,
+    /// The actor may not do this.
+    #[error("{actor} may not {command}")]
+    Unauthorized {
+        /// Who.
+        actor: String,
+        /// What.
+        command: String,
+    },
+    /// Something in the command is wrong.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// Which field.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// It refers to something that does not exist.
+    #[error("no {what} named {name}")]
+    NotFound {
+        /// What kind of thing.
+        what: String,
+        /// Its name.
+        name: String,
+    },
+    /// The token's signature does not verify with the root key.
+    #[error("the enrollment token is not signed by this cluster's root key")]
+    BadSignature,
+    /// The token has expired.
+    #[error("the enrollment token expired at {expired_ms} ms")]
+    TokenExpired {
+        /// When.
+        expired_ms: u64,
+    },
+    /// The token has been used up.
+    #[error("the enrollment token has been used {uses} time(s), its limit")]
+    TokenUsed {
+        /// Uses so far.
+        uses: u32,
+    },
+    /// A placement epoch at or below the last one.
+    #[error("placement epoch {epoch} is not above the current {current}")]
+    StaleEpoch {
+        /// The epoch given.
+        epoch: u64,
+        /// The current one.
+        current: u64,
+    },
+    /// A bound was reached.
+    #[error("too many {what} (at most {max})")]
+    TooMany {
+        /// What.
+        what: String,
+        /// The bound.
+        max: usize,
+    },
+}
+
+/// What applying a request yields.
+pub type Response = Result<Reply, CommandError>;
+
+fn invalid(e: InvalidInput) -> CommandError {
+    match e {
+        InvalidInput::Field { field, reason } => CommandError::Invalid { field, reason },
+    }
+}
+
+fn bad(field: &str, reason: impl Into<String>) -> CommandError {
+    CommandError::Invalid { field: field.into(), reason: reason.into() }
+}
+
+/// Client sessions remembered for de-duplication; the least recently used is forgotten.
+pub const MAX_SESSIONS: usize = 16_384;
+/// Most enrolled nodes.
+pub const MAX_NODES: usize = 100_000;
+/// Most users.
+pub const MAX_USERS: usize = 10_000;
+/// Most workloads.
+pub const MAX_WORKLOADS: usize = 10_000;
+/// Most entries in one assign or report command.
+pub const MAX_BATCH: usize = 100_000;
+/// Longest peer id, user name or cluster name, in bytes.
+pub const MAX_NAME: usize = 128;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Session {
+    serial: u64,
+    response: Response,
+    /// Sequence number of the last use, for least-recently-used eviction.
+    used: u64,
+}
+
+/// The whole replicated state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    settings: Option<Settings>,
+    nodes: BTreeMap<String, NodeRecord>,
+    users: BTreeMap<UserKey, UserRecord>,
+    workloads: BTreeMap<String, WorkloadRecord>,
+    assignments: BTreeMap<ReplicaKey, Assignment>,
+    statuses: BTreeMap<ReplicaKey, ReplicaStatus>,
+    /// Token nonces: uses so far and expiry (expired ones are dropped).
+    nonces: BTreeMap<[u8; 16], (u32, u64)>,
+    epoch: u64,
+    sessions: BTreeMap<u64, Session>,
+    session_lru: BTreeMap<u64, u64>,
+    applied: u64,
+}
+
+impl State {
+    /// An empty, not yet bootstrapped state.
+    pub fn new() -> Self {
+        State::default()
+    }
+
+    /// Applies one request. Never panics and never half-applies.
+    pub fn apply(&mut self, req: &Request) -> Response {
+        self.applied += 1;
+        if let Some(s) = self.sessions.get(&req.client)
+            && req.serial <= s.serial
+        {
+            // A retry of something already applied: the same answer, nothing done again.
+            return if req.serial == s.serial {
+                s.response.clone()
+            } else {
+                Err(bad(
+                    "serial",
+                    format!(
+                        "{} is older than the last request {} of this client",
+                        req.serial, s.serial
+                    ),
+                ))
+            };
+        }
+        let response = self.check(req).map(|()| self.mutate(req));
+        self.remember(req.client, req.serial, response.clone());
+        response
+    }
+
+    fn remember(&mut self, client: u64, serial: u64, response: Response) {
+        if let Some(old) = self.sessions.get(&client) {
+            self.session_lru.remove(&old.used);
+        }
+        let used = self.applied;
+        self.sessions.insert(client, Session { serial, response, used });
+        self.session_lru.insert(used, client);
+        while self.sessions.len() > MAX_SESSIONS {
+            let Some((&oldest, &c)) = self.session_lru.iter().next() else { break };
+            self.session_lru.remove(&oldest);
+            self.sessions.remove(&c);
+        }
+    }
+
+    fn role_of(&self, actor: &Actor) -> Option<Role> {
+        match actor {
+            Actor::User(k) => self.users.get(k).map(|u| u.role),
+            Actor::System => Some(Role::Admin),
+            Actor::Node(_) => None,
+        }
+    }
+
+    fn is_live_node<'a>(&self, actor: &'a Actor) -> Option<&'a str> {
+        match actor {
+            Actor::Node(p) => self.nodes.get(p).filter(|n| !n.revoked).map(|_| p.as_str()),
+            _ => None,
+        }
+    }
+
+    /// Every check, before anything changes.
+    fn check(&self, req: &Request) -> Result<(), CommandError> {
+        let unauthorized = || CommandError::Unauthorized {
+            actor: req.actor.to_string(),
+            command: req.command.name().into(),
+        };
+        let settings = match (&req.command, &self.settings) {
+            (Command::Bootstrap { .. }, Some(_)) => return Err(CommandError::AlreadyBootstrapped),
+            (Command::Bootstrap { settings, admin: _, node }, None) => {
+                if req.actor != Actor::System {
+                    return Err(unauthorized());
+                }
+                check_name("settings.name", &settings.name)?;
+                check_name("node", node)?;
+                return Ok(());
+            }
+            (_, None) => return Err(CommandError::NotBootstrapped),
+            (_, Some(s)) => s,
+        };
+        let role = self.role_of(&req.actor);
+        let at_least = |r: Role| role.is_some_and(|have| have >= r);
+        match &req.command {
+            Command::Bootstrap { .. } => Err(CommandError::AlreadyBootstrapped),
+            Command::SetSettings(new) => {
+                if !at_least(Role::Admin) {
+                    return Err(unauthorized());
+                }
+                check_name("settings.name", &new.name)?;
+                if new.root_key != settings.root_key {
+                    return Err(bad("settings.root_key", "the cluster root key cannot change"));
+                }
+                if let Some(t) = new.voter_target
+                    && !matches!(t, 1 | 3 | 5 | 7)
+                {
+                    return Err(bad("settings.voter_target", format!("{t} is not 1, 3, 5 or 7")));
+                }
+                Ok(())
+            }
+            Command::Enroll { token, signature, peer } => {
+                if req.actor != Actor::Node(peer.clone()) && req.actor != Actor::System {
+                    return Err(unauthorized());
+                }
+                check_name("peer", peer)?;
+                if token.cluster != settings.name {
+                    return Err(bad(
+                        "token.cluster",
+                        format!(
+                            "the token is for cluster {:?}, this is {:?}",
+                            token.cluster, settings.name
+                        ),
+                    ));
+                }
+                let key = VerifyingKey::from_bytes(&settings.root_key)
+                    .map_err(|_| CommandError::BadSignature)?;
+                let sig =
+                    Signature::from_slice(signature).map_err(|_| CommandError::BadSignature)?;
+                key.verify(&token.to_bytes(), &sig).map_err(|_| CommandError::BadSignature)?;
+                if req.time_ms > token.expires_ms {
+                    return Err(CommandError::TokenExpired { expired_ms: token.expires_ms });
+                }
+                let uses = self.nonces.get(&token.nonce).map_or(0, |(u, _)| *u);
+                if uses >= token.max_uses.max(1) {
+                    return Err(CommandError::TokenUsed { uses });
+                }
+                if let Some(n) = self.nodes.get(peer) {
+                    if n.revoked {
+                        return Err(unauthorized());
+                    }
+                } else if self.nodes.len() >= MAX_NODES {
+                    return Err(CommandError::TooMany { what: "nodes".into(), max: MAX_NODES });
+                }
+                check_labels(&token.labels)
+            }
+            Command::Revoke { peer } | Command::SetNodeLabels { peer, .. } => {
+                if !at_least(Role::Admin) {
+                    return Err(unauthorized());
+                }
+                if !self.nodes.contains_key(peer) {
+                    return Err(CommandError::NotFound { what: "node".into(), name: peer.clone() });
+                }
+                if let Command::SetNodeLabels { labels, .. } = &req.command {
+                    check_labels(labels)?;
+                }
+                Ok(())
+            }
+            Command::PutUser { key, name, .. } => {
+                if !at_least(Role::Admin) {
+                    return Err(unauthorized());
+                }
+                check_name("name", name)?;
+                if !self.users.contains_key(key) && self.users.len() >= MAX_USERS {
+                    return Err(CommandError::TooMany { what: "users".into(), max: MAX_USERS });
+                }
+                Ok(())
+            }
+            Command::RemoveUser { key } => {
+                if !at_least(Role::Admin) {
+                    return Err(unauthorized());
+                }
+                let Some(u) = self.users.get(key) else {
+                    return Err(CommandError::NotFound {
+                        what: "user".into(),
+                        name: hex(&key[..8]),
+                    });
+                };
+                let admins = self.users.values().filter(|u| u.role == Role::Admin).count();
+                if u.role == Role::Admin && admins == 1 {
+                    return Err(bad("key", "the last admin cannot be removed"));
+                }
+                Ok(())
+            }
+            Command::PutWorkload(spec) => {
+                if !at_least(Role::Deployer) {
+                    return Err(unauthorized());
+                }
+                spec.validate().map_err(invalid)?;
+                if !self.workloads.contains_key(&spec.name) && self.workloads.len() >= MAX_WORKLOADS
+                {
+                    return Err(CommandError::TooMany {
+                        what: "workloads".into(),
+                        max: MAX_WORKLOADS,
+                    });
+                }
+                Ok(())
+            }
+            Command::DeleteWorkload { name } | Command::Scale { name, .. } => {
+                if !at_least(Role::Deployer) {
+                    return Err(unauthorized());
+                }
+                let Some(w) = self.workloads.get(name) else {
+                    return Err(CommandError::NotFound {
+                        what: "workload".into(),
+                        name: name.clone(),
+                    });
+                };
+                if let Command::Scale { replicas, .. } = &req.command {
+                    let mut spec = w.spec.clone();
+                    spec.replicas = *replicas;
+                    spec.min_available = spec.min_available.min(*replicas);
+                    spec.validate().map_err(invalid)?;
+                }
+                Ok(())
+            }
+            Command::Assign { epoch, set, unset } => {
+                if req.actor != Actor::System {
+                    return Err(unauthorized());
+                }
+                if *epoch <= self.epoch {
+                    return Err(CommandError::StaleEpoch { epoch: *epoch, current: self.epoch });
+                }
+                if set.len() + unset.len() > MAX_BATCH {
+                    return Err(CommandError::TooMany {
+                        what: "assignments in one command".into(),
+                        max: MAX_BATCH,
+                    });
+                }
+                for (r, node) in set {
+                    let Some(w) = self.workloads.get(&r.workload) else {
+                        return Err(CommandError::NotFound {
+                            what: "workload".into(),
+                            name: r.workload.clone(),
+                        });
+                    };
+                    if r.index >= w.spec.replicas {
+                        return Err(bad(
+                            "set",
+                            format!(
+                                "{}#{} is beyond the {} desired replicas",
+                                r.workload, r.index, w.spec.replicas
+                            ),
+                        ));
+                    }
+                    match self.nodes.get(node) {
+                        Some(n) if !n.revoked => {}
+                        _ => {
+                            return Err(CommandError::NotFound {
+                                what: "enrolled node".into(),
+                                name: node.clone(),
+                            });
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Command::Report(items) => {
+                let node = match &req.actor {
+                    Actor::System => None,
+                    other => Some(self.is_live_node(other).ok_or_else(unauthorized)?),
+                };
+                if items.len() > MAX_BATCH {
+                    return Err(CommandError::TooMany {
+                        what: "reports in one command".into(),
+                        max: MAX_BATCH,
+                    });
+                }
+                for (r, status) in items {
+                    if let Some(n) = node
+                        && status.node != n
+                    {
+                        return Err(bad(
+                            "report",
+                            format!("{n} reports on behalf of {}", status.node),
+                        ));
+                    }
+                    if let Phase::Failed(reason) = &status.phase
+                        && reason.len() > 1024
+                    {
+                        return Err(bad(
+                            "report",
+                            format!(
+                                "failure reason for {}#{} longer than 1024 bytes",
+                                r.workload, r.index
+                            ),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Makes the change; only called after [`check`](Self::check) passed.
+    fn mutate(&mut self, req: &Request) -> Reply {
+        match &req.command {
+            Command::Bootstrap { settings, admin, node } => {
+                self.settings = Some(settings.clone());
+                self.users.insert(*admin, UserRecord { name: "admin".into(), role: Role::Admin });
+                let roles = [NodeRole::Worker, NodeRole::Voter].into_iter().collect();
+                self.nodes.insert(
+                    node.clone(),
+                    NodeRecord {
+                        roles,
+                        labels: BTreeMap::new(),
+                        revoked: false,
+                        enrolled_ms: req.time_ms,
+                    },
+                );
+                Reply::Done
+            }
+            Command::SetSettings(s) => {
+                self.settings = Some(s.clone());
+                Reply::Done
+            }
+            Command::Enroll { token, peer, .. } => {
+                self.nonces.retain(|_, (_, expires)| *expires >= req.time_ms);
+                self.nonces.entry(token.nonce).or_insert((0, token.expires_ms)).0 += 1;
+                self.nodes.insert(
+                    peer.clone(),
+                    NodeRecord {
+                        roles: token.roles.clone(),
+                        labels: token.labels.clone(),
+                        revoked: false,
+                        enrolled_ms: req.time_ms,
+                    },
+                );
+                Reply::Done
+            }
+            Command::Revoke { peer } => {
+                if let Some(n) = self.nodes.get_mut(peer) {
+                    n.revoked = true;
+                }
+                // Its replicas must move: forget their assignments.
+                self.assignments.retain(|_, a| a.node != *peer);
+                Reply::Done
+            }
+            Command::SetNodeLabels { peer, labels } => {
+                if let Some(n) = self.nodes.get_mut(peer) {
+                    n.labels = labels.clone();
+                }
+                Reply::Done
+            }
+            Command::PutUser { key, name, role } => {
+                self.users.insert(*key, UserRecord { name: name.clone(), role: *role });
+                Reply::Done
+            }
+            Command::RemoveUser { key } => {
+                self.users.remove(key);
+                Reply::Done
+            }
+            Command::PutWorkload(spec) => {
+                let version = self.workloads.get(&spec.name).map_or(1, |w| w.version + 1);
+                self.trim_assignments(&spec.name, spec.replicas);
+                self.workloads
+                    .insert(spec.name.clone(), WorkloadRecord { spec: spec.clone(), version });
+                Reply::Version(version)
+            }
+            Command::DeleteWorkload { name } => {
+                self.workloads.remove(name);
+                self.assignments.retain(|r, _| r.workload != *name);
+                self.statuses.retain(|r, _| r.workload != *name);
+                Reply::Done
+            }
+            Command::Scale { name, replicas } => {
+                let mut version = 0;
+                if let Some(w) = self.workloads.get_mut(name) {
+                    w.spec.replicas = *replicas;
+                    w.spec.min_available = w.spec.min_available.min(*replicas);
+                    w.version += 1;
+                    version = w.version;
+                }
+                self.trim_assignments(name, *replicas);
+                Reply::Version(version)
+            }
+            Command::Assign { epoch, set, unset } => {
+                self.epoch = *epoch;
+                for r in unset {
+                    self.assignments.remove(r);
+                }
+                for (r, node) in set {
+                    self.assignments
+                        .insert(r.clone(), Assignment { node: node.clone(), epoch: *epoch });
+                }
+                Reply::Done
+            }
+            Command::Report(items) => {
+                for (r, status) in items {
+                    if self.workloads.contains_key(&r.workload) {
+                        self.statuses.insert(r.clone(), status.clone());
+                    }
+                }
+                Reply::Done
+            }
+        }
+    }
+
+    fn trim_assignments(&mut self, workload: &str, replicas: u32) {
+        self.assignments.retain(|r, _| r.workload != workload || r.index < replicas);
+        self.statuses.retain(|r, _| r.workload != workload || r.index < replicas);
+    }
+
+    // ---- reads ---------------------------------------------------------------------------
+
+    /// The settings, once bootstrapped.
+    pub fn settings(&self) -> Option<&Settings> {
+        self.settings.as_ref()
+    }
+
+    /// Enrolled nodes.
+    pub fn nodes(&self) -> &BTreeMap<String, NodeRecord> {
+        &self.nodes
+    }
+
+    /// Whether `peer` is enrolled and not revoked.
+    pub fn is_member(&self, peer: &str) -> bool {
+        self.nodes.get(peer).is_some_and(|n| !n.revoked)
+    }
+
+    /// Users.
+    pub fn users(&self) -> &BTreeMap<UserKey, UserRecord> {
+        &self.users
+    }
+
+    /// A user's role.
+    pub fn user_role(&self, key: &UserKey) -> Option<Role> {
+        self.users.get(key).map(|u| u.role)
+    }
+
+    /// Workloads.
+    pub fn workloads(&self) -> &BTreeMap<String, WorkloadRecord> {
+        &self.workloads
+    }
+
+    /// Assignments.
+    pub fn assignments(&self) -> &BTreeMap<ReplicaKey, Assignment> {
+        &self.assignments
+    }
+
+    /// Replicas assigned to `node`.
+    pub fn assigned_to<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> impl Iterator<Item = (&'a ReplicaKey, &'a Assignment)> + 'a {
+        self.assignments.iter().filter(move |(_, a)| a.node == node)
+    }
+
+    /// Reported replica statuses.
+    pub fn statuses(&self) -> &BTreeMap<ReplicaKey, ReplicaStatus> {
+        &self.statuses
+    }
+
+    /// The last placement epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Requests applied so far (including refused ones).
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+}
+
+fn check_name(field: &str, s: &str) -> Result<(), CommandError> {
+    if s.is_empty() || s.len() > MAX_NAME || s.chars().any(char::is_control) {
+        return Err(bad(field, format!("must be 1 to {MAX_NAME} printable bytes")));
+    }
+    Ok(())
+}
+
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), CommandError> {
+    let d = cloudless_types::NodeDescriptor { labels: labels.clone(), ..Default::default() };
+    d.validate().map_err(invalid)
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests;

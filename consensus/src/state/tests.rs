@@ -1,0 +1,337 @@
+use cloudless_types::{Image, Resources, WorkloadSpec};
+use ed25519_dalek::{Signer, SigningKey};
+use proptest::prelude::*;
+
+use super::*;
+
+const ROOT_SECRET: [u8; 32] = [7; 32];
+const ADMIN: UserKey = [1; 32];
+const DEPLOYER: UserKey = [2; 32];
+const VIEWER: UserKey = [3; 32];
+
+fn root() -> SigningKey {
+    SigningKey::from_bytes(&ROOT_SECRET)
+}
+
+fn settings() -> Settings {
+    Settings {
+        name: "pool".into(),
+        root_key: root().verifying_key().to_bytes(),
+        voter_target: None,
+        phones_may_vote: false,
+    }
+}
+
+struct Client {
+    id: u64,
+    serial: u64,
+}
+
+impl Client {
+    fn req(&mut self, actor: Actor, command: Command) -> Request {
+        self.serial += 1;
+        Request { client: self.id, serial: self.serial, actor, time_ms: 1_000, command }
+    }
+}
+
+fn spec(name: &str, replicas: u32) -> WorkloadSpec {
+    WorkloadSpec::new(
+        name,
+        Image::Container("busybox:1".into()),
+        Resources { cpu_millis: 100, memory_mib: 64, disk_mib: 0, gpus: 0 },
+        replicas,
+    )
+}
+
+/// A bootstrapped state with an admin, a deployer, a viewer and two nodes.
+fn ready() -> (State, Client) {
+    let mut s = State::new();
+    let mut c = Client { id: 1, serial: 0 };
+    s.apply(&c.req(
+        Actor::System,
+        Command::Bootstrap { settings: settings(), admin: ADMIN, node: "node-a".into() },
+    ))
+    .unwrap();
+    for (key, role) in [(DEPLOYER, Role::Deployer), (VIEWER, Role::Viewer)] {
+        s.apply(
+            &c.req(Actor::User(ADMIN), Command::PutUser { key, name: format!("{role:?}"), role }),
+        )
+        .unwrap();
+    }
+    let (token, signature) = token(1, 10_000);
+    s.apply(&c.req(
+        Actor::Node("node-b".into()),
+        Command::Enroll { token, signature, peer: "node-b".into() },
+    ))
+    .unwrap();
+    (s, c)
+}
+
+fn token(max_uses: u32, expires_ms: u64) -> (Token, Vec<u8>) {
+    let token = Token {
+        cluster: "pool".into(),
+        nonce: [max_uses as u8; 16],
+        expires_ms,
+        max_uses,
+        roles: [NodeRole::Worker].into_iter().collect(),
+        labels: BTreeMap::new(),
+    };
+    let sig = root().sign(&token.to_bytes()).to_bytes().to_vec();
+    (token, sig)
+}
+
+/// The state without the bookkeeping a refused request still updates (sessions, counter).
+fn visible(s: &State) -> State {
+    State { sessions: BTreeMap::new(), session_lru: BTreeMap::new(), applied: 0, ..s.clone() }
+}
+
+#[test]
+fn bootstrap_happens_once_and_everything_waits_for_it() {
+    let mut s = State::new();
+    let mut c = Client { id: 9, serial: 0 };
+    assert_eq!(
+        s.apply(&c.req(Actor::User(ADMIN), Command::DeleteWorkload { name: "x".into() })),
+        Err(CommandError::NotBootstrapped)
+    );
+    let boot = Command::Bootstrap { settings: settings(), admin: ADMIN, node: "a".into() };
+    assert!(matches!(
+        s.apply(&c.req(Actor::User(ADMIN), boot.clone())),
+        Err(CommandError::Unauthorized { .. })
+    ));
+    s.apply(&c.req(Actor::System, boot.clone())).unwrap();
+    assert_eq!(s.apply(&c.req(Actor::System, boot)), Err(CommandError::AlreadyBootstrapped));
+    assert!(s.is_member("a"));
+    assert_eq!(s.user_role(&ADMIN), Some(Role::Admin));
+}
+
+#[test]
+fn roles_decide_who_may_do_what() {
+    let (mut s, mut c) = ready();
+    let err =
+        s.apply(&c.req(Actor::User(VIEWER), Command::PutWorkload(spec("web", 2)))).unwrap_err();
+    assert_eq!(err.to_string(), "user 0303030303030303 may not put workload");
+    assert_eq!(
+        s.apply(&c.req(Actor::User(DEPLOYER), Command::PutWorkload(spec("web", 2)))),
+        Ok(Reply::Version(1))
+    );
+    assert!(
+        s.apply(&c.req(
+            Actor::User(DEPLOYER),
+            Command::PutUser { key: [9; 32], name: "x".into(), role: Role::Admin }
+        ))
+        .is_err()
+    );
+    assert!(
+        s.apply(&c.req(Actor::User([42; 32]), Command::Scale { name: "web".into(), replicas: 1 }))
+            .is_err()
+    );
+    let err = s.apply(&c.req(Actor::User(ADMIN), Command::RemoveUser { key: ADMIN })).unwrap_err();
+    assert_eq!(err.to_string(), "invalid key: the last admin cannot be removed");
+    assert!(matches!(
+        s.apply(
+            &c.req(
+                Actor::Node("node-b".into()),
+                Command::Scale { name: "web".into(), replicas: 1 }
+            )
+        ),
+        Err(CommandError::Unauthorized { .. })
+    ));
+}
+
+#[test]
+fn an_invalid_spec_is_refused_with_its_field_and_changes_nothing() {
+    let (mut s, mut c) = ready();
+    let before = visible(&s);
+    let mut bad = spec("web", 2);
+    bad.min_available = 5;
+    let err = s.apply(&c.req(Actor::User(ADMIN), Command::PutWorkload(bad))).unwrap_err();
+    assert_eq!(err.to_string(), "invalid min_available: 5 is more than replicas (2)");
+    assert_eq!(visible(&s), before);
+}
+
+#[test]
+fn a_retried_request_is_applied_once() {
+    let (mut s, mut c) = ready();
+    let req = c.req(Actor::User(ADMIN), Command::PutWorkload(spec("web", 2)));
+    assert_eq!(s.apply(&req), Ok(Reply::Version(1)));
+    assert_eq!(s.apply(&req), Ok(Reply::Version(1)), "the retry gets the stored answer");
+    assert_eq!(s.workloads()["web"].version, 1);
+    let mut old = req.clone();
+    old.serial -= 1;
+    assert!(s.apply(&old).is_err(), "an older serial is refused");
+}
+
+#[test]
+fn enrollment_tokens_are_checked_inside_apply() {
+    let (mut s, mut c) = ready();
+    let enroll = |c: &mut Client, t: Token, sig: Vec<u8>, peer: &str| {
+        c.req(
+            Actor::Node(peer.into()),
+            Command::Enroll { token: t, signature: sig, peer: peer.into() },
+        )
+    };
+    // Used once already (max 1).
+    let (t, sig) = token(1, 10_000);
+    assert_eq!(
+        s.apply(&enroll(&mut c, t, sig, "node-c")),
+        Err(CommandError::TokenUsed { uses: 1 })
+    );
+    // Expired.
+    let (t, sig) = token(2, 500);
+    assert_eq!(
+        s.apply(&enroll(&mut c, t, sig, "node-c")),
+        Err(CommandError::TokenExpired { expired_ms: 500 })
+    );
+    // Forged.
+    let (mut t, sig) = token(3, 10_000);
+    t.max_uses = 100;
+    assert_eq!(s.apply(&enroll(&mut c, t, sig, "node-c")), Err(CommandError::BadSignature));
+    // Someone else's name.
+    let (t, sig) = token(4, 10_000);
+    let req = c.req(
+        Actor::Node("mallory".into()),
+        Command::Enroll { token: t.clone(), signature: sig.clone(), peer: "node-c".into() },
+    );
+    assert!(matches!(s.apply(&req), Err(CommandError::Unauthorized { .. })));
+    // Good, twice (max 4... we use 2 of them).
+    assert_eq!(s.apply(&enroll(&mut c, t.clone(), sig.clone(), "node-c")), Ok(Reply::Done));
+    assert!(s.is_member("node-c"));
+    // A revoked node cannot come back with a fresh token.
+    s.apply(&c.req(Actor::User(ADMIN), Command::Revoke { peer: "node-c".into() })).unwrap();
+    assert!(!s.is_member("node-c"));
+    assert!(s.apply(&enroll(&mut c, t, sig, "node-c")).is_err());
+}
+
+#[test]
+fn assignments_follow_epochs_nodes_and_replica_counts() {
+    let (mut s, mut c) = ready();
+    s.apply(&c.req(Actor::User(ADMIN), Command::PutWorkload(spec("web", 2)))).unwrap();
+    let r = |i| ReplicaKey { workload: "web".into(), index: i };
+    let assign =
+        |epoch, set: Vec<(ReplicaKey, String)>| Command::Assign { epoch, set, unset: vec![] };
+    assert!(
+        matches!(
+            s.apply(&c.req(Actor::User(ADMIN), assign(1, vec![(r(0), "node-a".into())]))),
+            Err(CommandError::Unauthorized { .. })
+        ),
+        "only the leader assigns"
+    );
+    s.apply(
+        &c.req(Actor::System, assign(1, vec![(r(0), "node-a".into()), (r(1), "node-b".into())])),
+    )
+    .unwrap();
+    assert_eq!(
+        s.apply(&c.req(Actor::System, assign(1, vec![]))),
+        Err(CommandError::StaleEpoch { epoch: 1, current: 1 })
+    );
+    assert!(
+        s.apply(&c.req(Actor::System, assign(2, vec![(r(5), "node-a".into())]))).is_err(),
+        "beyond replicas"
+    );
+    assert!(
+        s.apply(&c.req(Actor::System, assign(2, vec![(r(0), "ghost".into())]))).is_err(),
+        "unknown node"
+    );
+    assert_eq!(s.assigned_to("node-b").count(), 1);
+    s.apply(&c.req(Actor::User(ADMIN), Command::Scale { name: "web".into(), replicas: 1 }))
+        .unwrap();
+    assert_eq!(s.assignments().len(), 1, "scaling down drops the surplus assignment");
+    s.apply(&c.req(Actor::User(ADMIN), Command::Revoke { peer: "node-a".into() })).unwrap();
+    assert!(s.assignments().is_empty(), "a revoked node's replicas lose their assignment");
+}
+
+#[test]
+fn nodes_report_only_for_themselves() {
+    let (mut s, mut c) = ready();
+    s.apply(&c.req(Actor::User(ADMIN), Command::PutWorkload(spec("web", 1)))).unwrap();
+    let key = ReplicaKey { workload: "web".into(), index: 0 };
+    let status = |node: &str| ReplicaStatus {
+        node: node.into(),
+        phase: Phase::Running,
+        restarts: 0,
+        at_ms: 5,
+    };
+    s.apply(
+        &c.req(
+            Actor::Node("node-b".into()),
+            Command::Report(vec![(key.clone(), status("node-b"))]),
+        ),
+    )
+    .unwrap();
+    assert!(
+        s.apply(&c.req(
+            Actor::Node("node-b".into()),
+            Command::Report(vec![(key.clone(), status("node-a"))])
+        ))
+        .is_err()
+    );
+    assert!(
+        s.apply(
+            &c.req(
+                Actor::Node("stranger".into()),
+                Command::Report(vec![(key, status("stranger"))])
+            )
+        )
+        .is_err()
+    );
+}
+
+fn arb_actor() -> impl Strategy<Value = Actor> {
+    prop_oneof![
+        Just(Actor::User(ADMIN)),
+        Just(Actor::User(DEPLOYER)),
+        Just(Actor::User(VIEWER)),
+        Just(Actor::User([99; 32])),
+        Just(Actor::Node("node-b".into())),
+        Just(Actor::System),
+    ]
+}
+
+fn arb_command() -> impl Strategy<Value = Command> {
+    let name =
+        prop_oneof![Just("web".to_string()), Just("db".to_string()), Just("Bad Name".to_string())];
+    prop_oneof![
+        (name.clone(), 0u32..20_000).prop_map(|(n, r)| Command::PutWorkload(WorkloadSpec {
+            name: n,
+            ..spec("x", r.min(10))
+        })),
+        (name.clone(), 0u32..12, 0u32..12).prop_map(|(n, r, m)| Command::PutWorkload(
+            WorkloadSpec { min_available: m, ..spec(&n.replace(' ', "-").to_lowercase(), r) }
+        )),
+        name.clone().prop_map(|n| Command::DeleteWorkload { name: n }),
+        (name.clone(), 0u32..20_000).prop_map(|(n, r)| Command::Scale { name: n, replicas: r }),
+        (0u64..5, 0u32..12, prop_oneof![Just("node-a".to_string()), Just("ghost".to_string())])
+            .prop_map(|(e, i, node)| Command::Assign {
+                epoch: e,
+                set: vec![(ReplicaKey { workload: "web".into(), index: i }, node)],
+                unset: vec![]
+            }),
+        prop_oneof![Just("node-a".to_string()), Just("ghost".to_string())]
+            .prop_map(|p| Command::Revoke { peer: p }),
+        (any::<u8>(), prop_oneof![Just(Role::Admin), Just(Role::Viewer)])
+            .prop_map(|(k, role)| Command::PutUser { key: [k; 32], name: "u".into(), role }),
+        any::<u8>().prop_map(|k| Command::RemoveUser { key: [k; 32] }),
+    ]
+}
+
+proptest! {
+    /// A refused command leaves the state exactly as it was; an accepted one keeps the
+    /// invariants (assignments only to enrolled nodes and existing replicas).
+    #[test]
+    fn refused_commands_change_nothing(cmds in prop::collection::vec((arb_actor(), arb_command()), 1..40)) {
+        let (mut s, mut c) = ready();
+        for (actor, cmd) in cmds {
+            let before = visible(&s);
+            let res = s.apply(&c.req(actor, cmd));
+            if res.is_err() {
+                prop_assert_eq!(visible(&s), before);
+            }
+            for (r, a) in s.assignments() {
+                prop_assert!(s.is_member(&a.node));
+                let w = s.workloads().get(&r.workload);
+                prop_assert!(w.is_some_and(|w| r.index < w.spec.replicas));
+            }
+            prop_assert!(s.users().values().any(|u| u.role == Role::Admin));
+        }
+    }
+}
