@@ -230,8 +230,8 @@ pub enum Command {
         /// The key.
         key: UserKey,
     },
-    /// Creates or updates a workload.
-    PutWorkload(WorkloadSpec),
+    /// Creates or updates a workload (boxed: a spec is large, most commands are small).
+    PutWorkload(Box<WorkloadSpec>),
     /// Deletes a workload and its assignments.
     DeleteWorkload {
         /// The workload.

@@ -107,11 +107,12 @@ fn bootstrap_happens_once_and_everything_waits_for_it() {
 #[test]
 fn roles_decide_who_may_do_what() {
     let (mut s, mut c) = ready();
-    let err =
-        s.apply(&c.req(Actor::User(VIEWER), Command::PutWorkload(spec("web", 2)))).unwrap_err();
+    let err = s
+        .apply(&c.req(Actor::User(VIEWER), Command::PutWorkload(Box::new(spec("web", 2)))))
+        .unwrap_err();
     assert_eq!(err.to_string(), "user 0303030303030303 may not put workload");
     assert_eq!(
-        s.apply(&c.req(Actor::User(DEPLOYER), Command::PutWorkload(spec("web", 2)))),
+        s.apply(&c.req(Actor::User(DEPLOYER), Command::PutWorkload(Box::new(spec("web", 2))))),
         Ok(Reply::Version(1))
     );
     assert!(
@@ -144,7 +145,7 @@ fn an_invalid_spec_is_refused_with_its_field_and_changes_nothing() {
     let before = visible(&s);
     let mut bad = spec("web", 2);
     bad.min_available = 5;
-    let err = s.apply(&c.req(Actor::User(ADMIN), Command::PutWorkload(bad))).unwrap_err();
+    let err = s.apply(&c.req(Actor::User(ADMIN), Command::PutWorkload(Box::new(bad)))).unwrap_err();
     assert_eq!(err.to_string(), "invalid min_available: 5 is more than replicas (2)");
     assert_eq!(visible(&s), before);
 }
@@ -152,7 +153,7 @@ fn an_invalid_spec_is_refused_with_its_field_and_changes_nothing() {
 #[test]
 fn a_retried_request_is_applied_once() {
     let (mut s, mut c) = ready();
-    let req = c.req(Actor::User(ADMIN), Command::PutWorkload(spec("web", 2)));
+    let req = c.req(Actor::User(ADMIN), Command::PutWorkload(Box::new(spec("web", 2))));
     assert_eq!(s.apply(&req), Ok(Reply::Version(1)));
     assert_eq!(s.apply(&req), Ok(Reply::Version(1)), "the retry gets the stored answer");
     assert_eq!(s.workloads()["web"].version, 1);
@@ -205,7 +206,7 @@ fn enrollment_tokens_are_checked_inside_apply() {
 #[test]
 fn assignments_follow_epochs_nodes_and_replica_counts() {
     let (mut s, mut c) = ready();
-    s.apply(&c.req(Actor::User(ADMIN), Command::PutWorkload(spec("web", 2)))).unwrap();
+    s.apply(&c.req(Actor::User(ADMIN), Command::PutWorkload(Box::new(spec("web", 2))))).unwrap();
     let r = |i| ReplicaKey { workload: "web".into(), index: i };
     let assign =
         |epoch, set: Vec<(ReplicaKey, String)>| Command::Assign { epoch, set, unset: vec![] };
@@ -243,7 +244,7 @@ fn assignments_follow_epochs_nodes_and_replica_counts() {
 #[test]
 fn nodes_report_only_for_themselves() {
     let (mut s, mut c) = ready();
-    s.apply(&c.req(Actor::User(ADMIN), Command::PutWorkload(spec("web", 1)))).unwrap();
+    s.apply(&c.req(Actor::User(ADMIN), Command::PutWorkload(Box::new(spec("web", 1))))).unwrap();
     let key = ReplicaKey { workload: "web".into(), index: 0 };
     let status = |node: &str| ReplicaStatus {
         node: node.into(),
@@ -291,13 +292,12 @@ fn arb_command() -> impl Strategy<Value = Command> {
     let name =
         prop_oneof![Just("web".to_string()), Just("db".to_string()), Just("Bad Name".to_string())];
     prop_oneof![
-        (name.clone(), 0u32..20_000).prop_map(|(n, r)| Command::PutWorkload(WorkloadSpec {
-            name: n,
-            ..spec("x", r.min(10))
-        })),
-        (name.clone(), 0u32..12, 0u32..12).prop_map(|(n, r, m)| Command::PutWorkload(
+        (name.clone(), 0u32..20_000).prop_map(|(n, r)| Command::PutWorkload(Box::new(
+            WorkloadSpec { name: n, ..spec("x", r.min(10)) }
+        ))),
+        (name.clone(), 0u32..12, 0u32..12).prop_map(|(n, r, m)| Command::PutWorkload(Box::new(
             WorkloadSpec { min_available: m, ..spec(&n.replace(' ', "-").to_lowercase(), r) }
-        )),
+        ))),
         name.clone().prop_map(|n| Command::DeleteWorkload { name: n }),
         (name.clone(), 0u32..20_000).prop_map(|(n, r)| Command::Scale { name: n, replicas: r }),
         (0u64..5, 0u32..12, prop_oneof![Just("node-a".to_string()), Just("ghost".to_string())])
