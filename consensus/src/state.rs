@@ -759,7 +759,7 @@ impl State {
                 let version = self.workloads.get(&spec.name).map_or(1, |w| w.version + 1);
                 self.trim_assignments(&spec.name, spec.replicas);
                 self.workloads
-                    .insert(spec.name.clone(), WorkloadRecord { spec: spec.clone(), version });
+                    .insert(spec.name.clone(), WorkloadRecord { spec: (**spec).clone(), version });
                 Reply::Version(version)
             }
             Command::DeleteWorkload { name } => {
