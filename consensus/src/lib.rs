@@ -4,8 +4,15 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
+pub mod memnet;
+pub mod network;
+pub mod node;
 pub mod state;
 pub mod store;
+pub mod voters;
+
+pub use network::{Answer, Message, Transport, TransportError};
+pub use node::{Candidates, Config, Consensus, ConsensusError, Consistency, ReadError, WriteError};
 
 /// A raft member's id: derived from its PeerId by the node (see [`node_id`]).
 pub type NodeId = u64;

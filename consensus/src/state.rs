@@ -561,11 +561,15 @@ impl State {
                 }
                 Ok(())
             }
-            Command::PutUser { key, name, .. } => {
+            Command::PutUser { key, name, role } => {
                 if !at_least(Role::Admin) {
                     return Err(unauthorized());
                 }
                 check_name("name", name)?;
+                let admins = self.users.values().filter(|u| u.role == Role::Admin).count();
+                if *role != Role::Admin && self.user_role(key) == Some(Role::Admin) && admins == 1 {
+                    return Err(bad("role", "the last admin cannot be demoted"));
+                }
                 if !self.users.contains_key(key) && self.users.len() >= MAX_USERS {
                     return Err(CommandError::TooMany { what: "users".into(), max: MAX_USERS });
                 }

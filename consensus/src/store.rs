@@ -297,6 +297,40 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// Forced recovery after the permanent loss of a majority: rewrites the stopped member's
+/// log so that it alone is the voter. Run it on the most up-to-date surviving voter (the
+/// highest last log index), with the member stopped; on restart it elects itself, commits
+/// what it has, and the voter controller adds others back. Anything committed only on the
+/// lost members is lost: that is the price of a lost majority.
+///
+/// It appends a membership entry `{me}` after the last entry, under a new term, and records a
+/// vote for that term, so no old leader's entries can overwrite it.
+pub fn force_single_voter(db: &Database, me: &Member) -> Result<LogId<NodeId>, AnyError> {
+    let id = crate::node_id(&me.peer);
+    let vote: Option<Vote<NodeId>> = meta_get(db, "vote")?;
+    let purged: Option<LogId<NodeId>> = meta_get(db, "purged")?;
+    let snap: Option<StoredSnapshot> = meta_get(db, "snapshot")?;
+    let last = LogStore::last_entry_id(db)?.max(purged).max(snap.and_then(|s| s.meta.last_log_id));
+    let term = vote.map_or(0, |v| v.leader_id().term).max(last.map_or(0, |l| l.leader_id.term)) + 1;
+    let index = last.map_or(0, |l| l.index + 1);
+    let log_id = LogId::new(openraft::CommittedLeaderId::new(term, id), index);
+    let nodes: std::collections::BTreeMap<NodeId, Member> =
+        [(id, me.clone())].into_iter().collect();
+    let membership = openraft::Membership::new(vec![[id].into_iter().collect()], nodes);
+    let entry: Entry<TypeConfig> = Entry { log_id, payload: EntryPayload::Membership(membership) };
+    let bytes = encode(&entry)?;
+    let vote_bytes = encode(&Vote::new(term, id))?;
+    let w = db.begin_write().map_err(any)?;
+    {
+        let mut t = w.open_table(LOG).map_err(any)?;
+        t.insert(index, bytes.as_slice()).map_err(any)?;
+        let mut m = w.open_table(META).map_err(any)?;
+        m.insert("vote", vote_bytes.as_slice()).map_err(any)?;
+    }
+    w.commit().map_err(any)?;
+    Ok(log_id)
+}
+
 /// A snapshot as stored: its meta and the serialized state.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct StoredSnapshot {

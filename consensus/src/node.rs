@@ -1,0 +1,480 @@
+//! One member of the raft group: storage, the openraft instance, write forwarding, reads, and
+//! the leader's voter controller.
+//!
+//! ```text
+//!   propose(actor, command) ──▶ leader here? ──yes──▶ raft.client_write ──▶ Response
+//!                                     └──no──▶ Message::Forward ──▶ leader's handle()
+//!   read(Linearizable) ──▶ leader: ensure_linearizable │ follower: ReadIndex from leader,
+//!                          then wait until applied ──▶ f(&State)
+//!   read(Stale) ──▶ f(&State) at once
+//!   handle(Message) ◀── Transport (append, vote, snapshot, forward, read index)
+//!   controller (leader only, every second): Candidates ─▶ voters::plan ─▶ add_learner /
+//!                                          change_membership
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Raft, SnapshotPolicy};
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::network::{Answer, Message, Network, Transport};
+use crate::state::{Actor, Command, Request, Response, State};
+use crate::store::{self, LogStore, StateMachineStore};
+use crate::voters::{self, Candidate};
+use crate::{Member, NodeId, TypeConfig, node_id};
+
+/// Settings of a consensus member.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Leader heartbeat. 150 ms keeps failover well under a second and a half on home links.
+    pub heartbeat: Duration,
+    /// Shortest election timeout (five heartbeats: survives a few lost ones).
+    pub election_min: Duration,
+    /// Longest election timeout (randomized between the two to avoid split votes).
+    pub election_max: Duration,
+    /// A snapshot is built every this many log entries.
+    pub snapshot_every: u64,
+    /// Log entries kept after a snapshot, for followers slightly behind.
+    pub keep_after_snapshot: u64,
+    /// Per-RPC deadline for forwarded writes and read indexes.
+    pub rpc_timeout: Duration,
+    /// How long a write may take, forwarding and leader changes included.
+    pub write_timeout: Duration,
+    /// How often the leader reviews who votes.
+    pub controller_interval: Duration,
+    /// A learner within this many entries of the leader counts as caught up.
+    pub caught_up_lag: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            heartbeat: Duration::from_millis(150),
+            election_min: Duration::from_millis(750),
+            election_max: Duration::from_millis(1500),
+            snapshot_every: 5000,
+            keep_after_snapshot: 1000,
+            rpc_timeout: Duration::from_secs(3),
+            write_timeout: Duration::from_secs(10),
+            controller_interval: Duration::from_secs(1),
+            caught_up_lag: 100,
+        }
+    }
+}
+
+impl Config {
+    fn raft(&self) -> Result<openraft::Config, ConsensusError> {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let c = openraft::Config {
+            cluster_name: "cloudless".into(),
+            heartbeat_interval: ms(self.heartbeat),
+            election_timeout_min: ms(self.election_min),
+            election_timeout_max: ms(self.election_max),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: self.keep_after_snapshot,
+            // Snapshots travel in chunks of at most 1 MiB (the mesh's RPC limit is 4 MiB).
+            snapshot_max_chunk_size: 1024 * 1024,
+            install_snapshot_timeout: ms(self.rpc_timeout),
+            ..openraft::Config::default()
+        };
+        c.validate().map_err(|e| ConsensusError::Config(e.to_string()))
+    }
+}
+
+/// Why the consensus member could not start or act.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsensusError {
+    /// A setting is invalid.
+    #[error("invalid consensus settings: {0}")]
+    Config(String),
+    /// The raft database could not be opened or used.
+    #[error("raft storage: {0}")]
+    Storage(String),
+    /// openraft stopped.
+    #[error("raft stopped: {0}")]
+    Fatal(String),
+}
+
+/// Why a write did not happen (nothing was applied, or it is unknown whether it was: a retry
+/// with the same request is safe, it is applied at most once).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// No leader could be reached before the deadline.
+    #[error("no raft leader reachable within {0:?}")]
+    Timeout(Duration),
+    /// openraft stopped.
+    #[error("raft stopped: {0}")]
+    Fatal(String),
+}
+
+/// How fresh a read must be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consistency {
+    /// Reflects every write acknowledged before the read began (asks the leader).
+    Linearizable,
+    /// Whatever this node has applied (may be behind; never wrong for its log position).
+    Stale,
+}
+
+/// Why a read failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadError {
+    /// No leader could confirm the read index in time.
+    #[error("no raft leader confirmed a read within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Supplies the voter controller with candidates (the node knows liveness and stability from
+/// the mesh; the state tells roles and revocations).
+pub trait Candidates: Send + Sync + 'static {
+    /// The peers that might vote, now.
+    fn candidates(&self, state: &State) -> Vec<Candidate>;
+}
+
+struct Inner<T: Transport> {
+    id: NodeId,
+    me: Member,
+    raft: Raft<TypeConfig>,
+    sm: StateMachineStore,
+    transport: T,
+    config: Config,
+    client: u64,
+    serial: AtomicU64,
+    controller: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A member of the raft group. Cheap to clone.
+pub struct Consensus<T: Transport> {
+    inner: Arc<Inner<T>>,
+}
+
+impl<T: Transport> Clone for Consensus<T> {
+    fn clone(&self) -> Self {
+        Consensus { inner: self.inner.clone() }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl<T: Transport> Consensus<T> {
+    /// Opens the raft database in `data_dir` and starts the member. A fresh member stays
+    /// passive until [`bootstrap`](Self::bootstrap) or until a leader adds it.
+    pub async fn open(
+        data_dir: &Path,
+        me: Member,
+        transport: T,
+        config: Config,
+    ) -> Result<Self, ConsensusError> {
+        let raft_config = Arc::new(config.raft()?);
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| ConsensusError::Storage(format!("{}: {e}", data_dir.display())))?;
+        let db = store::open(data_dir).map_err(|e| ConsensusError::Storage(e.to_string()))?;
+        let sm = StateMachineStore::open(db.clone())
+            .map_err(|e| ConsensusError::Storage(e.to_string()))?;
+        let id = node_id(&me.peer);
+        let raft = Raft::new(
+            id,
+            raft_config,
+            Network::new(transport.clone()),
+            LogStore::new(db),
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| ConsensusError::Fatal(e.to_string()))?;
+        let client = rand_u64(id);
+        Ok(Consensus {
+            inner: Arc::new(Inner {
+                id,
+                me,
+                raft,
+                sm,
+                transport,
+                config,
+                client,
+                serial: AtomicU64::new(0),
+                controller: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// This member's raft id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// This member.
+    pub fn member(&self) -> &Member {
+        &self.inner.me
+    }
+
+    /// The openraft instance (metrics, membership changes in tests).
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.inner.raft
+    }
+
+    /// Creates a one-voter group with this member, if it has never been part of one, and
+    /// records the cluster's settings, first admin and first node.
+    pub async fn bootstrap(
+        &self,
+        settings: crate::state::Settings,
+        admin: crate::state::UserKey,
+    ) -> Result<Response, WriteError> {
+        let raft = &self.inner.raft;
+        if !raft.is_initialized().await.map_err(|e| WriteError::Fatal(e.to_string()))? {
+            let members: BTreeMap<NodeId, Member> =
+                [(self.inner.id, self.inner.me.clone())].into_iter().collect();
+            if let Err(e) = raft.initialize(members).await {
+                warn!(error = %e, "raft initialization");
+            }
+        }
+        self.propose(
+            Actor::System,
+            Command::Bootstrap { settings, admin, node: self.inner.me.peer.clone() },
+        )
+        .await
+    }
+
+    /// The current leader, if known.
+    pub fn leader(&self) -> Option<(NodeId, Member)> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&id).cloned()?;
+        Some((id, node))
+    }
+
+    /// Whether this member leads now.
+    pub fn is_leader(&self) -> bool {
+        self.inner.raft.metrics().borrow().current_leader == Some(self.inner.id)
+    }
+
+    /// Current voters.
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        self.inner.raft.metrics().borrow().membership_config.membership().voter_ids().collect()
+    }
+
+    /// Writes: `actor` asks for `command`. Accepted on any member; followers forward to the
+    /// leader. Retried across leader changes until the write deadline; applied at most once.
+    pub async fn propose(&self, actor: Actor, command: Command) -> Result<Response, WriteError> {
+        let serial = self.inner.serial.fetch_add(1, Ordering::SeqCst) + 1;
+        let req = Request { client: self.inner.client, serial, actor, time_ms: now_ms(), command };
+        self.submit(req).await
+    }
+
+    /// Writes a request prepared elsewhere (a forwarded CLI request keeps its own client and
+    /// serial, so a retry through another member is still applied once).
+    pub async fn submit(&self, mut req: Request) -> Result<Response, WriteError> {
+        let deadline = Instant::now() + self.inner.config.write_timeout;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            req.time_ms = now_ms();
+            match self.inner.raft.client_write(req.clone()).await {
+                Ok(r) => return Ok(r.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    if let Some(leader) = f.leader_node {
+                        let timeout = self.inner.config.rpc_timeout;
+                        match self
+                            .inner
+                            .transport
+                            .call(&leader, Message::Forward(req.clone()), timeout)
+                            .await
+                        {
+                            Ok(Answer::Forward(Ok(resp))) => return Ok(resp),
+                            Ok(Answer::Forward(Err(why))) => {
+                                debug!(%why, "forwarded write refused; retrying")
+                            }
+                            Ok(_) => debug!("unexpected answer to a forwarded write"),
+                            Err(e) => debug!(error = %e, "forwarding failed; retrying"),
+                        }
+                    }
+                }
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                    return Err(WriteError::Fatal(e.to_string()));
+                }
+                Err(RaftError::Fatal(e)) => return Err(WriteError::Fatal(e.to_string())),
+            }
+            if Instant::now() + backoff > deadline {
+                return Err(WriteError::Timeout(self.inner.config.write_timeout));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Reads the state.
+    pub async fn read<R>(
+        &self,
+        consistency: Consistency,
+        f: impl FnOnce(&State) -> R,
+    ) -> Result<R, ReadError> {
+        if consistency == Consistency::Linearizable {
+            let index = self.read_index().await?;
+            let timeout = self.inner.config.write_timeout;
+            let wait = self
+                .inner
+                .raft
+                .wait(Some(timeout))
+                .applied_index_at_least(Some(index), "linearizable read")
+                .await;
+            if wait.is_err() {
+                return Err(ReadError::Timeout(timeout));
+            }
+        }
+        Ok(self.inner.sm.read(f))
+    }
+
+    /// The log index a linearizable read must wait for: confirmed by the leader with a quorum.
+    async fn read_index(&self) -> Result<u64, ReadError> {
+        let timeout = self.inner.config.write_timeout;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.is_leader() {
+                if let Ok((read, _)) = self.inner.raft.get_read_log_id().await {
+                    return Ok(read.map_or(0, |l| l.index));
+                }
+            } else if let Some((_, leader)) = self.leader() {
+                let t = self.inner.config.rpc_timeout;
+                if let Ok(Answer::ReadIndex(Ok(i))) =
+                    self.inner.transport.call(&leader, Message::ReadIndex, t).await
+                {
+                    return Ok(i);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(ReadError::Timeout(timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Answers a message from another member.
+    pub async fn handle(&self, message: Message) -> Answer {
+        let raft = &self.inner.raft;
+        match message {
+            Message::Append(r) => Answer::Append(raft.append_entries(r).await),
+            Message::Vote(r) => Answer::Vote(raft.vote(r).await),
+            Message::Snapshot(r) => Answer::Snapshot(raft.install_snapshot(r).await),
+            Message::Forward(mut req) => {
+                // Only the leader applies forwarded writes; anyone else says so and the sender
+                // tries again where the leader is now.
+                req.time_ms = now_ms();
+                match raft.client_write(req).await {
+                    Ok(r) => Answer::Forward(Ok(r.data)),
+                    Err(e) => Answer::Forward(Err(e.to_string())),
+                }
+            }
+            Message::ReadIndex => match raft.get_read_log_id().await {
+                Ok((read, _)) => Answer::ReadIndex(Ok(read.map_or(0, |l| l.index))),
+                Err(e) => Answer::ReadIndex(Err(e.to_string())),
+            },
+        }
+    }
+
+    /// Starts the leader's voter controller: while this member leads, every
+    /// `controller_interval` it adds learners and changes voters as [`voters::plan`] says.
+    pub async fn start_controller(&self, candidates: Arc<dyn Candidates>) {
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(me.inner.config.controller_interval);
+            loop {
+                tick.tick().await;
+                if me.is_leader() {
+                    me.review_voters(candidates.as_ref()).await;
+                }
+            }
+        });
+        if let Some(old) = self.inner.controller.lock().await.replace(task) {
+            old.abort();
+        }
+    }
+
+    async fn review_voters(&self, candidates: &dyn Candidates) {
+        let raft = &self.inner.raft;
+        let metrics = raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+        let last = metrics.last_log_index.unwrap_or(0);
+        let lag = self.inner.config.caught_up_lag;
+        let caught_up: BTreeSet<NodeId> = metrics
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.iter()
+                    .filter(|(_, m)| m.as_ref().is_some_and(|m| m.index + lag >= last))
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (cands, configured) = self
+            .inner
+            .sm
+            .read(|s| (candidates.candidates(s), s.settings().and_then(|s| s.voter_target)));
+        let plan = voters::plan(&voters, &learners, &caught_up, &cands, configured);
+        if plan.is_empty() {
+            return;
+        }
+        for (id, member) in plan.add_learners {
+            info!(learner = %member, "adding a raft learner");
+            if let Err(e) = raft.add_learner(id, member, false).await {
+                debug!(error = %e, "add learner");
+            }
+        }
+        if !plan.remove_learners.is_empty()
+            && let Err(e) = raft
+                .change_membership(ChangeMembers::RemoveNodes(plan.remove_learners), false)
+                .await
+        {
+            debug!(error = %e, "remove learners");
+        }
+        if let Some(v) = plan.voters {
+            info!(voters = ?v, "changing raft voters");
+            if let Err(e) = raft.change_membership(v, false).await {
+                debug!(error = %e, "change voters");
+            }
+        }
+    }
+
+    /// Forced recovery (see [`store::force_single_voter`]): run on the stopped, most
+    /// up-to-date surviving voter after a majority is lost for good; at the next start this
+    /// member is the only voter and the controller rebuilds the group around it.
+    pub fn force_recover(data_dir: &Path, me: &Member) -> Result<(), ConsensusError> {
+        let db = store::open(data_dir).map_err(|e| ConsensusError::Storage(e.to_string()))?;
+        let at = store::force_single_voter(&db, me)
+            .map_err(|e| ConsensusError::Storage(e.to_string()))?;
+        warn!(member = %me, %at, "forced recovery: this member is now the only voter");
+        Ok(())
+    }
+
+    /// Stops the member (its storage stays).
+    pub async fn shutdown(&self) {
+        if let Some(t) = self.inner.controller.lock().await.take() {
+            t.abort();
+        }
+        if let Err(e) = self.inner.raft.shutdown().await {
+            warn!(error = %e, "raft shutdown");
+        }
+    }
+}
+
+/// A client session id: random enough that two members never share one.
+fn rand_u64(seed: NodeId) -> u64 {
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let mut z = seed
+        ^ (t as u64)
+        ^ ((t >> 64) as u64).rotate_left(17)
+        ^ (std::process::id() as u64).rotate_left(41);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}

@@ -1,0 +1,424 @@
+//! A real openraft group in one process, over the in-memory transport with faults: failover,
+//! voter replacement, partitions, restarts, snapshots, refusals and forced recovery.
+//!
+//! Every wait has a deadline; nothing sleeps for a fixed time to let something happen.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cloudless_consensus::memnet::{MemNet, MemTransport};
+use cloudless_consensus::state::{Actor, Command, CommandError, Reply, Role, Settings, State};
+use cloudless_consensus::voters::Candidate;
+use cloudless_consensus::{Candidates, Config, Consensus, Consistency, Member, node_id};
+use cloudless_types::{Image, Resources, WorkloadSpec};
+
+const ADMIN: [u8; 32] = [1; 32];
+
+fn config() -> Config {
+    Config {
+        heartbeat: Duration::from_millis(50),
+        election_min: Duration::from_millis(250),
+        election_max: Duration::from_millis(500),
+        snapshot_every: 50,
+        keep_after_snapshot: 10,
+        rpc_timeout: Duration::from_secs(2),
+        write_timeout: Duration::from_secs(10),
+        controller_interval: Duration::from_millis(100),
+        caught_up_lag: 10,
+    }
+}
+
+/// Liveness as the test decides it (the node gets it from the mesh).
+#[derive(Default)]
+struct Oracle {
+    alive: Mutex<BTreeSet<String>>,
+    members: Mutex<Vec<String>>,
+}
+
+impl Candidates for Oracle {
+    fn candidates(&self, _: &State) -> Vec<Candidate> {
+        let alive = self.alive.lock().unwrap();
+        self.members
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| Candidate {
+                id: node_id(p),
+                member: Member { peer: p.clone() },
+                alive: alive.contains(p),
+                eligible: true,
+                stability: 1.0,
+            })
+            .collect()
+    }
+}
+
+struct Cluster {
+    net: MemNet,
+    dirs: Vec<tempfile::TempDir>,
+    nodes: Vec<Option<Consensus<MemTransport>>>,
+    oracle: Arc<Oracle>,
+}
+
+fn peer(i: usize) -> String {
+    format!("node-{i}")
+}
+
+fn spec(name: &str) -> WorkloadSpec {
+    WorkloadSpec::new(
+        name,
+        Image::Container("busybox:1".into()),
+        Resources { cpu_millis: 100, memory_mib: 64, disk_mib: 0, gpus: 0 },
+        1,
+    )
+}
+
+async fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+impl Cluster {
+    /// `n` members; member 0 bootstraps, the controller grows the group to its target.
+    async fn start(n: usize) -> Cluster {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let mut c = Cluster {
+            net: MemNet::new(),
+            dirs: Vec::new(),
+            nodes: Vec::new(),
+            oracle: Arc::new(Oracle::default()),
+        };
+        for i in 0..n {
+            c.dirs.push(tempfile::tempdir().unwrap());
+            c.oracle.members.lock().unwrap().push(peer(i));
+            c.nodes.push(None);
+            c.boot(i).await;
+        }
+        let settings = Settings {
+            name: "test".into(),
+            root_key: [9; 32],
+            voter_target: None,
+            phones_may_vote: false,
+        };
+        c.node(0).bootstrap(settings, ADMIN).await.unwrap().unwrap();
+        let want = match n {
+            0..=2 => 1,
+            3..=6 => 3,
+            _ => 5,
+        };
+        c.wait_voters(want).await;
+        c
+    }
+
+    fn dir(&self, i: usize) -> PathBuf {
+        self.dirs[i].path().to_path_buf()
+    }
+
+    async fn boot(&mut self, i: usize) {
+        let me = Member { peer: peer(i) };
+        let node = Consensus::open(&self.dir(i), me, self.net.transport(&peer(i)), config())
+            .await
+            .unwrap();
+        node.start_controller(self.oracle.clone()).await;
+        self.net.register(node.clone());
+        self.oracle.alive.lock().unwrap().insert(peer(i));
+        self.nodes[i] = Some(node);
+    }
+
+    fn node(&self, i: usize) -> &Consensus<MemTransport> {
+        self.nodes[i].as_ref().expect("running")
+    }
+
+    fn running(&self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|i| self.nodes[*i].is_some()).collect()
+    }
+
+    fn leader(&self) -> Option<usize> {
+        self.running().into_iter().find(|i| self.node(*i).is_leader())
+    }
+
+    async fn wait_leader(&self, timeout: Duration) -> (usize, Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self.leader() {
+                // Every running member of the group agrees (a peer outside it knows nothing).
+                let id = self.node(l).id();
+                let members: BTreeSet<u64> = self
+                    .node(l)
+                    .raft()
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .nodes()
+                    .map(|(id, _)| *id)
+                    .collect();
+                let in_group: Vec<usize> = self
+                    .running()
+                    .into_iter()
+                    .filter(|i| members.contains(&self.node(*i).id()))
+                    .collect();
+                if in_group.iter().all(|i| self.node(*i).leader().map(|(x, _)| x) == Some(id)) {
+                    return (l, start.elapsed());
+                }
+            }
+            assert!(start.elapsed() < timeout, "no agreed leader within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn wait_voters(&self, n: usize) {
+        wait_for(&format!("{n} voters"), Duration::from_secs(30), || {
+            self.leader().is_some_and(|l| {
+                let metrics = self.node(l).raft().metrics().borrow().clone();
+                // Settled: n voters and no joint configuration in progress.
+                self.node(l).voters().len() == n
+                    && metrics.membership_config.membership().get_joint_config().len() == 1
+            })
+        })
+        .await;
+    }
+
+    /// Crashes member `i`: it stops and nothing reaches it; its disk stays.
+    async fn kill(&mut self, i: usize) {
+        self.net.remove(&peer(i));
+        self.oracle.alive.lock().unwrap().remove(&peer(i));
+        if let Some(n) = self.nodes[i].take() {
+            n.shutdown().await;
+        }
+    }
+
+    async fn write(&self, via: usize, name: &str) -> Result<Reply, CommandError> {
+        self.node(via)
+            .propose(Actor::User(ADMIN), Command::PutWorkload(Box::new(spec(name))))
+            .await
+            .unwrap()
+    }
+
+    async fn workloads(&self, i: usize, c: Consistency) -> BTreeSet<String> {
+        self.node(i).read(c, |s| s.workloads().keys().cloned().collect()).await.unwrap()
+    }
+}
+
+/// The leader crashes: a new one is elected within the election bound, nothing committed is
+/// lost, and writes through any member succeed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_without_losing_committed_writes() {
+    let mut c = Cluster::start(3).await;
+    let (l, _) = c.wait_leader(Duration::from_secs(10)).await;
+    for i in 0..20 {
+        c.write(i % 3, &format!("w{i}")).await.unwrap();
+    }
+    c.kill(l).await;
+    let (new, took) = c.wait_leader(Duration::from_secs(10)).await;
+    assert_ne!(new, l);
+    eprintln!("new leader after {took:?}");
+    let follower = c.running().into_iter().find(|i| *i != new).unwrap();
+    assert_eq!(
+        c.workloads(follower, Consistency::Linearizable).await.len(),
+        20,
+        "no committed entry lost"
+    );
+    c.write(follower, "after").await.unwrap();
+    assert!(c.workloads(new, Consistency::Linearizable).await.contains("after"));
+}
+
+/// A voter dies for good: the controller replaces it with an eligible peer and the group is
+/// back at three voters, with no operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_voter_is_replaced_automatically() {
+    let mut c = Cluster::start(4).await;
+    let (l, _) = c.wait_leader(Duration::from_secs(10)).await;
+    let voters = c.node(l).voters();
+    let victim = (0..4).find(|i| *i != l && voters.contains(&node_id(&peer(*i)))).unwrap();
+    let spare = (0..4).find(|i| !voters.contains(&node_id(&peer(*i)))).unwrap();
+    c.kill(victim).await;
+    wait_for("the spare becomes a voter and the dead one is gone", Duration::from_secs(30), || {
+        c.leader().is_some_and(|l| {
+            let v = c.node(l).voters();
+            v.len() == 3
+                && v.contains(&node_id(&peer(spare)))
+                && !v.contains(&node_id(&peer(victim)))
+        })
+    })
+    .await;
+    c.write(spare, "still-writable").await.unwrap();
+}
+
+/// A minority cannot commit; the majority keeps committing; after the heal everyone agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minority_partition_cannot_commit_and_the_heal_converges() {
+    let c = Cluster::start(3).await;
+    let (l, _) = c.wait_leader(Duration::from_secs(10)).await;
+    c.write(l, "before").await.unwrap();
+    // Cut the leader off: it is the minority now.
+    let others: Vec<String> = (0..3).filter(|i| *i != l).map(peer).collect();
+    let others_ref: Vec<&str> = others.iter().map(String::as_str).collect();
+    c.net.partition(&[&peer(l)], &others_ref);
+    let minority = c.node(l).clone();
+    let stuck = tokio::spawn(async move {
+        minority.propose(Actor::User(ADMIN), Command::PutWorkload(Box::new(spec("minority")))).await
+    });
+    let majority = (0..3).find(|i| *i != l).unwrap();
+    c.write(majority, "majority").await.unwrap();
+    assert!(!c.workloads(majority, Consistency::Linearizable).await.contains("minority"));
+    c.net.heal();
+    let _ = stuck.await;
+    wait_for("all three hold the same workloads", Duration::from_secs(20), || {
+        let sets: Vec<BTreeSet<String>> = (0..3)
+            .map(|i| {
+                futures::executor::block_on(
+                    c.node(i).read(Consistency::Stale, |s| s.workloads().keys().cloned().collect()),
+                )
+                .unwrap()
+            })
+            .collect();
+        sets.iter().all(|s| *s == sets[0] && s.contains("majority") && s.contains("before"))
+    })
+    .await;
+}
+
+/// Losing one direction of a link (answers lost) does not stop the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_way_partition_does_not_stop_the_group() {
+    let c = Cluster::start(3).await;
+    let (l, _) = c.wait_leader(Duration::from_secs(10)).await;
+    let f = (0..3).find(|i| *i != l).unwrap();
+    c.net.cut_one_way(&peer(l), &peer(f));
+    for i in 0..5 {
+        let via = (0..3).find(|x| *x != f).unwrap();
+        c.write(via, &format!("one-way-{i}")).await.unwrap();
+    }
+    c.net.heal();
+    wait_for("the cut-off follower catches up", Duration::from_secs(20), || {
+        futures::executor::block_on(c.node(f).read(Consistency::Stale, |s| s.workloads().len()))
+            .unwrap()
+            == 5
+    })
+    .await;
+}
+
+/// Everyone restarts from disk and finds the same state; a member that missed many entries
+/// (the log was compacted meanwhile) catches up by snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_restart_keeps_the_state_and_a_laggard_catches_up_by_snapshot() {
+    let mut c = Cluster::start(3).await;
+    let (l, _) = c.wait_leader(Duration::from_secs(10)).await;
+    let laggard = (0..3).find(|i| *i != l).unwrap();
+    c.kill(laggard).await;
+    for i in 0..200 {
+        c.write(l, &format!("w{i}")).await.unwrap();
+    }
+    let snap = c.node(l).raft().metrics().borrow().snapshot;
+    assert!(snap.is_some_and(|s| s.index > 100), "the leader compacted its log: {snap:?}");
+    c.boot(laggard).await;
+    wait_for("the laggard installs a snapshot and catches up", Duration::from_secs(30), || {
+        futures::executor::block_on(
+            c.node(laggard).read(Consistency::Stale, |s| s.workloads().len()),
+        )
+        .unwrap()
+            == 200
+    })
+    .await;
+    let before = c.workloads(l, Consistency::Linearizable).await;
+    for i in 0..3 {
+        c.kill(i).await;
+    }
+    for i in 0..3 {
+        c.boot(i).await;
+    }
+    let (l, _) = c.wait_leader(Duration::from_secs(10)).await;
+    assert_eq!(c.workloads(l, Consistency::Linearizable).await, before);
+    for i in 0..3 {
+        assert_eq!(c.workloads(i, Consistency::Linearizable).await, before, "member {i}");
+    }
+}
+
+/// Malformed and unauthorized commands come back as typed errors and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_commands_are_refused_and_change_nothing() {
+    let c = Cluster::start(3).await;
+    let (l, _) = c.wait_leader(Duration::from_secs(10)).await;
+    let follower = (0..3).find(|i| *i != l).unwrap();
+    c.write(follower, "ok").await.unwrap();
+    let before = c.node(l).read(Consistency::Linearizable, Clone::clone).await.unwrap();
+    let mut bad = spec("bad");
+    bad.replicas = 50_000;
+    let r = c
+        .node(follower)
+        .propose(Actor::User(ADMIN), Command::PutWorkload(Box::new(bad)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(r, Err(CommandError::Invalid { ref field, .. }) if field == "replicas"),
+        "{r:?}"
+    );
+    let r = c
+        .node(follower)
+        .propose(Actor::User([77; 32]), Command::DeleteWorkload { name: "ok".into() })
+        .await
+        .unwrap();
+    assert!(matches!(r, Err(CommandError::Unauthorized { .. })), "{r:?}");
+    let r = c
+        .node(l)
+        .propose(
+            Actor::User(ADMIN),
+            Command::PutUser { key: [5; 32], name: "\u{7}".into(), role: Role::Viewer },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r, Err(CommandError::Invalid { .. })), "{r:?}");
+    let after = c.node(l).read(Consistency::Linearizable, Clone::clone).await.unwrap();
+    assert_eq!(after.workloads(), before.workloads());
+    assert_eq!(after.users(), before.users());
+}
+
+/// Two of three voters are lost for good: forced recovery on the survivor rebuilds a working
+/// group from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_recovery_rebuilds_the_group_from_a_survivor() {
+    let mut c = Cluster::start(3).await;
+    let (l, _) = c.wait_leader(Duration::from_secs(10)).await;
+    c.write(l, "kept").await.unwrap();
+    let survivor = (0..3).find(|i| *i != l).unwrap();
+    for i in 0..3 {
+        c.kill(i).await;
+    }
+    // The other two never come back: forget them.
+    c.oracle.members.lock().unwrap().retain(|p| *p == peer(survivor));
+    Consensus::<MemTransport>::force_recover(&c.dir(survivor), &Member { peer: peer(survivor) })
+        .unwrap();
+    c.boot(survivor).await;
+    wait_for("the survivor leads alone", Duration::from_secs(10), || c.node(survivor).is_leader())
+        .await;
+    assert_eq!(c.node(survivor).voters().len(), 1);
+    assert!(c.workloads(survivor, Consistency::Linearizable).await.contains("kept"));
+    c.write(survivor, "after-recovery").await.unwrap();
+}
+
+/// Reads: linearizable through a follower sees every acknowledged write; stale reads answer
+/// from local state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_reads_through_followers_see_acknowledged_writes() {
+    let c = Cluster::start(3).await;
+    let (l, _) = c.wait_leader(Duration::from_secs(10)).await;
+    let f = (0..3).find(|i| *i != l).unwrap();
+    c.net.set_delay(Duration::from_millis(5));
+    for i in 0..10 {
+        c.write(l, &format!("r{i}")).await.unwrap();
+        assert!(c.workloads(f, Consistency::Linearizable).await.contains(&format!("r{i}")));
+    }
+    let stale = c.workloads(f, Consistency::Stale).await;
+    assert!(stale.len() <= 10);
+}
