@@ -33,8 +33,8 @@ impl std::fmt::Display for Member {
 openraft::declare_raft_types!(
     /// The raft type configuration of Cloudless.
     pub TypeConfig:
-        D = state::Request,
-        R = state::Response,
+        D = state::Batch,
+        R = Vec<state::Response>,
         NodeId = NodeId,
         Node = Member,
 );

@@ -21,7 +21,7 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Request, Response};
+use crate::state::{Batch, Response};
 use crate::{Member, NodeId, TypeConfig};
 
 /// What one member sends another.
@@ -33,8 +33,8 @@ pub enum Message {
     Vote(VoteRequest<NodeId>),
     /// One chunk of a snapshot.
     Snapshot(InstallSnapshotRequest<TypeConfig>),
-    /// A write forwarded to the leader.
-    Forward(Request),
+    /// Writes forwarded to the leader, as one batch.
+    Forward(Batch),
     /// A follower asks the leader for a read index (linearizable reads).
     ReadIndex,
 }
@@ -50,7 +50,7 @@ pub enum Answer {
     Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
     /// To [`Message::Forward`]: the state machine's response, or why the write did not
     /// happen there (for example, that node is not the leader any more).
-    Forward(Result<Response, String>),
+    Forward(Result<Vec<Response>, String>),
     /// To [`Message::ReadIndex`]: the index to wait for, or why there is none.
     ReadIndex(Result<u64, String>),
 }

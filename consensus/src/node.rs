@@ -20,12 +20,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Raft, SnapshotPolicy};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::network::{Answer, Message, Network, Transport};
-use crate::state::{Actor, Command, Request, Response, State};
+use crate::state::{Actor, Batch, Command, Request, Response, State};
 use crate::store::{self, LogStore, StateMachineStore};
 use crate::voters::{self, Candidate};
 use crate::{Member, NodeId, TypeConfig, node_id};
@@ -147,6 +147,11 @@ struct Inner<T: Transport> {
     config: Config,
     client: u64,
     serial: AtomicU64,
+    /// Proposals in flight on this member's client session, at most the state machine's
+    /// session window, so that every retry can still be recognised.
+    inflight: tokio::sync::Semaphore,
+    /// Writes waiting for the batcher.
+    queue: mpsc::Sender<Pending>,
     controller: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -193,6 +198,10 @@ impl<T: Transport> Consensus<T> {
         .await
         .map_err(|e| ConsensusError::Fatal(e.to_string()))?;
         let client = rand_u64(id);
+        let (queue, rx) = mpsc::channel(QUEUE);
+        let writer =
+            Writer { raft: raft.clone(), transport: transport.clone(), config: config.clone() };
+        tokio::spawn(batcher(rx, writer));
         Ok(Consensus {
             inner: Arc::new(Inner {
                 id,
@@ -203,6 +212,8 @@ impl<T: Transport> Consensus<T> {
                 config,
                 client,
                 serial: AtomicU64::new(0),
+                inflight: tokio::sync::Semaphore::new(crate::state::SESSION_WINDOW),
+                queue,
                 controller: Mutex::new(None),
             }),
         })
@@ -266,49 +277,24 @@ impl<T: Transport> Consensus<T> {
     /// Writes: `actor` asks for `command`. Accepted on any member; followers forward to the
     /// leader. Retried across leader changes until the write deadline; applied at most once.
     pub async fn propose(&self, actor: Actor, command: Command) -> Result<Response, WriteError> {
+        let _permit =
+            self.inner.inflight.acquire().await.map_err(|e| WriteError::Fatal(e.to_string()))?;
         let serial = self.inner.serial.fetch_add(1, Ordering::SeqCst) + 1;
         let req = Request { client: self.inner.client, serial, actor, time_ms: now_ms(), command };
         self.submit(req).await
     }
 
     /// Writes a request prepared elsewhere (a forwarded CLI request keeps its own client and
-    /// serial, so a retry through another member is still applied once).
-    pub async fn submit(&self, mut req: Request) -> Result<Response, WriteError> {
-        let deadline = Instant::now() + self.inner.config.write_timeout;
-        let mut backoff = Duration::from_millis(20);
-        loop {
-            req.time_ms = now_ms();
-            match self.inner.raft.client_write(req.clone()).await {
-                Ok(r) => return Ok(r.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    if let Some(leader) = f.leader_node {
-                        let timeout = self.inner.config.rpc_timeout;
-                        match self
-                            .inner
-                            .transport
-                            .call(&leader, Message::Forward(req.clone()), timeout)
-                            .await
-                        {
-                            Ok(Answer::Forward(Ok(resp))) => return Ok(resp),
-                            Ok(Answer::Forward(Err(why))) => {
-                                debug!(%why, "forwarded write refused; retrying")
-                            }
-                            Ok(_) => debug!("unexpected answer to a forwarded write"),
-                            Err(e) => debug!(error = %e, "forwarding failed; retrying"),
-                        }
-                    }
-                }
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                    return Err(WriteError::Fatal(e.to_string()));
-                }
-                Err(RaftError::Fatal(e)) => return Err(WriteError::Fatal(e.to_string())),
-            }
-            if Instant::now() + backoff > deadline {
-                return Err(WriteError::Timeout(self.inner.config.write_timeout));
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
-        }
+    /// serial, so a retry through another member is still applied once). Requests submitted
+    /// together are committed together (group commit).
+    pub async fn submit(&self, req: Request) -> Result<Response, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .queue
+            .send(Pending { req, reply })
+            .await
+            .map_err(|_| WriteError::Fatal("the batcher stopped".into()))?;
+        rx.await.map_err(|_| WriteError::Fatal("the batcher stopped".into()))?
     }
 
     /// Reads the state.
@@ -364,11 +350,13 @@ impl<T: Transport> Consensus<T> {
             Message::Append(r) => Answer::Append(raft.append_entries(r).await),
             Message::Vote(r) => Answer::Vote(raft.vote(r).await),
             Message::Snapshot(r) => Answer::Snapshot(raft.install_snapshot(r).await),
-            Message::Forward(mut req) => {
+            Message::Forward(mut batch) => {
                 // Only the leader applies forwarded writes; anyone else says so and the sender
                 // tries again where the leader is now.
-                req.time_ms = now_ms();
-                match raft.client_write(req).await {
+                for r in &mut batch.0 {
+                    r.time_ms = now_ms();
+                }
+                match raft.client_write(batch).await {
                     Ok(r) => Answer::Forward(Ok(r.data)),
                     Err(e) => Answer::Forward(Err(e.to_string())),
                 }
@@ -463,6 +451,146 @@ impl<T: Transport> Consensus<T> {
         }
         if let Err(e) = self.inner.raft.shutdown().await {
             warn!(error = %e, "raft shutdown");
+        }
+    }
+}
+
+/// Writes queued for the batcher before proposers wait (the session window bounds what one
+/// member proposes; forwarded CLI writes add to it).
+const QUEUE: usize = 4096;
+/// Most requests in one raft entry.
+const MAX_BATCH: usize = 512;
+/// Batches in flight at once: while they commit, new requests gather into the next one.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+struct Pending {
+    req: Request,
+    reply: oneshot::Sender<Result<Response, WriteError>>,
+}
+
+/// Gathers queued writes into batches and commits them, a few batches at a time.
+async fn batcher<T: Transport>(mut rx: mpsc::Receiver<Pending>, writer: Writer<T>) {
+    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else { break };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (reqs, replies): (Vec<Request>, Vec<_>) =
+                batch.into_iter().map(|p| (p.req, p.reply)).unzip();
+            let n = reqs.len();
+            match writer.write(Batch(reqs)).await {
+                Ok(resps) if resps.len() == n => {
+                    for (reply, resp) in replies.into_iter().zip(resps) {
+                        let _ = reply.send(Ok(resp));
+                    }
+                }
+                Ok(resps) => {
+                    let e =
+                        WriteError::Fatal(format!("{} responses for {n} requests", resps.len()));
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Commits batches: locally when leading, else forwarded to the leader, retried across leader
+/// changes until the write deadline.
+struct Writer<T: Transport> {
+    raft: Raft<TypeConfig>,
+    transport: T,
+    config: Config,
+}
+
+impl<T: Transport> Clone for Writer<T> {
+    fn clone(&self) -> Self {
+        Writer {
+            raft: self.raft.clone(),
+            transport: self.transport.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<T: Transport> Writer<T> {
+    async fn write(&self, mut batch: Batch) -> Result<Vec<Response>, WriteError> {
+        let deadline = Instant::now() + self.config.write_timeout;
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            for r in &mut batch.0 {
+                r.time_ms = now_ms();
+            }
+            match self.raft.client_write(batch.clone()).await {
+                Ok(r) => return Ok(r.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    if let (Some(leader_id), Some(leader)) = (f.leader_id, f.leader_node) {
+                        if let Some(resps) = self.forward(leader_id, &leader, &batch).await {
+                            return Ok(resps);
+                        }
+                    } else {
+                        // No leader known: wait for one rather than spin.
+                        let mut m = self.raft.metrics();
+                        let _ = tokio::time::timeout(
+                            self.config.election_max,
+                            m.wait_for(|m| m.current_leader.is_some()),
+                        )
+                        .await;
+                    }
+                }
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                    return Err(WriteError::Fatal(e.to_string()));
+                }
+                Err(RaftError::Fatal(e)) => return Err(WriteError::Fatal(e.to_string())),
+            }
+            if Instant::now() + backoff > deadline {
+                return Err(WriteError::Timeout(self.config.write_timeout));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Forwards to `leader`; gives up as soon as raft learns of another leader (the old one
+    /// may be dead and its connection silent). Safe to repeat: requests are de-duplicated.
+    async fn forward(
+        &self,
+        leader_id: NodeId,
+        leader: &Member,
+        batch: &Batch,
+    ) -> Option<Vec<Response>> {
+        let mut metrics = self.raft.metrics();
+        let changed = metrics.wait_for(|m| m.current_leader != Some(leader_id));
+        let call =
+            self.transport.call(leader, Message::Forward(batch.clone()), self.config.rpc_timeout);
+        tokio::select! {
+            answer = call => match answer {
+                Ok(Answer::Forward(Ok(resps))) => Some(resps),
+                Ok(Answer::Forward(Err(why))) => {
+                    debug!(%why, "forwarded write refused; retrying");
+                    None
+                }
+                Ok(_) => None,
+                Err(e) => {
+                    debug!(error = %e, "forwarding failed; retrying");
+                    None
+                }
+            },
+            _ = changed => None,
         }
     }
 }

@@ -291,6 +291,11 @@ pub struct Request {
     pub command: Command,
 }
 
+/// Requests proposed together as one raft entry (group commit): one log append and one
+/// fsync for all of them. Each is still applied, refused and de-duplicated on its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch(pub Vec<Request>);
+
 /// What a successful command returns.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
@@ -380,7 +385,13 @@ fn bad(field: &str, reason: impl Into<String>) -> CommandError {
 }
 
 /// Client sessions remembered for de-duplication; the least recently used is forgotten.
-pub const MAX_SESSIONS: usize = 16_384;
+/// Forgetting a session is safe for the commands that are idempotent or guarded (reports,
+/// epoch-checked assignments, nonce-checked enrollments); for the others the window below
+/// covers any retry a client makes within its write deadline.
+pub const MAX_SESSIONS: usize = 4096;
+/// Responses remembered per client, so the requests a client may have in flight at once: a
+/// client must keep fewer than this outstanding (the consensus member does).
+pub const SESSION_WINDOW: usize = 256;
 /// Most enrolled nodes.
 pub const MAX_NODES: usize = 100_000;
 /// Most users.
@@ -394,8 +405,11 @@ pub const MAX_NAME: usize = 128;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Session {
-    serial: u64,
-    response: Response,
+    /// Responses to the most recent serials (at most [`SESSION_WINDOW`]): a client may have
+    /// several requests in flight, and raft may apply them in any order.
+    recent: BTreeMap<u64, Response>,
+    /// Serials at or below this are forgotten: a retry that old cannot be answered.
+    forgotten: u64,
     /// Sequence number of the last use, for least-recently-used eviction.
     used: u64,
 }
@@ -426,21 +440,20 @@ impl State {
     /// Applies one request. Never panics and never half-applies.
     pub fn apply(&mut self, req: &Request) -> Response {
         self.applied += 1;
-        if let Some(s) = self.sessions.get(&req.client)
-            && req.serial <= s.serial
-        {
+        if let Some(s) = self.sessions.get(&req.client) {
             // A retry of something already applied: the same answer, nothing done again.
-            return if req.serial == s.serial {
-                s.response.clone()
-            } else {
-                Err(bad(
+            if let Some(r) = s.recent.get(&req.serial) {
+                return r.clone();
+            }
+            if req.serial <= s.forgotten {
+                return Err(bad(
                     "serial",
                     format!(
-                        "{} is older than the last request {} of this client",
-                        req.serial, s.serial
+                        "{} is too old for this client (the last {SESSION_WINDOW} are remembered)",
+                        req.serial
                     ),
-                ))
-            };
+                ));
+            }
         }
         let response = self.check(req).map(|()| self.mutate(req));
         self.remember(req.client, req.serial, response.clone());
@@ -448,11 +461,21 @@ impl State {
     }
 
     fn remember(&mut self, client: u64, serial: u64, response: Response) {
-        if let Some(old) = self.sessions.get(&client) {
-            self.session_lru.remove(&old.used);
-        }
         let used = self.applied;
-        self.sessions.insert(client, Session { serial, response, used });
+        let session = self.sessions.entry(client).or_insert_with(|| Session {
+            recent: BTreeMap::new(),
+            forgotten: 0,
+            used,
+        });
+        self.session_lru.remove(&session.used);
+        session.used = used;
+        session.recent.insert(serial, response);
+        while session.recent.len() > SESSION_WINDOW {
+            if let Some((&oldest, _)) = session.recent.iter().next() {
+                session.recent.remove(&oldest);
+                session.forgotten = session.forgotten.max(oldest);
+            }
+        }
         self.session_lru.insert(used, client);
         while self.sessions.len() > MAX_SESSIONS {
             let Some((&oldest, &c)) = self.session_lru.iter().next() else { break };

@@ -30,7 +30,7 @@ use openraft::{
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Reply, State};
+use crate::state::State;
 use crate::{Member, NodeId, TypeConfig};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -216,8 +216,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SError> {
+        // Only shortens the replay after a restart: written without its own fsync, it becomes
+        // durable with the next log append (raft is correct with a stale value).
         let db = self.db.clone();
-        blocking(move || meta_put(&db, "committed", &committed)).await.map_err(write_logs)
+        blocking(move || {
+            let bytes = encode(&committed)?;
+            let mut w = db.begin_write().map_err(any)?;
+            w.set_durability(redb::Durability::None).map_err(any)?;
+            {
+                let mut t = w.open_table(META).map_err(any)?;
+                t.insert("committed", bytes.as_slice()).map_err(any)?;
+            }
+            w.commit().map_err(any)
+        })
+        .await
+        .map_err(write_logs)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SError> {
@@ -423,7 +436,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((m.last_applied, m.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<crate::state::Response>, SError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<crate::state::Response>>, SError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -433,11 +446,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         for e in entries {
             m.last_applied = Some(e.log_id);
             match e.payload {
-                EntryPayload::Blank => out.push(Ok(Reply::Done)),
-                EntryPayload::Normal(req) => out.push(m.state.apply(&req)),
+                EntryPayload::Blank => out.push(Vec::new()),
+                EntryPayload::Normal(batch) => {
+                    out.push(batch.0.iter().map(|r| m.state.apply(r)).collect())
+                }
                 EntryPayload::Membership(mem) => {
                     m.membership = StoredMembership::new(Some(e.log_id), mem);
-                    out.push(Ok(Reply::Done));
+                    out.push(Vec::new());
                 }
             }
         }

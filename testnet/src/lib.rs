@@ -125,7 +125,7 @@ impl Testnet {
         Ok(net)
     }
 
-    /// Adds and starts one more node, bootstrapping from node 0. Returns its index.
+    /// Adds and starts one more node, bootstrapping from a running one. Returns its index.
     pub async fn add_node(&mut self) -> Result<usize> {
         let i = self.nodes.len();
         let data_dir = self._dir.path().join(format!("node-{i}"));
@@ -144,7 +144,12 @@ impl Testnet {
     }
 
     async fn boot(&mut self, i: usize) -> Result<()> {
-        let bootstrap = if i == 0 { Vec::new() } else { self.nodes[0].addrs.clone() };
+        // Bootstrap from the first other node that runs (node 0 for a fresh start; anyone
+        // for a restart, which comes back on new ports that nobody knows yet).
+        let bootstrap = (0..self.nodes.len())
+            .find(|j| *j != i && self.nodes[*j].running.is_some())
+            .map(|j| self.nodes[j].addrs.clone())
+            .unwrap_or_default();
         let node = &mut self.nodes[i];
         let mut config = test_config(node.data_dir.clone());
         config.bootstrap = bootstrap;

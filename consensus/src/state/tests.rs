@@ -157,9 +157,25 @@ fn a_retried_request_is_applied_once() {
     assert_eq!(s.apply(&req), Ok(Reply::Version(1)));
     assert_eq!(s.apply(&req), Ok(Reply::Version(1)), "the retry gets the stored answer");
     assert_eq!(s.workloads()["web"].version, 1);
-    let mut old = req.clone();
-    old.serial -= 1;
-    assert!(s.apply(&old).is_err(), "an older serial is refused");
+    // Requests in flight together may be applied in any order, and each only once.
+    c.serial += 1; // the serial the "earlier" request got; it arrives late
+    let later = c.req(Actor::User(ADMIN), Command::PutWorkload(Box::new(spec("b", 1))));
+    let earlier = Request { serial: later.serial - 1, ..later.clone() };
+    let earlier = Request { command: Command::PutWorkload(Box::new(spec("a", 1))), ..earlier };
+    assert_eq!(s.apply(&later), Ok(Reply::Version(1)));
+    assert_eq!(
+        s.apply(&earlier),
+        Ok(Reply::Version(1)),
+        "an earlier serial arriving late is applied"
+    );
+    assert_eq!(s.apply(&earlier), Ok(Reply::Version(1)));
+    assert_eq!(s.workloads().len(), 3);
+    // Beyond the window, a retry cannot be answered and is refused rather than applied twice.
+    for _ in 0..SESSION_WINDOW + 1 {
+        s.apply(&c.req(Actor::User(ADMIN), Command::Scale { name: "web".into(), replicas: 1 }))
+            .unwrap();
+    }
+    assert!(s.apply(&req).is_err(), "a retry older than the window is refused");
 }
 
 #[test]

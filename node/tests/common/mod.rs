@@ -1,0 +1,141 @@
+//! A raft group over real mesh nodes on loopback, for the node's tests and benchmarks.
+
+#![allow(clippy::unwrap_used, dead_code)] // test helpers; not every user needs every helper
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cloudless_consensus::state::{Settings, State};
+use cloudless_consensus::voters::Candidate;
+use cloudless_consensus::{Candidates, Config, Consensus, Member, node_id};
+use cloudless_node::raft_rpc::{self, MeshTransport};
+use cloudless_testnet::Testnet;
+
+/// Everyone the test has not killed is a healthy, eligible candidate.
+#[derive(Default)]
+pub struct Alive(pub Mutex<BTreeSet<String>>);
+
+impl Candidates for Alive {
+    fn candidates(&self, _: &State) -> Vec<Candidate> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| Candidate {
+                id: node_id(p),
+                member: Member { peer: p.clone() },
+                alive: true,
+                eligible: true,
+                stability: 1.0,
+            })
+            .collect()
+    }
+}
+
+pub struct Group {
+    pub net: Testnet,
+    pub dirs: Vec<tempfile::TempDir>,
+    pub nodes: Vec<Option<Consensus<MeshTransport>>>,
+    pub alive: Arc<Alive>,
+    pub config: Config,
+}
+
+impl Group {
+    /// `n` mesh nodes, each with a raft member; node 0 bootstraps and the controller grows
+    /// the group to its target size.
+    pub async fn start(n: usize, config: Config) -> Group {
+        let net = Testnet::start(n).await.unwrap();
+        net.wait_until("the mesh converges", Duration::from_secs(60), || net.converged())
+            .await
+            .unwrap();
+        let mut g =
+            Group { net, dirs: Vec::new(), nodes: Vec::new(), alive: Arc::default(), config };
+        for i in 0..n {
+            g.dirs.push(tempfile::tempdir().unwrap());
+            g.nodes.push(None);
+            g.boot(i).await;
+        }
+        let settings = Settings {
+            name: "bench".into(),
+            root_key: [9; 32],
+            voter_target: None,
+            phones_may_vote: false,
+        };
+        g.node(0).bootstrap(settings, [1; 32]).await.unwrap().unwrap();
+        let want = if n >= 3 { 3 } else { 1 };
+        let start = Instant::now();
+        while g.leader().is_none_or(|l| g.node(l).voters().len() != want) {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the group did not reach {want} voters"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        g
+    }
+
+    /// Starts raft member `i` on its (running) mesh node, from its data dir. A member that
+    /// just stopped may still hold the database for a moment (its RPC handlers finish first):
+    /// opening is retried until it is released.
+    pub async fn boot(&mut self, i: usize) {
+        let mesh = self.net.handle(i).unwrap().clone();
+        let me = Member { peer: mesh.peer_id().to_string() };
+        let start = Instant::now();
+        let c = loop {
+            match Consensus::open(
+                self.dirs[i].path(),
+                me.clone(),
+                MeshTransport::new(mesh.clone()),
+                self.config.clone(),
+            )
+            .await
+            {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(10),
+                        "cannot open raft data: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        raft_rpc::serve(&mesh, c.clone()).await.unwrap();
+        c.start_controller(self.alive.clone()).await;
+        self.alive.0.lock().unwrap().insert(me.peer);
+        self.nodes[i] = Some(c);
+    }
+
+    pub fn node(&self, i: usize) -> &Consensus<MeshTransport> {
+        self.nodes[i].as_ref().unwrap()
+    }
+
+    pub fn running(&self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|i| self.nodes[*i].is_some()).collect()
+    }
+
+    /// The leader of the highest term any running member knows (a member just restarted may
+    /// still believe in its old leadership until someone tells it otherwise).
+    pub fn leader(&self) -> Option<usize> {
+        let term = |i: usize| self.node(i).raft().metrics().borrow().current_term;
+        let top = self.running().into_iter().map(term).max()?;
+        self.running().into_iter().find(|i| self.node(*i).is_leader() && term(*i) == top)
+    }
+
+    /// Crashes node `i`: its mesh node and raft member stop; the disk stays.
+    pub async fn kill(&mut self, i: usize) {
+        let peer = self.node(i).member().peer.clone();
+        self.alive.0.lock().unwrap().remove(&peer);
+        self.net.kill(i).await;
+        if let Some(c) = self.nodes[i].take() {
+            c.shutdown().await;
+        }
+    }
+
+    /// Brings node `i` back: same identity, same raft data.
+    pub async fn restart(&mut self, i: usize) {
+        self.net.restart(i).await.unwrap();
+        self.boot(i).await;
+    }
+}
