@@ -1,5 +1,35 @@
-//! Cloudless consensus: the raft group, elected among stable peers, that holds the cluster's
-//! metadata.
+//! Cloudless consensus: the raft group, elected among the pool's own stable peers, that holds
+//! the cluster's metadata (settings, enrolled nodes, users, workloads, assignments, replica
+//! status, used invite nonces). There is no coordinator tier: any node may be a member.
+//!
+//! ```text
+//!   any node: Consensus::propose ──(not leader: Message::Forward)──▶ leader's batcher
+//!   leader: batch of Requests ──openraft──▶ LogStore (redb, fsync) ──▶ replicate (Transport)
+//!   committed ──▶ StateMachineStore ──▶ State::apply (pure) ──▶ Response to the proposer
+//!   reads: Consensus::read(Linearizable: read index via the leader | Stale: local) ──▶ &State
+//!   leader's controller: Candidates (node: mesh view + State) ──▶ voters::plan ──▶ membership
+//! ```
+//!
+//! - [`state`]: the state machine, a plain struct with a deterministic `apply`; commands are
+//!   checked completely before the first change and retried requests are answered from a
+//!   per-client session table, so a retry is applied once.
+//! - [`store`]: openraft's storage-v2 traits (`RaftLogStorage`, `RaftStateMachine`) over one
+//!   redb database per member, fsync on every commit; snapshots are the serialized state,
+//!   built off the apply path. [`store::force_single_voter`] is forced recovery.
+//! - [`network`]: the [`Transport`] trait the node implements over the mesh's RPC (and
+//!   [`memnet`] in memory, with drops, delays and one-way partitions, for tests).
+//! - [`voters`]: who votes, as pure functions: [`voters::assess`] scores a peer and
+//!   [`voters::plan`] moves the voter set towards the most stable eligible peers.
+//! - [`node`]: [`Consensus`], one member: opening, bootstrap, group-committed writes with
+//!   forwarding, reads, the voter controller, quiet start, forced recovery.
+//!
+//! **openraft is pinned to `=0.9.25`**: the newest 0.9 release, the stable line (0.10 is still
+//! alpha and changes the storage and network traits), with the storage-v2 traits. Two of its
+//! behaviours shape this crate. It has no pre-vote, so a restarted member would stand for
+//! election with a higher term and unseat a healthy leader; [`node`] keeps a member from
+//! standing until it has heard from a leader or [`Config::quiet_start`] has passed. And it uses
+//! the longest election timeout as the leader lease, so failover takes lease + a randomized
+//! timeout: the default timings (heartbeat 100 ms, election 300–600 ms) keep that near 1 s.
 use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};

@@ -19,8 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::AppendEntriesResponse;
 use openraft::{ChangeMembers, Raft, SnapshotPolicy};
-use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
+use tokio::sync::{Mutex, Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -33,11 +34,16 @@ use crate::{Member, NodeId, TypeConfig, node_id};
 /// Settings of a consensus member.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Leader heartbeat. 150 ms keeps failover well under a second and a half on home links.
+    /// Leader heartbeat: several fit in the shortest election timeout, so a couple of lost or
+    /// late ones on a home link do not unseat a healthy leader.
     pub heartbeat: Duration,
-    /// Shortest election timeout (five heartbeats: survives a few lost ones).
+    /// Shortest election timeout (three heartbeats).
     pub election_min: Duration,
-    /// Longest election timeout (randomized between the two to avoid split votes).
+    /// Longest election timeout (randomized between the two to avoid split votes). openraft
+    /// also uses it as the leader lease: a follower that heard from a live leader refuses to
+    /// vote for this long, and waits lease + election timeout before standing itself. Failover
+    /// therefore takes between `election_max + election_min` and `2 × election_max`: with the
+    /// defaults 0.9–1.2 s, under the 1.5 s the design asks for.
     pub election_max: Duration,
     /// A snapshot is built every this many log entries.
     pub snapshot_every: u64,
@@ -51,20 +57,25 @@ pub struct Config {
     pub controller_interval: Duration,
     /// A learner within this many entries of the leader counts as caught up.
     pub caught_up_lag: u64,
+    /// How long a member that just started waits to hear from a leader before it may stand
+    /// for election itself (see [`quiet_start`]). Longer than the mesh takes to reconnect a
+    /// restarted node; it is also how long a group that restarted as a whole stays leaderless.
+    pub quiet_start: Duration,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
-            heartbeat: Duration::from_millis(150),
-            election_min: Duration::from_millis(750),
-            election_max: Duration::from_millis(1500),
+            heartbeat: Duration::from_millis(100),
+            election_min: Duration::from_millis(300),
+            election_max: Duration::from_millis(600),
             snapshot_every: 5000,
             keep_after_snapshot: 1000,
             rpc_timeout: Duration::from_secs(3),
             write_timeout: Duration::from_secs(10),
             controller_interval: Duration::from_secs(1),
             caught_up_lag: 100,
+            quiet_start: Duration::from_secs(4),
         }
     }
 }
@@ -153,6 +164,8 @@ struct Inner<T: Transport> {
     /// Writes waiting for the batcher.
     queue: mpsc::Sender<Pending>,
     controller: Mutex<Option<JoinHandle<()>>>,
+    /// Signals [`quiet_start`] that a leader has been heard.
+    heard: Arc<Notify>,
 }
 
 /// A member of the raft group. Cheap to clone.
@@ -170,6 +183,30 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Keeps a member that just started from standing for election until it has heard from a
+/// leader, or for `quiet` if nobody speaks up (the whole group restarted).
+///
+/// openraft 0.9 has no pre-vote, and a member that restarts has no record of when it last heard
+/// a leader, so it would stand at once with a higher term: the healthy leader, seeing that
+/// term in a follower's answer, steps down, and every restart of any voter would cost the
+/// group an election. A lone voter needs no one's permission and is not held back.
+fn quiet_start(raft: &Raft<TypeConfig>, id: NodeId, quiet: Duration, heard: Arc<Notify>) {
+    let alone = {
+        let m = raft.metrics().borrow().clone();
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        voters == [id]
+    };
+    if alone {
+        return;
+    }
+    raft.runtime_config().elect(false);
+    let raft = raft.clone();
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(quiet, heard.notified()).await;
+        raft.runtime_config().elect(true);
+    });
 }
 
 impl<T: Transport> Consensus<T> {
@@ -197,6 +234,9 @@ impl<T: Transport> Consensus<T> {
         )
         .await
         .map_err(|e| ConsensusError::Fatal(e.to_string()))?;
+        // Set by the first append a leader sends that this member accepts.
+        let heard = Arc::new(Notify::new());
+        quiet_start(&raft, id, config.quiet_start, heard.clone());
         let client = rand_u64(id);
         let (queue, rx) = mpsc::channel(QUEUE);
         let writer =
@@ -215,6 +255,7 @@ impl<T: Transport> Consensus<T> {
                 inflight: tokio::sync::Semaphore::new(crate::state::SESSION_WINDOW),
                 queue,
                 controller: Mutex::new(None),
+                heard,
             }),
         })
     }
@@ -347,7 +388,13 @@ impl<T: Transport> Consensus<T> {
     pub async fn handle(&self, message: Message) -> Answer {
         let raft = &self.inner.raft;
         match message {
-            Message::Append(r) => Answer::Append(raft.append_entries(r).await),
+            Message::Append(r) => {
+                let answer = raft.append_entries(r).await;
+                if matches!(&answer, Ok(a) if !matches!(a, AppendEntriesResponse::HigherVote(_))) {
+                    self.inner.heard.notify_one();
+                }
+                Answer::Append(answer)
+            }
             Message::Vote(r) => Answer::Vote(raft.vote(r).await),
             Message::Snapshot(r) => Answer::Snapshot(raft.install_snapshot(r).await),
             Message::Forward(mut batch) => {
@@ -442,6 +489,14 @@ impl<T: Transport> Consensus<T> {
             .map_err(|e| ConsensusError::Storage(e.to_string()))?;
         warn!(member = %me, %at, "forced recovery: this member is now the only voter");
         Ok(())
+    }
+
+    /// The newest log id in the (stopped) member's store in `data_dir`, as `(index, term)`;
+    /// `None` when it holds no log. Compare survivors with it before [`Self::force_recover`].
+    pub fn last_log(data_dir: &Path) -> Result<Option<(u64, u64)>, ConsensusError> {
+        let db = store::open(data_dir).map_err(|e| ConsensusError::Storage(e.to_string()))?;
+        let last = store::last_log_id(&db).map_err(|e| ConsensusError::Storage(e.to_string()))?;
+        Ok(last.map(|l| (l.index, l.leader_id.term)))
     }
 
     /// Stops the member (its storage stays).

@@ -310,6 +310,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// The newest log id this member holds (in its log, or covered by its snapshot or purge), for
+/// choosing the most up-to-date survivor before forced recovery; `None` for an empty store.
+pub fn last_log_id(db: &Database) -> Result<Option<LogId<NodeId>>, AnyError> {
+    let purged: Option<LogId<NodeId>> = meta_get(db, "purged")?;
+    let snap: Option<StoredSnapshot> = meta_get(db, "snapshot")?;
+    Ok(LogStore::last_entry_id(db)?.max(purged).max(snap.and_then(|s| s.meta.last_log_id)))
+}
+
 /// Forced recovery after the permanent loss of a majority: rewrites the stopped member's
 /// log so that it alone is the voter. Run it on the most up-to-date surviving voter (the
 /// highest last log index), with the member stopped; on restart it elects itself, commits
@@ -321,9 +329,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 pub fn force_single_voter(db: &Database, me: &Member) -> Result<LogId<NodeId>, AnyError> {
     let id = crate::node_id(&me.peer);
     let vote: Option<Vote<NodeId>> = meta_get(db, "vote")?;
-    let purged: Option<LogId<NodeId>> = meta_get(db, "purged")?;
-    let snap: Option<StoredSnapshot> = meta_get(db, "snapshot")?;
-    let last = LogStore::last_entry_id(db)?.max(purged).max(snap.and_then(|s| s.meta.last_log_id));
+    let last = last_log_id(db)?;
     let term = vote.map_or(0, |v| v.leader_id().term).max(last.map_or(0, |l| l.leader_id.term)) + 1;
     let index = last.map_or(0, |l| l.index + 1);
     let log_id = LogId::new(openraft::CommittedLeaderId::new(term, id), index);

@@ -9,8 +9,84 @@
 //! eligibility).
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
+use cloudless_types::{DeviceClass, Power};
+
+use crate::state::{NodeRecord, NodeRole, Settings};
 use crate::{Member, NodeId};
+
+/// Flaps (alive → suspect/dead → alive) within [`FLAP_WINDOW`] that make a peer ineligible: a
+/// voter that drops out this often costs the group an election or a lost quorum each time, and
+/// three in a window rules out coincidence (one reboot, one Wi-Fi roam) while still catching a
+/// device on a bad link within minutes.
+pub const MAX_FLAPS: u32 = 3;
+
+/// The window over which flaps count. An hour is long enough to see a pattern on a flaky link
+/// and short enough that a device that was moved to a good one can vote again the same day.
+pub const FLAP_WINDOW: Duration = Duration::from_secs(3600);
+
+/// Uptime after which a peer earns the full uptime score: a day up means it survived at
+/// least one night (when laptops sleep and phones go quiet).
+pub const UPTIME_SATURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// What the node has observed about a peer, from the membership view and the directory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observation {
+    /// Alive in the membership view (not suspect, dead or gone).
+    pub alive: bool,
+    /// How long it has been continuously alive.
+    pub uptime: Duration,
+    /// AutoNAT confirmed a public address (it can be dialled directly from anywhere).
+    pub public: bool,
+    /// What it runs on.
+    pub power: Power,
+    /// What kind of device it is.
+    pub class: DeviceClass,
+    /// Times it went from alive to suspect or dead and back within [`FLAP_WINDOW`].
+    pub flaps: u32,
+}
+
+/// Builds the [`Candidate`] for a peer from its enrollment `record` (absent: not enrolled), what
+/// the node observes, and the cluster `settings`.
+///
+/// Eligible: enrolled with the voter role, not revoked, not a phone unless phones may vote, and
+/// fewer than [`MAX_FLAPS`] recent flaps. Stability (0–100) weighs device class most (a server
+/// stays, a laptop leaves), then uptime, power and public reachability, less 10 per flap, so the
+/// ranking is explainable: a day-old desktop on mains behind NAT scores 75, the same desktop
+/// with a public address 85, a fresh laptop on battery 10.
+pub fn assess(
+    id: NodeId,
+    member: Member,
+    record: Option<&NodeRecord>,
+    seen: &Observation,
+    settings: &Settings,
+) -> Candidate {
+    let enrolled_voter = record.is_some_and(|r| !r.revoked && r.roles.contains(&NodeRole::Voter));
+    let phone_ok = seen.class != DeviceClass::Phone || settings.phones_may_vote;
+    let steady = seen.flaps < MAX_FLAPS;
+    let class = match seen.class {
+        DeviceClass::Server => 40.0,
+        DeviceClass::Desktop => 30.0,
+        DeviceClass::Gateway => 25.0,
+        DeviceClass::Laptop => 10.0,
+        DeviceClass::Phone => 0.0,
+    };
+    let uptime = 30.0 * (seen.uptime.as_secs_f64() / UPTIME_SATURATION.as_secs_f64()).min(1.0);
+    let power = match seen.power {
+        Power::Mains => 15.0,
+        Power::Battery(_) => 0.0,
+    };
+    let public = if seen.public { 10.0 } else { 0.0 };
+    let stability = (class + uptime + power + public - 10.0 * f64::from(seen.flaps)).max(0.0);
+    Candidate {
+        id,
+        member,
+        alive: seen.alive,
+        eligible: enrolled_voter && phone_ok && steady,
+        stability,
+    }
+}
 
 /// A peer that might vote, as the node sees it right now.
 #[derive(Clone, Debug, PartialEq)]
@@ -123,6 +199,120 @@ mod tests {
 
     fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
         ids.iter().copied().collect()
+    }
+
+    fn seen(class: DeviceClass) -> Observation {
+        Observation {
+            alive: true,
+            uptime: UPTIME_SATURATION,
+            public: false,
+            power: Power::Mains,
+            class,
+            flaps: 0,
+        }
+    }
+
+    fn voter() -> NodeRecord {
+        NodeRecord {
+            roles: [NodeRole::Worker, NodeRole::Voter].into(),
+            labels: Default::default(),
+            revoked: false,
+            enrolled_ms: 0,
+        }
+    }
+
+    fn settings(phones_may_vote: bool) -> Settings {
+        Settings { name: "c".into(), root_key: [7; 32], voter_target: None, phones_may_vote }
+    }
+
+    fn judge(record: Option<&NodeRecord>, o: &Observation, s: &Settings) -> Candidate {
+        assess(1, Member { peer: "p".into() }, record, o, s)
+    }
+
+    #[test]
+    fn phones_vote_only_when_allowed() {
+        let phone = seen(DeviceClass::Phone);
+        assert!(!judge(Some(&voter()), &phone, &settings(false)).eligible);
+        assert!(judge(Some(&voter()), &phone, &settings(true)).eligible);
+    }
+
+    #[test]
+    fn only_enrolled_unrevoked_voters_are_eligible() {
+        let o = seen(DeviceClass::Server);
+        let s = settings(false);
+        assert!(judge(Some(&voter()), &o, &s).eligible);
+        assert!(!judge(None, &o, &s).eligible, "not enrolled");
+        let revoked = NodeRecord { revoked: true, ..voter() };
+        assert!(!judge(Some(&revoked), &o, &s).eligible, "revoked");
+        let worker = NodeRecord { roles: [NodeRole::Worker].into(), ..voter() };
+        assert!(!judge(Some(&worker), &o, &s).eligible, "no voter role");
+    }
+
+    #[test]
+    fn flapping_demotes_then_disqualifies() {
+        let s = settings(false);
+        let steady = judge(Some(&voter()), &seen(DeviceClass::Server), &s);
+        let flappy = Observation { flaps: 1, ..seen(DeviceClass::Server) };
+        let flappy = judge(Some(&voter()), &flappy, &s);
+        assert!(flappy.eligible && flappy.stability < steady.stability);
+        let bad = Observation { flaps: MAX_FLAPS, ..seen(DeviceClass::Server) };
+        assert!(!judge(Some(&voter()), &bad, &s).eligible);
+    }
+
+    #[test]
+    fn ranks_servers_over_pcs_over_laptops_and_prefers_public_mains_and_uptime() {
+        let s = settings(true);
+        let score = |o: Observation| judge(Some(&voter()), &o, &s).stability;
+        let by_class = DeviceClass::ALL.map(|c| score(seen(c)));
+        assert!(by_class.windows(2).all(|w| w[0] > w[1]), "{by_class:?}");
+        let base = seen(DeviceClass::Desktop);
+        assert!(score(Observation { public: true, ..base.clone() }) > score(base.clone()));
+        assert!(
+            score(Observation { power: Power::Battery(90), ..base.clone() }) < score(base.clone())
+        );
+        assert!(
+            score(Observation { uptime: Duration::from_secs(60), ..base.clone() }) < score(base)
+        );
+        // Documented examples.
+        assert_eq!(score(seen(DeviceClass::Desktop)), 75.0);
+        let fresh_laptop = Observation {
+            uptime: Duration::ZERO,
+            power: Power::Battery(50),
+            ..seen(DeviceClass::Laptop)
+        };
+        assert_eq!(score(fresh_laptop), 10.0);
+    }
+
+    #[test]
+    fn assessed_candidates_drive_the_plan() {
+        // Two servers, a desktop, a laptop and a phone; phones may not vote: target 3 from
+        // four eligible, and the laptop is left out.
+        let s = settings(false);
+        let classes = [
+            DeviceClass::Laptop,
+            DeviceClass::Phone,
+            DeviceClass::Server,
+            DeviceClass::Desktop,
+            DeviceClass::Server,
+        ];
+        let cands: Vec<Candidate> = classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                assess(
+                    i as NodeId + 1,
+                    Member { peer: format!("p{i}") },
+                    Some(&voter()),
+                    &seen(*c),
+                    &s,
+                )
+            })
+            .collect();
+        let p = plan(&set(&[1]), &set(&[]), &set(&[]), &cands, None);
+        let mut added: Vec<NodeId> = p.add_learners.iter().map(|(i, _)| *i).collect();
+        added.sort();
+        // Node 1 (the laptop) is a healthy voter and stays; the two servers join it.
+        assert_eq!(added, vec![3, 5]);
     }
 
     #[test]

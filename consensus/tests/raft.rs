@@ -29,6 +29,7 @@ fn config() -> Config {
         write_timeout: Duration::from_secs(10),
         controller_interval: Duration::from_millis(100),
         caught_up_lag: 10,
+        quiet_start: Duration::from_secs(3),
     }
 }
 
@@ -343,6 +344,33 @@ async fn a_full_restart_keeps_the_state_and_a_laggard_catches_up_by_snapshot() {
     for i in 0..3 {
         assert_eq!(c.workloads(i, Consistency::Linearizable).await, before, "member {i}");
     }
+}
+
+/// A follower that restarts rejoins without an election: the leader and its term stay (without
+/// a pre-vote, a restarted member standing at once would unseat a healthy leader).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_follower_does_not_unseat_the_leader() {
+    let mut c = Cluster::start(3).await;
+    let (l, _) = c.wait_leader(Duration::from_secs(10)).await;
+    let term = |c: &Cluster, i: usize| c.node(i).raft().metrics().borrow().current_term;
+    let before = term(&c, l);
+    let f = (0..3).find(|i| *i != l).unwrap();
+    c.kill(f).await;
+    for i in 0..20 {
+        c.write(l, &format!("w{i}")).await.unwrap();
+    }
+    // The leader cannot reach the restarted member at first (as while the mesh reconnects),
+    // for longer than openraft's own election timer after a start (lease + timeout).
+    c.net.cut_one_way(&peer(l), &peer(f));
+    c.boot(f).await;
+    tokio::time::sleep(config().election_max * 3).await;
+    c.net.heal();
+    for i in 0..20 {
+        c.write(f, &format!("after{i}")).await.unwrap();
+    }
+    assert_eq!(c.workloads(f, Consistency::Linearizable).await.len(), 40);
+    assert!(c.node(l).is_leader(), "the leader stays");
+    assert_eq!(term(&c, l), before, "no election happened");
 }
 
 /// Malformed and unauthorized commands come back as typed errors and change nothing.

@@ -47,6 +47,18 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
     },
+    /// Forced recovery after a majority of the raft voters is lost for good. Without
+    /// --majority-is-lost it only shows how up to date this (stopped) node's raft log is; with
+    /// it, makes this node the only voter, keeping what its log holds. See docs/consensus.md.
+    Recover {
+        /// The stopped node's data directory.
+        #[arg(long, env = "CLOUDLESS_DATA_DIR", default_value = "cloudless-data")]
+        data_dir: PathBuf,
+        /// Confirms that the lost voters will never return: entries only they held are lost,
+        /// and a returning one must be wiped before it rejoins.
+        #[arg(long)]
+        majority_is_lost: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -110,7 +122,36 @@ async fn main() -> Result<()> {
     match cli.command {
         Command::Run(args) => run(args).await,
         Command::Dev { nodes } => dev(nodes).await,
+        Command::Recover { data_dir, majority_is_lost } => recover(&data_dir, majority_is_lost),
     }
+}
+
+fn recover(data_dir: &std::path::Path, confirmed: bool) -> Result<()> {
+    if !confirmed {
+        let s = cloudless_node::recovery::inspect(data_dir)
+            .with_context(|| format!("inspecting the raft store of {}", data_dir.display()))?;
+        match s.last_log {
+            Some((index, term)) => {
+                println!("{}: last raft log entry index {index}, term {term}", s.member.peer)
+            }
+            None => println!("{}: the raft store holds no log", s.member.peer),
+        }
+        println!(
+            "nothing changed. Compare this on every surviving voter; on the one with the \
+             highest index (then term), and only if a majority of voters is gone for good, rerun \
+             with --majority-is-lost (see docs/consensus.md)"
+        );
+        return Ok(());
+    }
+    let me = cloudless_node::recovery::force_recover(data_dir)
+        .with_context(|| format!("forced recovery of {}", data_dir.display()))?;
+    println!(
+        "{} is now the only raft voter; start it with `cloudless run --data-dir {}` and the group \
+         regrows around it",
+        me.peer,
+        data_dir.display()
+    );
+    Ok(())
 }
 
 fn init_logs(json: bool) {

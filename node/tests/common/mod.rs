@@ -123,6 +123,21 @@ impl Group {
         self.running().into_iter().find(|i| self.node(*i).is_leader() && term(*i) == top)
     }
 
+    /// True once there is a leader with `voters` voters and every running member has applied
+    /// everything in the leader's log: a healthy group, ready for the next fault.
+    #[allow(dead_code)]
+    pub fn settled(&self, voters: usize) -> bool {
+        let Some(l) = self.leader() else { return false };
+        if self.node(l).voters().len() != voters {
+            return false;
+        }
+        let last = self.node(l).raft().metrics().borrow().last_log_index;
+        self.running().into_iter().all(|i| {
+            let m = self.node(i).raft().metrics().borrow().clone();
+            m.last_applied.map(|x| x.index) == last
+        })
+    }
+
     /// Crashes node `i`: its mesh node and raft member stop; the disk stays.
     pub async fn kill(&mut self, i: usize) {
         let peer = self.node(i).member().peer.clone();
