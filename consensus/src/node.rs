@@ -499,7 +499,8 @@ impl<T: Transport> Consensus<T> {
         Ok(last.map(|l| (l.index, l.leader_id.term)))
     }
 
-    /// Stops the member (its storage stays).
+    /// Stops the member (its storage stays). The database is closed once the last clone of
+    /// this handle and the last request it is serving are dropped.
     pub async fn shutdown(&self) {
         if let Some(t) = self.inner.controller.lock().await.take() {
             t.abort();

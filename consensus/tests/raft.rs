@@ -128,9 +128,17 @@ impl Cluster {
 
     async fn boot(&mut self, i: usize) {
         let me = Member { peer: peer(i) };
-        let node = Consensus::open(&self.dir(i), me, self.net.transport(&peer(i)), config())
-            .await
-            .unwrap();
+        // A member that just stopped may hold its database until its last handler returns.
+        let start = Instant::now();
+        let node = loop {
+            match Consensus::open(&self.dir(i), me.clone(), self.net.transport(&peer(i)), config())
+                .await
+            {
+                Ok(node) => break node,
+                Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "open: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         node.start_controller(self.oracle.clone()).await;
         self.net.register(node.clone());
         self.oracle.alive.lock().unwrap().insert(peer(i));
@@ -425,8 +433,13 @@ async fn forced_recovery_rebuilds_the_group_from_a_survivor() {
     }
     // The other two never come back: forget them.
     c.oracle.members.lock().unwrap().retain(|p| *p == peer(survivor));
-    Consensus::<MemTransport>::force_recover(&c.dir(survivor), &Member { peer: peer(survivor) })
-        .unwrap();
+    // The stopped member's in-flight handlers may hold the database a moment longer.
+    let me = Member { peer: peer(survivor) };
+    let start = Instant::now();
+    while let Err(e) = Consensus::<MemTransport>::force_recover(&c.dir(survivor), &me) {
+        assert!(start.elapsed() < Duration::from_secs(10), "forced recovery: {e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     c.boot(survivor).await;
     wait_for("the survivor leads alone", Duration::from_secs(10), || c.node(survivor).is_leader())
         .await;
