@@ -1,5 +1,30 @@
-//! The Cloudless runtime: WASI modules through wasmtime and containers through the Docker
-//! Engine API, and the per-node reconciler that drives them.
+//! The Cloudless runtime: runs a node's replicas. WASI modules and components through
+//! wasmtime on every device, containers through the Docker Engine API where a device has an
+//! engine, and the reconciler that keeps the replicas a node should run running.
 //!
-//! See issue "The runtime". Nothing is implemented yet; the crate exists so the workspace has
-//! its final shape.
+//! ```text
+//!   node: desired replicas (from raft) ──▶ Reconciler (pure: start/stop/restart decisions,
+//!        backoff, probes' verdicts) ──▶ Agent ──▶ Driver::{start, stop, wait, …}
+//!                                        │            ├─ WasiDriver (wasmtime)
+//!                                        │            ├─ ContainerDriver (bollard)
+//!                                        │            └─ MemoryDriver (tests)
+//!        status changes ◀── bounded channel ◀──┘  (pending, running, succeeded, failed, restarting)
+//! ```
+//!
+//! - [`spec`]: [`ReplicaSpec`], what a driver runs, derived from a workload spec.
+//! - [`driver`]: the [`Driver`] trait and what drivers report (exits, logs, stats).
+//! - [`logs`]: per-replica logs, a byte-bounded ring in memory plus rotated files.
+//! - [`wasi`]: the wasmtime driver.
+//! - [`container`]: the Docker Engine API driver.
+//! - [`memory`]: an in-memory driver for other crates' tests.
+
+pub mod container;
+pub mod driver;
+pub mod logs;
+pub mod memory;
+pub mod spec;
+pub mod time;
+pub mod wasi;
+
+pub use driver::{Driver, DriverError, Exit, ExitReason, LogLine, Observed, RunState, Stats};
+pub use spec::{Artifact, ReplicaId, ReplicaSpec, RestartPolicy};

@@ -418,4 +418,4 @@ pub use placement::{
     DeviceRules, LabelOp, LabelRule, Placement, Resources, Spread, Strategy, Taint, TaintEffect,
     Toleration, Topology, WorkloadTerm,
 };
-pub use spec::{Image, Kind, Port, Restart, WorkloadSpec};
+pub use spec::{Image, Kind, Port, Probe, ProbeCheck, Restart, WorkloadSpec};

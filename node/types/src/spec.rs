@@ -53,6 +53,108 @@ pub struct Port {
     pub udp: bool,
 }
 
+/// How a probe checks a replica.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeCheck {
+    /// An HTTP GET on the replica's port answering 200–399.
+    Http {
+        /// The port inside the replica.
+        port: u16,
+        /// The path, starting with `/`.
+        path: String,
+    },
+    /// A TCP connection to the replica's port that opens.
+    Tcp {
+        /// The port inside the replica.
+        port: u16,
+    },
+    /// A command run inside the container that exits 0 (containers only).
+    Exec {
+        /// The command and its arguments.
+        command: Vec<String>,
+    },
+}
+
+/// A liveness or readiness probe, modelled on Kubernetes': checked every `period_ms` after
+/// `initial_delay_ms`; `failure_threshold` failures in a row fail it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Probe {
+    /// What to check.
+    pub check: ProbeCheck,
+    /// Wait this long after the replica starts before the first check.
+    pub initial_delay_ms: u32,
+    /// Time between checks.
+    pub period_ms: u32,
+    /// One check fails if it takes longer than this.
+    pub timeout_ms: u32,
+    /// Failures in a row that fail the probe.
+    pub failure_threshold: u32,
+}
+
+impl Probe {
+    /// A probe with Kubernetes' default timings (every 10 s, 1 s timeout, 3 failures).
+    pub fn new(check: ProbeCheck) -> Self {
+        Probe {
+            check,
+            initial_delay_ms: 0,
+            period_ms: 10_000,
+            timeout_ms: 1_000,
+            failure_threshold: 3,
+        }
+    }
+
+    fn validate(&self, field: &str) -> Result<(), InvalidInput> {
+        match &self.check {
+            ProbeCheck::Http { port, path } => {
+                if *port == 0 {
+                    return Err(invalid(format!("{field}.http.port"), "port 0 is not a port"));
+                }
+                let ok = path.starts_with('/')
+                    && path.len() <= MAX_PATH
+                    && path.bytes().all(|b| b.is_ascii_graphic());
+                if !ok {
+                    return Err(invalid(
+                        format!("{field}.http.path"),
+                        format!("must start with / and be at most {MAX_PATH} printable characters"),
+                    ));
+                }
+            }
+            ProbeCheck::Tcp { port } if *port == 0 => {
+                return Err(invalid(format!("{field}.tcp.port"), "port 0 is not a port"));
+            }
+            ProbeCheck::Tcp { .. } => {}
+            ProbeCheck::Exec { command } => {
+                if command.is_empty() || command.len() > MAX_ARGS {
+                    return Err(invalid(
+                        format!("{field}.exec.command"),
+                        format!("must have 1 to {MAX_ARGS} entries"),
+                    ));
+                }
+                if command.iter().any(|a| a.len() > MAX_STRING || a.contains('\0')) {
+                    return Err(invalid(
+                        format!("{field}.exec.command"),
+                        format!("an entry is longer than {MAX_STRING} bytes or contains NUL"),
+                    ));
+                }
+            }
+        }
+        for (name, v, min) in [
+            ("period_ms", self.period_ms, MIN_PROBE_MS),
+            ("timeout_ms", self.timeout_ms, MIN_PROBE_MS),
+            ("failure_threshold", self.failure_threshold, 1),
+        ] {
+            if v < min {
+                return Err(invalid(format!("{field}.{name}"), format!("{v} is below {min}")));
+            }
+        }
+        if self.timeout_ms > self.period_ms {
+            return Err(invalid(format!("{field}.timeout_ms"), "must not exceed period_ms"));
+        }
+        Ok(())
+    }
+}
+
 /// A workload, as submitted and stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkloadSpec {
@@ -84,6 +186,21 @@ pub struct WorkloadSpec {
     pub restart: Restart,
     /// Ports.
     pub ports: Vec<Port>,
+    /// Whether replicas may open network connections (WASI sockets; for containers, a network
+    /// at all). Off by default: a replica gets only what it asks for. Ports imply it for
+    /// containers.
+    #[serde(default)]
+    pub network: bool,
+    /// Wall-clock limit of one run, in seconds: a replica still running after it is stopped
+    /// and reported as timed out (meant for jobs).
+    #[serde(default)]
+    pub timeout_secs: Option<u32>,
+    /// Restarted when this fails.
+    #[serde(default)]
+    pub liveness: Option<Probe>,
+    /// Counted as available only while this passes.
+    #[serde(default)]
+    pub readiness: Option<Probe>,
 }
 
 /// Most replicas of one workload.
@@ -98,6 +215,10 @@ pub const MAX_STRING: usize = 4096;
 pub const MAX_PORTS: usize = 64;
 /// Priorities range from -MAX_PRIORITY to MAX_PRIORITY.
 pub const MAX_PRIORITY: i32 = 1000;
+/// Longest probe path, in bytes.
+pub const MAX_PATH: usize = 1024;
+/// Shortest probe period and timeout: faster checks cost a phone more than they tell.
+pub const MIN_PROBE_MS: u32 = 100;
 
 impl WorkloadSpec {
     /// A service with sensible defaults, for tests and examples.
@@ -117,6 +238,10 @@ impl WorkloadSpec {
             placement: Placement::default(),
             restart: Restart::Always,
             ports: Vec::new(),
+            network: false,
+            timeout_secs: None,
+            liveness: None,
+            readiness: None,
         }
     }
 
@@ -218,6 +343,15 @@ impl WorkloadSpec {
                 ));
             }
         }
+        if self.timeout_secs == Some(0) {
+            return Err(invalid("timeout_secs", "0 would stop every run at once"));
+        }
+        if let Some(p) = &self.liveness {
+            p.validate("liveness")?;
+        }
+        if let Some(p) = &self.readiness {
+            p.validate("readiness")?;
+        }
         self.placement.validate()
     }
 }
@@ -274,6 +408,31 @@ mod tests {
             (WorkloadSpec { kind: Kind::Job, ..spec() }, "restart"),
             (WorkloadSpec { ports: vec![Port { port: 0, udp: false }], ..spec() }, "ports[0]"),
             (WorkloadSpec { args: vec!["a\0b".into()], ..spec() }, "args[0]"),
+            (WorkloadSpec { timeout_secs: Some(0), ..spec() }, "timeout_secs"),
+            (
+                WorkloadSpec {
+                    liveness: Some(Probe::new(ProbeCheck::Http { port: 8080, path: "x".into() })),
+                    ..spec()
+                },
+                "liveness.http.path",
+            ),
+            (
+                WorkloadSpec {
+                    readiness: Some(Probe {
+                        period_ms: 50,
+                        ..Probe::new(ProbeCheck::Tcp { port: 80 })
+                    }),
+                    ..spec()
+                },
+                "readiness.period_ms",
+            ),
+            (
+                WorkloadSpec {
+                    liveness: Some(Probe::new(ProbeCheck::Exec { command: vec![] })),
+                    ..spec()
+                },
+                "liveness.exec.command",
+            ),
         ];
         for (s, field) in cases {
             let err = s.validate().unwrap_err().to_string();
