@@ -17,14 +17,22 @@
 //! - [`wasi`]: the wasmtime driver.
 //! - [`container`]: the Docker Engine API driver.
 //! - [`memory`]: an in-memory driver for other crates' tests.
+//! - [`reconcile`]: the reconciler's decisions (restart policy, backoff, adoption), pure.
+//! - [`agent`]: the task that carries them out and publishes status changes.
+//! - [`probe`]: HTTP, TCP and exec checks.
 
+pub mod agent;
 pub mod container;
 pub mod driver;
 pub mod logs;
 pub mod memory;
+pub mod probe;
+pub mod reconcile;
 pub mod spec;
 pub mod time;
 pub mod wasi;
 
+pub use agent::{Agent, AgentConfig};
 pub use driver::{Driver, DriverError, Exit, ExitReason, LogLine, Observed, RunState, Stats};
+pub use reconcile::{Phase, Status};
 pub use spec::{Artifact, ReplicaId, ReplicaSpec, RestartPolicy};
