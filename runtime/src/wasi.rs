@@ -452,6 +452,31 @@ impl WasiDriver {
         Ok(compiled)
     }
 
+    /// Instantiates a stored guest in a fresh store with an empty WASI context (no arguments,
+    /// directory or log) and runs it to completion: the cost of a start without the replica's
+    /// bookkeeping. Compiles first if needed. For benchmarks and health checks.
+    pub async fn run_bare(&self, hash: &str) -> Result<Exit, DriverError> {
+        let compiled = self.compiled_off_thread(hash).await?;
+        let control = Arc::new(Control::default());
+        let meter = || Meter::new(control.clone(), self.inner.config.max_memory_mib, 1000);
+        let engine = &self.inner.engine;
+        let outcome = match compiled {
+            Compiled::Core(pre) => {
+                let data = P1Guest { wasi: WasiCtxBuilder::new().build_p1(), meter: meter() };
+                run_core(pre, new_store(engine, data)).await
+            }
+            Compiled::Component(pre) => {
+                let data = P2Guest {
+                    ctx: WasiCtxBuilder::new().build(),
+                    table: ResourceTable::new(),
+                    meter: meter(),
+                };
+                run_component(pre, new_store(engine, data)).await
+            }
+        };
+        Ok(classify(outcome, &control))
+    }
+
     fn run(&self, id: &ReplicaId) -> Result<Arc<Run>, DriverError> {
         self.inner
             .runs

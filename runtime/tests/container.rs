@@ -168,3 +168,48 @@ async fn sandbox_defaults_exec_and_refusals() {
     }
     clean(&d).await;
 }
+
+#[tokio::test]
+async fn probes_reach_a_published_port_and_logs_can_be_followed() {
+    use futures::StreamExt;
+    let Some(d) = engine("probe-http").await else { return };
+    let mut s =
+        spec("web", "echo ok > /tmp/index.html; echo serving; exec httpd -f -p 8080 -h /tmp");
+    s.ports = vec![cloudless_types::Port { port: 8080, udp: false }];
+    d.start(&s).await.unwrap();
+    let probe = cloudless_types::Probe {
+        timeout_ms: 1000,
+        ..cloudless_types::Probe::new(cloudless_types::ProbeCheck::Http {
+            port: 8080,
+            path: "/index.html".into(),
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match cloudless_runtime::probe::check(&d, &s.id, &probe).await {
+            Ok(()) => break,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "never healthy: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let missing = cloudless_types::Probe {
+        check: cloudless_types::ProbeCheck::Http { port: 8080, path: "/nope".into() },
+        ..probe.clone()
+    };
+    let err = cloudless_runtime::probe::check(&d, &s.id, &missing).await.unwrap_err();
+    assert!(err.contains("404"), "{err}");
+
+    let talker = spec("talker", "sleep 1; echo first; echo second; sleep 600");
+    d.start(&talker).await.unwrap();
+    let mut follow = d.follow(&talker.id).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let line = tokio::time::timeout(Duration::from_secs(20), follow.next())
+            .await
+            .expect("lines arrive")
+            .expect("the stream stays open");
+        got.push(line.text);
+    }
+    assert_eq!(got, ["first", "second"]);
+    clean(&d).await;
+}
