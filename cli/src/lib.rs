@@ -1,5 +1,8 @@
 //! `cloudlessctl`: the command-line client that talks to any node over the mesh (as a mesh
-//! client, `mesh::Role::Client`), with signed requests.
+//! client), with signed requests.
 //!
-//! See issue "The node and cloudlessctl". Nothing is implemented yet; the crate exists so the
-//! workspace has its final shape.
+//! So far it holds the workload document parser ([`spec`]): YAML or JSON as users write it,
+//! strictly checked, into a validated `WorkloadSpec`. The verbs and the signed request
+//! protocol come with the node wiring.
+
+pub mod spec;
