@@ -16,6 +16,7 @@
 //! - [`store`]: openraft's storage-v2 traits (`RaftLogStorage`, `RaftStateMachine`) over one
 //!   redb database per member, fsync on every commit; snapshots are the serialized state,
 //!   built off the apply path. [`store::force_single_voter`] is forced recovery.
+//! - [`invite`]: invite strings: a root-signed enrollment token and where to join.
 //! - [`network`]: the [`Transport`] trait the node implements over the mesh's RPC (and
 //!   [`memnet`] in memory, with drops, delays and one-way partitions, for tests).
 //! - [`voters`]: who votes, as pure functions: [`voters::assess`] scores a peer and
@@ -34,6 +35,7 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
+pub mod invite;
 pub mod memnet;
 pub mod network;
 pub mod node;
