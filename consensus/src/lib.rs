@@ -16,6 +16,7 @@
 //! - [`store`]: openraft's storage-v2 traits (`RaftLogStorage`, `RaftStateMachine`) over one
 //!   redb database per member, fsync on every commit; snapshots are the serialized state,
 //!   built off the apply path. [`store::force_single_voter`] is forced recovery.
+//! - [`api`]: what nodes and the CLI send to reach the group through any node.
 //! - [`invite`]: invite strings: a root-signed enrollment token and where to join.
 //! - [`network`]: the [`Transport`] trait the node implements over the mesh's RPC (and
 //!   [`memnet`] in memory, with drops, delays and one-way partitions, for tests).
@@ -35,6 +36,7 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
+pub mod api;
 pub mod invite;
 pub mod memnet;
 pub mod network;

@@ -310,6 +310,23 @@ impl<T: Transport> Consensus<T> {
         self.inner.raft.metrics().borrow().current_leader == Some(self.inner.id)
     }
 
+    /// Whether this member is part of the group (voter or learner).
+    pub fn is_member(&self) -> bool {
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        m.membership().get_node(&self.inner.id).is_some()
+    }
+
+    /// The voters, as members (how to reach them).
+    pub fn voter_members(&self) -> Vec<Member> {
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<NodeId> = m.membership().voter_ids().collect();
+        m.membership()
+            .nodes()
+            .filter(|(id, _)| voters.contains(id))
+            .map(|(_, member)| member.clone())
+            .collect()
+    }
+
     /// Current voters.
     pub fn voters(&self) -> BTreeSet<NodeId> {
         self.inner.raft.metrics().borrow().membership_config.membership().voter_ids().collect()

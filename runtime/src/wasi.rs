@@ -371,6 +371,26 @@ impl WasiDriver {
         Ok(hash)
     }
 
+    /// Up to `max` bytes of a stored module from `offset`, and its total size; `None` when it
+    /// is not stored here (or `hash` is not a hash).
+    pub fn module_chunk(&self, hash: &str, offset: u64, max: usize) -> Option<(u64, Vec<u8>)> {
+        use std::io::{Read, Seek, SeekFrom};
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut f = std::fs::File::open(self.module_path(hash)).ok()?;
+        let total = f.metadata().ok()?.len();
+        f.seek(SeekFrom::Start(offset.min(total))).ok()?;
+        let mut bytes = Vec::new();
+        f.take(max as u64).read_to_end(&mut bytes).ok()?;
+        Some((total, bytes))
+    }
+
+    /// Whether a module is stored here.
+    pub fn has_module(&self, hash: &str) -> bool {
+        hash.len() == 64 && self.module_path(hash).exists()
+    }
+
     fn module_path(&self, hash: &str) -> PathBuf {
         self.inner.config.data_dir.join("modules").join(format!("{hash}.wasm"))
     }
