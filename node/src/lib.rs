@@ -4,5 +4,6 @@
 //! (src/main.rs) runs mesh nodes.
 pub mod daemon;
 pub mod leader;
+pub mod local;
 pub mod raft_rpc;
 pub mod recovery;

@@ -1,27 +1,34 @@
 //! `cloudless`: the node program every device runs.
 //!
-//! Today it runs the mesh layer: a member node that joins through bootstrap peers (or LAN
-//! discovery), keeps the membership and the node directory, and leaves cleanly on Ctrl-C.
-//! `cloudless dev` starts a three-node cluster in one process on loopback.
+//! - `cloudless dev`: a complete local cluster in one process on loopback (mesh, raft,
+//!   scheduler, WASI runtime on every node), the example WASI workload published on it, and
+//!   its output followed until Ctrl-C ([`cloudless_node::local`]).
+//! - `cloudless run`: today the mesh layer only: a member that joins through bootstrap peers
+//!   (or LAN discovery), keeps the membership and the directory, and leaves cleanly on Ctrl-C.
+//! - `cloudless recover`: forced recovery of the raft group (docs/consensus.md).
 //!
 //! ```text
-//!   flags / CLOUDLESS_* env ──▶ mesh::Config ──▶ mesh::start ──▶ events ──▶ log lines
-//!                                                     ▲
-//!                                 Ctrl-C ──▶ Handle::leave
+//!   dev: LocalCluster::start ──▶ apply_wasi(examples/hello) ──▶ wait running ──▶ follow logs
+//!   run: flags / CLOUDLESS_* env ──▶ mesh::Config ──▶ mesh::start ──▶ events ──▶ log lines
 //! ```
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use cloudless_mesh::membership::{self, State};
-use cloudless_mesh::{Config, Event, Handle, Mesh, OpenGate, RelayMode};
-use cloudless_types::{DeviceClass, Runtime};
+use cloudless_consensus::Consistency;
+use cloudless_consensus::state::Phase;
+use cloudless_mesh::membership;
+use cloudless_mesh::{Config, Event, Mesh, OpenGate, RelayMode};
+use cloudless_node::local::LocalCluster;
+use cloudless_runtime::Driver;
+use cloudless_types::{DeviceClass, Image, Resources, Runtime, WorkloadSpec};
+use ed25519_dalek::SigningKey;
 use libp2p::Multiaddr;
-use tracing::{info, warn};
+use tracing::info;
 
 #[derive(Parser)]
 #[command(
@@ -118,7 +125,9 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_logs(cli.log_json);
+    // `dev` prints its own story; the nodes' logs only when something is wrong.
+    let quiet = matches!(cli.command, Command::Dev { .. });
+    init_logs(cli.log_json, quiet);
     match cli.command {
         Command::Run(args) => run(args).await,
         Command::Dev { nodes } => dev(nodes).await,
@@ -154,9 +163,14 @@ fn recover(data_dir: &std::path::Path, confirmed: bool) -> Result<()> {
     Ok(())
 }
 
-fn init_logs(json: bool) {
+fn init_logs(json: bool, quiet: bool) {
+    let default = if quiet {
+        "warn,openraft=error,wasmtime_internal_cache=error"
+    } else {
+        "info,libp2p=warn,openraft=warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if json {
         builder.json().init();
@@ -215,84 +229,88 @@ async fn print_events(mut events: tokio::sync::mpsc::Receiver<Event>, name: Opti
 }
 
 async fn dev(n: usize) -> Result<()> {
-    if n == 0 || n > 64 {
-        bail!("--nodes must be between 1 and 64, not {n}");
+    if n == 0 || n > 16 {
+        bail!("--nodes must be between 1 and 16, not {n}");
     }
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let mut handles: Vec<Handle> = Vec::new();
-    let mut tasks = Vec::new();
-    let mut bootstrap: Vec<Multiaddr> = Vec::new();
-    for i in 0..n {
-        let mut config = Config {
-            data_dir: dir.path().join(format!("node-{i}")),
-            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse()?, "/ip4/127.0.0.1/tcp/0".parse()?],
-            bootstrap: bootstrap.clone(),
-            mdns: false,
-            relay: RelayMode::Never,
-            ..Config::default()
-        };
-        config.descriptor.zone = Some(format!("dev-zone-{}", i % 2));
-        config.descriptor.device_class = Some(DeviceClass::Desktop);
-        config.descriptor.runtimes = vec![Runtime::Wasi];
-        let Mesh { handle, events, task } =
-            cloudless_mesh::start(config, Arc::new(OpenGate)).await?;
-        tokio::spawn(print_events(events, Some(format!("node-{i}"))));
-        if i == 0 {
-            bootstrap = wait_for_addrs(&handle).await?;
-        }
-        handles.push(handle);
-        tasks.push(task);
-    }
-    let started = std::time::Instant::now();
-    loop {
-        let mut all = true;
-        for h in &handles {
-            let alive = h.members().await?.iter().filter(|m| m.state == State::Alive).count();
-            all &= alive == n;
-        }
-        if all {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!("the dev cluster did not converge within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    println!("\nCloudless dev cluster: {n} nodes converged in {:.2?}", started.elapsed());
-    let dir_view: BTreeMap<_, _> = handles[0].directory().await?;
-    for (i, h) in handles.iter().enumerate() {
-        let zone = dir_view.get(&h.peer_id()).and_then(|d| d.zone.clone()).unwrap_or_default();
-        println!("  node-{i}  {}  {zone}", h.peer_id());
-        for a in h.listen_addrs().await? {
+    let root = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    let admin = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    let started = Instant::now();
+    println!("Starting a local Cloudless cluster of {n} nodes in {} …", dir.path().display());
+    let mut cluster = LocalCluster::start(n, dir.path(), root, admin, |_| {})
+        .await
+        .context("the dev cluster did not form")?;
+    println!("{n} nodes enrolled and voting after {:.2?}:", started.elapsed());
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let role = if node.consensus().is_leader() { "raft leader" } else { "" };
+        println!("  node-{i}  {}  {role}", node.peer_id());
+        for a in node.mesh().listen_addrs().await? {
             println!("          {a}");
         }
     }
-    println!(
-        "Join another node with:\n  cargo run -p cloudless-node -- run --data-dir /tmp/cloudless-extra --listen /ip4/127.0.0.1/udp/0/quic-v1 --bootstrap {}",
-        bootstrap.first().map(|a| a.to_string()).unwrap_or_default()
+    // The example workload, published through the last node (any node accepts it).
+    let replicas = n.min(3) as u32;
+    let mut spec = WorkloadSpec::new(
+        "hello",
+        Image::Wasi(String::new()),
+        Resources { cpu_millis: 100, memory_mib: 16, disk_mib: 0, gpus: 0 },
+        replicas,
     );
+    spec.placement.strategy = cloudless_types::placement::Strategy::Spread;
+    let submitted = Instant::now();
+    cluster
+        .apply_wasi(n - 1, spec, include_bytes!("../../examples/hello/hello.wat"))
+        .await
+        .context("the example workload was refused")?;
+    let first = cluster.nodes[0].clone();
+    let placed = loop {
+        let statuses = first
+            .consensus()
+            .read(Consistency::Linearizable, |s| (s.statuses().clone(), s.assignments().clone()))
+            .await
+            .context("cannot read the cluster state")?;
+        let running = statuses.0.values().filter(|s| s.phase == Phase::Running).count();
+        if running == replicas as usize {
+            break statuses.1;
+        }
+        if submitted.elapsed() > Duration::from_secs(60) {
+            bail!("the example workload did not start within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     println!(
-        "Workloads arrive with the scheduler and runtime; for now watch membership below. Ctrl-C stops.\n"
+        "\nWorkload \"hello\" (examples/hello/hello.wat, WASI): {replicas} replicas running {:.0?} after it was submitted:",
+        submitted.elapsed()
+    );
+    let index: BTreeMap<String, usize> =
+        cluster.nodes.iter().enumerate().map(|(i, d)| (d.peer_id().to_string(), i)).collect();
+    for (key, a) in &placed {
+        println!(
+            "  {}.{}  on node-{}",
+            key.workload,
+            key.index,
+            index.get(&a.node).copied().unwrap_or(0)
+        );
+    }
+    // Show what replica 0 prints, as it prints it.
+    if let Some((key, a)) = placed.iter().next()
+        && let Some(host) = index.get(&a.node).and_then(|i| cluster.nodes.get(*i))
+    {
+        let id = cloudless_runtime::ReplicaId::new(&key.workload, key.index);
+        let mut lines = host.wasi().follow(&id).await.context("cannot follow the replica's log")?;
+        let label = format!("{}.{}", key.workload, key.index);
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            while let Some(line) = lines.next().await {
+                println!("  [{label}] {}", line.text);
+            }
+        });
+    }
+    println!(
+        "The cluster lives in {} until Ctrl-C stops it (the directory is removed then).\n",
+        dir.path().display()
     );
     tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
-    for h in &handles {
-        if let Err(e) = h.leave().await {
-            warn!(error = %e, "node did not leave cleanly");
-        }
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
+    cluster.shutdown().await;
     Ok(())
-}
-
-async fn wait_for_addrs(h: &Handle) -> Result<Vec<Multiaddr>> {
-    for _ in 0..200 {
-        let addrs = h.listen_addrs().await?;
-        if !addrs.is_empty() {
-            return Ok(addrs);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("the first node did not start listening")
 }

@@ -269,6 +269,7 @@ struct Inner {
     p1: Linker<P1Guest>,
     p2: ComponentLinker<P2Guest>,
     compiled: Mutex<VecDeque<(String, Compiled)>>,
+    compiling: tokio::sync::Mutex<()>,
     runs: Mutex<HashMap<ReplicaId, Arc<Run>>>,
     guests: Option<tokio::runtime::Runtime>,
     ticking: Arc<AtomicBool>,
@@ -350,6 +351,7 @@ impl WasiDriver {
                 p1,
                 p2,
                 compiled: Mutex::new(VecDeque::new()),
+                compiling: tokio::sync::Mutex::new(()),
                 runs: Mutex::new(HashMap::new()),
                 guests: Some(guests),
                 ticking,
@@ -407,6 +409,12 @@ impl WasiDriver {
 
     /// [`Self::compiled`] without blocking the caller's runtime on a compile.
     async fn compiled_off_thread(&self, hash: &str) -> Result<Compiled, DriverError> {
+        if let Some(c) = self.cached(hash) {
+            return Ok(c);
+        }
+        // One compile at a time: replicas of one module starting together compile it once
+        // and the others find it in memory.
+        let _one = self.inner.compiling.lock().await;
         if let Some(c) = self.cached(hash) {
             return Ok(c);
         }
