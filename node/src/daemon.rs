@@ -48,8 +48,9 @@ const VIEW_EVERY: Duration = Duration::from_millis(500);
 const LEADER_EVERY: Duration = Duration::from_millis(100);
 /// How often a node pulls its assignments (nothing is missed even without a push).
 const AGENT_EVERY: Duration = Duration::from_millis(250);
-/// Status changes are batched this long before one report goes to raft.
-const REPORT_EVERY: Duration = Duration::from_millis(200);
+/// Status changes arriving within this long of the first go to raft in one report: replicas
+/// starting together are reported together, and a lone change waits little.
+const REPORT_EVERY: Duration = Duration::from_millis(20);
 /// How often raft members check they hold every module a workload names.
 const KEEP_EVERY: Duration = Duration::from_secs(1);
 /// Requests queued for the api service before callers are told "busy".
@@ -211,6 +212,23 @@ impl Daemon {
         ask_member(&self.inner, request).await
     }
 
+    /// Stops as a crash would: no leave is announced, replicas stop with the process (the
+    /// others find out by failure detection). For tests and benchmarks of failover.
+    pub async fn kill(&self) {
+        if let Ok(mut t) = self.inner.tasks.lock() {
+            t.drain(..).for_each(|t| t.abort());
+        }
+        let _ = self.inner.mesh.shutdown().await;
+        self.inner.consensus.shutdown().await;
+        for o in self.inner.wasi.list().await.unwrap_or_default() {
+            let _ = self.inner.wasi.stop(&o.id, Duration::ZERO).await;
+        }
+        let task = self.mesh_task.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = task {
+            t.abort();
+        }
+    }
+
     /// Stops the loops, announces a leave, and stops the mesh.
     pub async fn shutdown(&self) {
         if let Ok(mut t) = self.inner.tasks.lock() {
@@ -339,8 +357,15 @@ async fn leader_loop(inner: Arc<Inner>) {
             return;
         }
     };
+    // Wake on every change of the raft state (a committed workload is placed at once), and
+    // at least every LEADER_EVERY (liveness changes come from the mesh, not from raft).
+    let mut changes = inner.consensus.raft().metrics();
     loop {
-        tokio::time::sleep(LEADER_EVERY).await;
+        changes.borrow_and_update();
+        tokio::select! {
+            _ = changes.changed() => {}
+            () = tokio::time::sleep(LEADER_EVERY) => {}
+        }
         if !inner.consensus.is_leader() {
             continue;
         }
@@ -367,7 +392,9 @@ async fn leader_loop(inner: Arc<Inner>) {
 async fn agent_loop(inner: Arc<Inner>, agent: Agent) {
     let me = inner.me.to_string();
     let mut last: Option<Vec<ReplicaSpec>> = None;
+    let mut changes = inner.consensus.raft().metrics();
     loop {
+        changes.borrow_and_update();
         let assigned: Result<Vec<(ReplicaKey, WorkloadSpec)>, String> =
             if inner.consensus.is_member() {
                 inner
@@ -406,7 +433,15 @@ async fn agent_loop(inner: Arc<Inner>, agent: Agent) {
             }
             Err(e) => debug!(error = e, "cannot learn assignments yet"),
         }
-        tokio::time::sleep(AGENT_EVERY).await;
+        // A member learns of new assignments as soon as it applies them; others poll.
+        if inner.consensus.is_member() {
+            tokio::select! {
+                _ = changes.changed() => {}
+                () = tokio::time::sleep(AGENT_EVERY) => {}
+            }
+        } else {
+            tokio::time::sleep(AGENT_EVERY).await;
+        }
     }
 }
 

@@ -879,7 +879,20 @@ impl<I: Id> Membership<I> {
     // ---- suspicion -----------------------------------------------------------------------
 
     fn suspicion_timeout(&self, confirmations: u32) -> Duration {
-        let k = u32::try_from(self.config.indirect_checks).unwrap_or(u32::MAX).max(1);
+        // Witnesses to expect: the configured number, but no more than the members that could
+        // confirm (everyone but the suspect and the suspector). Like memberlist, a pool too
+        // small to confirm anything uses the short timeout at once: otherwise a three-node
+        // pool would always wait the longest.
+        let others = self
+            .members
+            .values()
+            .filter(|m| matches!(m.state, State::Alive | State::Suspect))
+            .count()
+            .saturating_sub(2);
+        let k = u32::try_from(self.config.indirect_checks.min(others)).unwrap_or(u32::MAX);
+        if k == 0 {
+            return self.config.suspicion_min;
+        }
         let c = confirmations.min(k);
         let frac = f64::from(c + 1).ln() / f64::from(k + 1).ln();
         let (min, max) = (self.config.suspicion_min, self.config.suspicion_max);

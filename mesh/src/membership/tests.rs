@@ -83,12 +83,20 @@ fn config_validation_names_the_field() {
 
 #[test]
 fn suspicion_timeout_shrinks_with_confirmations() {
-    let m = node_with(1, &[], Instant::now());
+    // Enough members for every expected witness.
+    let m = node_with(1, &[2, 3, 4, 5, 6, 7], Instant::now());
     let c = Config::default();
     assert_eq!(m.suspicion_timeout(0), c.suspicion_max);
     assert_eq!(m.suspicion_timeout(4), c.suspicion_min);
     assert!(m.suspicion_timeout(2) < m.suspicion_timeout(1));
     assert_eq!(m.suspicion_timeout(100), c.suspicion_min);
+    // Three members: one possible witness, so one confirmation is all there can be.
+    let small = node_with(1, &[2, 3], Instant::now());
+    assert_eq!(small.suspicion_timeout(0), c.suspicion_max);
+    assert_eq!(small.suspicion_timeout(1), c.suspicion_min);
+    // Two members: nobody can confirm; the short timeout at once.
+    let pair = node_with(1, &[2], Instant::now());
+    assert_eq!(pair.suspicion_timeout(0), c.suspicion_min);
 }
 
 #[test]
