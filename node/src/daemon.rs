@@ -28,6 +28,7 @@ use cloudless_consensus::voters::{self, Candidate, Observation};
 use cloudless_consensus::{Candidates, Consensus, Consistency, Member, node_id};
 use cloudless_mesh::rpc::{RemoteError, RemoteErrorKind};
 use cloudless_mesh::{Gate, Handle, Mesh, membership};
+use cloudless_runtime::container::{ContainerConfig, ContainerDriver};
 use cloudless_runtime::wasi::{WasiConfig, WasiDriver};
 use cloudless_runtime::{Agent, AgentConfig, Driver, Phase, ReplicaSpec, Status};
 use cloudless_sched::Scheduler;
@@ -69,6 +70,8 @@ pub struct DaemonConfig {
     pub offer: Resources,
     /// Whether guests may use the network on this node.
     pub allow_network: bool,
+    /// A container engine to run container workloads with, if this device has one.
+    pub containers: Option<ContainerConfig>,
 }
 
 /// Why a node could not start.
@@ -124,14 +127,21 @@ impl Daemon {
     /// Starts every part of a node.
     pub async fn start(config: DaemonConfig, gate: Arc<dyn Gate>) -> Result<Daemon, DaemonError> {
         let data_dir: PathBuf = config.mesh.data_dir.clone();
-        let mut mesh_config = config.mesh.clone();
-        if mesh_config.descriptor.runtimes.is_empty() {
-            mesh_config.descriptor.runtimes = vec![Runtime::Wasi];
+        // Containers only where an engine answers; WASI everywhere.
+        let containers = match &config.containers {
+            Some(c) => Some(ContainerDriver::connect(c.clone()).await?),
+            None => None,
+        };
+        let mut runtimes = vec![Runtime::Wasi];
+        if containers.is_some() {
+            runtimes.push(Runtime::Container);
         }
+        let mut mesh_config = config.mesh.clone();
+        mesh_config.descriptor.runtimes = runtimes.clone();
         mesh_config.descriptor.cpu_millis = config.offer.cpu_millis;
         mesh_config.descriptor.memory_mib = config.offer.memory_mib;
         mesh_config.descriptor.disk_mib = config.offer.disk_mib;
-        mesh_config.capacity = Some(capacity(config.offer, Resources::ZERO));
+        mesh_config.capacity = Some(capacity(config.offer, Resources::ZERO, &runtimes));
         let Mesh { handle: mesh, events, task } = cloudless_mesh::start(mesh_config, gate).await?;
         // Events are not needed here: the loops poll the mesh's view.
         tokio::spawn(drain(events));
@@ -160,8 +170,11 @@ impl Daemon {
             tasks: Mutex::new(Vec::new()),
         });
         consensus.start_controller(Arc::new(Voters(Arc::downgrade(&inner)))).await;
-        let (agent, statuses) =
-            Agent::start(vec![Arc::new(wasi) as Arc<dyn Driver>], AgentConfig::default());
+        let mut drivers: Vec<Arc<dyn Driver>> = vec![Arc::new(wasi)];
+        if let Some(c) = containers {
+            drivers.push(Arc::new(c));
+        }
+        let (agent, statuses) = Agent::start(drivers, AgentConfig::default());
         let api = mesh.serve(SERVICE, API_QUEUE).await?;
         let tasks = vec![
             tokio::spawn(view_loop(inner.clone())),
@@ -247,7 +260,7 @@ async fn drain(mut events: mpsc::Receiver<cloudless_mesh::Event>) {
     while events.recv().await.is_some() {}
 }
 
-fn capacity(offer: Resources, used: Resources) -> Capacity {
+fn capacity(offer: Resources, used: Resources, runtimes: &[Runtime]) -> Capacity {
     let free = offer.saturating_sub(&used);
     Capacity {
         cpu_total_millis: offer.cpu_millis,
@@ -259,7 +272,7 @@ fn capacity(offer: Resources, used: Resources) -> Capacity {
         workloads: 0,
         power: Power::Mains,
         metered: false,
-        runtimes: Runtimes::of(&[Runtime::Wasi]),
+        runtimes: Runtimes::of(runtimes),
     }
 }
 

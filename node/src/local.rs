@@ -88,6 +88,7 @@ pub fn loopback_config(dir: &Path, bootstrap: Vec<Multiaddr>, zone: &str) -> Dae
         consensus: cloudless_consensus::Config::default(),
         offer: Resources { cpu_millis: 2000, memory_mib: 1024, disk_mib: 0, gpus: 0 },
         allow_network: false,
+        containers: None,
     }
 }
 

@@ -120,3 +120,69 @@ fn module_hash(bytes: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Containers on nodes that have an engine (`.ci/engine` starts one; set
+/// CLOUDLESS_SKIP_CONTAINER_TESTS=1 to skip where none can run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_workload_runs_on_nodes_with_an_engine() {
+    if std::env::var("CLOUDLESS_SKIP_CONTAINER_TESTS").is_ok_and(|v| v == "1") {
+        eprintln!("container tests skipped (CLOUDLESS_SKIP_CONTAINER_TESTS=1)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pid = std::process::id();
+    let mut c = LocalCluster::start(
+        3,
+        dir.path(),
+        SigningKey::from_bytes(&[7; 32]),
+        SigningKey::from_bytes(&[1; 32]),
+        |config| {
+            let node = config.mesh.data_dir.file_name().unwrap().to_string_lossy().to_string();
+            config.containers = Some(cloudless_runtime::container::ContainerConfig {
+                scope: format!("t{pid}-{node}"),
+                ..Default::default()
+            });
+        },
+    )
+    .await
+    .expect("the nodes start (is a container engine running? `eval \"$(.ci/engine)\"`)");
+    let image =
+        std::env::var("CLOUDLESS_TEST_IMAGE").unwrap_or_else(|_| "cloudless/busybox:test".into());
+    let mut spec = WorkloadSpec::new(
+        "boxed",
+        Image::Container(image),
+        Resources { cpu_millis: 100, memory_mib: 32, disk_mib: 0, gpus: 0 },
+        2,
+    );
+    spec.command = vec!["sh".into(), "-c".into(), "echo up; exec sleep 600".into()];
+    c.command(1, Command::PutWorkload(Box::new(spec))).await.unwrap();
+    let running = |s: &State| s.statuses().values().filter(|s| s.phase == Phase::Running).count();
+    until("two containers run", Duration::from_secs(60), async || {
+        c.nodes[0].consensus().read(Consistency::Linearizable, running).await.unwrap() == 2
+    })
+    .await;
+    let docker = bollard::Docker::connect_with_defaults().unwrap();
+    let ours = async || {
+        let filters =
+            std::collections::HashMap::from([("label", vec![format!("cloudless.replica")])]);
+        let options = bollard::query_parameters::ListContainersOptionsBuilder::new()
+            .filters(&filters)
+            .build();
+        docker
+            .list_containers(Some(options))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|s| {
+                s.labels
+                    .as_ref()
+                    .and_then(|l| l.get("cloudless.node"))
+                    .is_some_and(|n| n.starts_with(&format!("t{pid}-")))
+            })
+            .count()
+    };
+    assert_eq!(ours().await, 2, "two running containers carry our labels");
+    c.command(1, Command::DeleteWorkload { name: "boxed".into() }).await.unwrap();
+    until("containers removed", Duration::from_secs(60), async || ours().await == 0).await;
+    c.shutdown().await;
+}
