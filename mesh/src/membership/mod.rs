@@ -883,10 +883,13 @@ impl<I: Id> Membership<I> {
         // confirm (everyone but the suspect and the suspector). Like memberlist, a pool too
         // small to confirm anything uses the short timeout at once: otherwise a three-node
         // pool would always wait the longest.
+        // Counting stops as soon as there are enough, so a large pool pays a few steps.
+        let enough = self.config.indirect_checks.saturating_add(2);
         let others = self
             .members
             .values()
             .filter(|m| matches!(m.state, State::Alive | State::Suspect))
+            .take(enough)
             .count()
             .saturating_sub(2);
         let k = u32::try_from(self.config.indirect_checks.min(others)).unwrap_or(u32::MAX);
