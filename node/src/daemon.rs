@@ -589,8 +589,12 @@ async fn call(inner: &Inner, peer: PeerId, req: &ApiRequest) -> Result<ApiRespon
     postcard::from_bytes(&answer).map_err(|e| format!("malformed api answer: {e}"))
 }
 
-/// Sends `req` to a raft member: the ones learned before, else any peer (which redirects).
+/// Sends `req` to a raft member: this node when it is one, else the members learned before,
+/// else any peer (which redirects).
 async fn ask_member(inner: &Inner, req: ApiRequest) -> Result<ApiResponse, String> {
+    if inner.consensus.is_member() {
+        return Ok(answer(inner, inner.me, req).await);
+    }
     let mut tried: BTreeSet<PeerId> = BTreeSet::new();
     let mut queue: Vec<PeerId> = inner.members.lock().map(|m| m.clone()).unwrap_or_default();
     let others: Vec<PeerId> = inner

@@ -279,7 +279,7 @@ async fn dev(n: usize) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     println!(
-        "\nWorkload \"hello\" (examples/hello/hello.wat, WASI): {replicas} replicas running {:.0?} after it was submitted:",
+        "\nWorkload \"hello\" (examples/hello/hello.wat, WASI): {replicas} of {replicas} replicas running {:.0?} after it was submitted:",
         submitted.elapsed()
     );
     let index: BTreeMap<String, usize> =

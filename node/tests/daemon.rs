@@ -186,3 +186,31 @@ async fn a_container_workload_runs_on_nodes_with_an_engine() {
     until("containers removed", Duration::from_secs(60), async || ours().await == 0).await;
     c.shutdown().await;
 }
+
+/// A pool of one: the node is its own raft member and answers its own requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_pool_runs_a_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = LocalCluster::start(
+        1,
+        dir.path(),
+        SigningKey::from_bytes(&[7; 32]),
+        SigningKey::from_bytes(&[1; 32]),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let spec = WorkloadSpec::new(
+        "solo",
+        Image::Wasi(String::new()),
+        Resources { cpu_millis: 100, memory_mib: 16, disk_mib: 0, gpus: 0 },
+        1,
+    );
+    c.apply_wasi(0, spec, include_bytes!("../../examples/hello/hello.wat")).await.unwrap();
+    let running = |s: &State| s.statuses().values().filter(|s| s.phase == Phase::Running).count();
+    until("the replica runs", Duration::from_secs(30), async || {
+        c.nodes[0].consensus().read(Consistency::Linearizable, running).await.unwrap() == 1
+    })
+    .await;
+    c.shutdown().await;
+}
