@@ -50,6 +50,11 @@ async fn running_on(c: &LocalCluster, via: usize, name: &str) -> Option<String> 
         .flatten()
 }
 
+async fn cluster(dir: &std::path::Path) -> LocalCluster {
+    let (root, admin) = (SigningKey::from_bytes(&[7; 32]), SigningKey::from_bytes(&[1; 32]));
+    LocalCluster::start(3, dir, root, admin, |_| {}).await.unwrap()
+}
+
 fn main() {
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(50);
     let kills: usize = std::env::var("KILLS").ok().and_then(|r| r.parse().ok()).unwrap_or(10);
@@ -63,15 +68,7 @@ fn main() {
     rt.block_on(async {
         let module = include_bytes!("../../examples/hello/hello.wat");
         let dir = tempfile::tempdir().unwrap();
-        let mut c = LocalCluster::start(
-            3,
-            dir.path(),
-            SigningKey::from_bytes(&[7; 32]),
-            SigningKey::from_bytes(&[1; 32]),
-            |_| {},
-        )
-        .await
-        .unwrap();
+        let mut c = cluster(dir.path()).await;
         let leader = (0..3).find(|i| c.nodes[*i].consensus().is_leader()).unwrap();
         let via = (leader + 1) % 3;
         let mut samples = Vec::new();
@@ -97,15 +94,7 @@ fn main() {
         let mut samples = Vec::new();
         for k in 0..kills {
             let dir = tempfile::tempdir().unwrap();
-            let mut c = LocalCluster::start(
-                3,
-                dir.path(),
-                SigningKey::from_bytes(&[7; 32]),
-                SigningKey::from_bytes(&[1; 32]),
-                |_| {},
-            )
-            .await
-            .unwrap();
+            let mut c = cluster(dir.path()).await;
             let leader = (0..3).find(|i| c.nodes[*i].consensus().is_leader()).unwrap();
             // The leader stays up: this measures failure detection and rescheduling (a lost
             // leader adds an election, which the raft benchmark measures).

@@ -498,9 +498,9 @@ fn assigned(state: &State, node: &str) -> Vec<(ReplicaKey, WorkloadSpec)> {
         .collect()
 }
 
-/// Fetches a module from whichever peer has it, chunk by chunk, checking its hash.
-async fn fetch_module(inner: &Inner, hash: &str) -> Result<(), String> {
-    let peers: Vec<PeerId> = inner
+/// The other peers the membership holds alive.
+fn live_peers(inner: &Inner) -> Vec<PeerId> {
+    inner
         .seen
         .lock()
         .map(|s| {
@@ -510,8 +510,12 @@ async fn fetch_module(inner: &Inner, hash: &str) -> Result<(), String> {
                 .filter(|p| *p != inner.me)
                 .collect()
         })
-        .unwrap_or_default();
-    for peer in peers {
+        .unwrap_or_default()
+}
+
+/// Fetches a module from whichever peer has it, chunk by chunk, checking its hash.
+async fn fetch_module(inner: &Inner, hash: &str) -> Result<(), String> {
+    for peer in live_peers(inner) {
         let mut bytes = Vec::new();
         loop {
             let req = ApiRequest::Module { hash: hash.to_string(), offset: bytes.len() as u64 };
@@ -597,17 +601,7 @@ async fn ask_member(inner: &Inner, req: ApiRequest) -> Result<ApiResponse, Strin
     }
     let mut tried: BTreeSet<PeerId> = BTreeSet::new();
     let mut queue: Vec<PeerId> = inner.members.lock().map(|m| m.clone()).unwrap_or_default();
-    let others: Vec<PeerId> = inner
-        .seen
-        .lock()
-        .map(|s| {
-            s.iter()
-                .filter(|p| p.state == membership::State::Alive)
-                .filter_map(|p| p.peer.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    queue.extend(others);
+    queue.extend(live_peers(inner));
     let mut last = "no raft member is reachable".to_string();
     while let Some(peer) = queue.first().copied() {
         queue.remove(0);
