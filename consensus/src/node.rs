@@ -310,6 +310,16 @@ impl<T: Transport> Consensus<T> {
         self.inner.raft.metrics().borrow().current_leader == Some(self.inner.id)
     }
 
+    /// Waits until this member has applied past `seen` (an index an earlier call returned), or
+    /// `timeout` passes; returns the index applied now. Heartbeats and other metric updates do
+    /// not end the wait, so a loop built on it runs when the state changed or on its tick.
+    pub async fn applied_after(&self, seen: Option<u64>, timeout: Duration) -> Option<u64> {
+        let mut metrics = self.inner.raft.metrics();
+        let applied = |m: &openraft::RaftMetrics<NodeId, Member>| m.last_applied.map(|l| l.index);
+        let _ = tokio::time::timeout(timeout, metrics.wait_for(|m| applied(m) != seen)).await;
+        applied(&metrics.borrow())
+    }
+
     /// Whether this member is part of the group (voter or learner).
     pub fn is_member(&self) -> bool {
         let m = self.inner.raft.metrics().borrow().membership_config.clone();

@@ -112,10 +112,7 @@ fn main() {
                 continue;
             }
             // Every member holds the module before the host dies.
-            let hash = {
-                use sha2::Digest;
-                sha2::Sha256::digest(module).iter().map(|b| format!("{b:02x}")).collect::<String>()
-            };
+            let hash = cloudless_runtime::wasi::module_hash(module);
             while !c.nodes.iter().all(|n| n.wasi().has_module(&hash)) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

@@ -370,15 +370,11 @@ async fn leader_loop(inner: Arc<Inner>) {
             return;
         }
     };
-    // Wake on every change of the raft state (a committed workload is placed at once), and
-    // at least every LEADER_EVERY (liveness changes come from the mesh, not from raft).
-    let mut changes = inner.consensus.raft().metrics();
+    // Run when the raft state changed (a committed workload is placed at once), and at least
+    // every LEADER_EVERY (liveness changes come from the mesh, not from raft).
+    let mut applied = None;
     loop {
-        changes.borrow_and_update();
-        tokio::select! {
-            _ = changes.changed() => {}
-            () = tokio::time::sleep(LEADER_EVERY) => {}
-        }
+        applied = inner.consensus.applied_after(applied, LEADER_EVERY).await;
         if !inner.consensus.is_leader() {
             continue;
         }
@@ -405,25 +401,16 @@ async fn leader_loop(inner: Arc<Inner>) {
 async fn agent_loop(inner: Arc<Inner>, agent: Agent) {
     let me = inner.me.to_string();
     let mut last: Option<Vec<ReplicaSpec>> = None;
-    let mut changes = inner.consensus.raft().metrics();
+    let mut applied = None;
     loop {
-        changes.borrow_and_update();
-        let assigned: Result<Vec<(ReplicaKey, WorkloadSpec)>, String> =
-            if inner.consensus.is_member() {
-                inner
-                    .consensus
-                    .read(Consistency::Stale, |s| assigned(s, &me))
-                    .await
-                    .map_err(|e| e.to_string())
-            } else {
-                match ask_member(&inner, ApiRequest::Query(Query::Assigned { node: me.clone() }))
-                    .await
-                {
-                    Ok(ApiResponse::Assigned(a)) => Ok(a),
-                    Ok(other) => Err(format!("unexpected answer {other:?}")),
-                    Err(e) => Err(e),
-                }
-            };
+        // A raft member answers itself, and so runs as soon as it applies new assignments;
+        // other nodes ask a member every AGENT_EVERY.
+        let query = ApiRequest::Query(Query::Assigned { node: me.clone() });
+        let assigned = match ask_member(&inner, query).await {
+            Ok(ApiResponse::Assigned(a)) => Ok(a),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(e),
+        };
         match assigned {
             Ok(list) => {
                 let mut specs = Vec::new();
@@ -446,15 +433,7 @@ async fn agent_loop(inner: Arc<Inner>, agent: Agent) {
             }
             Err(e) => debug!(error = e, "cannot learn assignments yet"),
         }
-        // A member learns of new assignments as soon as it applies them; others poll.
-        if inner.consensus.is_member() {
-            tokio::select! {
-                _ = changes.changed() => {}
-                () = tokio::time::sleep(AGENT_EVERY) => {}
-            }
-        } else {
-            tokio::time::sleep(AGENT_EVERY).await;
-        }
+        applied = inner.consensus.applied_after(applied, AGENT_EVERY).await;
     }
 }
 
@@ -566,19 +545,10 @@ async fn report_loop(inner: Arc<Inner>, mut statuses: mpsc::Receiver<Status>) {
             add(s);
         }
         let command = Command::Report(batch.into_iter().collect());
-        let result = if inner.consensus.is_member() {
-            inner
-                .consensus
-                .propose(Actor::Node(me.clone()), command)
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-        } else {
-            match ask_member(&inner, ApiRequest::Node(command)).await {
-                Ok(ApiResponse::Applied(Ok(_))) => Ok(()),
-                Ok(other) => Err(format!("{other:?}")),
-                Err(e) => Err(e),
-            }
+        let result = match ask_member(&inner, ApiRequest::Node(command)).await {
+            Ok(ApiResponse::Applied(Ok(_))) => Ok(()),
+            Ok(other) => Err(format!("{other:?}")),
+            Err(e) => Err(e),
         };
         if let Err(e) = result {
             debug!(error = e, "status report not recorded");

@@ -75,7 +75,7 @@ async fn a_wasi_workload_runs_moves_and_stops_across_real_nodes() {
     let gone = host;
     let observer = (gone + 1) % 3;
     let gone_peer = c.nodes[gone].peer_id().to_string();
-    let hash = module_hash(module);
+    let hash = cloudless_runtime::wasi::module_hash(module);
     // Every raft member keeps a copy of the module, so it outlives the node it came from.
     until("module copies", Duration::from_secs(10), async || {
         c.nodes.iter().all(|n| n.wasi().has_module(&hash))
@@ -113,12 +113,6 @@ async fn a_wasi_workload_runs_moves_and_stops_across_real_nodes() {
             n.shutdown().await;
         }
     }
-}
-
-/// The hash a module is stored under.
-fn module_hash(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Containers on nodes that have an engine (`.ci/engine` starts one; set

@@ -69,6 +69,16 @@ pub enum RunState {
     Exited(Exit),
 }
 
+impl RunState {
+    /// Running since `since`, or exited once an exit is known.
+    pub fn of(since: SystemTime, exit: Option<Exit>) -> Self {
+        match exit {
+            Some(exit) => RunState::Exited(exit),
+            None => RunState::Running { since },
+        }
+    }
+}
+
 /// A replica a driver knows about (for adoption after a node restart, and for status).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Observed {

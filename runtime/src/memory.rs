@@ -103,10 +103,7 @@ impl MemoryDriver {
 }
 
 fn observed(id: &ReplicaId, f: &Fake) -> Observed {
-    let state = match f.exit.borrow().clone() {
-        Some(e) => RunState::Exited(e),
-        None => RunState::Running { since: f.since },
-    };
+    let state = RunState::of(f.since, f.exit.borrow().clone());
     Observed { id: id.clone(), fingerprint: f.fingerprint.clone(), state }
 }
 

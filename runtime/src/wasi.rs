@@ -362,7 +362,7 @@ impl WasiDriver {
     /// Stores a module or component (binary, or WAT text) and returns the hash a spec names it
     /// by. Storing the same bytes twice is harmless.
     pub fn store_module(&self, bytes: &[u8]) -> Result<String, DriverError> {
-        let hash = hex(&Sha256::digest(bytes));
+        let hash = module_hash(bytes);
         let path = self.module_path(&hash);
         if !path.exists() {
             let tmp = path.with_extension("tmp");
@@ -441,7 +441,7 @@ impl WasiDriver {
             reason,
         };
         let bytes = std::fs::read(self.module_path(hash)).map_err(|e| missing(e.to_string()))?;
-        if hex(&Sha256::digest(&bytes)) != hash {
+        if module_hash(&bytes) != hash {
             return Err(missing("stored bytes do not match their hash".into()));
         }
         let started = Instant::now();
@@ -546,6 +546,11 @@ fn is_component(bytes: &[u8]) -> bool {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The name a module is stored and referred to by: the lowercase hex SHA-256 of its bytes.
+pub fn module_hash(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
 }
 
 fn new_store<T: Metered + Send + 'static>(engine: &Engine, data: T) -> Store<T> {
@@ -779,9 +784,6 @@ impl Driver for WasiDriver {
 }
 
 fn observed(id: &ReplicaId, run: &Run) -> Observed {
-    let state = match run.exit.borrow().clone() {
-        Some(exit) => RunState::Exited(exit),
-        None => RunState::Running { since: run.since },
-    };
+    let state = RunState::of(run.since, run.exit.borrow().clone());
     Observed { id: id.clone(), fingerprint: run.fingerprint.clone(), state }
 }
