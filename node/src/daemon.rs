@@ -141,7 +141,7 @@ impl Daemon {
         mesh_config.descriptor.cpu_millis = config.offer.cpu_millis;
         mesh_config.descriptor.memory_mib = config.offer.memory_mib;
         mesh_config.descriptor.disk_mib = config.offer.disk_mib;
-        mesh_config.capacity = Some(capacity(config.offer, Resources::ZERO, &runtimes));
+        mesh_config.capacity = Some(capacity(config.offer, &runtimes));
         let Mesh { handle: mesh, events, task } = cloudless_mesh::start(mesh_config, gate).await?;
         // Events are not needed here: the loops poll the mesh's view.
         tokio::spawn(drain(events));
@@ -260,15 +260,15 @@ async fn drain(mut events: mpsc::Receiver<cloudless_mesh::Event>) {
     while events.recv().await.is_some() {}
 }
 
-fn capacity(offer: Resources, used: Resources, runtimes: &[Runtime]) -> Capacity {
-    let free = offer.saturating_sub(&used);
+/// The capacity summary this node gossips: its offer (the leader counts what assignments use).
+fn capacity(offer: Resources, runtimes: &[Runtime]) -> Capacity {
     Capacity {
         cpu_total_millis: offer.cpu_millis,
-        cpu_free_millis: free.cpu_millis,
+        cpu_free_millis: offer.cpu_millis,
         memory_total_mib: offer.memory_mib,
-        memory_free_mib: free.memory_mib,
+        memory_free_mib: offer.memory_mib,
         disk_total_mib: offer.disk_mib,
-        disk_free_mib: free.disk_mib,
+        disk_free_mib: offer.disk_mib,
         workloads: 0,
         power: Power::Mains,
         metered: false,
