@@ -1,8 +1,15 @@
 //! `cloudlessctl`: the command-line client that talks to any node over the mesh (as a mesh
-//! client), with signed requests.
+//! client, with its own ed25519 identity) with signed requests.
 //!
-//! So far it holds the workload document parser ([`spec`]): YAML or JSON as users write it,
-//! strictly checked, into a validated `WorkloadSpec`. The verbs and the signed request
-//! protocol come with the node wiring.
+//! ```text
+//!   argv ──▶ verbs (src/main.rs) ──▶ spec::parse (documents) ──▶ SignedRequest(user key)
+//!        ──▶ client::Client (mesh client, one peer) ──▶ node `api` service ──▶ output::*
+//! ```
+//!
+//! - [`spec`]: workload documents (YAML or JSON) into validated `WorkloadSpec`s.
+//! - [`config`]: which peer and which keys (`ctl.toml`).
+//! - [`client`]: the connection and the signed request protocol.
 
+pub mod client;
+pub mod config;
 pub mod spec;

@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod api;
 pub mod invite;
+pub mod keys;
 pub mod memnet;
 pub mod network;
 pub mod node;

@@ -114,6 +114,31 @@ pub struct NodeRecord {
     pub revoked: bool,
     /// When it enrolled (leader's clock).
     pub enrolled_ms: u64,
+    /// Whether new replicas may go there, and whether its replicas must move.
+    pub schedulable: Schedulable,
+}
+
+/// Whether the scheduler may use a node (`cloudlessctl node drain|uncordon`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Schedulable {
+    /// New replicas may be placed there.
+    #[default]
+    Yes,
+    /// No new replicas; the ones it runs stay.
+    Cordoned,
+    /// No new replicas, and the leader moves the ones it runs elsewhere.
+    Draining,
+}
+
+impl Schedulable {
+    /// The word the CLI shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Schedulable::Yes => "schedulable",
+            Schedulable::Cordoned => "cordoned",
+            Schedulable::Draining => "draining",
+        }
+    }
 }
 
 /// A CLI user.
@@ -209,6 +234,13 @@ pub enum Command {
         /// The node.
         peer: String,
     },
+    /// Cordons, drains or uncordons a node.
+    SetSchedulable {
+        /// The node.
+        peer: String,
+        /// Its new state.
+        schedulable: Schedulable,
+    },
     /// Replaces a node's labels.
     SetNodeLabels {
         /// The node.
@@ -265,6 +297,7 @@ impl Command {
             Command::Enroll { .. } => "enroll",
             Command::Revoke { .. } => "revoke",
             Command::SetNodeLabels { .. } => "set node labels",
+            Command::SetSchedulable { .. } => "set node schedulable",
             Command::PutUser { .. } => "put user",
             Command::RemoveUser { .. } => "remove user",
             Command::PutWorkload(_) => "put workload",
@@ -538,7 +571,11 @@ impl State {
                 Ok(())
             }
             Command::Enroll { token, signature, peer } => {
-                if req.actor != Actor::Node(peer.clone()) && req.actor != Actor::System {
+                // The device itself, or an enrolled node relaying for a device that cannot
+                // reach a raft member yet (the token's signature is what admits it).
+                let relayed = self.is_live_node(&req.actor).is_some();
+                if req.actor != Actor::Node(peer.clone()) && req.actor != Actor::System && !relayed
+                {
                     return Err(unauthorized());
                 }
                 check_name("peer", peer)?;
@@ -572,7 +609,9 @@ impl State {
                 }
                 check_labels(&token.labels)
             }
-            Command::Revoke { peer } | Command::SetNodeLabels { peer, .. } => {
+            Command::Revoke { peer }
+            | Command::SetNodeLabels { peer, .. }
+            | Command::SetSchedulable { peer, .. } => {
                 if !at_least(Role::Admin) {
                     return Err(unauthorized());
                 }
@@ -738,6 +777,7 @@ impl State {
                         labels: BTreeMap::new(),
                         revoked: false,
                         enrolled_ms: req.time_ms,
+                        schedulable: Schedulable::Yes,
                     },
                 );
                 Reply::Done
@@ -756,6 +796,7 @@ impl State {
                         labels: token.labels.clone(),
                         revoked: false,
                         enrolled_ms: req.time_ms,
+                        schedulable: Schedulable::Yes,
                     },
                 );
                 Reply::Done
@@ -771,6 +812,12 @@ impl State {
             Command::SetNodeLabels { peer, labels } => {
                 if let Some(n) = self.nodes.get_mut(peer) {
                     n.labels = labels.clone();
+                }
+                Reply::Done
+            }
+            Command::SetSchedulable { peer, schedulable } => {
+                if let Some(n) = self.nodes.get_mut(peer) {
+                    n.schedulable = *schedulable;
                 }
                 Reply::Done
             }

@@ -218,6 +218,7 @@ mod tests {
             labels: Default::default(),
             revoked: false,
             enrolled_ms: 0,
+            schedulable: Default::default(),
         }
     }
 

@@ -20,24 +20,26 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cloudless_consensus::api::{ApiRequest, ApiResponse, CHUNK, MAX_MODULE, Query, SERVICE};
+use cloudless_consensus::api::{ApiRequest, ApiResponse, MAX_MODULE, Query, SERVICE};
 use cloudless_consensus::state::{
     Actor, Command, Phase as RaftPhase, ReplicaKey, ReplicaStatus, Settings, State, UserKey,
 };
 use cloudless_consensus::voters::{self, Candidate, Observation};
 use cloudless_consensus::{Candidates, Consensus, Consistency, Member, node_id};
-use cloudless_mesh::rpc::{RemoteError, RemoteErrorKind};
-use cloudless_mesh::{Gate, Handle, Mesh, membership};
+use cloudless_mesh::{Handle, Mesh, membership};
 use cloudless_runtime::container::{ContainerConfig, ContainerDriver};
 use cloudless_runtime::wasi::{WasiConfig, WasiDriver};
-use cloudless_runtime::{Agent, AgentConfig, Driver, Phase, ReplicaSpec, Status};
+use cloudless_runtime::{Agent, AgentConfig, Driver, Phase, ReplicaSpec, RunState, Status};
 use cloudless_sched::Scheduler;
-use cloudless_types::{Capacity, Image, Power, Resources, Runtime, Runtimes, WorkloadSpec};
+use cloudless_types::{Capacity, Image, Power, Resources, Runtime, Runtimes};
 use libp2p::PeerId;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::api::Uploads;
+use crate::gate::EnrollGate;
+use crate::http::{Metrics, Readiness};
 use crate::leader::{self, Seen};
 use crate::raft_rpc::{self, MeshTransport};
 use crate::recovery::RAFT_DIR;
@@ -86,6 +88,9 @@ pub enum DaemonError {
     /// The runtime did not start.
     #[error("runtime: {0}")]
     Runtime(#[from] cloudless_runtime::DriverError),
+    /// The scheduler settings are invalid.
+    #[error("scheduler: {0}")]
+    Scheduler(String),
 }
 
 /// How steadily a peer has been alive.
@@ -99,14 +104,22 @@ struct Streak {
     state: membership::State,
 }
 
-struct Inner {
-    me: PeerId,
-    mesh: Handle,
-    consensus: Consensus<MeshTransport>,
-    wasi: WasiDriver,
-    seen: Mutex<Vec<Seen>>,
+/// What the loops and the api share.
+pub(crate) struct Inner {
+    pub(crate) me: PeerId,
+    pub(crate) mesh: Handle,
+    pub(crate) consensus: Consensus<MeshTransport>,
+    pub(crate) wasi: WasiDriver,
+    pub(crate) containers: Option<ContainerDriver>,
+    pub(crate) gate: Arc<EnrollGate>,
+    pub(crate) scheduler: Scheduler,
+    pub(crate) uploads: Mutex<Uploads>,
+    pub(crate) metrics: Metrics,
+    /// What this node offers (for its CPU utilisation gauge).
+    offer: Resources,
+    pub(crate) seen: Mutex<Vec<Seen>>,
     /// Raft voters as last learned (for nodes that are not members themselves).
-    members: Mutex<Vec<PeerId>>,
+    pub(crate) members: Mutex<Vec<PeerId>>,
     /// Each peer's current streak and recent flaps.
     stability: Mutex<BTreeMap<String, Streak>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -119,17 +132,32 @@ pub struct Daemon {
     mesh_task: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the epoch by this node's clock.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Daemon {
-    /// Starts every part of a node.
-    pub async fn start(config: DaemonConfig, gate: Arc<dyn Gate>) -> Result<Daemon, DaemonError> {
+    /// Starts every part of a node. Peers reach it through the enrollment gate
+    /// ([`EnrollGate`]).
+    pub async fn start(config: DaemonConfig) -> Result<Daemon, DaemonError> {
         let data_dir: PathBuf = config.mesh.data_dir.clone();
+        let scheduler = Scheduler::new(cloudless_sched::Config::default())
+            .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
+        let keypair = cloudless_mesh::identity::load_or_create(&data_dir)
+            .map_err(|e| DaemonError::Mesh(e.into()))?;
+        let gate = Arc::new(EnrollGate::new(keypair.public().to_peer_id()));
         // Containers only where an engine answers; WASI everywhere.
+        let me = keypair.public().to_peer_id();
         let containers = match &config.containers {
-            Some(c) => Some(ContainerDriver::connect(c.clone()).await?),
+            Some(c) => {
+                let mut c = c.clone();
+                if c.scope.is_empty() {
+                    c.scope = me.to_string();
+                }
+                c.allow_network |= config.allow_network;
+                Some(ContainerDriver::connect(c).await?)
+            }
             None => None,
         };
         let mut runtimes = vec![Runtime::Wasi];
@@ -142,10 +170,10 @@ impl Daemon {
         mesh_config.descriptor.memory_mib = config.offer.memory_mib;
         mesh_config.descriptor.disk_mib = config.offer.disk_mib;
         mesh_config.capacity = Some(capacity(config.offer, &runtimes));
-        let Mesh { handle: mesh, events, task } = cloudless_mesh::start(mesh_config, gate).await?;
+        let Mesh { handle: mesh, events, task } =
+            cloudless_mesh::start_with_identity(mesh_config, keypair, gate.clone()).await?;
         // Events are not needed here: the loops poll the mesh's view.
         tokio::spawn(drain(events));
-        let me = mesh.peer_id();
         let member = Member { peer: me.to_string() };
         let consensus = Consensus::open(
             &data_dir.join(RAFT_DIR),
@@ -164,6 +192,12 @@ impl Daemon {
             mesh: mesh.clone(),
             consensus: consensus.clone(),
             wasi: wasi.clone(),
+            containers: containers.clone(),
+            gate,
+            scheduler,
+            uploads: Mutex::new(Uploads::default()),
+            metrics: Metrics::new(),
+            offer: config.offer,
             seen: Mutex::new(Vec::new()),
             members: Mutex::new(Vec::new()),
             stability: Mutex::new(BTreeMap::new()),
@@ -182,7 +216,7 @@ impl Daemon {
             tokio::spawn(agent_loop(inner.clone(), agent)),
             tokio::spawn(report_loop(inner.clone(), statuses)),
             tokio::spawn(keeper_loop(inner.clone())),
-            tokio::spawn(serve_api(inner.clone(), api)),
+            tokio::spawn(crate::api::serve(inner.clone(), api)),
         ];
         if let Ok(mut t) = inner.tasks.lock() {
             t.extend(tasks);
@@ -215,6 +249,16 @@ impl Daemon {
         &self.inner.consensus
     }
 
+    /// This node's metrics (served at /metrics).
+    pub fn metrics(&self) -> Metrics {
+        self.inner.metrics.clone()
+    }
+
+    /// What /health and /ready answer.
+    pub fn readiness(&self) -> Arc<dyn Readiness> {
+        Arc::new(Ready(Arc::downgrade(&self.inner)))
+    }
+
     /// The WASI driver (module storage, logs).
     pub fn wasi(&self) -> &WasiDriver {
         &self.inner.wasi
@@ -223,6 +267,11 @@ impl Daemon {
     /// Sends `request` to the api service of a raft member (following redirects).
     pub async fn ask_member(&self, request: ApiRequest) -> Result<ApiResponse, String> {
         ask_member(&self.inner, request).await
+    }
+
+    /// Answers `request` as if `caller` had sent it over the mesh.
+    pub async fn answer(&self, caller: PeerId, request: ApiRequest) -> ApiResponse {
+        crate::api::answer(&self.inner, caller, request).await
     }
 
     /// Stops as a crash would: no leave is announced, replicas stop with the process (the
@@ -276,9 +325,43 @@ fn capacity(offer: Resources, runtimes: &[Runtime]) -> Capacity {
     }
 }
 
+/// /health: the loops run. /ready: enrolled, and a raft leader is known.
+struct Ready(std::sync::Weak<Inner>);
+
+impl Readiness for Ready {
+    fn health(&self) -> Result<(), String> {
+        let inner = self.0.upgrade().ok_or("the node is stopping")?;
+        let tasks = inner.tasks.lock().map_err(|_| "task list poisoned")?;
+        if tasks.is_empty() {
+            return Err("the node is stopping".into());
+        }
+        match tasks.iter().filter(|t| t.is_finished()).count() {
+            0 => Ok(()),
+            n => Err(format!("{n} of the node's loops stopped")),
+        }
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        self.health()?;
+        let inner = self.0.upgrade().ok_or("the node is stopping")?;
+        if !inner.gate.knows(&inner.me) {
+            return Err("not enrolled in a cluster (yet)".into());
+        }
+        let leader_known = if inner.consensus.is_member() {
+            inner.consensus.leader().is_some()
+        } else {
+            inner.members.lock().is_ok_and(|m| !m.is_empty())
+        };
+        if leader_known { Ok(()) } else { Err("no raft leader known".into()) }
+    }
+}
+
 /// Refreshes the view of the pool, and the stability record voters are chosen by.
 async fn view_loop(inner: Arc<Inner>) {
+    let mut tick: u64 = 0;
     loop {
+        tick += 1;
+        refresh_gate(&inner, tick).await;
         if let (Ok(members), Ok(dir)) = (inner.mesh.members().await, inner.mesh.directory().await) {
             let now = Instant::now();
             let seen: Vec<Seen> = members
@@ -306,10 +389,27 @@ async fn view_loop(inner: Arc<Inner>) {
                     e.state = m.state;
                 }
             }
+            for state in [
+                membership::State::Alive,
+                membership::State::Suspect,
+                membership::State::Dead,
+                membership::State::Left,
+            ] {
+                let n = members.iter().filter(|m| m.state == state).count() as i64;
+                inner.metrics.set_members(crate::api::state_word(state), n);
+            }
             if let Ok(mut s) = inner.seen.lock() {
                 *s = seen;
             }
         }
+        count_replicas(&inner).await;
+        let raft = inner.consensus.raft().metrics().borrow().clone();
+        inner.metrics.set_raft(
+            raft.current_term,
+            raft.last_applied.map_or(0, |l| l.index),
+            inner.consensus.is_leader(),
+            inner.consensus.voters().len(),
+        );
         if inner.consensus.is_member() {
             let voters: Vec<PeerId> = inner
                 .consensus
@@ -322,6 +422,52 @@ async fn view_loop(inner: Arc<Inner>) {
             }
         }
         tokio::time::sleep(VIEW_EVERY).await;
+    }
+}
+
+/// Sets the replicas gauge from what the runtimes hold now (so a stopped replica is counted
+/// out when it has stopped, not when it was asked to).
+async fn count_replicas(inner: &Inner) {
+    let mut held = inner.wasi.list().await.unwrap_or_default();
+    if let Some(c) = &inner.containers {
+        held.extend(c.list().await.unwrap_or_default());
+    }
+    let running = held.iter().filter(|o| matches!(o.state, RunState::Running { .. })).count();
+    inner.metrics.set_replicas("running", running as i64);
+    inner.metrics.set_replicas("exited", (held.len() - running) as i64);
+}
+
+/// Non-members refresh the gate this many view ticks apart (2 s): a newly enrolled peer waits
+/// that long at most to be let into the membership by them; members refresh every tick from
+/// their own state.
+const GATE_TICKS: u64 = 4;
+/// A node the cluster refuses says so this many view ticks apart (30 s).
+const WARN_TICKS: u64 = 60;
+
+/// Tells the gate who is enrolled: from committed state on raft members, else from a member;
+/// closes connections to newly revoked peers.
+async fn refresh_gate(inner: &Inner, tick: u64) {
+    let lists = if inner.consensus.is_member() {
+        inner.consensus.read(Consistency::Stale, crate::gate::lists).await.ok()
+    } else if tick.is_multiple_of(GATE_TICKS) || !inner.gate.knows_anyone() {
+        match ask_member(inner, ApiRequest::Query(Query::Enrolled)).await {
+            Ok(ApiResponse::Enrolled { nodes, revoked }) => Some((nodes, revoked)),
+            Ok(ApiResponse::Refused(why)) => {
+                // Said once at start and then every WARN_TICKS, not on every tick.
+                if tick % WARN_TICKS == 1 {
+                    warn!(reason = why, "the cluster does not let this node in");
+                }
+                None
+            }
+            _ => None,
+        }
+    } else {
+        None
+    };
+    if let Some((nodes, revoked)) = lists
+        && inner.gate.set(&nodes, &revoked)
+    {
+        let _ = inner.mesh.recheck_gate().await;
     }
 }
 
@@ -363,36 +509,66 @@ impl Candidates for Voters {
 
 /// While this node leads: place what is missing, move what was on dead nodes.
 async fn leader_loop(inner: Arc<Inner>) {
-    let scheduler = match Scheduler::new(cloudless_sched::Config::default()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "scheduler settings are invalid; this node will not schedule");
-            return;
-        }
-    };
     // Run when the raft state changed (a committed workload is placed at once), and at least
     // every LEADER_EVERY (liveness changes come from the mesh, not from raft).
     let mut applied = None;
+    // When this leader first saw each replica without a node: placement latency is measured
+    // from there to the committed assignment.
+    let mut waiting: BTreeMap<ReplicaKey, Instant> = BTreeMap::new();
     loop {
         applied = inner.consensus.applied_after(applied, LEADER_EVERY).await;
         if !inner.consensus.is_leader() {
+            waiting.clear();
             continue;
         }
         let seen = inner.seen.lock().map(|s| s.clone()).unwrap_or_default();
         let round = inner
             .consensus
-            .read(Consistency::Stale, |state| leader::round(state, &seen, &scheduler))
+            .read(Consistency::Stale, |state| {
+                let mut unplaced: Vec<ReplicaKey> = Vec::new();
+                for (name, w) in state.workloads() {
+                    for index in 0..w.spec.replicas {
+                        let key = ReplicaKey { workload: name.clone(), index };
+                        if !state.assignments().contains_key(&key) {
+                            unplaced.push(key);
+                        }
+                    }
+                }
+                (leader::round(state, &seen, &inner.scheduler), unplaced)
+            })
             .await;
-        let Ok(round) = round else { continue };
+        let Ok((round, unplaced)) = round else { continue };
+        let now = Instant::now();
+        // Replicas placed elsewhere meanwhile, deleted or scaled away wait no more.
+        waiting.retain(|k, _| unplaced.contains(k));
+        for key in unplaced {
+            waiting.entry(key).or_insert(now);
+        }
         for (workload, why) in &round.unschedulable {
             debug!(workload, why, "unschedulable");
         }
-        if let Some(command) = round.command {
-            match inner.consensus.propose(Actor::System, command).await {
-                Ok(Ok(_)) => debug!(placed = round.placed, "assignments committed"),
-                Ok(Err(e)) => debug!(error = %e, "assignment refused"),
-                Err(e) => debug!(error = %e, "assignment not committed"),
+        let Some(Command::Assign { epoch, set, unset }) = round.command else { continue };
+        for key in &unset {
+            waiting.entry(key.clone()).or_insert(now);
+        }
+        let command = Command::Assign { epoch, set: set.clone(), unset: unset.clone() };
+        match inner.consensus.propose(Actor::System, command).await {
+            Ok(Ok(_)) => {
+                debug!(placed = round.placed, "assignments committed");
+                let moved = set.iter().filter(|(k, _)| unset.contains(k)).count() as u64;
+                inner.metrics.decision("placed", set.len() as u64 - moved);
+                inner.metrics.decision("moved", moved);
+                for (key, _) in &set {
+                    if let Some(since) = waiting.remove(key) {
+                        inner.metrics.placement_latency(since.elapsed().as_secs_f64());
+                    }
+                }
             }
+            Ok(Err(e)) => debug!(error = %e, "assignment refused"),
+            Err(e) => debug!(error = %e, "assignment not committed"),
+        }
+        if !round.unschedulable.is_empty() {
+            inner.metrics.decision("unschedulable", round.unschedulable.len() as u64);
         }
     }
 }
@@ -424,6 +600,10 @@ async fn agent_loop(inner: Arc<Inner>, agent: Agent) {
                     }
                     specs.push(ReplicaSpec::from_workload(&spec, key.index));
                 }
+                let cpu: u32 = specs.iter().map(|r| r.cpu_millis).sum();
+                inner
+                    .metrics
+                    .set_cpu_utilization(f64::from(cpu) / f64::from(inner.offer.cpu_millis.max(1)));
                 if last.as_ref() != Some(&specs) {
                     if agent.set_desired(specs.clone()).await.is_err() {
                         return;
@@ -466,15 +646,6 @@ async fn keeper_loop(inner: Arc<Inner>) {
             }
         }
     }
-}
-
-fn assigned(state: &State, node: &str) -> Vec<(ReplicaKey, WorkloadSpec)> {
-    state
-        .assigned_to(node)
-        .filter_map(|(k, _)| {
-            state.workloads().get(&k.workload).map(|w| (k.clone(), w.spec.clone()))
-        })
-        .collect()
 }
 
 /// The other peers the membership holds alive.
@@ -556,7 +727,12 @@ async fn report_loop(inner: Arc<Inner>, mut statuses: mpsc::Receiver<Status>) {
     }
 }
 
-async fn call(inner: &Inner, peer: PeerId, req: &ApiRequest) -> Result<ApiResponse, String> {
+/// Sends `req` to the api service of `peer`.
+pub(crate) async fn call(
+    inner: &Inner,
+    peer: PeerId,
+    req: &ApiRequest,
+) -> Result<ApiResponse, String> {
     let body = postcard::to_allocvec(req).map_err(|e| e.to_string())?;
     let answer =
         inner.mesh.request(peer, SERVICE, body, API_TIMEOUT).await.map_err(|e| e.to_string())?;
@@ -564,14 +740,17 @@ async fn call(inner: &Inner, peer: PeerId, req: &ApiRequest) -> Result<ApiRespon
 }
 
 /// Sends `req` to a raft member: this node when it is one, else the members learned before,
-/// else any peer (which redirects).
-async fn ask_member(inner: &Inner, req: ApiRequest) -> Result<ApiResponse, String> {
+/// else any live or connected peer (which redirects or relays).
+pub(crate) async fn ask_member(inner: &Inner, req: ApiRequest) -> Result<ApiResponse, String> {
     if inner.consensus.is_member() {
-        return Ok(answer(inner, inner.me, req).await);
+        return Ok(Box::pin(crate::api::answer(inner, inner.me, req)).await);
     }
     let mut tried: BTreeSet<PeerId> = BTreeSet::new();
     let mut queue: Vec<PeerId> = inner.members.lock().map(|m| m.clone()).unwrap_or_default();
     queue.extend(live_peers(inner));
+    // A device that has just joined knows nobody through the membership yet: its bootstrap
+    // connections are the way in.
+    queue.extend(inner.mesh.connected_peers().await.unwrap_or_default());
     let mut last = "no raft member is reachable".to_string();
     while let Some(peer) = queue.first().copied() {
         queue.remove(0);
@@ -595,86 +774,4 @@ async fn ask_member(inner: &Inner, req: ApiRequest) -> Result<ApiResponse, Strin
         }
     }
     Err(last)
-}
-
-/// Serves the api service.
-async fn serve_api(
-    inner: Arc<Inner>,
-    mut requests: mpsc::Receiver<cloudless_mesh::rpc::InboundRequest>,
-) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(64));
-    while let Some(req) = requests.recv().await {
-        let Ok(permit) = limit.clone().acquire_owned().await else { return };
-        let inner = inner.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let caller = req.peer;
-            let answer = match postcard::from_bytes::<ApiRequest>(&req.body) {
-                Ok(r) => answer(&inner, caller, r).await,
-                Err(e) => {
-                    req.fail(RemoteError::new(
-                        RemoteErrorKind::BadRequest,
-                        format!("malformed api request: {e}"),
-                    ));
-                    return;
-                }
-            };
-            match postcard::to_allocvec(&answer) {
-                Ok(bytes) => req.respond_bytes(bytes),
-                Err(e) => req.fail(RemoteError::new(RemoteErrorKind::Failed, e.to_string())),
-            }
-        });
-    }
-}
-
-async fn answer(inner: &Inner, caller: PeerId, req: ApiRequest) -> ApiResponse {
-    let redirect = || {
-        ApiResponse::Redirect(
-            inner
-                .members
-                .lock()
-                .map(|m| m.iter().map(|p| p.to_string()).collect())
-                .unwrap_or_default(),
-        )
-    };
-    match req {
-        ApiRequest::Module { hash, offset } => {
-            match inner.wasi.module_chunk(&hash, offset, CHUNK) {
-                Some((total, bytes)) => ApiResponse::Module { total, bytes },
-                None => ApiResponse::Refused(format!("module {hash} is not stored here")),
-            }
-        }
-        _ if !inner.consensus.is_member() => redirect(),
-        ApiRequest::Query(Query::Members) => ApiResponse::Members(
-            inner.consensus.voter_members().into_iter().map(|m| m.peer).collect(),
-        ),
-        ApiRequest::Query(Query::Assigned { node }) => {
-            match inner.consensus.read(Consistency::Stale, |s| assigned(s, &node)).await {
-                Ok(a) => ApiResponse::Assigned(a),
-                Err(e) => ApiResponse::Refused(e.to_string()),
-            }
-        }
-        ApiRequest::Node(command) => {
-            match inner.consensus.propose(Actor::Node(caller.to_string()), command).await {
-                Ok(r) => ApiResponse::Applied(r),
-                Err(e) => ApiResponse::Refused(e.to_string()),
-            }
-        }
-        ApiRequest::User(signed) => {
-            if let Err(e) = signed.verify(now_ms()) {
-                return ApiResponse::Refused(e.to_string());
-            }
-            let request = cloudless_consensus::state::Request {
-                client: signed.client,
-                serial: signed.serial,
-                actor: Actor::User(signed.key),
-                time_ms: now_ms(),
-                command: signed.command,
-            };
-            match inner.consensus.submit(request).await {
-                Ok(r) => ApiResponse::Applied(r),
-                Err(e) => ApiResponse::Refused(e.to_string()),
-            }
-        }
-    }
 }

@@ -5,17 +5,19 @@
 //!   State (enrolled nodes, workloads, assignments) ─┐
 //!   Seen (liveness, capacity, descriptor per peer) ─┼─▶ sched::Cluster ─▶ Scheduler::place
 //!                                                   │        per workload, missing replicas
-//!   replicas on dead, left, revoked or unknown nodes ┴─▶ unset and placed again
+//!   replicas on dead, left, revoked, unknown or     ┴─▶ unset and placed again
+//!   draining nodes
 //!                                             ──▶ Command::Assign { epoch + 1, set, unset }
 //! ```
 //!
 //! Only nodes declared dead (or gone) lose their replicas: a suspect node keeps them, since a
-//! disconnected node keeps running its work.
+//! disconnected node keeps running its work. Cordoned nodes get no new replicas; draining ones
+//! lose theirs too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use cloudless_consensus::state::{Command, NodeRole, ReplicaKey, State};
+use cloudless_consensus::state::{Command, NodeRole, ReplicaKey, Schedulable, State};
 use cloudless_mesh::membership;
 use cloudless_sched::Scheduler;
 use cloudless_sched::model::{Cluster, Liveness, Node, ReplicaId, Workload};
@@ -95,13 +97,15 @@ pub fn cluster_view(state: &State, seen: &[Seen]) -> Cluster {
             node.metered = c.metered;
         }
         node.liveness = liveness(s.state);
+        node.cordoned = record.schedulable != Schedulable::Yes;
         // A node listed twice keeps its first entry.
         let _ = cluster.add_node(node);
     }
     cluster
 }
 
-fn workload(name: &str, spec: &cloudless_types::WorkloadSpec) -> Workload {
+/// The scheduler's model of a workload.
+pub fn workload(name: &str, spec: &cloudless_types::WorkloadSpec) -> Workload {
     let runtime = match spec.image {
         Image::Container(_) => Runtime::Container,
         Image::Wasi(_) => Runtime::Wasi,
@@ -113,18 +117,28 @@ fn workload(name: &str, spec: &cloudless_types::WorkloadSpec) -> Workload {
     w
 }
 
-/// One round of the leader's reconciliation.
-pub fn round(state: &State, seen: &[Seen], scheduler: &Scheduler) -> Round {
+/// The scheduler's view with every assignment that still holds, and the replicas that must
+/// move: those on dead, left, revoked, unknown or draining nodes, or that no longer fit.
+pub fn occupied(state: &State, seen: &[Seen]) -> (Cluster, BTreeSet<ReplicaKey>) {
     let mut cluster = cluster_view(state, seen);
     let mut unset: BTreeSet<ReplicaKey> = BTreeSet::new();
     for (key, a) in state.assignments() {
         let Some(w) = state.workloads().get(&key.workload) else { continue };
-        let healthy = cluster.node(&a.node).is_some_and(|n| n.liveness != Liveness::Dead);
+        let draining =
+            state.nodes().get(&a.node).is_some_and(|n| n.schedulable == Schedulable::Draining);
+        let healthy =
+            !draining && cluster.node(&a.node).is_some_and(|n| n.liveness != Liveness::Dead);
         let id = ReplicaId::new(&Arc::from(key.workload.as_str()), key.index);
         if !healthy || cluster.assign(id, &a.node, w.spec.requests, w.spec.priority).is_err() {
             unset.insert(key.clone());
         }
     }
+    (cluster, unset)
+}
+
+/// One round of the leader's reconciliation.
+pub fn round(state: &State, seen: &[Seen], scheduler: &Scheduler) -> Round {
+    let (mut cluster, mut unset) = occupied(state, seen);
     let mut order: Vec<(&String, &cloudless_consensus::state::WorkloadRecord)> =
         state.workloads().iter().collect();
     // Higher priority first, then by name, so every leader decides alike.

@@ -8,13 +8,12 @@
 //! ```
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cloudless_consensus::api::{ApiRequest, ApiResponse, SignedCommand};
+use cloudless_consensus::api::{ApiRequest, ApiResponse, SignedRequest, UserRequest};
 use cloudless_consensus::invite::{Grant, Invite};
 use cloudless_consensus::state::{Command, NodeRole, Reply, Settings};
-use cloudless_mesh::{OpenGate, RelayMode};
+use cloudless_mesh::RelayMode;
 use cloudless_types::{Resources, WorkloadSpec};
 use ed25519_dalek::SigningKey;
 use libp2p::Multiaddr;
@@ -112,7 +111,7 @@ impl LocalCluster {
                 &format!("zone-{}", index % 2),
             );
             tune(&mut config);
-            let node = Daemon::start(config, Arc::new(OpenGate))
+            let node = Daemon::start(config)
                 .await
                 .map_err(|source| LocalError::Start { index, source })?;
             if index == 0 {
@@ -169,7 +168,13 @@ impl LocalCluster {
     /// Sends a command as the admin, through node `via`.
     pub async fn command(&mut self, via: usize, command: Command) -> Result<Reply, LocalError> {
         self.serial += 1;
-        let signed = SignedCommand::sign(&self.admin, self.client, self.serial, now_ms(), command);
+        let signed = SignedRequest::sign(
+            &self.admin,
+            self.client,
+            self.serial,
+            now_ms(),
+            UserRequest::Command(command),
+        );
         match self.nodes[via].ask_member(ApiRequest::User(signed)).await {
             Ok(ApiResponse::Applied(Ok(reply))) => Ok(reply),
             Ok(ApiResponse::Applied(Err(e))) => Err(LocalError::Refused(e.to_string())),

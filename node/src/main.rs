@@ -1,34 +1,50 @@
 //! `cloudless`: the node program every device runs.
 //!
+//! - `cloudless init`: creates a cluster (root key and admin key for cloudlessctl, this node as
+//!   its first voter) and keeps running as its first node.
+//! - `cloudless join <invite>`: enrolls this device with an invite and keeps running.
+//! - `cloudless run`: starts the node from its data dir and settings.
 //! - `cloudless dev`: a complete local cluster in one process on loopback (mesh, raft,
 //!   scheduler, WASI runtime on every node), the example WASI workload published on it, and
 //!   its output followed until Ctrl-C ([`cloudless_node::local`]).
-//! - `cloudless run`: today the mesh layer only: a member that joins through bootstrap peers
-//!   (or LAN discovery), keeps the membership and the directory, and leaves cleanly on Ctrl-C.
 //! - `cloudless recover`: forced recovery of the raft group (docs/consensus.md).
 //!
 //! ```text
+//!   init / join / run: <data-dir>/cloudless.toml ◀ CLOUDLESS_* env ◀ flags ──▶ NodeConfig
+//!        ──▶ Daemon::start ──▶ (init: bootstrap │ join: Enroll) ──▶ http ──▶ until a signal
 //!   dev: LocalCluster::start ──▶ apply_wasi(examples/hello) ──▶ wait running ──▶ follow logs
-//!   run: flags / CLOUDLESS_* env ──▶ mesh::Config ──▶ mesh::start ──▶ events ──▶ log lines
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use cloudless_cli::config::{CtlConfig, ROOT_KEY, USER_KEY};
 use cloudless_consensus::Consistency;
-use cloudless_consensus::state::Phase;
-use cloudless_mesh::membership;
-use cloudless_mesh::{Config, Event, Mesh, OpenGate, RelayMode};
+use cloudless_consensus::api::{ApiRequest, ApiResponse};
+use cloudless_consensus::invite::Invite;
+use cloudless_consensus::state::{Command, Phase, Settings};
+use cloudless_node::config::{FILE, FileConfig, NodeConfig, Offer};
+use cloudless_node::daemon::Daemon;
 use cloudless_node::local::LocalCluster;
 use cloudless_runtime::Driver;
-use cloudless_types::{DeviceClass, Image, Resources, Runtime, WorkloadSpec};
+use cloudless_types::{Image, Resources, WorkloadSpec};
 use ed25519_dalek::SigningKey;
 use libp2p::Multiaddr;
-use tracing::info;
+use libp2p::multiaddr::Protocol;
+use tracing::{info, warn};
+
+/// The file in the data dir that marks it as part of a cluster (holds the cluster's name).
+const CLUSTER_FILE: &str = "cluster";
+/// The file in the data dir listing where the running node listens.
+const ADDRESSES_FILE: &str = "addresses";
+/// The file in the data dir naming where the running node serves /metrics, /health, /ready.
+const HTTP_FILE: &str = "http";
+/// How long `join` keeps trying to reach the cluster.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Parser)]
 #[command(
@@ -41,13 +57,35 @@ struct Cli {
     #[arg(long, global = true, env = "CLOUDLESS_LOG_JSON")]
     log_json: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Command_,
 }
 
 #[derive(Subcommand)]
-enum Command {
-    /// Run a node from its data directory.
-    Run(RunArgs),
+enum Command_ {
+    /// Create a new cluster with this device as its first node, then keep running.
+    Init {
+        /// The cluster's name.
+        #[arg(long, default_value = "cloudless")]
+        name: String,
+        /// Where cloudlessctl's settings and the admin's keys go (the cluster root key
+        /// included: keep it safe).
+        #[arg(long, env = "CLOUDLESS_CONFIG_DIR")]
+        admin_dir: Option<PathBuf>,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Enroll this device with an invite (from `cloudlessctl token create`), then keep running.
+    Join {
+        /// The invite string.
+        invite: String,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Run the node in a data directory.
+    Run {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
     /// Start a local three-node cluster in this process, on loopback, and watch it.
     Dev {
         /// How many nodes.
@@ -68,26 +106,30 @@ enum Command {
     },
 }
 
+/// Settings given on the command line or in the environment; they override the file.
 #[derive(clap::Args)]
-struct RunArgs {
-    /// Where the identity key and the node's state live.
+struct NodeArgs {
+    /// Where the identity, the raft store and the workloads' files live.
     #[arg(long, env = "CLOUDLESS_DATA_DIR", default_value = "cloudless-data")]
     data_dir: PathBuf,
-    /// Listen addresses (QUIC first, TCP fallback).
-    #[arg(long, env = "CLOUDLESS_LISTEN", value_delimiter = ',', default_values_t = [
-        "/ip4/0.0.0.0/udp/4001/quic-v1".parse::<Multiaddr>().expect("valid default address"),
-        "/ip4/0.0.0.0/tcp/4001".parse::<Multiaddr>().expect("valid default address"),
-    ])]
-    listen: Vec<Multiaddr>,
-    /// Peers to join through (`/ip4/…/udp/…/quic-v1/p2p/<id>`).
+    /// Settings file (default: cloudless.toml in the data dir).
+    #[arg(long, env = "CLOUDLESS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen addresses, comma-separated (QUIC first, TCP fallback).
+    #[arg(long, env = "CLOUDLESS_LISTEN", value_delimiter = ',')]
+    listen: Vec<String>,
+    /// Peers to join through (`/ip4/…/udp/…/quic-v1/p2p/<id>`), comma-separated.
     #[arg(long, env = "CLOUDLESS_BOOTSTRAP", value_delimiter = ',')]
-    bootstrap: Vec<Multiaddr>,
+    bootstrap: Vec<String>,
     /// Do not look for peers on the local network.
     #[arg(long, env = "CLOUDLESS_NO_MDNS")]
     no_mdns: bool,
     /// Relay server policy: auto, always or never.
-    #[arg(long, env = "CLOUDLESS_RELAY", default_value = "auto", value_parser = parse_relay)]
-    relay: RelayMode,
+    #[arg(long, env = "CLOUDLESS_RELAY")]
+    relay: Option<String>,
+    /// This device is behind a NAT without port forwarding.
+    #[arg(long, env = "CLOUDLESS_BEHIND_NAT")]
+    behind_nat: bool,
     /// Failure zone of this device.
     #[arg(long, env = "CLOUDLESS_ZONE")]
     zone: Option<String>,
@@ -95,46 +137,297 @@ struct RunArgs {
     #[arg(long, env = "CLOUDLESS_REGION")]
     region: Option<String>,
     /// Device class: server, desktop, gateway, laptop or phone.
-    #[arg(long, env = "CLOUDLESS_DEVICE_CLASS", value_parser = parse_class)]
-    device_class: Option<DeviceClass>,
-    /// Labels, as key=value.
-    #[arg(long = "label", env = "CLOUDLESS_LABELS", value_delimiter = ',', value_parser = parse_label)]
-    labels: Vec<(String, String)>,
+    #[arg(long, env = "CLOUDLESS_DEVICE_CLASS")]
+    device_class: Option<String>,
+    /// Labels, as key=value, comma-separated.
+    #[arg(long = "label", env = "CLOUDLESS_LABELS", value_delimiter = ',')]
+    labels: Vec<String>,
+    /// Address for /metrics, /health and /ready ("" turns it off).
+    #[arg(long, env = "CLOUDLESS_HTTP")]
+    http: Option<String>,
+    /// Let guests use the network on this device.
+    #[arg(long, env = "CLOUDLESS_ALLOW_NETWORK")]
+    allow_network: bool,
+    /// Docker Engine API endpoint for container workloads (`unix:///var/run/docker.sock`).
+    #[arg(long, env = "CLOUDLESS_CONTAINER_ENGINE")]
+    container_engine: Option<String>,
+    /// Millicores offered to workloads (default: every core).
+    #[arg(long, env = "CLOUDLESS_CPU_MILLIS")]
+    cpu_millis: Option<u32>,
+    /// MiB of memory offered to workloads (default: half the machine's).
+    #[arg(long, env = "CLOUDLESS_MEMORY_MIB")]
+    memory_mib: Option<u32>,
 }
 
-fn parse_relay(s: &str) -> Result<RelayMode, String> {
-    match s {
-        "auto" => Ok(RelayMode::Auto),
-        "always" => Ok(RelayMode::Always),
-        "never" => Ok(RelayMode::Never),
-        other => Err(format!("relay must be auto, always or never, not {other:?}")),
+impl NodeArgs {
+    /// The settings these arguments set, as a file would hold them.
+    fn overrides(&self) -> Result<FileConfig> {
+        let mut labels = BTreeMap::new();
+        for l in &self.labels {
+            let (k, v) = l
+                .split_once('=')
+                .with_context(|| format!("invalid labels: {l:?} must be key=value"))?;
+            labels.insert(k.to_string(), v.to_string());
+        }
+        let offer = (self.cpu_millis.is_some() || self.memory_mib.is_some()).then_some(Offer {
+            cpu_millis: self.cpu_millis,
+            memory_mib: self.memory_mib,
+            disk_mib: None,
+        });
+        Ok(FileConfig {
+            listen: (!self.listen.is_empty()).then(|| self.listen.clone()),
+            bootstrap: (!self.bootstrap.is_empty()).then(|| self.bootstrap.clone()),
+            mdns: self.no_mdns.then_some(false),
+            relay: self.relay.clone(),
+            behind_nat: self.behind_nat.then_some(true),
+            zone: self.zone.clone(),
+            region: self.region.clone(),
+            device_class: self.device_class.clone(),
+            labels: (!labels.is_empty()).then_some(labels),
+            http: self.http.clone(),
+            allow_network: self.allow_network.then_some(true),
+            container_engine: self.container_engine.clone(),
+            offer,
+        })
     }
-}
 
-fn parse_class(s: &str) -> Result<DeviceClass, String> {
-    DeviceClass::parse(s).ok_or_else(|| {
-        format!("device class must be server, desktop, gateway, laptop or phone, not {s:?}")
-    })
-}
+    /// The data dir as an absolute path (the runtime's caches require one).
+    fn absolute(mut self) -> Result<Self> {
+        self.data_dir = std::path::absolute(&self.data_dir)
+            .with_context(|| format!("invalid data dir {}", self.data_dir.display()))?;
+        Ok(self)
+    }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("label {s:?} must be key=value"))?;
-    Ok((k.to_string(), v.to_string()))
+    fn file_path(&self) -> PathBuf {
+        self.config.clone().unwrap_or_else(|| self.data_dir.join(FILE))
+    }
+
+    /// The file's settings overlaid with these.
+    fn settings(&self) -> Result<FileConfig> {
+        let file = FileConfig::load(&self.file_path(), self.config.is_none())?;
+        Ok(file.overlay(self.overrides()?))
+    }
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     // `dev` prints its own story; the nodes' logs only when something is wrong.
-    let quiet = matches!(cli.command, Command::Dev { .. });
+    let quiet = matches!(cli.command, Command_::Dev { .. });
     init_logs(cli.log_json, quiet);
     match cli.command {
-        Command::Run(args) => run(args).await,
-        Command::Dev { nodes } => dev(nodes).await,
-        Command::Recover { data_dir, majority_is_lost } => recover(&data_dir, majority_is_lost),
+        Command_::Init { name, admin_dir, node } => init(name, admin_dir, node.absolute()?).await,
+        Command_::Join { invite, node } => join(&invite, node.absolute()?).await,
+        Command_::Run { node } => run(node.absolute()?).await,
+        Command_::Dev { nodes } => dev(nodes).await,
+        Command_::Recover { data_dir, majority_is_lost } => recover(&data_dir, majority_is_lost),
     }
 }
 
+/// Refuses a data dir that already belongs to a cluster.
+fn fresh(data_dir: &Path) -> Result<()> {
+    if let Ok(name) = std::fs::read_to_string(data_dir.join(CLUSTER_FILE)) {
+        bail!(
+            "{} already belongs to cluster {:?}; start it with `cloudless run --data-dir {}`, or              use another --data-dir",
+            data_dir.display(),
+            name.trim(),
+            data_dir.display()
+        );
+    }
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))
+}
+
+async fn init(name: String, admin_dir: Option<PathBuf>, args: NodeArgs) -> Result<()> {
+    fresh(&args.data_dir)?;
+    let admin_dir = admin_dir.unwrap_or_else(cloudless_cli::config::default_dir);
+    let settings_file = args.settings()?;
+    let config = NodeConfig::resolve(&args.data_dir, &settings_file).context("invalid settings")?;
+    if CtlConfig::load(&admin_dir)?.peer.is_some() {
+        bail!(
+            "{} already holds cloudlessctl settings for a cluster; pass --admin-dir to keep them",
+            admin_dir.display()
+        );
+    }
+    if admin_dir.join(ROOT_KEY).exists() {
+        bail!(
+            "{} exists already: another cluster's root key; pass --admin-dir to keep it",
+            admin_dir.join(ROOT_KEY).display()
+        );
+    }
+    let (node, http) = start(config).await?;
+    let root = cloudless_consensus::keys::create(&admin_dir.join(ROOT_KEY))?;
+    // An existing user key becomes the admin (a person's one identity across clusters).
+    let admin = match cloudless_consensus::keys::load(&admin_dir.join(USER_KEY)) {
+        Ok(k) => k,
+        Err(_) => cloudless_consensus::keys::create(&admin_dir.join(USER_KEY))?,
+    };
+    let settings = Settings {
+        name: name.clone(),
+        root_key: root.verifying_key().to_bytes(),
+        voter_target: None,
+        phones_may_vote: false,
+    };
+    node.init(settings, admin.verifying_key().to_bytes())
+        .await
+        .map_err(anyhow::Error::msg)
+        .context("cannot create the cluster")?;
+    settings_file.save(&args.data_dir.join(FILE))?;
+    std::fs::write(args.data_dir.join(CLUSTER_FILE), &name)?;
+    let addrs = listen_addrs(&node).await;
+    let peer = dialable(&addrs).with_context(|| "the node listens on no usable address")?;
+    CtlConfig { peer: Some(peer.clone()), key: None, root_key: None }.save(&admin_dir)?;
+    println!("Cluster {name:?} created; this node ({}) is its first voter.", node.peer_id());
+    println!("cloudlessctl settings and keys: {} (keep root.key safe)", admin_dir.display());
+    println!("  cloudlessctl cluster status");
+    println!("  cloudlessctl token create      # an invite for the next device");
+    serve(node, http, &args.data_dir, &addrs).await
+}
+
+async fn join(invite: &str, args: NodeArgs) -> Result<()> {
+    let invite = Invite::decode(invite).context("the invite is unusable")?;
+    invite.check_expiry(now_ms()).context("the invite is unusable")?;
+    fresh(&args.data_dir)?;
+    let mut settings_file = args.settings()?;
+    if settings_file.bootstrap.is_none() {
+        settings_file.bootstrap = Some(invite.bootstrap.clone());
+    }
+    let config = NodeConfig::resolve(&args.data_dir, &settings_file).context("invalid settings")?;
+    let (node, http) = start(config).await?;
+    let enroll = Command::Enroll {
+        token: invite.token.clone(),
+        signature: invite.signature.clone(),
+        peer: node.peer_id().to_string(),
+    };
+    let started = Instant::now();
+    loop {
+        match node.ask_member(ApiRequest::Node(enroll.clone())).await {
+            Ok(ApiResponse::Applied(Ok(_))) => break,
+            Ok(ApiResponse::Applied(Err(e))) => {
+                node.shutdown().await;
+                bail!("the cluster refused this device: {e}");
+            }
+            Ok(ApiResponse::Refused(e)) if started.elapsed() > JOIN_TIMEOUT => {
+                node.shutdown().await;
+                bail!("the cluster refused this device: {e}");
+            }
+            Ok(other) => info!(answer = ?other, "enrollment not done yet"),
+            Err(e) if started.elapsed() > JOIN_TIMEOUT => {
+                node.shutdown().await;
+                bail!("cannot reach the cluster through the invite's addresses: {e}");
+            }
+            Err(e) => info!(error = e, "cluster not reachable yet"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    settings_file.save(&args.data_dir.join(FILE))?;
+    std::fs::write(args.data_dir.join(CLUSTER_FILE), &invite.token.cluster)?;
+    println!("Enrolled in cluster {:?} as {}.", invite.token.cluster, node.peer_id());
+    let addrs = listen_addrs(&node).await;
+    serve(node, http, &args.data_dir, &addrs).await
+}
+
+async fn run(args: NodeArgs) -> Result<()> {
+    if !args.data_dir.join(CLUSTER_FILE).exists() {
+        warn!(
+            data_dir = %args.data_dir.display(),
+            "this data dir belongs to no cluster yet: `cloudless init` creates one, `cloudless              join <invite>` enrolls in one; until then the cluster will not let this node in"
+        );
+    }
+    let config =
+        NodeConfig::resolve(&args.data_dir, &args.settings()?).context("invalid settings")?;
+    let (node, http) = start(config).await?;
+    let addrs = listen_addrs(&node).await;
+    serve(node, http, &args.data_dir, &addrs).await
+}
+
+/// Starts the daemon; returns it and where its HTTP endpoint should listen.
+async fn start(config: NodeConfig) -> Result<(Daemon, Option<SocketAddr>)> {
+    let http = config.http;
+    let node = Daemon::start(config.daemon).await.context("the node did not start")?;
+    Ok((node, http))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Where the node listens, with `/p2p/<id>`, once it listens anywhere (up to 10 s).
+async fn listen_addrs(node: &Daemon) -> Vec<Multiaddr> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let addrs = node.mesh().listen_addrs().await.unwrap_or_default();
+        if !addrs.is_empty() || Instant::now() > deadline {
+            return addrs
+                .into_iter()
+                .map(|a| {
+                    if a.iter().any(|p| matches!(p, Protocol::P2p(_))) {
+                        a
+                    } else {
+                        a.with(Protocol::P2p(node.peer_id()))
+                    }
+                })
+                .collect();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The address a CLI on this machine should use: loopback first, QUIC first.
+fn dialable(addrs: &[Multiaddr]) -> Option<String> {
+    let loopback =
+        |a: &&Multiaddr| a.iter().any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_loopback()));
+    let quic = |a: &&Multiaddr| a.iter().any(|p| matches!(p, Protocol::QuicV1));
+    addrs
+        .iter()
+        .filter(loopback)
+        .find(quic)
+        .or_else(|| addrs.iter().find(loopback))
+        .or_else(|| addrs.iter().find(quic))
+        .or_else(|| addrs.first())
+        .map(|a| a.to_string())
+}
+
+/// Serves until SIGINT or SIGTERM, then leaves the cluster cleanly.
+async fn serve(
+    node: Daemon,
+    http: Option<SocketAddr>,
+    data_dir: &Path,
+    addrs: &[Multiaddr],
+) -> Result<()> {
+    let list: String = addrs.iter().map(|a| format!("{a}\n")).collect();
+    std::fs::write(data_dir.join(ADDRESSES_FILE), list)
+        .with_context(|| format!("cannot write {}", data_dir.join(ADDRESSES_FILE).display()))?;
+    for a in addrs {
+        info!(addr = %a, "reachable at");
+    }
+    let http_task = match http {
+        Some(bind) => {
+            let (bound, task) = cloudless_node::http::serve(bind, node.metrics(), node.readiness())
+                .await
+                .context("cannot serve /metrics, /health and /ready")?;
+            info!(addr = %bound, "http: /metrics /health /ready");
+            std::fs::write(data_dir.join(HTTP_FILE), format!("{bound}\n"))
+                .with_context(|| format!("cannot write {}", data_dir.join(HTTP_FILE).display()))?;
+            Some(task)
+        }
+        None => None,
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch for SIGTERM")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot wait for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    info!("stopping: leaving the cluster");
+    node.shutdown().await;
+    if let Some(t) = http_task {
+        t.abort();
+    }
+    Ok(())
+}
 fn recover(data_dir: &std::path::Path, confirmed: bool) -> Result<()> {
     if !confirmed {
         let s = cloudless_node::recovery::inspect(data_dir)
@@ -167,7 +460,7 @@ fn init_logs(json: bool, quiet: bool) {
     let default = if quiet {
         "warn,openraft=error,wasmtime_internal_cache=error"
     } else {
-        "info,libp2p=warn,openraft=warn"
+        "info,libp2p=warn,openraft=error"
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -176,55 +469,6 @@ fn init_logs(json: bool, quiet: bool) {
         builder.json().init();
     } else {
         builder.init();
-    }
-}
-
-async fn run(args: RunArgs) -> Result<()> {
-    let mut config = Config {
-        data_dir: args.data_dir,
-        listen: args.listen,
-        bootstrap: args.bootstrap,
-        mdns: !args.no_mdns,
-        relay: args.relay,
-        ..Config::default()
-    };
-    config.descriptor.zone = args.zone;
-    config.descriptor.region = args.region;
-    config.descriptor.device_class = args.device_class;
-    config.descriptor.runtimes = vec![Runtime::Wasi];
-    config.descriptor.labels = args.labels.into_iter().collect();
-    config.validate().context("invalid configuration")?;
-    let Mesh { handle, events, task } =
-        cloudless_mesh::start(config, Arc::new(OpenGate)).await.context("cannot start the mesh")?;
-    info!(peer = %handle.peer_id(), "node started");
-    let printer = tokio::spawn(print_events(events, None));
-    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
-    info!("Ctrl-C: leaving the cluster");
-    handle.leave().await.context("cannot leave cleanly")?;
-    let _ = task.await;
-    printer.abort();
-    Ok(())
-}
-
-async fn print_events(mut events: tokio::sync::mpsc::Receiver<Event>, name: Option<String>) {
-    let who = name.unwrap_or_default();
-    while let Some(e) = events.recv().await {
-        match e {
-            Event::Member(membership::Event::State { id, previous, state, incarnation }) => {
-                info!(node = %who, peer = %id, ?previous, ?state, incarnation, "membership");
-            }
-            Event::Member(membership::Event::Capacity { id, capacity }) => {
-                info!(node = %who, peer = %id, cpu_free = capacity.cpu_free_millis, memory_free_mib = capacity.memory_free_mib, "capacity");
-            }
-            Event::Directory { peer, descriptor } => {
-                info!(node = %who, %peer, zone = ?descriptor.as_ref().and_then(|d| d.zone.clone()), "directory entry");
-            }
-            Event::Listening(addr) => info!(node = %who, %addr, "listening"),
-            Event::Nat(r) => info!(node = %who, reachability = ?r, "nat"),
-            Event::Member(membership::Event::Removed { id }) => {
-                info!(node = %who, peer = %id, "forgotten")
-            }
-        }
     }
 }
 

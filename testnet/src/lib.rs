@@ -1,4 +1,5 @@
-//! Many real mesh nodes in one process, on loopback, with faults on demand.
+//! Many real mesh nodes in one process, on loopback, with faults on demand; and clusters of
+//! real `cloudless` processes driven by `cloudlessctl` ([`procs`]).
 //!
 //! [`Testnet::start`] launches `n` complete mesh nodes (real libp2p swarms over QUIC and TCP on
 //! `127.0.0.1`, port 0), each with its own data directory, the first one serving as the
@@ -17,6 +18,8 @@
 //! seam enrollment uses): connections across the cut are closed and refused, so every protocol
 //! sees the other side vanish, as with a real network split. Dropping every node's task when
 //! the testnet is dropped leaves no task or socket behind.
+
+pub mod procs;
 
 use std::collections::HashMap;
 use std::future::Future;

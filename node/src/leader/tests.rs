@@ -155,3 +155,32 @@ fn what_fits_nowhere_is_reported() {
     assert!(r.command.is_none());
     assert!(r.unschedulable["huge"].contains("lacks CPU"), "{:?}", r.unschedulable);
 }
+
+#[test]
+fn a_cordoned_node_keeps_its_replicas_and_a_draining_one_loses_them() {
+    use cloudless_consensus::state::Schedulable;
+    let mut p = Pool::new(3);
+    p.workload("web", 3);
+    p.round(&all_alive(3));
+    let before = p.placement();
+    let host = before[&0].clone();
+    let set = |s| Command::SetSchedulable { peer: host.clone(), schedulable: s };
+    p.apply(Actor::User(ADMIN), set(Schedulable::Cordoned));
+    assert_eq!(p.round(&all_alive(3)).command, None, "cordoning moves nothing");
+    p.workload("db", 1);
+    p.round(&all_alive(3));
+    let db = p.state.assignments().iter().find(|(k, _)| k.workload == "db").map(|(_, a)| a);
+    assert_ne!(db.map(|a| a.node.as_str()), Some(host.as_str()), "no new replica on it");
+    p.apply(Actor::User(ADMIN), set(Schedulable::Draining));
+    p.round(&all_alive(3));
+    assert!(
+        p.state.assignments().values().all(|a| a.node != host),
+        "a draining node's replicas move: {:?}",
+        p.state.assignments()
+    );
+    assert_eq!(p.state.assignments().len(), 4, "and every replica is placed elsewhere");
+    p.apply(Actor::User(ADMIN), set(Schedulable::Yes));
+    p.workload("cache", 3);
+    p.round(&all_alive(3));
+    assert!(p.state.assignments().values().any(|a| a.node == host), "uncordoned: used again");
+}

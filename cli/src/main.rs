@@ -1,0 +1,650 @@
+//! `cloudlessctl`: manage a Cloudless cluster from any peer.
+//!
+//! ```text
+//!   flags / CLOUDLESS_* env / ctl.toml ──▶ peer + user key ──▶ Client::connect
+//!   verb ──▶ Command | Read | Upload (signed) ──▶ answer ──▶ table, json or yaml
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use cloudless_cli::client::Client;
+use cloudless_cli::config::{self, CtlConfig, ROOT_KEY, USER_KEY};
+use cloudless_cli::spec::{self, Module};
+use cloudless_consensus::api::{ApiResponse, ClusterStatus, Line, NodeInfo, Read, WorkloadInfo};
+use cloudless_consensus::invite::{Grant, Invite};
+use cloudless_consensus::keys;
+use cloudless_consensus::state::{Command, NodeRole, Reply, Role, Schedulable};
+use cloudless_types::Image;
+use serde::Serialize;
+
+/// How often `logs -f` asks for new lines.
+const FOLLOW_EVERY: Duration = Duration::from_millis(500);
+
+#[derive(Parser)]
+#[command(name = "cloudlessctl", version, about = "Manage a Cloudless cluster from any peer")]
+struct Cli {
+    /// The peer to talk to (a multiaddr ending in /p2p/<id>); default from ctl.toml.
+    #[arg(long, global = true, env = "CLOUDLESS_PEER")]
+    peer: Option<String>,
+    /// Directory of ctl.toml and the keys.
+    #[arg(long, global = true, env = "CLOUDLESS_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
+    /// The user key file (default: user.key in the config directory).
+    #[arg(long, global = true, env = "CLOUDLESS_KEY")]
+    key: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Verb,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// The cluster as a whole.
+    Cluster {
+        #[command(subcommand)]
+        verb: ClusterVerb,
+    },
+    /// Invites for new devices.
+    Token {
+        #[command(subcommand)]
+        verb: TokenVerb,
+    },
+    /// Enrolled devices.
+    Node {
+        #[command(subcommand)]
+        verb: NodeVerb,
+    },
+    /// Workloads.
+    Workload {
+        #[command(subcommand)]
+        verb: WorkloadVerb,
+    },
+    /// Users (who may do what).
+    User {
+        #[command(subcommand)]
+        verb: UserVerb,
+    },
+    /// This CLI's own key.
+    Key {
+        #[command(subcommand)]
+        verb: KeyVerb,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterVerb {
+    /// Name, leader, voters, nodes and replicas.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum TokenVerb {
+    /// Create an invite (needs the cluster root key).
+    Create {
+        /// How many devices may use it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// How long it is valid, in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl: u64,
+        /// Roles granted: worker, voter (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = ["worker".to_string(), "voter".to_string()])]
+        roles: Vec<String>,
+        /// Labels granted, key=value (comma-separated).
+        #[arg(long = "label", value_delimiter = ',')]
+        labels: Vec<String>,
+        /// Addresses to join through (default: the voters' addresses).
+        #[arg(long, value_delimiter = ',')]
+        bootstrap: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeVerb {
+    /// Every enrolled node.
+    List,
+    /// One node (by PeerId or a unique prefix).
+    Get {
+        #[arg(value_name = "PEER")]
+        node: String,
+    },
+    /// Move every replica off a node and place nothing new there.
+    Drain {
+        #[arg(value_name = "PEER")]
+        node: String,
+    },
+    /// Place nothing new on a node; what it runs stays.
+    Cordon {
+        #[arg(value_name = "PEER")]
+        node: String,
+    },
+    /// Let the scheduler use a node again.
+    Uncordon {
+        #[arg(value_name = "PEER")]
+        node: String,
+    },
+    /// Cut a node off for good: its connections are closed and its replicas move.
+    Revoke {
+        #[arg(value_name = "PEER")]
+        node: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkloadVerb {
+    /// Create or update a workload from a YAML or JSON document.
+    Apply {
+        /// The document.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Every workload.
+    List,
+    /// One workload and its replicas.
+    Get { name: String },
+    /// Delete a workload; its replicas stop everywhere.
+    Delete { name: String },
+    /// Change the number of replicas.
+    Scale { name: String, replicas: u32 },
+    /// A replica's output.
+    Logs {
+        name: String,
+        /// Which replica.
+        #[arg(long, default_value_t = 0)]
+        replica: u32,
+        /// The last this many lines.
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Why each replica is where it is, or why it is not placed.
+    Explain { name: String },
+}
+
+#[derive(Subcommand)]
+enum UserVerb {
+    /// Give a key a role (admin, deployer or viewer).
+    Add {
+        /// The user's public key, hex (`cloudlessctl key show` prints it).
+        key: String,
+        /// admin, deployer or viewer.
+        #[arg(long)]
+        role: String,
+        /// A name for people.
+        #[arg(long)]
+        name: String,
+    },
+    /// Remove a user.
+    Remove { key: String },
+    /// This CLI's role.
+    Whoami,
+}
+
+#[derive(Subcommand)]
+enum KeyVerb {
+    /// Create this CLI's user key (once).
+    Create,
+    /// Print this CLI's public key.
+    Show,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CLOUDLESS_CTL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+struct Ctx {
+    dir: PathBuf,
+    settings: CtlConfig,
+    peer: Option<String>,
+    key: PathBuf,
+    output: Output,
+}
+
+impl Ctx {
+    async fn connect(&self) -> Result<Client> {
+        let peer = self.peer.clone().or_else(|| self.settings.peer.clone()).with_context(|| {
+            format!(
+                "no peer: pass --peer <multiaddr>, set CLOUDLESS_PEER, or put peer = \"…\" in {}",
+                self.dir.join(config::FILE).display()
+            )
+        })?;
+        let key = keys::load(&self.key).context(
+            "no user key (create one with `cloudlessctl key create`, then ask an admin to add it)",
+        )?;
+        Ok(Client::connect(&peer, key).await?)
+    }
+
+    fn print<T: Serialize>(&self, value: &T, table: impl FnOnce(&T) -> String) -> Result<()> {
+        match self.output {
+            Output::Table => print!("{}", table(value)),
+            Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+            Output::Yaml => print!("{}", serde_yaml_ng::to_string(value)?),
+        }
+        Ok(())
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let dir = cli.config_dir.clone().unwrap_or_else(config::default_dir);
+    let settings = CtlConfig::load(&dir)?;
+    let key =
+        cli.key.clone().or_else(|| settings.key.clone()).unwrap_or_else(|| dir.join(USER_KEY));
+    let ctx = Ctx { dir, settings, peer: cli.peer.clone(), key, output: cli.output };
+    match cli.command {
+        Verb::Key { verb } => key_verb(&ctx, verb),
+        Verb::Cluster { verb: ClusterVerb::Status } => {
+            let c = ctx.connect().await?;
+            let s = status(&c).await;
+            c.close().await;
+            let s = s?;
+            ctx.print(&s, status_table)
+        }
+        Verb::Token { verb } => token(&ctx, verb).await,
+        Verb::Node { verb } => node(&ctx, verb).await,
+        Verb::Workload { verb } => workload(&ctx, verb).await,
+        Verb::User { verb } => user(&ctx, verb).await,
+    }
+}
+
+fn key_verb(ctx: &Ctx, verb: KeyVerb) -> Result<()> {
+    match verb {
+        KeyVerb::Create => {
+            let k = keys::create(&ctx.key)?;
+            println!("{}", keys::hex(&k.verifying_key().to_bytes()));
+            eprintln!(
+                "created {}; an admin adds it with `cloudlessctl user add <key> --role deployer --name <you>`",
+                ctx.key.display()
+            );
+        }
+        KeyVerb::Show => {
+            let k = keys::load(&ctx.key)?;
+            println!("{}", keys::hex(&k.verifying_key().to_bytes()));
+        }
+    }
+    Ok(())
+}
+
+async fn status(c: &Client) -> Result<ClusterStatus> {
+    match c.read(Read::Status).await? {
+        ApiResponse::Status(s) => Ok(s),
+        other => bail!("unexpected answer: {other:?}"),
+    }
+}
+
+fn status_table(s: &ClusterStatus) -> String {
+    let mut out = String::new();
+    let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<12}{v}\n"));
+    line(&mut out, "cluster", s.name.clone());
+    line(&mut out, "leader", s.leader.clone().unwrap_or_else(|| "(none)".into()));
+    line(&mut out, "voters", s.voters.join(", "));
+    line(&mut out, "term", s.term.to_string());
+    line(&mut out, "applied", s.applied.to_string());
+    line(&mut out, "nodes", format!("{} enrolled, {} alive", s.nodes, s.alive));
+    line(&mut out, "workloads", s.workloads.to_string());
+    line(&mut out, "replicas", format!("{} of {} running", s.running, s.replicas));
+    out
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn labels(list: &[String]) -> Result<BTreeMap<String, String>> {
+    list.iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("label {l:?} must be key=value"))
+        })
+        .collect()
+}
+
+async fn token(ctx: &Ctx, verb: TokenVerb) -> Result<()> {
+    let TokenVerb::Create { uses, ttl, roles, labels: l, bootstrap } = verb;
+    let root_path = ctx.settings.root_key.clone().unwrap_or_else(|| ctx.dir.join(ROOT_KEY));
+    let root = keys::load(&root_path)
+        .with_context(|| "only the holder of the cluster root key can create invites")?;
+    let roles = roles
+        .iter()
+        .map(|r| match r.as_str() {
+            "worker" => Ok(NodeRole::Worker),
+            "voter" => Ok(NodeRole::Voter),
+            other => bail!("role {other:?} is not worker or voter"),
+        })
+        .collect::<Result<_>>()?;
+    if uses == 0 {
+        bail!("--uses must be at least 1");
+    }
+    let c = ctx.connect().await?;
+    let s = status(&c).await;
+    c.close().await;
+    let s = s?;
+    if keys::hex(&root.verifying_key().to_bytes()) != s.root_key {
+        bail!("{} is not the root key of cluster {:?}", root_path.display(), s.name);
+    }
+    let bootstrap = if bootstrap.is_empty() { s.bootstrap } else { bootstrap };
+    let grant = Grant {
+        roles,
+        labels: labels(&l)?,
+        max_uses: uses,
+        expires_ms: now_ms().saturating_add(ttl.saturating_mul(1000)),
+    };
+    let invite = Invite::create(&root, &s.name, bootstrap, grant, rand::random());
+    println!("{}", invite.encode());
+    Ok(())
+}
+
+fn node_table(nodes: &Vec<NodeInfo>) -> String {
+    let mut out = format!(
+        "{:<54} {:<8} {:<6} {:<12} {:<10} {:>9} {:>11} {:>8}\n",
+        "PEER", "STATE", "VOTER", "SCHEDULING", "ZONE", "CPU", "MEMORY", "REPLICAS"
+    );
+    for n in nodes {
+        let state = if n.revoked { "revoked" } else { n.state.as_str() };
+        out.push_str(&format!(
+            "{:<54} {:<8} {:<6} {:<12} {:<10} {:>9} {:>11} {:>8}\n",
+            n.peer,
+            state,
+            if n.voter { "yes" } else { "" },
+            n.schedulable,
+            n.zone.clone().unwrap_or_default(),
+            format!("{}/{}m", n.cpu_used_millis, n.cpu_millis),
+            format!("{}/{}Mi", n.memory_used_mib, n.memory_mib),
+            n.replicas
+        ));
+    }
+    out
+}
+
+async fn nodes(c: &Client) -> Result<Vec<NodeInfo>> {
+    match c.read(Read::Nodes).await? {
+        ApiResponse::Nodes(n) => Ok(n),
+        other => bail!("unexpected answer: {other:?}"),
+    }
+}
+
+/// The one node whose PeerId starts with `prefix`.
+fn find<'a>(list: &'a [NodeInfo], prefix: &str) -> Result<&'a NodeInfo> {
+    let found: Vec<&NodeInfo> = list.iter().filter(|n| n.peer.starts_with(prefix)).collect();
+    match found.as_slice() {
+        [one] => Ok(one),
+        [] => bail!("no enrolled node {prefix}"),
+        _ => bail!("{prefix} matches {} nodes; give more of the PeerId", found.len()),
+    }
+}
+
+async fn node(ctx: &Ctx, verb: NodeVerb) -> Result<()> {
+    let c = ctx.connect().await?;
+    let result = node_on(ctx, &c, verb).await;
+    c.close().await;
+    result
+}
+
+async fn node_on(ctx: &Ctx, c: &Client, verb: NodeVerb) -> Result<()> {
+    let list = nodes(c).await?;
+    let set = |peer: &str, schedulable| -> Result<Command> {
+        let peer = find(&list, peer)?.peer.clone();
+        Ok(Command::SetSchedulable { peer, schedulable })
+    };
+    let (command, done) = match verb {
+        NodeVerb::List => return ctx.print(&list, node_table),
+        NodeVerb::Get { node } => {
+            let n = find(&list, &node)?.clone();
+            return ctx.print(&n, |n| {
+                let mut t = node_table(&vec![n.clone()]);
+                t.push_str(&format!("roles      {}\n", n.roles.join(", ")));
+                t.push_str(&format!("class      {}\n", n.class.clone().unwrap_or_default()));
+                t.push_str(&format!("runtimes   {}\n", n.runtimes.join(", ")));
+                let labels: Vec<String> =
+                    n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                t.push_str(&format!("labels     {}\n", labels.join(", ")));
+                t.push_str(&format!("addresses  {}\n", n.addresses.join(" ")));
+                t
+            });
+        }
+        NodeVerb::Drain { node } => {
+            (set(&node, Schedulable::Draining)?, "draining: its replicas move")
+        }
+        NodeVerb::Cordon { node } => (set(&node, Schedulable::Cordoned)?, "cordoned"),
+        NodeVerb::Uncordon { node } => (set(&node, Schedulable::Yes)?, "schedulable again"),
+        NodeVerb::Revoke { node } => {
+            let peer = find(&list, &node)?.peer.clone();
+            (Command::Revoke { peer }, "revoked")
+        }
+    };
+    let peer = match &command {
+        Command::SetSchedulable { peer, .. } | Command::Revoke { peer } => peer.clone(),
+        _ => String::new(),
+    };
+    c.command(command).await?;
+    println!("node {peer} {done}");
+    Ok(())
+}
+
+fn workload_table(list: &Vec<WorkloadInfo>) -> String {
+    let mut out = format!(
+        "{:<24} {:<8} {:<6} {:>9} {:>8}  {}\n",
+        "NAME", "KIND", "RUNTIME", "RUNNING", "VERSION", "IMAGE"
+    );
+    for w in list {
+        let (runtime, image) = match &w.spec.image {
+            Image::Wasi(h) => ("wasi", format!("sha256:{}", &h[..h.len().min(16)])),
+            Image::Container(i) => ("container", i.clone()),
+        };
+        out.push_str(&format!(
+            "{:<24} {:<8} {:<6} {:>9} {:>8}  {}\n",
+            w.spec.name,
+            format!("{:?}", w.spec.kind).to_lowercase(),
+            runtime,
+            format!("{}/{}", w.running, w.spec.replicas),
+            w.version,
+            image
+        ));
+    }
+    out
+}
+
+fn workload_detail(w: &WorkloadInfo) -> String {
+    let mut out = workload_table(&vec![w.clone()]);
+    out.push_str(&format!(
+        "\n{:<8} {:<54} {:<11} {:>8}  {}\n",
+        "REPLICA", "NODE", "PHASE", "RESTARTS", "REASON"
+    ));
+    for r in &w.replicas {
+        out.push_str(&format!(
+            "{:<8} {:<54} {:<11} {:>8}  {}\n",
+            r.index,
+            r.node.clone().unwrap_or_else(|| "-".into()),
+            r.phase,
+            r.restarts,
+            r.reason.clone().unwrap_or_default()
+        ));
+    }
+    if let Some(why) = &w.unschedulable {
+        out.push_str(&format!("\nnot placed: {why}\n"));
+    }
+    out
+}
+
+async fn workload(ctx: &Ctx, verb: WorkloadVerb) -> Result<()> {
+    // Read the document before connecting: a bad spec is refused without touching anything.
+    let parsed = match &verb {
+        WorkloadVerb::Apply { file } => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            Some(
+                spec::parse(&text)
+                    .with_context(|| format!("{} is not a valid workload", file.display()))?,
+            )
+        }
+        _ => None,
+    };
+    let c = ctx.connect().await?;
+    let result = workload_on(ctx, &c, verb, parsed).await;
+    c.close().await;
+    result
+}
+
+async fn workload_on(
+    ctx: &Ctx,
+    c: &Client,
+    verb: WorkloadVerb,
+    parsed: Option<spec::Parsed>,
+) -> Result<()> {
+    match verb {
+        WorkloadVerb::Apply { file } => {
+            let Some(parsed) = parsed else { bail!("no document") };
+            let spec = match parsed.module.clone() {
+                Some(Module::Path(path)) => {
+                    let path = relative_to(&file, &path);
+                    let bytes = std::fs::read(&path)
+                        .with_context(|| format!("cannot read module {}", path.display()))?;
+                    let hash = c.upload(&bytes).await.context("module upload failed")?;
+                    parsed.with_module_hash(&hash)?
+                }
+                Some(Module::Hash(hash)) => parsed.with_module_hash(&hash)?,
+                None => parsed.spec,
+            };
+            let name = spec.name.clone();
+            match c.command(Command::PutWorkload(Box::new(spec))).await? {
+                Reply::Version(v) => println!("workload {name} applied (version {v})"),
+                Reply::Done => println!("workload {name} applied"),
+            }
+            Ok(())
+        }
+        WorkloadVerb::List => {
+            let list = workloads(c, Read::Workloads).await?;
+            ctx.print(&list, workload_table)
+        }
+        WorkloadVerb::Get { name } => {
+            let list = workloads(c, Read::Workload { name }).await?;
+            let w = list.into_iter().next().context("no such workload")?;
+            ctx.print(&w, workload_detail)
+        }
+        WorkloadVerb::Delete { name } => {
+            c.command(Command::DeleteWorkload { name: name.clone() }).await?;
+            println!("workload {name} deleted");
+            Ok(())
+        }
+        WorkloadVerb::Scale { name, replicas } => {
+            c.command(Command::Scale { name: name.clone(), replicas }).await?;
+            println!("workload {name} scaled to {replicas}");
+            Ok(())
+        }
+        WorkloadVerb::Explain { name } => match c.read(Read::Explain { name }).await? {
+            ApiResponse::Explain(lines) => {
+                ctx.print(&lines, |l| l.iter().map(|s| format!("{s}\n")).collect())
+            }
+            other => bail!("unexpected answer: {other:?}"),
+        },
+        WorkloadVerb::Logs { name, replica, tail, follow } => {
+            let mut after_ns = 0;
+            loop {
+                let read = Read::Logs { workload: name.clone(), index: replica, after_ns, tail };
+                let lines: Vec<Line> = match c.read(read).await? {
+                    ApiResponse::Logs(l) => l,
+                    other => bail!("unexpected answer: {other:?}"),
+                };
+                if let Some(last) = lines.last() {
+                    after_ns = last.at_ns;
+                }
+                match ctx.output {
+                    Output::Table => {
+                        for l in &lines {
+                            println!("{}", l.text);
+                        }
+                    }
+                    _ => {
+                        for l in &lines {
+                            println!("{}", serde_json::to_string(l)?);
+                        }
+                    }
+                }
+                if !follow {
+                    return Ok(());
+                }
+                tokio::time::sleep(FOLLOW_EVERY).await;
+            }
+        }
+    }
+}
+
+/// A module path in a document is relative to the document.
+fn relative_to(document: &Path, module: &Path) -> PathBuf {
+    if module.is_absolute() {
+        return module.to_path_buf();
+    }
+    document.parent().map_or_else(|| module.to_path_buf(), |d| d.join(module))
+}
+
+async fn workloads(c: &Client, read: Read) -> Result<Vec<WorkloadInfo>> {
+    match c.read(read).await? {
+        ApiResponse::Workloads(w) => Ok(w),
+        other => bail!("unexpected answer: {other:?}"),
+    }
+}
+
+fn parse_key(hex: &str) -> Result<[u8; 32]> {
+    let bad = || anyhow::anyhow!("{hex:?} is not a public key (64 hex digits)");
+    if hex.len() != 64 {
+        return Err(bad());
+    }
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+            .map_err(|_| bad())?;
+    }
+    Ok(key)
+}
+
+async fn user(ctx: &Ctx, verb: UserVerb) -> Result<()> {
+    let command = match &verb {
+        UserVerb::Add { key, role, name } => {
+            let role = match role.as_str() {
+                "admin" => Role::Admin,
+                "deployer" => Role::Deployer,
+                "viewer" => Role::Viewer,
+                other => bail!("role {other:?} is not admin, deployer or viewer"),
+            };
+            Some(Command::PutUser { key: parse_key(key)?, name: name.clone(), role })
+        }
+        UserVerb::Remove { key } => Some(Command::RemoveUser { key: parse_key(key)? }),
+        UserVerb::Whoami => None,
+    };
+    let c = ctx.connect().await?;
+    let result = match command {
+        Some(command) => c.command(command).await.map(|_| println!("done")).map_err(Into::into),
+        None => match c.read(Read::Whoami).await {
+            Ok(ApiResponse::Role(r)) => {
+                println!("{} {}", keys::hex(&c.public_key()), format!("{r:?}").to_lowercase());
+                Ok(())
+            }
+            Ok(other) => Err(anyhow::anyhow!("unexpected answer: {other:?}")),
+            Err(e) => Err(e.into()),
+        },
+    };
+    c.close().await;
+    result
+}

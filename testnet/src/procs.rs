@@ -1,0 +1,334 @@
+//! A cluster of real `cloudless` processes on loopback, driven through real `cloudlessctl`
+//! invocations: what the end-to-end tests and the workload report run.
+//!
+//! ```text
+//!   Procs::init ──▶ cloudless init (node 0; writes ctl.toml with the admin's keys)
+//!   Procs::join ──▶ cloudlessctl token create ──▶ cloudless join <invite> (node i)
+//!   ctl / ctl_via(i) ──▶ cloudlessctl … (through node 0, or node i) ──▶ stdout, stderr
+//!   kill(i) = SIGKILL · stop(i) = SIGTERM (leave) · Drop kills whatever still runs
+//! ```
+//!
+//! Every node listens on port 0 on 127.0.0.1 and writes where it listens (`addresses`) and
+//! where it serves HTTP (`http`) into its data dir; the harness reads those files. Each node's
+//! output goes to `node-<i>.log` in the cluster's directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// How long a node may take to start, enroll and show up.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where the `cloudless` and `cloudlessctl` binaries are: `$CLOUDLESS_BIN_DIR`, else the
+/// directory of the running executable or its parent (`target/<profile>/deps/…` for tests).
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("CLOUDLESS_BIN_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe().context("cannot find the running executable")?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        if dir.join("cloudless").exists() && dir.join("cloudlessctl").exists() {
+            return Ok(dir.to_path_buf());
+        }
+    }
+    bail!(
+        "cannot find the cloudless and cloudlessctl binaries near {}; build them \
+         (`cargo build --bins`) or set CLOUDLESS_BIN_DIR",
+        exe.display()
+    )
+}
+
+/// One node process.
+pub struct Proc {
+    child: Option<Child>,
+    /// Its data dir.
+    pub data_dir: PathBuf,
+    /// Its PeerId.
+    pub peer: String,
+    /// An address to reach it (with `/p2p/<id>`).
+    pub addr: String,
+    /// Where it serves /metrics, /health, /ready.
+    pub http: String,
+}
+
+impl Proc {
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether it runs.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+/// The result of one `cloudlessctl` invocation.
+#[derive(Debug)]
+pub struct Ctl {
+    /// Exit status was success.
+    pub ok: bool,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl From<Output> for Ctl {
+    fn from(o: Output) -> Ctl {
+        Ctl {
+            ok: o.status.success(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// Waits until `f` returns `Some`, up to `deadline`.
+pub fn until<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > deadline {
+            bail!("timed out after {deadline:?} waiting until {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A cluster of node processes.
+pub struct Procs {
+    dir: PathBuf,
+    bin: PathBuf,
+    /// The nodes, node 0 (the one that created the cluster) first.
+    pub nodes: Vec<Proc>,
+    extra: Vec<String>,
+}
+
+impl Procs {
+    /// Creates a cluster under `dir` with `cloudless init`; `extra` flags go to every node.
+    pub fn init(dir: &Path, extra: &[&str]) -> Result<Procs> {
+        let mut p = Procs {
+            dir: dir.to_path_buf(),
+            bin: bin_dir()?,
+            nodes: Vec::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        let admin = p.ctl_dir();
+        p.spawn(&["init", "--name", "e2e", "--admin-dir", &admin.display().to_string()])?;
+        until("ctl.toml is written", START_TIMEOUT, || {
+            admin.join("ctl.toml").exists().then_some(())
+        })?;
+        Ok(p)
+    }
+
+    /// cloudlessctl's config directory (the admin's keys).
+    pub fn ctl_dir(&self) -> PathBuf {
+        self.dir.join("ctl")
+    }
+
+    /// Starts `cloudless <args>` as node `nodes.len()`, waits until it listens.
+    fn spawn(&mut self, args: &[&str]) -> Result<usize> {
+        let i = self.nodes.len();
+        let data_dir = self.dir.join(format!("node-{i}"));
+        let log = std::fs::File::create(self.dir.join(format!("node-{i}.log")))?;
+        let mut cmd = Command::new(self.bin.join("cloudless"));
+        cmd.args(args)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--no-mdns", "--relay", "never"])
+            .args(["--http", "127.0.0.1:0", "--zone", &format!("zone-{}", i % 2)])
+            .args(&self.extra)
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn().context("cannot start cloudless")?;
+        self.nodes.push(Proc {
+            child: Some(child),
+            data_dir: data_dir.clone(),
+            peer: String::new(),
+            addr: String::new(),
+            http: String::new(),
+        });
+        let (addr, http) = until("the node listens", START_TIMEOUT, || {
+            let addr = std::fs::read_to_string(data_dir.join("addresses")).ok()?;
+            let http = std::fs::read_to_string(data_dir.join("http")).ok()?;
+            let addr = addr.lines().next()?.to_string();
+            Some((addr, http.trim().to_string()))
+        })
+        .with_context(|| format!("node {i}: see {}", self.log(i).display()))?;
+        let peer = addr.rsplit("/p2p/").next().unwrap_or_default().to_string();
+        let node = &mut self.nodes[i];
+        node.peer = peer;
+        node.addr = addr;
+        node.http = http;
+        Ok(i)
+    }
+
+    /// Node `i`'s log file.
+    pub fn log(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node-{i}.log"))
+    }
+
+    /// Creates an invite (`extra`: more `token create` flags).
+    pub fn invite(&self, extra: &[&str]) -> Result<String> {
+        let mut args = vec!["token", "create"];
+        args.extend_from_slice(extra);
+        let out = self.ctl(&args);
+        if !out.ok {
+            bail!("token create failed: {}", out.stderr);
+        }
+        Ok(out.stdout.trim().to_string())
+    }
+
+    /// Adds a node with a fresh invite; returns its index once the cluster lists it alive.
+    pub fn join(&mut self) -> Result<usize> {
+        let invite = self.invite(&[])?;
+        self.join_with(&invite)
+    }
+
+    /// Adds a node with `invite`; returns its index once the cluster lists it alive.
+    pub fn join_with(&mut self, invite: &str) -> Result<usize> {
+        let i = self.spawn(&["join", invite])?;
+        let peer = self.nodes[i].peer.clone();
+        until("the new node is listed alive", START_TIMEOUT, || {
+            let out = self.ctl(&["node", "list"]);
+            out.stdout.lines().any(|l| l.starts_with(&peer) && l.contains(" alive ")).then_some(())
+        })
+        .with_context(|| format!("node {i}: see {}", self.log(i).display()))?;
+        Ok(i)
+    }
+
+    /// Starts a node that never enrolled (`cloudless run` pointed at node 0).
+    pub fn run_unenrolled(&mut self) -> Result<usize> {
+        let boot = self.nodes[0].addr.clone();
+        self.spawn(&["run", "--bootstrap", &boot])
+    }
+
+    /// Runs `cloudless <args>` to completion (a join that is expected to fail, say).
+    pub fn cloudless(&self, args: &[&str], data_dir: &Path) -> Ctl {
+        let out = Command::new(self.bin.join("cloudless"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--no-mdns", "--http", ""])
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) => o.into(),
+            Err(e) => Ctl { ok: false, stdout: String::new(), stderr: e.to_string() },
+        }
+    }
+
+    /// Runs `cloudlessctl <args>` through the first running node.
+    pub fn ctl(&self, args: &[&str]) -> Ctl {
+        match self.nodes.iter().position(Proc::running) {
+            Some(i) => self.ctl_via(i, args),
+            None => Ctl { ok: false, stdout: String::new(), stderr: "no node runs".into() },
+        }
+    }
+
+    /// Runs `cloudlessctl <args>` through node `i`.
+    pub fn ctl_via(&self, i: usize, args: &[&str]) -> Ctl {
+        let out = Command::new(self.bin.join("cloudlessctl"))
+            .args(args)
+            .arg("--peer")
+            .arg(&self.nodes[i].addr)
+            .env("CLOUDLESS_CONFIG_DIR", self.ctl_dir())
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) => o.into(),
+            Err(e) => Ctl { ok: false, stdout: String::new(), stderr: e.to_string() },
+        }
+    }
+
+    /// `cloudlessctl -o json <args>`, parsed.
+    pub fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        let out = self.ctl(&all);
+        if !out.ok {
+            bail!("cloudlessctl {}: {}", args.join(" "), out.stderr.trim());
+        }
+        serde_json::from_str(&out.stdout).context("cloudlessctl printed no JSON")
+    }
+
+    /// `GET path` on node `i`'s HTTP endpoint: the status line and body, or `None` when it
+    /// does not answer.
+    pub fn get(&self, i: usize, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.nodes[i].http).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let code = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Some((code, body))
+    }
+
+    /// The value of metric line `name` (with labels, as exposed) on node `i`.
+    pub fn metric(&self, i: usize, name: &str) -> Option<f64> {
+        let (_, body) = self.get(i, "/metrics")?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l[name.len()..].trim().parse().ok())
+    }
+
+    /// The index of the node whose PeerId is `peer`.
+    pub fn index(&self, peer: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.peer == peer)
+    }
+
+    /// Crashes node `i` (SIGKILL): no leave, nothing flushed beyond what it acknowledged.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops node `i` gracefully (SIGTERM: it announces its leave), up to 20 s.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let done = until("the node stops", Duration::from_secs(20), || {
+                c.try_wait().ok().flatten().map(|_| ())
+            });
+            if done.is_err() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// Resident memory of node `i`, in KiB (Linux).
+    pub fn rss_kib(&self, i: usize) -> Option<u64> {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.nodes[i].pid()?)).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}

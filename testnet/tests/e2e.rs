@@ -1,0 +1,229 @@
+//! End to end, through the real binaries: `cloudless` processes on loopback, driven by
+//! `cloudlessctl`. Needs both binaries built (`cargo test --workspace` builds them; alone:
+//! `cargo build --bins` first).
+//!
+//! 1. init + joins with invites; `node list` shows every node alive
+//! 2. a WASI workload with 3 replicas applied through a node that is not the leader runs,
+//!    and each replica's output is readable through the CLI
+//! 3. SIGKILL of a node running a replica: the replica runs elsewhere (time printed)
+//! 4. SIGKILL of the raft leader: a new leader, the workload keeps its replicas, a new apply
+//!    succeeds
+//! 5. delete: every replica stops everywhere
+//! 6. a bad spec, an expired invite, a reused invite, an unknown key and an unenrolled peer
+//!    are refused with clear messages, and the cluster is unchanged
+//! 7. a container workload (busybox, locally imported) runs on a node with an engine
+
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cloudless_testnet::procs::{Procs, until};
+use serde_json::Value;
+
+const HELLO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/hello/hello.yaml");
+const MODULE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/hello/hello.wat");
+/// Generous for a debug build on two cores; the figures themselves come from the report.
+const DEADLINE: Duration = Duration::from_secs(45);
+
+fn replicas(c: &Procs, name: &str) -> Vec<Value> {
+    c.json(&["workload", "get", name])
+        .map_or_else(|_| Vec::new(), |w| w["replicas"].as_array().cloned().unwrap_or_default())
+}
+
+fn running_on(c: &Procs, name: &str) -> Option<Vec<String>> {
+    let r = replicas(c, name);
+    let all = !r.is_empty() && r.iter().all(|r| r["phase"] == "running");
+    all.then(|| r.iter().map(|r| r["node"].as_str().unwrap_or_default().to_string()).collect())
+}
+
+fn leader(c: &Procs) -> Option<String> {
+    c.json(&["cluster", "status"]).ok()?["leader"].as_str().map(str::to_string)
+}
+
+fn write_spec(dir: &Path, name: &str, body: &str) -> String {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, body).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn a_pool_of_processes_from_init_to_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Procs::init(dir.path(), &[]).unwrap();
+
+    // 1. Init and joins: five nodes, so that two crashes still leave a raft majority.
+    let first_invite = c.invite(&[]).unwrap();
+    c.join_with(&first_invite).unwrap();
+    for _ in 0..3 {
+        c.join().unwrap();
+    }
+    let nodes = c.json(&["node", "list"]).unwrap();
+    let nodes = nodes.as_array().unwrap();
+    assert_eq!(nodes.len(), 5, "{nodes:?}");
+    assert!(nodes.iter().all(|n| n["state"] == "alive" && n["schedulable"] == "schedulable"));
+    let listed = c.ctl(&["node", "list"]);
+    assert_eq!(listed.stdout.lines().filter(|l| l.contains(" alive ")).count(), 5);
+
+    // 6. Refusals, with the cluster unchanged afterwards.
+    let before = (c.json(&["node", "list"]).unwrap(), c.json(&["workload", "list"]).unwrap());
+    let bad = write_spec(
+        dir.path(),
+        "bad",
+        "name: bad\nruntime: { wasi: { module: x.wasm } }\nresources: { requests: { cpu: 100m, memory: 16Mi } }\nreplcas: 2\n",
+    );
+    let out = c.ctl(&["workload", "apply", "-f", &bad]);
+    assert!(!out.ok && out.stderr.contains("replcas"), "bad spec: {out:?}");
+    let negative = write_spec(
+        dir.path(),
+        "negative",
+        "name: neg\nruntime: { wasi: { module: x.wasm } }\nresources: { requests: { cpu: -5, memory: 16Mi } }\n",
+    );
+    let out = c.ctl(&["workload", "apply", "-f", &negative]);
+    assert!(!out.ok && out.stderr.contains("resources.requests.cpu"), "bad value: {out:?}");
+    let expired = c.invite(&["--ttl", "0"]).unwrap();
+    std::thread::sleep(Duration::from_millis(5)); // the invite's expiry is in milliseconds
+    let out = c.cloudless(&["join", &expired], &dir.path().join("expired"));
+    assert!(!out.ok && out.stderr.contains("expired"), "expired invite: {out:?}");
+    let out = c.cloudless(&["join", &first_invite], &dir.path().join("reused"));
+    assert!(!out.ok && out.stderr.contains("used 1 time(s)"), "reused invite: {out:?}");
+    let stranger = dir.path().join("stranger.key");
+    let out = c.ctl(&["--key", &stranger.display().to_string(), "key", "create"]);
+    assert!(out.ok, "{out:?}");
+    let out = c.ctl(&["--key", &stranger.display().to_string(), "workload", "list"]);
+    assert!(!out.ok && out.stderr.contains("is not known to this cluster"), "unknown key: {out:?}");
+    let out = c.ctl(&["--key", &stranger.display().to_string(), "node", "drain", &c.nodes[1].peer]);
+    assert!(!out.ok && out.stderr.contains("is not known"), "unknown key, command: {out:?}");
+    let intruder = c.run_unenrolled().unwrap();
+    let ready = until("the unenrolled node answers /ready", DEADLINE, || c.get(intruder, "/ready"))
+        .unwrap();
+    assert_eq!(ready.0, 503, "an unenrolled node is not ready: {ready:?}");
+    assert!(ready.1.contains("not enrolled"), "{ready:?}");
+    // Give it time to try the membership and the api: nothing it can do lands.
+    until("the intruder has knocked", DEADLINE, || {
+        let log = std::fs::read_to_string(c.log(intruder)).unwrap_or_default();
+        log.contains("is not an enrolled node").then_some(())
+    })
+    .unwrap();
+    let after = (c.json(&["node", "list"]).unwrap(), c.json(&["workload", "list"]).unwrap());
+    let peers = |v: &Value| -> Vec<String> {
+        v.as_array().unwrap().iter().map(|n| n["peer"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(peers(&before.0), peers(&after.0), "no node was added");
+    assert_eq!(before.1, after.1, "no workload was written");
+    c.kill(intruder);
+
+    // 2. Apply through a node that is not the leader.
+    let boss = until("a leader is known", DEADLINE, || leader(&c)).unwrap();
+    let via = (0..5).find(|i| c.nodes[*i].peer != boss).unwrap();
+    let out = c.ctl_via(via, &["workload", "apply", "-f", HELLO]);
+    assert!(out.ok, "apply: {out:?}");
+    let hosts = until("three replicas run", DEADLINE, || running_on(&c, "hello")).unwrap();
+    assert_eq!(hosts.len(), 3);
+    for i in 0..3 {
+        until("the replica's output is readable", DEADLINE, || {
+            let out = c.ctl(&["workload", "logs", "hello", "--replica", &i.to_string()]);
+            out.stdout.contains("hello from a Cloudless replica").then_some(())
+        })
+        .unwrap();
+    }
+    let out = c.ctl(&["workload", "explain", "hello"]);
+    assert!(
+        out.ok && out.stdout.contains("hello.0 on ") && out.stdout.contains("locality"),
+        "{out:?}"
+    );
+
+    // 3. SIGKILL a node (not the leader) running a replica.
+    let (replica, victim) = hosts
+        .iter()
+        .enumerate()
+        .find(|(_, h)| **h != boss)
+        .map(|(r, h)| (r, c.index(h).unwrap()))
+        .unwrap();
+    let killed = Instant::now();
+    c.kill(victim);
+    let dead = c.nodes[victim].peer.clone();
+    until("the replica runs elsewhere", DEADLINE, || {
+        let r = replicas(&c, "hello");
+        let r = r.get(replica)?;
+        (r["phase"] == "running" && r["node"] != dead.as_str()).then_some(())
+    })
+    .unwrap();
+    eprintln!("SIGKILL → replica {replica} running elsewhere: {:?}", killed.elapsed());
+
+    // 4. SIGKILL the leader once the group is whole again (three live voters).
+    until("three live voters", DEADLINE, || {
+        let s = c.json(&["cluster", "status"]).ok()?;
+        let voters: Vec<String> =
+            s["voters"].as_array()?.iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
+        let live =
+            voters.iter().filter(|v| c.index(v).is_some_and(|i| c.nodes[i].running())).count();
+        (voters.len() == 3 && live == 3).then_some(())
+    })
+    .unwrap();
+    let old = leader(&c).unwrap();
+    c.kill(c.index(&old).unwrap());
+    let new = until("a new leader", DEADLINE, || leader(&c).filter(|l| *l != old)).unwrap();
+    assert_ne!(new, old);
+    until("the workload keeps three running replicas", DEADLINE, || {
+        let hosts = running_on(&c, "hello")?;
+        hosts.iter().all(|h| c.index(h).is_some_and(|i| c.nodes[i].running())).then_some(())
+    })
+    .unwrap();
+    let second = write_spec(
+        dir.path(),
+        "again",
+        &format!(
+            "name: again\nruntime: {{ wasi: {{ module: {MODULE} }} }}\nresources: {{ requests: {{ cpu: 100m, memory: 16Mi }} }}\nreplicas: 2\n"
+        ),
+    );
+    let out = c.ctl(&["workload", "apply", "-f", &second]);
+    assert!(out.ok, "apply after the leader died: {out:?}");
+    until("the new workload runs", DEADLINE, || running_on(&c, "again")).unwrap();
+
+    // 5. Delete: every replica stops on every live node.
+    for name in ["hello", "again"] {
+        let out = c.ctl(&["workload", "delete", name]);
+        assert!(out.ok, "{out:?}");
+    }
+    let live: Vec<usize> = (0..c.nodes.len()).filter(|i| c.nodes[*i].running()).collect();
+    until("no replica runs anywhere", DEADLINE, || {
+        live.iter()
+            .all(|i| c.metric(*i, "cloudless_replicas{phase=\"running\"}") == Some(0.0))
+            .then_some(())
+    })
+    .unwrap();
+    let list = c.json(&["workload", "list"]).unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(0));
+}
+
+#[test]
+fn a_container_workload_runs_on_a_node_with_an_engine() {
+    if std::env::var("CLOUDLESS_SKIP_CONTAINER_TESTS").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: no container engine (CLOUDLESS_SKIP_CONTAINER_TESTS=1)");
+        return;
+    }
+    let engine =
+        std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+    let dir = tempfile::tempdir().unwrap();
+    let c = Procs::init(dir.path(), &["--container-engine", &engine]).unwrap();
+    let spec = write_spec(
+        dir.path(),
+        "box",
+        "name: box\nruntime: { container: { image: \"cloudless/busybox:test\" } }\ncommand: [sh, -c, \"echo hello from a container; sleep 600\"]\nresources: { requests: { cpu: 100m, memory: 32Mi } }\n",
+    );
+    let out = c.ctl(&["workload", "apply", "-f", &spec]);
+    assert!(out.ok, "{out:?}");
+    until("the container runs", DEADLINE, || running_on(&c, "box")).unwrap();
+    until("its output is readable", DEADLINE, || {
+        let out = c.ctl(&["workload", "logs", "box"]);
+        out.stdout.contains("hello from a container").then_some(())
+    })
+    .unwrap();
+    let out = c.ctl(&["workload", "delete", "box"]);
+    assert!(out.ok, "{out:?}");
+    until("the container stops", DEADLINE, || {
+        (c.metric(0, "cloudless_replicas{phase=\"running\"}") == Some(0.0)).then_some(())
+    })
+    .unwrap();
+}
