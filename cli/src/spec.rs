@@ -106,6 +106,8 @@ struct Document {
     network: bool,
     #[serde(default)]
     timeout_seconds: Option<u32>,
+    #[serde(default)]
+    reschedule_after_seconds: Option<u32>,
 }
 
 fn one() -> u32 {
@@ -448,6 +450,7 @@ impl Document {
             ports,
             network: self.network,
             timeout_secs: self.timeout_seconds,
+            reschedule_after_secs: self.reschedule_after_seconds,
             liveness: self.probes.liveness.map(|p| p.into_probe("probes.liveness")).transpose()?,
             readiness: self
                 .probes
@@ -688,6 +691,7 @@ fn from_invalid(e: InvalidInput) -> SpecError {
         ("limits", "resources.limits"),
         ("min_available", "minAvailable"),
         ("timeout_secs", "timeoutSeconds"),
+        ("reschedule_after_secs", "rescheduleAfterSeconds"),
         ("liveness", "probes.liveness"),
         ("readiness", "probes.readiness"),
     ]

@@ -26,8 +26,14 @@ pub enum KeyError {
 
 /// Writes a new random key to `path` (never over an existing file) and returns it.
 pub fn create(path: &Path) -> Result<SigningKey, KeyError> {
-    use std::io::Write;
     let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    save(path, &key)?;
+    Ok(key)
+}
+
+/// Writes `key` to `path`, readable by the owner only (never over an existing file).
+pub fn save(path: &Path, key: &SigningKey) -> Result<(), KeyError> {
+    use std::io::Write;
     let io = |source| KeyError::Io { path: path.into(), source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
@@ -43,9 +49,7 @@ pub fn create(path: &Path) -> Result<SigningKey, KeyError> {
             io(e)
         }
     })?;
-    let hex: String = key.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
-    f.write_all(format!("{hex}\n").as_bytes()).map_err(io)?;
-    Ok(key)
+    f.write_all(format!("{}\n", hex(&key.to_bytes())).as_bytes()).map_err(io)
 }
 
 /// Reads the key in `path`.

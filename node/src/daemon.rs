@@ -98,6 +98,8 @@ pub enum DaemonError {
 struct Streak {
     /// Alive since (in the current streak).
     since: Instant,
+    /// When its state last changed.
+    changed: Instant,
     /// When it came back after being suspect, dead or gone, within the flap window.
     returns: Vec<Instant>,
     /// Its state at the last look.
@@ -364,19 +366,12 @@ async fn view_loop(inner: Arc<Inner>) {
         refresh_gate(&inner, tick).await;
         if let (Ok(members), Ok(dir)) = (inner.mesh.members().await, inner.mesh.directory().await) {
             let now = Instant::now();
-            let seen: Vec<Seen> = members
-                .iter()
-                .map(|m| Seen {
-                    peer: m.id.to_string(),
-                    state: m.state,
-                    capacity: m.capacity,
-                    descriptor: dir.get(&m.id).cloned(),
-                })
-                .collect();
+            let mut down: BTreeMap<String, Duration> = BTreeMap::new();
             if let Ok(mut st) = inner.stability.lock() {
                 for m in &members {
                     let e = st.entry(m.id.to_string()).or_insert(Streak {
                         since: now,
+                        changed: now,
                         returns: Vec::new(),
                         state: m.state,
                     });
@@ -385,10 +380,31 @@ async fn view_loop(inner: Arc<Inner>) {
                         e.since = now;
                         e.returns.push(now);
                     }
+                    if m.state != e.state {
+                        e.changed = now;
+                    }
                     e.returns.retain(|t| now.duration_since(*t) < voters::FLAP_WINDOW);
                     e.state = m.state;
+                    down.insert(m.id.to_string(), now.duration_since(e.changed));
                 }
             }
+            let seen: Vec<Seen> = members
+                .iter()
+                .map(|m| {
+                    let peer = m.id.to_string();
+                    let down_for = match m.state {
+                        membership::State::Dead => down.get(&peer).copied().unwrap_or_default(),
+                        _ => Duration::ZERO,
+                    };
+                    Seen {
+                        peer,
+                        state: m.state,
+                        down_for,
+                        capacity: m.capacity,
+                        descriptor: dir.get(&m.id).cloned(),
+                    }
+                })
+                .collect();
             for state in [
                 membership::State::Alive,
                 membership::State::Suspect,

@@ -11,11 +11,13 @@
 //! ```
 //!
 //! Only nodes declared dead (or gone) lose their replicas: a suspect node keeps them, since a
-//! disconnected node keeps running its work. Cordoned nodes get no new replicas; draining ones
+//! disconnected node keeps running its work; a workload may also wait a while
+//! (`reschedule_after_secs`) for a dead node to come back. Cordoned nodes get no new replicas; draining ones
 //! lose theirs too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use cloudless_consensus::state::{Command, NodeRole, ReplicaKey, Schedulable, State};
 use cloudless_mesh::membership;
@@ -30,6 +32,8 @@ pub struct Seen {
     pub peer: String,
     /// Its liveness in the membership.
     pub state: membership::State,
+    /// How long it has been declared dead (zero unless `state` is dead).
+    pub down_for: Duration,
     /// Its last capacity summary.
     pub capacity: Option<Capacity>,
     /// Its directory entry.
@@ -126,8 +130,14 @@ pub fn occupied(state: &State, seen: &[Seen]) -> (Cluster, BTreeSet<ReplicaKey>)
         let Some(w) = state.workloads().get(&key.workload) else { continue };
         let draining =
             state.nodes().get(&a.node).is_some_and(|n| n.schedulable == Schedulable::Draining);
-        let healthy =
-            !draining && cluster.node(&a.node).is_some_and(|n| n.liveness != Liveness::Dead);
+        // A workload may wait a while for a dead node to come back (not for one that left).
+        let patience =
+            w.spec.reschedule_after_secs.map_or(Duration::ZERO, |s| Duration::from_secs(s.into()));
+        let waiting = seen.iter().any(|s| {
+            s.peer == a.node && s.state == membership::State::Dead && s.down_for < patience
+        });
+        let healthy = !draining
+            && cluster.node(&a.node).is_some_and(|n| n.liveness != Liveness::Dead || waiting);
         let id = ReplicaId::new(&Arc::from(key.workload.as_str()), key.index);
         if !healthy || cluster.assign(id, &a.node, w.spec.requests, w.spec.priority).is_err() {
             unset.insert(key.clone());

@@ -481,9 +481,15 @@ async fn dev(n: usize) -> Result<()> {
     let admin = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
     let started = Instant::now();
     println!("Starting a local Cloudless cluster of {n} nodes in {} …", dir.path().display());
+    // cloudlessctl can reach the dev cluster as its admin.
+    let ctl = dir.path().join("ctl");
+    cloudless_consensus::keys::save(&ctl.join(ROOT_KEY), &root)?;
+    cloudless_consensus::keys::save(&ctl.join(USER_KEY), &admin)?;
     let mut cluster = LocalCluster::start(n, dir.path(), root, admin, |_| {})
         .await
         .context("the dev cluster did not form")?;
+    let peer = dialable(&listen_addrs(&cluster.nodes[0]).await);
+    CtlConfig { peer, key: None, root_key: None }.save(&ctl)?;
     println!("{n} nodes enrolled and voting after {:.2?}:", started.elapsed());
     for (i, node) in cluster.nodes.iter().enumerate() {
         let role = if node.consensus().is_leader() { "raft leader" } else { "" };
@@ -551,8 +557,13 @@ async fn dev(n: usize) -> Result<()> {
         });
     }
     println!(
-        "The cluster lives in {} until Ctrl-C stops it (the directory is removed then).\n",
+        "The cluster lives in {} until Ctrl-C stops it (the directory is removed then).",
         dir.path().display()
+    );
+    println!(
+        "cloudlessctl reaches it as its admin:\n  export CLOUDLESS_CONFIG_DIR={}\n  \
+         cloudlessctl node list; cloudlessctl workload get hello\n",
+        ctl.display()
     );
     tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
     cluster.shutdown().await;

@@ -20,6 +20,7 @@
 //! the testnet is dropped leaves no task or socket behind.
 
 pub mod procs;
+pub mod report;
 
 use std::collections::HashMap;
 use std::future::Future;

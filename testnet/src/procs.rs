@@ -133,9 +133,32 @@ impl Procs {
 
     /// Starts `cloudless <args>` as node `nodes.len()`, waits until it listens.
     fn spawn(&mut self, args: &[&str]) -> Result<usize> {
-        let i = self.nodes.len();
+        self.spawn_as(self.nodes.len(), args)
+    }
+
+    /// Starts node `i` again from its data dir (`cloudless run`) after a kill or a stop;
+    /// returns once the cluster lists it alive.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        self.kill(i);
+        let data_dir = self.nodes[i].data_dir.clone();
+        let _ = std::fs::remove_file(data_dir.join("addresses"));
+        let _ = std::fs::remove_file(data_dir.join("http"));
+        self.spawn_as(i, &["run"])?;
+        let peer = self.nodes[i].peer.clone();
+        until("the restarted node is listed alive", START_TIMEOUT, || {
+            let out = self.ctl(&["node", "list"]);
+            out.stdout.lines().any(|l| l.starts_with(&peer) && l.contains(" alive ")).then_some(())
+        })
+        .with_context(|| format!("node {i}: see {}", self.log(i).display()))
+    }
+
+    /// Starts `cloudless <args>` as node `i` (a new one, or one that stopped).
+    fn spawn_as(&mut self, i: usize, args: &[&str]) -> Result<usize> {
         let data_dir = self.dir.join(format!("node-{i}"));
-        let log = std::fs::File::create(self.dir.join(format!("node-{i}.log")))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("node-{i}.log")))?;
         let mut cmd = Command::new(self.bin.join("cloudless"));
         cmd.args(args)
             .arg("--data-dir")
@@ -148,13 +171,18 @@ impl Procs {
             .stdout(log.try_clone()?)
             .stderr(log);
         let child = cmd.spawn().context("cannot start cloudless")?;
-        self.nodes.push(Proc {
+        let proc = Proc {
             child: Some(child),
             data_dir: data_dir.clone(),
             peer: String::new(),
             addr: String::new(),
             http: String::new(),
-        });
+        };
+        if i < self.nodes.len() {
+            self.nodes[i] = proc;
+        } else {
+            self.nodes.push(proc);
+        }
         let (addr, http) = until("the node listens", START_TIMEOUT, || {
             let addr = std::fs::read_to_string(data_dir.join("addresses")).ok()?;
             let http = std::fs::read_to_string(data_dir.join("http")).ok()?;

@@ -5,7 +5,8 @@
 //! 1. init + joins with invites; `node list` shows every node alive
 //! 2. a WASI workload with 3 replicas applied through a node that is not the leader runs,
 //!    and each replica's output is readable through the CLI
-//! 3. SIGKILL of a node running a replica: the replica runs elsewhere (time printed)
+//! 3. SIGKILL of a node running a replica: the replica runs elsewhere (time printed); the
+//!    node restarts from its data dir, rejoins, and runs nothing of what moved
 //! 4. SIGKILL of the raft leader: a new leader, the workload keeps its replicas, a new apply
 //!    succeeds
 //! 5. delete: every replica stops everywhere
@@ -150,6 +151,16 @@ fn a_pool_of_processes_from_init_to_delete() {
     })
     .unwrap();
     eprintln!("SIGKILL → replica {replica} running elsewhere: {:?}", killed.elapsed());
+    // The node comes back from its data dir: enrolled still, its old replica not its own.
+    c.restart(victim).unwrap();
+    until("the returned node runs nothing", DEADLINE, || {
+        (c.metric(victim, "cloudless_replicas{phase=\"running\"}") == Some(0.0)).then_some(())
+    })
+    .unwrap();
+    assert!(
+        running_on(&c, "hello").is_some_and(|h| !h.contains(&dead)),
+        "moved replicas stay moved"
+    );
 
     // 4. SIGKILL the leader once the group is whole again (three live voters).
     until("three live voters", DEADLINE, || {

@@ -76,6 +76,7 @@ fn seen(i: usize, state: membership::State) -> Seen {
     Seen {
         peer: format!("n{i}"),
         state,
+        down_for: std::time::Duration::ZERO,
         capacity: Some(Capacity {
             cpu_total_millis: 2000,
             cpu_free_millis: 2000,
@@ -183,4 +184,32 @@ fn a_cordoned_node_keeps_its_replicas_and_a_draining_one_loses_them() {
     p.workload("cache", 3);
     p.round(&all_alive(3));
     assert!(p.state.assignments().values().any(|a| a.node == host), "uncordoned: used again");
+}
+
+#[test]
+fn a_workload_may_wait_for_a_dead_node_to_return() {
+    use std::time::Duration;
+    let mut p = Pool::new(3);
+    let mut spec = WorkloadSpec::new(
+        "patient",
+        Image::Wasi("ab".repeat(32)),
+        Resources { cpu_millis: 500, memory_mib: 64, disk_mib: 0, gpus: 0 },
+        1,
+    );
+    spec.reschedule_after_secs = Some(60);
+    p.apply(Actor::User(ADMIN), Command::PutWorkload(Box::new(spec)));
+    p.round(&all_alive(3));
+    let host: usize = p.placement()[&0].trim_start_matches('n').parse().unwrap();
+    let mut view = all_alive(3);
+    view[host].state = membership::State::Dead;
+    view[host].down_for = Duration::from_secs(59);
+    assert_eq!(p.round(&view).command, None, "dead for 59 s of 60: the replica waits");
+    view[host].down_for = Duration::from_secs(60);
+    p.round(&view);
+    assert_ne!(p.placement()[&0], format!("n{host}"), "after 60 s it moves");
+    let mut left = all_alive(3);
+    let now_host: usize = p.placement()[&0].trim_start_matches('n').parse().unwrap();
+    left[now_host].state = membership::State::Left;
+    p.round(&left);
+    assert_ne!(p.placement()[&0], format!("n{now_host}"), "a node that left is not waited for");
 }

@@ -195,6 +195,11 @@ pub struct WorkloadSpec {
     /// and reported as timed out (meant for jobs).
     #[serde(default)]
     pub timeout_secs: Option<u32>,
+    /// How long the leader waits, after a node running a replica is declared dead, before
+    /// placing the replica elsewhere (a device that often drops off for a minute keeps its
+    /// work); `None` moves it at once.
+    #[serde(default)]
+    pub reschedule_after_secs: Option<u32>,
     /// Restarted when this fails.
     #[serde(default)]
     pub liveness: Option<Probe>,
@@ -203,6 +208,8 @@ pub struct WorkloadSpec {
     pub readiness: Option<Probe>,
 }
 
+/// Longest wait before replicas of a dead node move: a day; longer is a node that is gone.
+pub const MAX_RESCHEDULE_AFTER: u32 = 86_400;
 /// Most replicas of one workload.
 pub const MAX_REPLICAS: u32 = 10_000;
 /// Most command-line arguments (command and args each).
@@ -240,6 +247,7 @@ impl WorkloadSpec {
             ports: Vec::new(),
             network: false,
             timeout_secs: None,
+            reschedule_after_secs: None,
             liveness: None,
             readiness: None,
         }
@@ -346,6 +354,12 @@ impl WorkloadSpec {
         if self.timeout_secs == Some(0) {
             return Err(invalid("timeout_secs", "0 would stop every run at once"));
         }
+        if self.reschedule_after_secs.is_some_and(|s| s > MAX_RESCHEDULE_AFTER) {
+            return Err(invalid(
+                "reschedule_after_secs",
+                format!("at most {MAX_RESCHEDULE_AFTER} s (a day)"),
+            ));
+        }
         if let Some(p) = &self.liveness {
             p.validate("liveness")?;
         }
@@ -409,6 +423,10 @@ mod tests {
             (WorkloadSpec { ports: vec![Port { port: 0, udp: false }], ..spec() }, "ports[0]"),
             (WorkloadSpec { args: vec!["a\0b".into()], ..spec() }, "args[0]"),
             (WorkloadSpec { timeout_secs: Some(0), ..spec() }, "timeout_secs"),
+            (
+                WorkloadSpec { reschedule_after_secs: Some(86_401), ..spec() },
+                "reschedule_after_secs",
+            ),
             (
                 WorkloadSpec {
                     liveness: Some(Probe::new(ProbeCheck::Http { port: 8080, path: "x".into() })),

@@ -1,0 +1,179 @@
+//! The workload report: real `cloudless` processes on loopback, measured from a client the
+//! way a user sees them (`cloudless-testnet report`).
+//!
+//! ```text
+//!   Procs (init + joins) ──▶ client connected to node 0 (cordoned: never runs or dies)
+//!   submit-to-running: apply a 1-replica WASI workload ──▶ poll until running (10 ms)
+//!   failover: SIGKILL the replica's host ──▶ poll until it runs elsewhere ──▶ restart host
+//!   idle RSS: every node's VmRSS once no workload is left
+//! ```
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use cloudless_cli::client::Client;
+use cloudless_consensus::api::{ApiResponse, Read};
+use cloudless_consensus::keys;
+use cloudless_consensus::state::{Command, Schedulable};
+use cloudless_types::{Image, Resources, WorkloadSpec};
+
+use crate::procs::Procs;
+
+/// How often the client polls the workload while timing.
+const POLL: Duration = Duration::from_millis(10);
+/// Longest wait for one measurement before the run counts as failed.
+const MEASURE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the pool idles before its memory is read.
+const IDLE: Duration = Duration::from_secs(10);
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Nodes in the pool (at least 4: node 0 is cordoned, and a kill must leave a majority).
+    pub nodes: usize,
+    /// Submit-to-running runs.
+    pub runs: usize,
+    /// Failover rounds.
+    pub kills: usize,
+}
+
+/// The `p`-th percentile (0–100) of sorted `v`, nearest rank.
+pub fn percentile(v: &[Duration], p: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+async fn replica(c: &Client, name: &str) -> Option<(String, String)> {
+    match c.read(Read::Workload { name: name.to_string() }).await {
+        Ok(ApiResponse::Workloads(w)) => {
+            let r = w.first()?.replicas.first()?.clone();
+            Some((r.node.unwrap_or_default(), r.phase))
+        }
+        _ => None,
+    }
+}
+
+async fn wait_running(c: &Client, name: &str, not_on: Option<&str>) -> Result<(String, Duration)> {
+    let start = Instant::now();
+    loop {
+        if let Some((node, phase)) = replica(c, name).await
+            && phase == "running"
+            && Some(node.as_str()) != not_on
+        {
+            return Ok((node, start.elapsed()));
+        }
+        if start.elapsed() > MEASURE_TIMEOUT {
+            bail!("{name} did not run within {MEASURE_TIMEOUT:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn spec(name: &str, hash: &str) -> WorkloadSpec {
+    WorkloadSpec::new(
+        name,
+        Image::Wasi(hash.to_string()),
+        Resources { cpu_millis: 100, memory_mib: 16, disk_mib: 0, gpus: 0 },
+        1,
+    )
+}
+
+fn line(name: &str, v: &mut [Duration], target: &str) -> String {
+    v.sort();
+    format!(
+        "{name}: P50 {:.1} ms, P95 {:.1} ms, P99 {:.1} ms, max {:.1} ms ({} samples) — {target}",
+        percentile(v, 50.0).as_secs_f64() * 1e3,
+        percentile(v, 95.0).as_secs_f64() * 1e3,
+        percentile(v, 99.0).as_secs_f64() * 1e3,
+        v.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        v.len()
+    )
+}
+
+/// Runs the plan; returns the report's lines.
+pub async fn run(plan: &Plan, module: &[u8]) -> Result<Vec<String>> {
+    if plan.nodes < 4 {
+        bail!("the report needs at least 4 nodes, not {}", plan.nodes);
+    }
+    let dir = tempfile::tempdir()?;
+    let mut procs = tokio::task::block_in_place(|| -> Result<Procs> {
+        let mut p = Procs::init(dir.path(), &[])?;
+        for _ in 1..plan.nodes {
+            p.join()?;
+        }
+        Ok(p)
+    })?;
+    let key = keys::load(&procs.ctl_dir().join("user.key"))?;
+    let client = Client::connect(&procs.nodes[0].addr, key).await?;
+    let first = procs.nodes[0].peer.clone();
+    client
+        .command(Command::SetSchedulable {
+            peer: first.clone(),
+            schedulable: Schedulable::Cordoned,
+        })
+        .await?;
+    let hash = client.upload(module).await?;
+    let mut out = vec![format!(
+        "{} cloudless processes on 127.0.0.1 (QUIC), release build; client on node 0 (cordoned)",
+        plan.nodes
+    )];
+
+    let mut submit = Vec::new();
+    for r in 0..plan.runs {
+        let name = format!("submit-{r}");
+        let start = Instant::now();
+        client.command(Command::PutWorkload(Box::new(spec(&name, &hash)))).await?;
+        wait_running(&client, &name, None).await?;
+        submit.push(start.elapsed());
+        client.command(Command::DeleteWorkload { name }).await?;
+    }
+    out.push(line("submit to running (WASI, 1 replica)", &mut submit, "target P99 ≤ 300 ms"));
+
+    // Hosts that lead raft count apart: their death also costs an election.
+    let (mut failover, mut with_leader) = (Vec::new(), Vec::new());
+    client.command(Command::PutWorkload(Box::new(spec("failover", &hash)))).await?;
+    let (mut host, _) = wait_running(&client, "failover", None).await?;
+    for _ in 0..plan.kills {
+        let i = procs.index(&host).context("the replica runs on an unknown node")?;
+        let leads = match client.read(Read::Status).await? {
+            ApiResponse::Status(s) => s.leader.as_deref() == Some(host.as_str()),
+            _ => false,
+        };
+        let killed = Instant::now();
+        procs.kill(i);
+        let (moved, _) = wait_running(&client, "failover", Some(&host)).await?;
+        if leads { &mut with_leader } else { &mut failover }.push(killed.elapsed());
+        tokio::task::block_in_place(|| procs.restart(i))?;
+        host = moved;
+    }
+    out.push(line(
+        "SIGKILL of the replica's host (not the raft leader) to running elsewhere",
+        &mut failover,
+        "targets P50 ≤ 1.5 s, P95 ≤ 4 s",
+    ));
+    if !with_leader.is_empty() {
+        out.push(line(
+            "SIGKILL of the replica's host when it also led raft",
+            &mut with_leader,
+            "includes the election",
+        ));
+    }
+    client.command(Command::DeleteWorkload { name: "failover".into() }).await?;
+
+    // Idle: no workload left anywhere; give allocators and caches a moment to settle.
+    tokio::time::sleep(IDLE).await;
+    let mut rss: Vec<u64> = (0..procs.nodes.len()).filter_map(|i| procs.rss_kib(i)).collect();
+    rss.sort_unstable();
+    let mib = |k: u64| k as f64 / 1024.0;
+    out.push(format!(
+        "idle node RSS: median {:.1} MiB, max {:.1} MiB over {} nodes — target ≤ 25 MiB",
+        mib(rss.get(rss.len() / 2).copied().unwrap_or(0)),
+        mib(rss.last().copied().unwrap_or(0)),
+        rss.len()
+    ));
+    client.close().await;
+    Ok(out)
+}
