@@ -191,6 +191,9 @@ pub enum ApiRequest {
         /// Where the chunk starts.
         offset: u64,
     },
+    /// From the raft leader to a node whose assignments it just changed: pull them now
+    /// (nodes also pull periodically, so a lost nudge only delays).
+    Nudge,
     /// Log lines of a replica this node runs, for an enrolled node relaying a user's
     /// [`Read::Logs`].
     Logs {
@@ -353,6 +356,8 @@ pub enum ApiResponse {
     Explain(Vec<String>),
     /// For [`Read::Whoami`].
     Role(Role),
+    /// Done, nothing to report (for [`ApiRequest::Nudge`]).
+    Done,
     /// This node cannot answer; these are raft members that can.
     Redirect(Vec<String>),
     /// Refused, with the reason.

@@ -96,6 +96,7 @@ fn kind(r: &ApiRequest) -> &'static str {
         },
         ApiRequest::Query(_) => "query",
         ApiRequest::Module { .. } => "module",
+        ApiRequest::Nudge => "nudge",
         ApiRequest::Logs { .. } => "logs",
     }
 }
@@ -134,7 +135,9 @@ pub(crate) async fn answer(inner: &Inner, caller: PeerId, req: ApiRequest) -> Ap
             }
         }
         // Served by any node, to enrolled nodes only.
-        ApiRequest::Module { .. } | ApiRequest::Logs { .. } if !inner.gate.is_enrolled(&caller) => {
+        ApiRequest::Module { .. } | ApiRequest::Logs { .. } | ApiRequest::Nudge
+            if !inner.gate.is_enrolled(&caller) =>
+        {
             refused(format!("{caller} is not an enrolled node of this cluster"))
         }
         ApiRequest::Module { hash, offset } => {
@@ -145,6 +148,10 @@ pub(crate) async fn answer(inner: &Inner, caller: PeerId, req: ApiRequest) -> Ap
         }
         ApiRequest::Logs { workload, index, after_ns, tail } => {
             local_logs(inner, &workload, index, after_ns, tail).await
+        }
+        ApiRequest::Nudge => {
+            inner.nudge.notify_one();
+            ApiResponse::Done
         }
         // Only a member knows for sure who is enrolled: the rest point at the members they
         // know (perhaps none, and the caller tries its next peer).

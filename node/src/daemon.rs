@@ -5,7 +5,8 @@
 //!                                                                  only): leader::round ──▶ Assign
 //!   raft ◀── api service (commands from nodes and users, queries, module chunks)
 //!   keeper loop (raft members): a copy of every module a workload names
-//!   agent loop: my assignments (local state if a raft member, else asked of one) ──▶ modules
+//!   agent loop (nudged by the leader, else every 250 ms): my assignments (local state if a
+//!               raft member, else asked of one) ──▶ modules
 //!               fetched from peers ──▶ runtime Agent ──▶ status changes ──▶ batched Report
 //! ```
 //!
@@ -117,6 +118,8 @@ pub(crate) struct Inner {
     pub(crate) scheduler: Scheduler,
     pub(crate) uploads: Mutex<Uploads>,
     pub(crate) metrics: Metrics,
+    /// Woken when the leader says this node's assignments changed.
+    pub(crate) nudge: tokio::sync::Notify,
     /// What this node offers (for its CPU utilisation gauge).
     offer: Resources,
     pub(crate) seen: Mutex<Vec<Seen>>,
@@ -199,6 +202,7 @@ impl Daemon {
             scheduler,
             uploads: Mutex::new(Uploads::default()),
             metrics: Metrics::new(),
+            nudge: tokio::sync::Notify::new(),
             offer: config.offer,
             seen: Mutex::new(Vec::new()),
             members: Mutex::new(Vec::new()),
@@ -579,6 +583,7 @@ async fn leader_loop(inner: Arc<Inner>) {
                         inner.metrics.placement_latency(since.elapsed().as_secs_f64());
                     }
                 }
+                nudge(&inner, set.iter().map(|(_, node)| node));
             }
             Ok(Err(e)) => debug!(error = %e, "assignment refused"),
             Err(e) => debug!(error = %e, "assignment not committed"),
@@ -586,6 +591,23 @@ async fn leader_loop(inner: Arc<Inner>) {
         if !round.unschedulable.is_empty() {
             inner.metrics.decision("unschedulable", round.unschedulable.len() as u64);
         }
+    }
+}
+
+/// Tells the nodes that got replicas to pull their assignments now (raft members learn by
+/// applying the entry; the rest would wait for their next pull). Fire and forget: one short
+/// task per node, at most one round's worth.
+fn nudge<'a>(inner: &Arc<Inner>, nodes: impl Iterator<Item = &'a String>) {
+    let targets: BTreeSet<&String> = nodes.collect();
+    for node in targets {
+        let Ok(peer) = node.parse::<PeerId>() else { continue };
+        if peer == inner.me {
+            continue;
+        }
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let _ = call(&inner, peer, &ApiRequest::Nudge).await;
+        });
     }
 }
 
@@ -629,7 +651,10 @@ async fn agent_loop(inner: Arc<Inner>, agent: Agent) {
             }
             Err(e) => debug!(error = e, "cannot learn assignments yet"),
         }
-        applied = inner.consensus.applied_after(applied, AGENT_EVERY).await;
+        applied = tokio::select! {
+            a = inner.consensus.applied_after(applied, AGENT_EVERY) => a,
+            () = inner.nudge.notified() => applied,
+        };
     }
 }
 
