@@ -865,8 +865,11 @@ impl State {
                 Reply::Done
             }
             Command::Report(items) => {
+                // Only the node a replica is assigned to speaks for it: a node that ran it
+                // before it moved (and reports late, or from stale state after a restart)
+                // must not overwrite the current host's status.
                 for (r, status) in items {
-                    if self.workloads.contains_key(&r.workload) {
+                    if self.assignments.get(r).is_some_and(|a| a.node == status.node) {
                         self.statuses.insert(r.clone(), status.clone());
                     }
                 }

@@ -32,7 +32,7 @@ use cloudless_sched::model::ReplicaId as SchedReplica;
 use libp2p::PeerId;
 use tokio::sync::mpsc;
 
-use crate::daemon::{Inner, ask_member, call, now_ms};
+use crate::daemon::{Inner, ask_member, call, now_ms, trusts_own_state};
 use crate::leader::{self, Seen};
 
 /// Api requests handled at once; more wait for a slot (the mesh queue in front is bounded).
@@ -116,7 +116,7 @@ fn refused(why: impl Into<String>) -> ApiResponse {
 pub(crate) async fn answer(inner: &Inner, caller: PeerId, req: ApiRequest) -> ApiResponse {
     let member = inner.consensus.is_member();
     match req {
-        ApiRequest::User(signed) => user(inner, signed).await,
+        ApiRequest::User(signed) => user(inner, caller, signed).await,
         ApiRequest::Node(Command::Enroll { token, signature, peer }) => {
             let relayed = peer != caller.to_string();
             if relayed && !member {
@@ -155,13 +155,7 @@ pub(crate) async fn answer(inner: &Inner, caller: PeerId, req: ApiRequest) -> Ap
         }
         // Only a member knows for sure who is enrolled: the rest point at the members they
         // know (perhaps none, and the caller tries its next peer).
-        _ if !member => ApiResponse::Redirect(
-            inner
-                .members
-                .lock()
-                .map(|m| m.iter().map(|p| p.to_string()).collect())
-                .unwrap_or_default(),
-        ),
+        _ if !member => redirect(inner),
         _ if !inner.gate.is_enrolled(&caller) => {
             refused(format!("{caller} is not an enrolled node of this cluster"))
         }
@@ -206,12 +200,18 @@ pub(crate) fn assigned(
 }
 
 /// A user's signed request: checked here, then handled by a raft member.
-async fn user(inner: &Inner, signed: SignedRequest) -> ApiResponse {
+async fn user(inner: &Inner, caller: PeerId, signed: SignedRequest) -> ApiResponse {
     if let Err(e) = signed.verify(now_ms()) {
         return refused(e.to_string());
     }
-    if !inner.consensus.is_member() {
+    // Forwarded at most once: a node that received it from another node answers or points
+    // at the members, so leaderless members cannot pass a request around in circles.
+    let forwarded = caller != inner.me && inner.gate.is_enrolled(&caller);
+    if !forwarded && !trusts_own_state(inner) {
         return ask_member(inner, ApiRequest::User(signed)).await.unwrap_or_else(refused);
+    }
+    if forwarded && !inner.consensus.is_member() {
+        return redirect(inner);
     }
     let need = match &signed.request {
         UserRequest::Command(_) => None, // the state machine decides

@@ -331,7 +331,7 @@ fn capacity(offer: Resources, runtimes: &[Runtime]) -> Capacity {
     }
 }
 
-/// /health: the loops run. /ready: enrolled, and a raft leader is known.
+/// /health: the loops run. /ready: enrolled, and the raft group is reachable.
 struct Ready(std::sync::Weak<Inner>);
 
 impl Readiness for Ready {
@@ -353,12 +353,10 @@ impl Readiness for Ready {
         if !inner.gate.knows(&inner.me) {
             return Err("not enrolled in a cluster (yet)".into());
         }
-        let leader_known = if inner.consensus.is_member() {
-            inner.consensus.leader().is_some()
-        } else {
-            inner.members.lock().is_ok_and(|m| !m.is_empty())
-        };
-        if leader_known { Ok(()) } else { Err("no raft leader known".into()) }
+        // Knows how to reach the raft group: a leader, or members to ask.
+        let reachable = inner.consensus.leader().is_some()
+            || inner.members.lock().is_ok_and(|m| m.iter().any(|p| *p != inner.me));
+        if reachable { Ok(()) } else { Err("no raft leader or member known".into()) }
     }
 }
 
@@ -467,7 +465,7 @@ const WARN_TICKS: u64 = 60;
 /// Tells the gate who is enrolled: from committed state on raft members, else from a member;
 /// closes connections to newly revoked peers.
 async fn refresh_gate(inner: &Inner, tick: u64) {
-    let lists = if inner.consensus.is_member() {
+    let lists = if trusts_own_state(inner) {
         inner.consensus.read(Consistency::Stale, crate::gate::lists).await.ok()
     } else if tick.is_multiple_of(GATE_TICKS) || !inner.gate.knows_anyone() {
         match ask_member(inner, ApiRequest::Query(Query::Enrolled)).await {
@@ -780,10 +778,18 @@ pub(crate) async fn call(
     postcard::from_bytes(&answer).map_err(|e| format!("malformed api answer: {e}"))
 }
 
+/// Whether this node's own raft state is current enough to act on: it is a member and knows a
+/// leader. A voter that was replaced while it was down still lists itself as one but never
+/// hears from a leader again; its state stays as it was when it died, so it must ask the
+/// others (else it would keep running replicas that moved away).
+pub(crate) fn trusts_own_state(inner: &Inner) -> bool {
+    inner.consensus.is_member() && inner.consensus.leader().is_some()
+}
+
 /// Sends `req` to a raft member: this node when it is one, else the members learned before,
 /// else any live or connected peer (which redirects or relays).
 pub(crate) async fn ask_member(inner: &Inner, req: ApiRequest) -> Result<ApiResponse, String> {
-    if inner.consensus.is_member() {
+    if trusts_own_state(inner) {
         return Ok(Box::pin(crate::api::answer(inner, inner.me, req)).await);
     }
     let mut tried: BTreeSet<PeerId> = BTreeSet::new();

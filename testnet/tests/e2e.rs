@@ -151,16 +151,19 @@ fn a_pool_of_processes_from_init_to_delete() {
     })
     .unwrap();
     eprintln!("SIGKILL → replica {replica} running elsewhere: {:?}", killed.elapsed());
-    // The node comes back from its data dir: enrolled still, its old replica not its own.
+    // The node comes back from its data dir: enrolled still, its old replica not its own
+    // (even when it was a raft voter that the group replaced while it was down).
     c.restart(victim).unwrap();
-    until("the returned node runs nothing", DEADLINE, || {
-        (c.metric(victim, "cloudless_replicas{phase=\"running\"}") == Some(0.0)).then_some(())
+    until("the returned node is ready", DEADLINE, || {
+        c.get(victim, "/ready").filter(|(code, _)| *code == 200)
     })
     .unwrap();
-    assert!(
-        running_on(&c, "hello").is_some_and(|h| !h.contains(&dead)),
-        "moved replicas stay moved"
-    );
+    until("moved replicas stay moved and the returned node runs none", DEADLINE, || {
+        let hosts = running_on(&c, "hello")?;
+        let none = c.metric(victim, "cloudless_replicas{phase=\"running\"}") == Some(0.0);
+        (none && !hosts.contains(&dead)).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", replicas(&c, "hello")));
 
     // 4. SIGKILL the leader once the group is whole again (three live voters).
     until("three live voters", DEADLINE, || {

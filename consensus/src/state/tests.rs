@@ -283,14 +283,21 @@ fn nodes_report_only_for_themselves() {
         .is_err()
     );
     assert!(
-        s.apply(
-            &c.req(
-                Actor::Node("stranger".into()),
-                Command::Report(vec![(key, status("stranger"))])
-            )
-        )
+        s.apply(&c.req(
+            Actor::Node("stranger".into()),
+            Command::Report(vec![(key.clone(), status("stranger"))])
+        ))
         .is_err()
     );
+    // Only the node the replica is assigned to speaks for it: a former host's late report
+    // is accepted (it is its own) but changes nothing.
+    assert!(s.statuses().is_empty(), "node-b reported on a replica not assigned to it");
+    let set = vec![(key.clone(), "node-a".to_string())];
+    s.apply(&c.req(Actor::System, Command::Assign { epoch: 1, set, unset: vec![] })).unwrap();
+    let report = |node: &str| Command::Report(vec![(key.clone(), status(node))]);
+    s.apply(&c.req(Actor::Node("node-a".into()), report("node-a"))).unwrap();
+    s.apply(&c.req(Actor::Node("node-b".into()), report("node-b"))).unwrap();
+    assert_eq!(s.statuses()[&key].node, "node-a");
 }
 
 fn arb_actor() -> impl Strategy<Value = Actor> {
