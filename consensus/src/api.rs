@@ -171,7 +171,8 @@ pub enum Query {
     },
     /// The raft voters, as PeerId text (so callers can go to a member directly).
     Members,
-    /// Who is enrolled and who is revoked (for the connection gate of non-members).
+    /// Who is enrolled and who is revoked (for the connection gate of non-members), and who
+    /// votes.
     Enrolled,
 }
 
@@ -331,6 +332,8 @@ pub enum ApiResponse {
         nodes: Vec<String>,
         /// Revoked.
         revoked: Vec<String>,
+        /// The raft voters now (where to ask next time).
+        voters: Vec<String>,
     },
     /// A module chunk and the module's total size.
     Module {

@@ -164,8 +164,9 @@ pub(crate) async fn answer(inner: &Inner, caller: PeerId, req: ApiRequest) -> Ap
         ),
         ApiRequest::Query(Query::Enrolled) => {
             let lists = inner.consensus.read(Consistency::Stale, crate::gate::lists).await;
+            let voters = inner.consensus.voter_members().into_iter().map(|m| m.peer).collect();
             match lists {
-                Ok((nodes, revoked)) => ApiResponse::Enrolled { nodes, revoked },
+                Ok((nodes, revoked)) => ApiResponse::Enrolled { nodes, revoked, voters },
                 Err(e) => refused(e.to_string()),
             }
         }

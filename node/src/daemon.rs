@@ -428,7 +428,7 @@ async fn view_loop(inner: Arc<Inner>) {
             inner.consensus.is_leader(),
             inner.consensus.voters().len(),
         );
-        if inner.consensus.is_member() {
+        if trusts_own_state(&inner) {
             let voters: Vec<PeerId> = inner
                 .consensus
                 .voter_members()
@@ -462,14 +462,23 @@ const GATE_TICKS: u64 = 4;
 /// A node the cluster refuses says so this many view ticks apart (30 s).
 const WARN_TICKS: u64 = 60;
 
-/// Tells the gate who is enrolled: from committed state on raft members, else from a member;
-/// closes connections to newly revoked peers.
+/// Tells the gate who is enrolled: from committed state on raft members, else from a member
+/// (which also says who votes, so this node knows whom to ask); closes connections to newly
+/// revoked peers.
 async fn refresh_gate(inner: &Inner, tick: u64) {
     let lists = if trusts_own_state(inner) {
         inner.consensus.read(Consistency::Stale, crate::gate::lists).await.ok()
     } else if tick.is_multiple_of(GATE_TICKS) || !inner.gate.knows_anyone() {
         match ask_member(inner, ApiRequest::Query(Query::Enrolled)).await {
-            Ok(ApiResponse::Enrolled { nodes, revoked }) => Some((nodes, revoked)),
+            Ok(ApiResponse::Enrolled { nodes, revoked, voters }) => {
+                let voters: Vec<PeerId> = voters.iter().filter_map(|v| v.parse().ok()).collect();
+                if !voters.is_empty()
+                    && let Ok(mut m) = inner.members.lock()
+                {
+                    *m = voters;
+                }
+                Some((nodes, revoked))
+            }
             Ok(ApiResponse::Refused(why)) => {
                 // Said once at start and then every WARN_TICKS, not on every tick.
                 if tick % WARN_TICKS == 1 {

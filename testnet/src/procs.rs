@@ -203,6 +203,13 @@ impl Procs {
         self.dir.join(format!("node-{i}.log"))
     }
 
+    /// The last `n` lines of node `i`'s log (for failure messages).
+    pub fn tail(&self, i: usize, n: usize) -> String {
+        let log = std::fs::read_to_string(self.log(i)).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     /// Creates an invite (`extra`: more `token create` flags).
     pub fn invite(&self, extra: &[&str]) -> Result<String> {
         let mut args = vec!["token", "create"];

@@ -65,6 +65,12 @@ fn a_pool_of_processes_from_init_to_delete() {
     assert!(nodes.iter().all(|n| n["state"] == "alive" && n["schedulable"] == "schedulable"));
     let listed = c.ctl(&["node", "list"]);
     assert_eq!(listed.stdout.lines().filter(|l| l.contains(" alive ")).count(), 5);
+    for i in 0..5 {
+        until("every node is ready", DEADLINE, || {
+            c.get(i, "/ready").filter(|(code, _)| *code == 200)
+        })
+        .unwrap_or_else(|e| panic!("node {i}: {e}: {:?}\n{}", c.get(i, "/ready"), c.tail(i, 40)));
+    }
 
     // 6. Refusals, with the cluster unchanged afterwards.
     let before = (c.json(&["node", "list"]).unwrap(), c.json(&["workload", "list"]).unwrap());
@@ -157,7 +163,9 @@ fn a_pool_of_processes_from_init_to_delete() {
     until("the returned node is ready", DEADLINE, || {
         c.get(victim, "/ready").filter(|(code, _)| *code == 200)
     })
-    .unwrap();
+    .unwrap_or_else(|e| {
+        panic!("{e}: /ready {:?}\n{}", c.get(victim, "/ready"), c.tail(victim, 40))
+    });
     until("moved replicas stay moved and the returned node runs none", DEADLINE, || {
         let hosts = running_on(&c, "hello")?;
         let none = c.metric(victim, "cloudless_replicas{phase=\"running\"}") == Some(0.0);
