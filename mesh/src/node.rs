@@ -385,6 +385,28 @@ pub async fn start_with_identity(
     keypair: Keypair,
     gate: Arc<dyn Gate>,
 ) -> Result<Mesh, MeshError> {
+    launch(config, keypair, gate, None).await
+}
+
+/// As [`start_with_identity`], also recording libp2p's own metrics (connections, identify,
+/// ping round trips, Kademlia, gossipsub, relay, hole punching) into `registry`, under the
+/// `libp2p_` prefix.
+pub async fn start_with_metrics(
+    config: Config,
+    keypair: Keypair,
+    gate: Arc<dyn Gate>,
+    registry: &mut prometheus_client::registry::Registry,
+) -> Result<Mesh, MeshError> {
+    let metrics = libp2p::metrics::Metrics::new(registry);
+    launch(config, keypair, gate, Some(metrics)).await
+}
+
+async fn launch(
+    config: Config,
+    keypair: Keypair,
+    gate: Arc<dyn Gate>,
+    metrics: Option<libp2p::metrics::Metrics>,
+) -> Result<Mesh, MeshError> {
     config.validate()?;
     let me = keypair.public().to_peer_id();
     let member = config.role == Role::Member;
@@ -456,6 +478,7 @@ pub async fn start_with_identity(
         reachability: if config.behind_nat { Reachability::Private } else { Reachability::Unknown },
         last_persist: Instant::now(),
         last_bootstrap: Instant::now(),
+        metrics,
         config,
     };
     let span = tracing::info_span!("mesh", peer = %me);
@@ -569,6 +592,21 @@ fn build_swarm(
     Ok(swarm)
 }
 
+/// Feeds libp2p's metrics with one swarm event.
+fn record(m: &libp2p::metrics::Metrics, event: &SwarmEvent<BehaviourEvent>) {
+    use libp2p::metrics::Recorder;
+    m.record(event);
+    match event {
+        SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => m.record(e),
+        SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => m.record(e),
+        SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => m.record(e),
+        SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => m.record(e),
+        SwarmEvent::Behaviour(BehaviourEvent::RelayServer(e)) => m.record(e),
+        SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => m.record(e),
+        _ => {}
+    }
+}
+
 /// Reads the last incarnation from the data dir and returns the next one, so a restarted node
 /// outranks whatever the cluster remembers of its earlier life.
 fn next_incarnation(data_dir: &Path) -> u32 {
@@ -594,6 +632,8 @@ struct PendingRpc {
 const RETRY_COPY_MAX: usize = 64 * 1024;
 
 struct Task {
+    /// libp2p's metrics, when the node exports them.
+    metrics: Option<libp2p::metrics::Metrics>,
     me: PeerId,
     config: Config,
     swarm: Swarm<Behaviour>,
@@ -1096,6 +1136,9 @@ impl Task {
     // ---- swarm events ----------------------------------------------------------------------
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        if let Some(m) = &self.metrics {
+            record(m, &event);
+        }
         match event {
             SwarmEvent::Behaviour(b) => self.on_behaviour_event(b),
             SwarmEvent::NewListenAddr { address, .. } => {

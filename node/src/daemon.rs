@@ -1,13 +1,14 @@
 //! One running node: the mesh, the raft member, the runtime, and the loops that join them.
 //!
 //! ```text
-//!   mesh ──members, capacity, directory──▶ view (every 500 ms) ──▶ leader loop (raft leader
-//!                                                                  only): leader::round ──▶ Assign
-//!   raft ◀── api service (commands from nodes and users, queries, module chunks)
+//!   mesh ──members, capacity, directory──▶ view loop (every 500 ms, and at once when a
+//!        member's liveness changes) ──▶ leader loop (raft leader only, on each view and each
+//!        applied entry): leader::round ──▶ Assign ──▶ nudge the nodes that got replicas
+//!   raft ◀── api service (enrollment, node commands and queries, user requests, modules, logs)
 //!   keeper loop (raft members): a copy of every module a workload names
 //!   agent loop (nudged by the leader, else every 250 ms): my assignments (local state if a
-//!               raft member, else asked of one) ──▶ modules
-//!               fetched from peers ──▶ runtime Agent ──▶ status changes ──▶ batched Report
+//!               raft member that knows a leader, else asked of one) ──▶ modules fetched
+//!               from peers ──▶ runtime Agent ──▶ status changes ──▶ batched Report
 //! ```
 //!
 //! The scheduler counts what each node's assignments request against the node's offer, so the
@@ -120,6 +121,10 @@ pub(crate) struct Inner {
     pub(crate) metrics: Metrics,
     /// Woken when the leader says this node's assignments changed.
     pub(crate) nudge: tokio::sync::Notify,
+    /// Woken by the mesh when a member's liveness changes.
+    liveness: Arc<tokio::sync::Notify>,
+    /// Woken by the view loop after each refresh of `seen` (the leader rounds on it).
+    viewed: tokio::sync::Notify,
     /// What this node offers (for its CPU utilisation gauge).
     offer: Resources,
     pub(crate) seen: Mutex<Vec<Seen>>,
@@ -175,10 +180,13 @@ impl Daemon {
         mesh_config.descriptor.memory_mib = config.offer.memory_mib;
         mesh_config.descriptor.disk_mib = config.offer.disk_mib;
         mesh_config.capacity = Some(capacity(config.offer, &runtimes));
+        let mut registry = prometheus_client::registry::Registry::default();
         let Mesh { handle: mesh, events, task } =
-            cloudless_mesh::start_with_identity(mesh_config, keypair, gate.clone()).await?;
-        // Events are not needed here: the loops poll the mesh's view.
-        tokio::spawn(drain(events));
+            cloudless_mesh::start_with_metrics(mesh_config, keypair, gate.clone(), &mut registry)
+                .await?;
+        // The view loop polls the mesh, and looks at once when liveness changes.
+        let liveness = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(watch(events, liveness.clone()));
         let member = Member { peer: me.to_string() };
         let consensus = Consensus::open(
             &data_dir.join(RAFT_DIR),
@@ -201,8 +209,10 @@ impl Daemon {
             gate,
             scheduler,
             uploads: Mutex::new(Uploads::default()),
-            metrics: Metrics::new(),
+            metrics: Metrics::with_registry(registry),
             nudge: tokio::sync::Notify::new(),
+            liveness,
+            viewed: tokio::sync::Notify::new(),
             offer: config.offer,
             seen: Mutex::new(Vec::new()),
             members: Mutex::new(Vec::new()),
@@ -311,8 +321,17 @@ impl Daemon {
     }
 }
 
-async fn drain(mut events: mpsc::Receiver<cloudless_mesh::Event>) {
-    while events.recv().await.is_some() {}
+/// Wakes the view loop when a member's liveness changes (a death seen at once, not at the
+/// next poll); other mesh events need no action here.
+async fn watch(
+    mut events: mpsc::Receiver<cloudless_mesh::Event>,
+    liveness: Arc<tokio::sync::Notify>,
+) {
+    while let Some(e) = events.recv().await {
+        if matches!(e, cloudless_mesh::Event::Member(membership::Event::State { .. })) {
+            liveness.notify_one();
+        }
+    }
 }
 
 /// The capacity summary this node gossips: its offer (the leader counts what assignments use).
@@ -439,7 +458,11 @@ async fn view_loop(inner: Arc<Inner>) {
                 *m = voters;
             }
         }
-        tokio::time::sleep(VIEW_EVERY).await;
+        inner.viewed.notify_one();
+        tokio::select! {
+            () = tokio::time::sleep(VIEW_EVERY) => {}
+            () = inner.liveness.notified() => {}
+        }
     }
 }
 
@@ -543,7 +566,10 @@ async fn leader_loop(inner: Arc<Inner>) {
     // from there to the committed assignment.
     let mut waiting: BTreeMap<ReplicaKey, Instant> = BTreeMap::new();
     loop {
-        applied = inner.consensus.applied_after(applied, LEADER_EVERY).await;
+        applied = tokio::select! {
+            a = inner.consensus.applied_after(applied, LEADER_EVERY) => a,
+            () = inner.viewed.notified() => applied,
+        };
         if !inner.consensus.is_leader() {
             waiting.clear();
             continue;

@@ -133,8 +133,12 @@ impl Metrics {
     /// A registry with every metric registered and at zero (labelled families are empty until
     /// a label value is first recorded).
     pub fn new() -> Self {
-        let mut registry = Registry::default();
+        Self::with_registry(Registry::default())
+    }
 
+    /// As [`Metrics::new`], adding ours to `registry`, which may already hold others (the
+    /// mesh registers libp2p's there).
+    pub fn with_registry(mut registry: Registry) -> Self {
         let decisions = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "cloudless_scheduler_decisions",

@@ -134,6 +134,20 @@ fn a_pool_of_processes_from_init_to_delete() {
         })
         .unwrap();
     }
+    // The leader's metrics show the placements; every node exports libp2p's too.
+    let leader_index = c.index(&boss).unwrap();
+    let (code, metrics) = c.get(leader_index, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    for series in [
+        "cloudless_scheduler_decisions_total{outcome=\"placed\"}",
+        "cloudless_workload_placement_latency_seconds_count",
+        "cloudless_node_cpu_utilization",
+        "cloudless_membership_members{state=\"alive\"}",
+        "cloudless_raft_is_leader 1",
+        "libp2p_",
+    ] {
+        assert!(metrics.contains(series), "{series} missing from /metrics:\n{metrics}");
+    }
     let out = c.ctl(&["workload", "explain", "hello"]);
     assert!(
         out.ok && out.stdout.contains("hello.0 on ") && out.stdout.contains("locality"),

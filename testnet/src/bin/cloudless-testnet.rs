@@ -5,7 +5,7 @@
 //! cloudless-testnet up --nodes 5                      # interactive: type `help`
 //! cloudless-testnet up --nodes 5 --run "wait-converged; kill 4; wait-dead 4; status"
 //! SEED=7 cloudless-testnet sim --nodes 10000 --loss 1
-//! cargo build --release --bins && target/release/cloudless-testnet report --runs 50 --kills 20
+//! cargo build --release --bins && target/release/cloudless-testnet report --nodes 6 --runs 50 --kills 20
 //! ```
 use std::time::Duration;
 
@@ -39,8 +39,8 @@ enum Command {
     /// Measure real `cloudless` processes: submit to running, failover after SIGKILL, idle
     /// memory (needs `cloudless` and `cloudlessctl` beside this binary, or CLOUDLESS_BIN_DIR).
     Report {
-        /// Nodes in the pool.
-        #[arg(long, default_value_t = 5)]
+        /// Nodes in the pool (at least 6).
+        #[arg(long, default_value_t = 6)]
         nodes: usize,
         /// Submit-to-running runs.
         #[arg(long, default_value_t = 50)]
@@ -101,9 +101,7 @@ async fn main() -> Result<()> {
         Command::Report { nodes, runs, kills } => {
             let plan = cloudless_testnet::report::Plan { nodes, runs, kills };
             let module = include_bytes!("../../../examples/hello/hello.wat");
-            for line in cloudless_testnet::report::run(&plan, module).await? {
-                println!("{line}");
-            }
+            cloudless_testnet::report::run(&plan, module, |line| println!("{line}")).await?;
         }
         Command::Sim(a) => {
             let report = sim::run(Scenario {
