@@ -181,7 +181,8 @@ enum UserVerb {
     /// Give a key a role (admin, deployer or viewer).
     Add {
         /// The user's public key, hex (`cloudlessctl key show` prints it).
-        key: String,
+        #[arg(value_name = "KEY")]
+        public_key: String,
         /// admin, deployer or viewer.
         #[arg(long)]
         role: String,
@@ -190,7 +191,11 @@ enum UserVerb {
         name: String,
     },
     /// Remove a user.
-    Remove { key: String },
+    Remove {
+        /// The user's public key, hex.
+        #[arg(value_name = "KEY")]
+        public_key: String,
+    },
     /// This CLI's role.
     Whoami,
 }
@@ -621,16 +626,18 @@ fn parse_key(hex: &str) -> Result<[u8; 32]> {
 
 async fn user(ctx: &Ctx, verb: UserVerb) -> Result<()> {
     let command = match &verb {
-        UserVerb::Add { key, role, name } => {
+        UserVerb::Add { public_key, role, name } => {
             let role = match role.as_str() {
                 "admin" => Role::Admin,
                 "deployer" => Role::Deployer,
                 "viewer" => Role::Viewer,
                 other => bail!("role {other:?} is not admin, deployer or viewer"),
             };
-            Some(Command::PutUser { key: parse_key(key)?, name: name.clone(), role })
+            Some(Command::PutUser { key: parse_key(public_key)?, name: name.clone(), role })
         }
-        UserVerb::Remove { key } => Some(Command::RemoveUser { key: parse_key(key)? }),
+        UserVerb::Remove { public_key } => {
+            Some(Command::RemoveUser { key: parse_key(public_key)? })
+        }
         UserVerb::Whoami => None,
     };
     let c = ctx.connect().await?;
@@ -647,4 +654,25 @@ async fn user(ctx: &Ctx, verb: UserVerb) -> Result<()> {
     };
     c.close().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_verbs_are_well_formed_and_positionals_do_not_shadow_global_flags() {
+        Cli::command().debug_assert();
+        // Global flags after a positional of the same concept (a peer, a key) must still be
+        // the flags: these failed once because the positional shared the flag's id.
+        for args in [
+            &["cloudlessctl", "node", "drain", "12D3", "--peer", "/ip4/1.2.3.4/udp/1/quic-v1"][..],
+            &["cloudlessctl", "user", "add", "ab", "--role", "viewer", "--name", "x", "--key", "k"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            assert!(cli.peer.is_some() || cli.key.is_some());
+        }
+    }
 }

@@ -116,7 +116,8 @@ pub enum SignatureError {
     Bad,
     /// The signer's clock is too far from ours.
     #[error(
-        "the request was signed {0} s away from this node's clock (at most 300 s); check the clock"
+        "the request was signed {0} s away from this node's clock (at most {max} s); check the clock",
+        max = CLOCK_SKEW_MS / 1000
     )]
     Skew(u64),
 }

@@ -532,6 +532,13 @@ impl State {
         }
     }
 
+    /// Whether `req` would be accepted now, without applying it: lets a node refuse a hopeless
+    /// request (a forged enrollment, say) before it costs a raft entry. The state may be a
+    /// little stale; the apply itself checks again.
+    pub fn precheck(&self, req: &Request) -> Result<(), CommandError> {
+        self.check(req)
+    }
+
     /// Every check, before anything changes.
     fn check(&self, req: &Request) -> Result<(), CommandError> {
         let unauthorized = || CommandError::Unauthorized {

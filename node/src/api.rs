@@ -22,7 +22,7 @@ use cloudless_consensus::api::{
     ReplicaInfo, SignedRequest, UserRequest, WorkloadInfo,
 };
 use cloudless_consensus::state::{
-    Actor, Command, NodeRole, Phase as RaftPhase, ReplicaKey, Role, State,
+    Actor, Command, NodeRole, Phase as RaftPhase, ReplicaKey, Role, State, UserKey,
 };
 use cloudless_mesh::membership;
 use cloudless_mesh::rpc::{InboundRequest, RemoteError, RemoteErrorKind};
@@ -46,7 +46,7 @@ const MAX_LINES: u32 = 2_000;
 
 /// Modules being uploaded, by hash.
 #[derive(Default)]
-pub(crate) struct Uploads(BTreeMap<String, Upload>);
+pub(crate) struct Uploads(BTreeMap<(UserKey, String), Upload>);
 
 struct Upload {
     total: u64,
@@ -101,6 +101,11 @@ fn kind(r: &ApiRequest) -> &'static str {
     }
 }
 
+/// Whether `peer` is this node or a raft voter as this node last learned.
+fn is_voter(inner: &Inner, peer: &PeerId) -> bool {
+    *peer == inner.me || inner.members.lock().is_ok_and(|m| m.contains(peer))
+}
+
 /// Points the caller at the raft members this node knows.
 fn redirect(inner: &Inner) -> ApiResponse {
     ApiResponse::Redirect(
@@ -114,7 +119,9 @@ fn refused(why: impl Into<String>) -> ApiResponse {
 
 /// Answers one request from `caller` (this node itself when a loop asks locally).
 pub(crate) async fn answer(inner: &Inner, caller: PeerId, req: ApiRequest) -> ApiResponse {
-    let member = inner.consensus.is_member();
+    // A voter replaced while it was down still lists itself as one: it must not answer from
+    // its frozen state.
+    let member = trusts_own_state(inner);
     match req {
         ApiRequest::User(signed) => user(inner, caller, signed).await,
         ApiRequest::Node(Command::Enroll { token, signature, peer }) => {
@@ -127,6 +134,19 @@ pub(crate) async fn answer(inner: &Inner, caller: PeerId, req: ApiRequest) -> Ap
             }
             let enroll = Command::Enroll { token, signature, peer };
             if member {
+                // A forged or used token is refused here, not after costing a raft entry.
+                let req = cloudless_consensus::state::Request {
+                    client: 0,
+                    serial: 0,
+                    actor: Actor::Node(caller.to_string()),
+                    time_ms: now_ms(),
+                    command: enroll.clone(),
+                };
+                if let Ok(Err(e)) =
+                    inner.consensus.read(Consistency::Stale, |s| s.precheck(&req)).await
+                {
+                    return ApiResponse::Applied(Err(e));
+                }
                 propose(inner, caller, enroll).await
             } else {
                 // The newcomer may not reach a member yet: relay (the state machine accepts
@@ -145,6 +165,11 @@ pub(crate) async fn answer(inner: &Inner, caller: PeerId, req: ApiRequest) -> Ap
                 Some((total, bytes)) => ApiResponse::Module { total, bytes },
                 None => refused(format!("module {hash} is not stored here")),
             }
+        }
+        // Relayed by a raft member that checked the user's role; other nodes may not read
+        // what their peers' replicas print.
+        ApiRequest::Logs { .. } if !is_voter(inner, &caller) => {
+            refused(format!("{caller} is not a raft member; ask one for logs"))
         }
         ApiRequest::Logs { workload, index, after_ns, tail } => {
             local_logs(inner, &workload, index, after_ns, tail).await
@@ -169,6 +194,9 @@ pub(crate) async fn answer(inner: &Inner, caller: PeerId, req: ApiRequest) -> Ap
                 Ok((nodes, revoked)) => ApiResponse::Enrolled { nodes, revoked, voters },
                 Err(e) => refused(e.to_string()),
             }
+        }
+        ApiRequest::Query(Query::Assigned { node }) if node != caller.to_string() => {
+            refused(format!("{caller} may only ask for its own assignments, not {node}'s"))
         }
         ApiRequest::Query(Query::Assigned { node }) => {
             match inner.consensus.read(Consistency::Stale, |s| assigned(s, &node)).await {
@@ -211,11 +239,13 @@ async fn user(inner: &Inner, caller: PeerId, signed: SignedRequest) -> ApiRespon
     if !forwarded && !trusts_own_state(inner) {
         return ask_member(inner, ApiRequest::User(signed)).await.unwrap_or_else(refused);
     }
-    if forwarded && !inner.consensus.is_member() {
+    if forwarded && !trusts_own_state(inner) {
         return redirect(inner);
     }
     let need = match &signed.request {
-        UserRequest::Command(_) => None, // the state machine decides
+        // Known users only: a stranger's command must not cost a raft entry (the state
+        // machine then decides what the user's role allows).
+        UserRequest::Command(_) => Some(Role::Viewer),
         UserRequest::Read(_) => Some(Role::Viewer),
         UserRequest::Upload { .. } => Some(Role::Deployer),
     };
@@ -248,7 +278,7 @@ async fn user(inner: &Inner, caller: PeerId, signed: SignedRequest) -> ApiRespon
             }
         }
         UserRequest::Upload { hash, total, offset, bytes } => {
-            upload(inner, hash, total, offset, bytes)
+            upload(inner, signed.key, hash, total, offset, bytes)
         }
         UserRequest::Read(Read::Whoami) => match role {
             Some(r) => ApiResponse::Role(r),
@@ -259,7 +289,17 @@ async fn user(inner: &Inner, caller: PeerId, signed: SignedRequest) -> ApiRespon
 }
 
 /// Stores one chunk of an upload; the module once it is complete and matches its hash.
-fn upload(inner: &Inner, hash: String, total: u64, offset: u64, bytes: Vec<u8>) -> ApiResponse {
+fn upload(
+    inner: &Inner,
+    user: UserKey,
+    hash: String,
+    total: u64,
+    offset: u64,
+    bytes: Vec<u8>,
+) -> ApiResponse {
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        return refused(format!("{hash:?} is not a module hash (64 lowercase hex digits)"));
+    }
     if inner.wasi.has_module(&hash) {
         return ApiResponse::Uploaded { received: total };
     }
@@ -272,13 +312,15 @@ fn upload(inner: &Inner, hash: String, total: u64, offset: u64, bytes: Vec<u8>) 
     let Ok(mut uploads) = inner.uploads.lock() else { return refused("upload table poisoned") };
     let now = Instant::now();
     uploads.0.retain(|_, u| now.duration_since(u.touched) < UPLOAD_IDLE);
+    // Per uploader: one user restarting an upload does not reset another's.
+    let slot = (user, hash.clone());
     if offset == 0 {
-        if !uploads.0.contains_key(&hash) && uploads.0.len() >= MAX_UPLOADS {
+        if !uploads.0.contains_key(&slot) && uploads.0.len() >= MAX_UPLOADS {
             return refused(format!("{MAX_UPLOADS} uploads are in progress here; retry shortly"));
         }
-        uploads.0.insert(hash.clone(), Upload { total, bytes: Vec::new(), touched: now });
+        uploads.0.insert(slot.clone(), Upload { total, bytes: Vec::new(), touched: now });
     }
-    let Some(u) = uploads.0.get_mut(&hash) else {
+    let Some(u) = uploads.0.get_mut(&slot) else {
         return refused(format!("no upload of {hash} in progress; start at offset 0"));
     };
     if u.total != total || u.bytes.len() as u64 != offset {
@@ -297,7 +339,7 @@ fn upload(inner: &Inner, hash: String, total: u64, offset: u64, bytes: Vec<u8>) 
     if received < total {
         return ApiResponse::Uploaded { received };
     }
-    let Some(done) = uploads.0.remove(&hash) else { return refused("upload vanished") };
+    let Some(done) = uploads.0.remove(&slot) else { return refused("upload vanished") };
     drop(uploads);
     match inner.wasi.store_module(&done.bytes) {
         Ok(stored) if stored == hash => ApiResponse::Uploaded { received },
@@ -436,8 +478,23 @@ async fn read(inner: &Inner, read: Read) -> ApiResponse {
                 Read::Workload { name } => Some(name.clone()),
                 _ => None,
             };
+            let cached = inner.unschedulable.lock().map(|u| u.clone()).unwrap_or_default();
+            let leads = inner.consensus.is_leader();
             let r = inner.consensus.read(Consistency::Stale, |s| {
-                let why = leader::round(s, &seen, &inner.scheduler).unschedulable;
+                // The leader keeps why its last round left replicas unplaced; another member
+                // works it out only when some replica has no node (rare, and then wanted).
+                let unplaced = s.workloads().iter().any(|(n, w)| {
+                    s.assignments()
+                        .range(ReplicaKey { workload: n.clone(), index: 0 }..)
+                        .take_while(|(k, _)| k.workload == *n)
+                        .count()
+                        < w.spec.replicas as usize
+                });
+                let why = if leads || !unplaced {
+                    cached
+                } else {
+                    leader::round(s, &seen, &inner.scheduler).unschedulable
+                };
                 let names: Vec<String> = match &only {
                     Some(n) => vec![n.clone()],
                     None => s.workloads().keys().cloned().collect(),
@@ -612,7 +669,9 @@ async fn local_logs(
                 })
                 .filter(|l| l.at_ns > after_ns)
                 .collect();
-            let skip = out.len().saturating_sub(tail as usize);
+            // With a cursor every newer line counts (up to MAX_LINES), so a follower misses none.
+            let keep = if after_ns > 0 { MAX_LINES } else { tail } as usize;
+            let skip = out.len().saturating_sub(keep);
             out.drain(..skip);
             ApiResponse::Logs(out)
         }

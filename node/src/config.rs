@@ -9,8 +9,9 @@
 //!
 //! Data dir layout: `identity.key` (the node's ed25519 key, 0600), `raft/` (the raft store),
 //! `wasi/` (modules, compile cache, replica directories), `directory.*` and `incarnation`
-//! (mesh), `cloudless.toml` (settings written by `init` / `join`), `addresses` (where the
-//! running node listens, rewritten at every start).
+//! (mesh), `cloudless.toml` (settings written by `init` / `join`), `cluster` (the cluster's
+//! name, written once enrolled), `addresses` and `http` (where the running node listens,
+//! rewritten at every start).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

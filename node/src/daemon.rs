@@ -17,7 +17,7 @@
 //! Every loop only reads committed state and proposes commands; a loop that fails waits a
 //! moment and tries again, so a lost leader or an unreachable peer delays work, never stops it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -48,6 +48,8 @@ use crate::recovery::RAFT_DIR;
 
 /// How often the view of the pool is refreshed from the mesh.
 const VIEW_EVERY: Duration = Duration::from_millis(500);
+/// Shortest gap between two refreshes when liveness changes wake the view loop early.
+const VIEW_MIN_GAP: Duration = Duration::from_millis(50);
 /// How often the leader reconciles: fast enough that a new workload starts within a few
 /// hundred milliseconds, slow enough to stay idle when nothing changes.
 const LEADER_EVERY: Duration = Duration::from_millis(100);
@@ -60,6 +62,13 @@ const REPORT_EVERY: Duration = Duration::from_millis(20);
 const KEEP_EVERY: Duration = Duration::from_secs(1);
 /// Requests queued for the api service before callers are told "busy".
 const API_QUEUE: usize = 256;
+/// Most peers one `ask_member` tries before giving up: members first, so a healthy pool
+/// answers at the first or second.
+const MAX_ASKED: usize = 16;
+/// Nodes nudged per leader round; more wait for their next poll.
+const MAX_NUDGES: usize = 64;
+/// A nudge is worth little after this long: the node's own poll comes sooner.
+const NUDGE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Deadline of one api call to another node.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -119,6 +128,8 @@ pub(crate) struct Inner {
     pub(crate) scheduler: Scheduler,
     pub(crate) uploads: Mutex<Uploads>,
     pub(crate) metrics: Metrics,
+    /// Why workloads could not be placed, as of this node's last round as leader.
+    pub(crate) unschedulable: Mutex<BTreeMap<String, String>>,
     /// Woken when the leader says this node's assignments changed.
     pub(crate) nudge: tokio::sync::Notify,
     /// Woken by the mesh when a member's liveness changes.
@@ -210,6 +221,7 @@ impl Daemon {
             scheduler,
             uploads: Mutex::new(Uploads::default()),
             metrics: Metrics::with_registry(registry),
+            unschedulable: Mutex::new(BTreeMap::new()),
             nudge: tokio::sync::Notify::new(),
             liveness,
             viewed: tokio::sync::Notify::new(),
@@ -283,11 +295,6 @@ impl Daemon {
     /// Sends `request` to the api service of a raft member (following redirects).
     pub async fn ask_member(&self, request: ApiRequest) -> Result<ApiResponse, String> {
         ask_member(&self.inner, request).await
-    }
-
-    /// Answers `request` as if `caller` had sent it over the mesh.
-    pub async fn answer(&self, caller: PeerId, request: ApiRequest) -> ApiResponse {
-        crate::api::answer(&self.inner, caller, request).await
     }
 
     /// Stops as a crash would: no leave is announced, replicas stop with the process (the
@@ -459,9 +466,13 @@ async fn view_loop(inner: Arc<Inner>) {
             }
         }
         inner.viewed.notify_one();
+        let looked = tokio::time::Instant::now();
         tokio::select! {
             () = tokio::time::sleep(VIEW_EVERY) => {}
-            () = inner.liveness.notified() => {}
+            () = inner.liveness.notified() => {
+                // Under churn, events come in bursts: one look per VIEW_MIN_GAP at most.
+                tokio::time::sleep_until(looked + VIEW_MIN_GAP).await;
+            }
         }
     }
 }
@@ -565,6 +576,8 @@ async fn leader_loop(inner: Arc<Inner>) {
     // When this leader first saw each replica without a node: placement latency is measured
     // from there to the committed assignment.
     let mut waiting: BTreeMap<ReplicaKey, Instant> = BTreeMap::new();
+    // Workloads the last round could not place.
+    let mut stuck: BTreeSet<String> = BTreeSet::new();
     loop {
         applied = tokio::select! {
             a = inner.consensus.applied_after(applied, LEADER_EVERY) => a,
@@ -578,68 +591,87 @@ async fn leader_loop(inner: Arc<Inner>) {
         let round = inner
             .consensus
             .read(Consistency::Stale, |state| {
-                let mut unplaced: Vec<ReplicaKey> = Vec::new();
+                let round = leader::round(state, &seen, &inner.scheduler);
+                let mut unplaced: BTreeSet<ReplicaKey> = BTreeSet::new();
                 for (name, w) in state.workloads() {
                     for index in 0..w.spec.replicas {
                         let key = ReplicaKey { workload: name.clone(), index };
                         if !state.assignments().contains_key(&key) {
-                            unplaced.push(key);
+                            unplaced.insert(key);
                         }
                     }
                 }
-                (leader::round(state, &seen, &inner.scheduler), unplaced)
+                // Where the replicas this round moves ran: they must stop there.
+                let old_hosts: BTreeSet<String> = match &round.command {
+                    Some(Command::Assign { unset, .. }) => unset
+                        .iter()
+                        .filter_map(|k| state.assignments().get(k).map(|a| a.node.clone()))
+                        .collect(),
+                    _ => BTreeSet::new(),
+                };
+                (round, unplaced, old_hosts)
             })
             .await;
-        let Ok((round, unplaced)) = round else { continue };
+        let Ok((round, unplaced, old_hosts)) = round else { continue };
         let now = Instant::now();
         // Replicas placed elsewhere meanwhile, deleted or scaled away wait no more.
         waiting.retain(|k, _| unplaced.contains(k));
         for key in unplaced {
             waiting.entry(key).or_insert(now);
         }
+        // Counted when a workload becomes unschedulable, not again every round it stays so.
+        let now_stuck: BTreeSet<String> = round.unschedulable.keys().cloned().collect();
+        let newly = now_stuck.difference(&stuck).count() as u64;
+        if newly > 0 {
+            inner.metrics.decision("unschedulable", newly);
+        }
+        stuck = now_stuck;
         for (workload, why) in &round.unschedulable {
             debug!(workload, why, "unschedulable");
         }
+        if let Ok(mut u) = inner.unschedulable.lock() {
+            u.clone_from(&round.unschedulable);
+        }
         let Some(Command::Assign { epoch, set, unset }) = round.command else { continue };
+        let unset_keys: BTreeSet<&ReplicaKey> = unset.iter().collect();
         for key in &unset {
             waiting.entry(key.clone()).or_insert(now);
         }
+        let moved = set.iter().filter(|(k, _)| unset_keys.contains(k)).count() as u64;
+        let placed = set.len() as u64 - moved;
         let command = Command::Assign { epoch, set: set.clone(), unset: unset.clone() };
         match inner.consensus.propose(Actor::System, command).await {
             Ok(Ok(_)) => {
                 debug!(placed = round.placed, "assignments committed");
-                let moved = set.iter().filter(|(k, _)| unset.contains(k)).count() as u64;
-                inner.metrics.decision("placed", set.len() as u64 - moved);
+                inner.metrics.decision("placed", placed);
                 inner.metrics.decision("moved", moved);
                 for (key, _) in &set {
                     if let Some(since) = waiting.remove(key) {
                         inner.metrics.placement_latency(since.elapsed().as_secs_f64());
                     }
                 }
-                nudge(&inner, set.iter().map(|(_, node)| node));
+                nudge(&inner, set.iter().map(|(_, node)| node).chain(old_hosts.iter()));
             }
             Ok(Err(e)) => debug!(error = %e, "assignment refused"),
             Err(e) => debug!(error = %e, "assignment not committed"),
         }
-        if !round.unschedulable.is_empty() {
-            inner.metrics.decision("unschedulable", round.unschedulable.len() as u64);
-        }
     }
 }
 
-/// Tells the nodes that got replicas to pull their assignments now (raft members learn by
-/// applying the entry; the rest would wait for their next pull). Fire and forget: one short
-/// task per node, at most one round's worth.
+/// Tells the nodes whose assignments changed (replicas gained or lost) to pull them now (raft
+/// members learn by applying the entry; the rest would wait for their next pull). Fire and
+/// forget, one short task per node, at most MAX_NUDGES per round: the poll catches the rest.
 fn nudge<'a>(inner: &Arc<Inner>, nodes: impl Iterator<Item = &'a String>) {
     let targets: BTreeSet<&String> = nodes.collect();
-    for node in targets {
+    let Ok(body) = postcard::to_allocvec(&ApiRequest::Nudge) else { return };
+    for node in targets.into_iter().take(MAX_NUDGES) {
         let Ok(peer) = node.parse::<PeerId>() else { continue };
         if peer == inner.me {
             continue;
         }
-        let inner = inner.clone();
+        let (mesh, body) = (inner.mesh.clone(), body.clone());
         tokio::spawn(async move {
-            let _ = call(&inner, peer, &ApiRequest::Nudge).await;
+            let _ = mesh.request(peer, SERVICE, body, NUDGE_TIMEOUT).await;
         });
     }
 }
@@ -828,16 +860,19 @@ pub(crate) async fn ask_member(inner: &Inner, req: ApiRequest) -> Result<ApiResp
         return Ok(Box::pin(crate::api::answer(inner, inner.me, req)).await);
     }
     let mut tried: BTreeSet<PeerId> = BTreeSet::new();
-    let mut queue: Vec<PeerId> = inner.members.lock().map(|m| m.clone()).unwrap_or_default();
+    let mut queue: VecDeque<PeerId> =
+        inner.members.lock().map(|m| m.iter().copied().collect()).unwrap_or_default();
     queue.extend(live_peers(inner));
     // A device that has just joined knows nobody through the membership yet: its bootstrap
     // connections are the way in.
     queue.extend(inner.mesh.connected_peers().await.unwrap_or_default());
     let mut last = "no raft member is reachable".to_string();
-    while let Some(peer) = queue.first().copied() {
-        queue.remove(0);
-        if peer == inner.me || !tried.insert(peer) || tried.len() > 16 {
+    while let Some(peer) = queue.pop_front() {
+        if peer == inner.me || !tried.insert(peer) {
             continue;
+        }
+        if tried.len() > MAX_ASKED {
+            break;
         }
         match call(inner, peer, &req).await {
             Ok(ApiResponse::Redirect(members)) => {
@@ -848,7 +883,7 @@ pub(crate) async fn ask_member(inner: &Inner, req: ApiRequest) -> Result<ApiResp
                     *m = learned.clone();
                 }
                 for p in learned.into_iter().rev() {
-                    queue.insert(0, p);
+                    queue.push_front(p);
                 }
             }
             Ok(answer) => return Ok(answer),

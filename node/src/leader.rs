@@ -126,6 +126,12 @@ pub fn workload(name: &str, spec: &cloudless_types::WorkloadSpec) -> Workload {
 pub fn occupied(state: &State, seen: &[Seen]) -> (Cluster, BTreeSet<ReplicaKey>) {
     let mut cluster = cluster_view(state, seen);
     let mut unset: BTreeSet<ReplicaKey> = BTreeSet::new();
+    // How long each dead node has been dead, looked up once per assignment.
+    let dead_for: BTreeMap<&str, Duration> = seen
+        .iter()
+        .filter(|s| s.state == membership::State::Dead)
+        .map(|s| (s.peer.as_str(), s.down_for))
+        .collect();
     for (key, a) in state.assignments() {
         let Some(w) = state.workloads().get(&key.workload) else { continue };
         let draining =
@@ -133,9 +139,7 @@ pub fn occupied(state: &State, seen: &[Seen]) -> (Cluster, BTreeSet<ReplicaKey>)
         // A workload may wait a while for a dead node to come back (not for one that left).
         let patience =
             w.spec.reschedule_after_secs.map_or(Duration::ZERO, |s| Duration::from_secs(s.into()));
-        let waiting = seen.iter().any(|s| {
-            s.peer == a.node && s.state == membership::State::Dead && s.down_for < patience
-        });
+        let waiting = dead_for.get(a.node.as_str()).is_some_and(|d| *d < patience);
         let healthy = !draining
             && cluster.node(&a.node).is_some_and(|n| n.liveness != Liveness::Dead || waiting);
         let id = ReplicaId::new(&Arc::from(key.workload.as_str()), key.index);

@@ -24,9 +24,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use cloudless_cli::config::{CtlConfig, ROOT_KEY, USER_KEY};
 use cloudless_consensus::Consistency;
-use cloudless_consensus::api::{ApiRequest, ApiResponse};
+use cloudless_consensus::api::{ApiRequest, ApiResponse, Query};
 use cloudless_consensus::invite::Invite;
-use cloudless_consensus::state::{Command, Phase, Settings};
+use cloudless_consensus::state::{Command, CommandError, Phase, Settings};
 use cloudless_node::config::{FILE, FileConfig, NodeConfig, Offer};
 use cloudless_node::daemon::Daemon;
 use cloudless_node::local::LocalCluster;
@@ -228,7 +228,8 @@ async fn main() -> Result<()> {
 fn fresh(data_dir: &Path) -> Result<()> {
     if let Ok(name) = std::fs::read_to_string(data_dir.join(CLUSTER_FILE)) {
         bail!(
-            "{} already belongs to cluster {:?}; start it with `cloudless run --data-dir {}`, or              use another --data-dir",
+            "{} already belongs to cluster {:?}; start it with `cloudless run --data-dir {}`, or use \
+             another --data-dir",
             data_dir.display(),
             name.trim(),
             data_dir.display()
@@ -256,12 +257,12 @@ async fn init(name: String, admin_dir: Option<PathBuf>, args: NodeArgs) -> Resul
         );
     }
     let (node, http) = start(config).await?;
-    let root = cloudless_consensus::keys::create(&admin_dir.join(ROOT_KEY))?;
+    // Keys are written only once the cluster exists, so a failed init leaves nothing behind.
+    let root = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
     // An existing user key becomes the admin (a person's one identity across clusters).
-    let admin = match cloudless_consensus::keys::load(&admin_dir.join(USER_KEY)) {
-        Ok(k) => k,
-        Err(_) => cloudless_consensus::keys::create(&admin_dir.join(USER_KEY))?,
-    };
+    let existing = cloudless_consensus::keys::load(&admin_dir.join(USER_KEY)).ok();
+    let admin =
+        existing.clone().unwrap_or_else(|| SigningKey::from_bytes(&rand::random::<[u8; 32]>()));
     let settings = Settings {
         name: name.clone(),
         root_key: root.verifying_key().to_bytes(),
@@ -272,6 +273,10 @@ async fn init(name: String, admin_dir: Option<PathBuf>, args: NodeArgs) -> Resul
         .await
         .map_err(anyhow::Error::msg)
         .context("cannot create the cluster")?;
+    cloudless_consensus::keys::save(&admin_dir.join(ROOT_KEY), &root)?;
+    if existing.is_none() {
+        cloudless_consensus::keys::save(&admin_dir.join(USER_KEY), &admin)?;
+    }
     settings_file.save(&args.data_dir.join(FILE))?;
     std::fs::write(args.data_dir.join(CLUSTER_FILE), &name)?;
     let addrs = listen_addrs(&node).await;
@@ -303,6 +308,13 @@ async fn join(invite: &str, args: NodeArgs) -> Result<()> {
     loop {
         match node.ask_member(ApiRequest::Node(enroll.clone())).await {
             Ok(ApiResponse::Applied(Ok(_))) => break,
+            // An earlier attempt may have been committed with its answer lost: then this
+            // device is enrolled already and the token's use was its own.
+            Ok(ApiResponse::Applied(Err(CommandError::TokenUsed { .. })))
+                if enrolled(&node).await =>
+            {
+                break;
+            }
             Ok(ApiResponse::Applied(Err(e))) => {
                 node.shutdown().await;
                 bail!("the cluster refused this device: {e}");
@@ -331,7 +343,8 @@ async fn run(args: NodeArgs) -> Result<()> {
     if !args.data_dir.join(CLUSTER_FILE).exists() {
         warn!(
             data_dir = %args.data_dir.display(),
-            "this data dir belongs to no cluster yet: `cloudless init` creates one, `cloudless              join <invite>` enrolls in one; until then the cluster will not let this node in"
+            "this data dir belongs to no cluster yet: `cloudless init` creates one, `cloudless \
+             join <invite>` enrolls in one; until then the cluster will not let this node in"
         );
     }
     let config =
@@ -339,6 +352,15 @@ async fn run(args: NodeArgs) -> Result<()> {
     let (node, http) = start(config).await?;
     let addrs = listen_addrs(&node).await;
     serve(node, http, &args.data_dir, &addrs).await
+}
+
+/// Whether committed state lists this node as enrolled.
+async fn enrolled(node: &Daemon) -> bool {
+    let me = node.peer_id().to_string();
+    match node.ask_member(ApiRequest::Query(Query::Enrolled)).await {
+        Ok(ApiResponse::Enrolled { nodes, .. }) => nodes.contains(&me),
+        _ => false,
+    }
 }
 
 /// Starts the daemon; returns it and where its HTTP endpoint should listen.

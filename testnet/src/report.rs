@@ -122,8 +122,9 @@ pub async fn run(plan: &Plan, module: &[u8], mut out: impl FnMut(String)) -> Res
         })
         .await?;
     let hash = client.upload(module).await?;
+    let build = if cfg!(debug_assertions) { "debug" } else { "release" };
     out(format!(
-        "{} cloudless processes on 127.0.0.1 (QUIC), release build; client on node 0 (cordoned)",
+        "{} cloudless processes on 127.0.0.1 (QUIC), {build} build; client on node 0 (cordoned)",
         plan.nodes
     ));
 

@@ -99,7 +99,18 @@ fn a_pool_of_processes_from_init_to_delete() {
     assert!(out.ok, "{out:?}");
     let out = c.ctl(&["--key", &stranger.display().to_string(), "workload", "list"]);
     assert!(!out.ok && out.stderr.contains("is not known to this cluster"), "unknown key: {out:?}");
-    let out = c.ctl(&["--key", &stranger.display().to_string(), "node", "drain", &c.nodes[1].peer]);
+    let stranger_key = c.ctl(&["--key", &stranger.display().to_string(), "key", "show"]);
+    let out = c.ctl(&[
+        "--key",
+        &stranger.display().to_string(),
+        "user",
+        "add",
+        stranger_key.stdout.trim(),
+        "--role",
+        "admin",
+        "--name",
+        "mallory",
+    ]);
     assert!(!out.ok && out.stderr.contains("is not known"), "unknown key, command: {out:?}");
     let intruder = c.run_unenrolled().unwrap();
     let ready = until("the unenrolled node answers /ready", DEADLINE, || c.get(intruder, "/ready"))
