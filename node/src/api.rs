@@ -175,6 +175,9 @@ pub(crate) async fn answer(inner: &Inner, caller: PeerId, req: ApiRequest) -> Ap
             local_logs(inner, &workload, index, after_ns, tail).await
         }
         ApiRequest::Nudge => {
+            if let Ok(mut n) = inner.nudged_by.lock() {
+                *n = Some(caller);
+            }
             inner.nudge.notify_one();
             ApiResponse::Done
         }

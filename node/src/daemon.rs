@@ -132,6 +132,8 @@ pub(crate) struct Inner {
     pub(crate) unschedulable: Mutex<BTreeMap<String, String>>,
     /// Woken when the leader says this node's assignments changed.
     pub(crate) nudge: tokio::sync::Notify,
+    /// The leader that sent the last nudge (asked first on the next pull).
+    pub(crate) nudged_by: Mutex<Option<PeerId>>,
     /// Woken by the mesh when a member's liveness changes.
     liveness: Arc<tokio::sync::Notify>,
     /// Woken by the view loop after each refresh of `seen` (the leader rounds on it).
@@ -223,6 +225,7 @@ impl Daemon {
             metrics: Metrics::with_registry(registry),
             unschedulable: Mutex::new(BTreeMap::new()),
             nudge: tokio::sync::Notify::new(),
+            nudged_by: Mutex::new(None),
             liveness,
             viewed: tokio::sync::Notify::new(),
             offer: config.offer,
@@ -685,7 +688,18 @@ async fn agent_loop(inner: Arc<Inner>, agent: Agent) {
         // A raft member answers itself, and so runs as soon as it applies new assignments;
         // other nodes ask a member every AGENT_EVERY.
         let query = ApiRequest::Query(Query::Assigned { node: me.clone() });
-        let assigned = match ask_member(&inner, query).await {
+        // After a nudge, ask the leader that sent it: it has applied the change, a follower
+        // may not have yet (and would answer with the old assignments until the next poll).
+        let nudger = inner.nudged_by.lock().ok().and_then(|mut n| n.take());
+        let fresh = match nudger {
+            Some(leader) if !trusts_own_state(&inner) => call(&inner, leader, &query).await.ok(),
+            _ => None,
+        };
+        let answer = match fresh {
+            Some(a @ ApiResponse::Assigned(_)) => Ok(a),
+            _ => ask_member(&inner, query).await,
+        };
+        let assigned = match answer {
             Ok(ApiResponse::Assigned(a)) => Ok(a),
             Ok(other) => Err(format!("unexpected answer {other:?}")),
             Err(e) => Err(e),
