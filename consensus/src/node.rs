@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -166,6 +166,8 @@ struct Inner<T: Transport> {
     controller: Mutex<Option<JoinHandle<()>>>,
     /// Signals [`quiet_start`] that a leader has been heard.
     heard: Arc<Notify>,
+    /// Elections held off for good (see [`Consensus::hold_elections`]).
+    held: Arc<AtomicBool>,
 }
 
 /// A member of the raft group. Cheap to clone.
@@ -192,7 +194,13 @@ fn now_ms() -> u64 {
 /// a leader, so it would stand at once with a higher term: the healthy leader, seeing that
 /// term in a follower's answer, steps down, and every restart of any voter would cost the
 /// group an election. A lone voter needs no one's permission and is not held back.
-fn quiet_start(raft: &Raft<TypeConfig>, id: NodeId, quiet: Duration, heard: Arc<Notify>) {
+fn quiet_start(
+    raft: &Raft<TypeConfig>,
+    id: NodeId,
+    quiet: Duration,
+    heard: Arc<Notify>,
+    held: Arc<AtomicBool>,
+) {
     let alone = {
         let m = raft.metrics().borrow().clone();
         let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
@@ -205,7 +213,7 @@ fn quiet_start(raft: &Raft<TypeConfig>, id: NodeId, quiet: Duration, heard: Arc<
     let raft = raft.clone();
     tokio::spawn(async move {
         let _ = tokio::time::timeout(quiet, heard.notified()).await;
-        raft.runtime_config().elect(true);
+        raft.runtime_config().elect(!held.load(Ordering::SeqCst));
     });
 }
 
@@ -236,7 +244,8 @@ impl<T: Transport> Consensus<T> {
         .map_err(|e| ConsensusError::Fatal(e.to_string()))?;
         // Set by the first append a leader sends that this member accepts.
         let heard = Arc::new(Notify::new());
-        quiet_start(&raft, id, config.quiet_start, heard.clone());
+        let held = Arc::new(AtomicBool::new(false));
+        quiet_start(&raft, id, config.quiet_start, heard.clone(), held.clone());
         let client = rand_u64(id);
         let (queue, rx) = mpsc::channel(QUEUE);
         let writer =
@@ -256,6 +265,7 @@ impl<T: Transport> Consensus<T> {
                 queue,
                 controller: Mutex::new(None),
                 heard,
+                held,
             }),
         })
     }
@@ -303,6 +313,23 @@ impl<T: Transport> Consensus<T> {
         let id = m.current_leader?;
         let node = m.membership_config.membership().get_node(&id).cloned()?;
         Some((id, node))
+    }
+
+    /// Keeps this member from standing for election (`true`), or lets it again. For a voter
+    /// that was replaced while it was down: its store still lists it as a voter and nobody
+    /// will tell it otherwise, and without pre-vote its campaigns (with an ever higher term)
+    /// would unseat the real leader again and again. The caller learns of the replacement
+    /// from the current members.
+    pub fn hold_elections(&self, hold: bool) {
+        if self.inner.held.swap(hold, Ordering::SeqCst) != hold {
+            info!(hold, "standing for raft election {}", if hold { "held off" } else { "allowed" });
+            self.inner.raft.runtime_config().elect(!hold);
+        }
+    }
+
+    /// Whether [`hold_elections`](Self::hold_elections) holds elections off.
+    pub fn holding_elections(&self) -> bool {
+        self.inner.held.load(Ordering::SeqCst)
     }
 
     /// Whether this member leads now.

@@ -504,11 +504,17 @@ const WARN_TICKS: u64 = 60;
 /// revoked peers.
 async fn refresh_gate(inner: &Inner, tick: u64) {
     let lists = if trusts_own_state(inner) {
+        // Hearing a leader again means this member is back in the group.
+        inner.consensus.hold_elections(false);
         inner.consensus.read(Consistency::Stale, crate::gate::lists).await.ok()
     } else if tick.is_multiple_of(GATE_TICKS) || !inner.gate.knows_anyone() {
         match ask_member(inner, ApiRequest::Query(Query::Enrolled)).await {
             Ok(ApiResponse::Enrolled { nodes, revoked, voters }) => {
                 let voters: Vec<PeerId> = voters.iter().filter_map(|v| v.parse().ok()).collect();
+                // A voter replaced while it was down must not campaign with its stale log.
+                if inner.consensus.is_member() && !voters.is_empty() {
+                    inner.consensus.hold_elections(!voters.contains(&inner.me));
+                }
                 if !voters.is_empty()
                     && let Ok(mut m) = inner.members.lock()
                 {
