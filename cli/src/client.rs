@@ -7,9 +7,10 @@
 //!        ──▶ node `api` (forwards to a raft member if it is not one) ──▶ ApiResponse
 //! ```
 
+use cloudless_types::now_ms;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use cloudless_consensus::api::{
     ApiRequest, ApiResponse, CHUNK, MAX_MODULE, Read, SignedRequest, UserRequest,
@@ -64,13 +65,9 @@ pub struct Client {
     serial: Arc<AtomicU64>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 /// The content hash a node stores a module under (hex SHA-256, as the runtime computes it).
 pub fn module_hash(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    cloudless_types::hex(&Sha256::digest(bytes))
 }
 
 impl Client {

@@ -5,9 +5,10 @@
 //!   verb ──▶ Command | Read | Upload (signed) ──▶ answer ──▶ table, json or yaml
 //! ```
 
+use cloudless_types::now_ms;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -310,10 +311,6 @@ fn status_table(s: &ClusterStatus) -> String {
     line(&mut out, "workloads", s.workloads.to_string());
     line(&mut out, "replicas", format!("{} of {} running", s.running, s.replicas));
     out
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn labels(list: &[String]) -> Result<BTreeMap<String, String>> {

@@ -69,10 +69,7 @@ pub fn load(path: &Path) -> Result<SigningKey, KeyError> {
     Ok(SigningKey::from_bytes(&bytes))
 }
 
-/// A public key as hex.
-pub fn hex(key: &[u8; 32]) -> String {
-    key.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use cloudless_types::hex;
 
 #[cfg(test)]
 mod tests {

@@ -12,6 +12,7 @@
 //!                                          change_membership
 //! ```
 
+use cloudless_types::now_ms;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
@@ -179,12 +180,6 @@ impl<T: Transport> Clone for Consensus<T> {
     fn clone(&self) -> Self {
         Consensus { inner: self.inner.clone() }
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Keeps a member that just started from standing for election until it has heard from a

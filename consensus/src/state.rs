@@ -963,10 +963,7 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), CommandError> {
     d.validate().map_err(invalid)
 }
 
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use cloudless_types::hex;
 
 #[cfg(test)]
 mod tests;

@@ -32,8 +32,9 @@ use cloudless_sched::model::ReplicaId as SchedReplica;
 use libp2p::PeerId;
 use tokio::sync::mpsc;
 
-use crate::daemon::{Inner, ask_member, call, now_ms, trusts_own_state};
+use crate::daemon::{Inner, ask_member, call, trusts_own_state};
 use crate::leader::{self, Seen};
+use cloudless_types::now_ms;
 
 /// Api requests handled at once; more wait for a slot (the mesh queue in front is bounded).
 const CONCURRENT: usize = 64;
@@ -260,7 +261,7 @@ async fn user(inner: &Inner, caller: PeerId, signed: SignedRequest) -> ApiRespon
     if let Some(need) = need
         && role.is_none_or(|r| r < need)
     {
-        let who = signed.key[..8].iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let who = cloudless_types::hex(&signed.key[..8]);
         return refused(match role {
             None => format!("user key {who}… is not known to this cluster"),
             Some(r) => format!("user key {who}… has role {r:?}; this needs {need:?}"),
@@ -589,7 +590,7 @@ async fn status(inner: &Inner, seen: &[Seen]) -> ApiResponse {
         Ok((Some(settings), nodes, workloads, replicas, running)) => {
             ApiResponse::Status(ClusterStatus {
                 name: settings.name,
-                root_key: settings.root_key.iter().map(|b| format!("{b:02x}")).collect(),
+                root_key: cloudless_types::hex(&settings.root_key),
                 leader: inner.consensus.leader().map(|(_, m)| m.peer),
                 voters,
                 term: metrics.current_term,

@@ -17,10 +17,11 @@
 //! Every loop only reads committed state and proposes commands; a loop that fails waits a
 //! moment and tries again, so a lost leader or an unreachable peer delays work, never stops it.
 
+use cloudless_types::now_ms;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use cloudless_consensus::api::{ApiRequest, ApiResponse, MAX_MODULE, Query, SERVICE};
 use cloudless_consensus::state::{
@@ -153,11 +154,6 @@ pub(crate) struct Inner {
 pub struct Daemon {
     inner: Arc<Inner>,
     mesh_task: Arc<Mutex<Option<JoinHandle<()>>>>,
-}
-
-/// Milliseconds since the epoch by this node's clock.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Daemon {

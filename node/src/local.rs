@@ -7,8 +7,9 @@
 //!   apply(spec, module) ──▶ module stored on the node it is sent through ──▶ signed PutWorkload
 //! ```
 
+use cloudless_types::now_ms;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use cloudless_consensus::api::{ApiRequest, ApiResponse, SignedRequest, UserRequest};
 use cloudless_consensus::invite::{Grant, Invite};
@@ -53,10 +54,6 @@ pub struct LocalCluster {
     pub admin: SigningKey,
     client: u64,
     serial: u64,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn wait<F: AsyncFnMut() -> bool>(what: &str, mut f: F) -> Result<(), LocalError> {

@@ -15,6 +15,7 @@
 //!   dev: LocalCluster::start ──▶ apply_wasi(examples/hello) ──▶ wait running ──▶ follow logs
 //! ```
 
+use cloudless_types::now_ms;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -368,12 +369,6 @@ async fn start(config: NodeConfig) -> Result<(Daemon, Option<SocketAddr>)> {
     let http = config.http;
     let node = Daemon::start(config.daemon).await.context("the node did not start")?;
     Ok((node, http))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Where the node listens, with `/p2p/<id>`, once it listens anywhere (up to 10 s).

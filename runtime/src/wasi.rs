@@ -544,13 +544,9 @@ fn is_component(bytes: &[u8]) -> bool {
     bytes.len() >= 8 && &bytes[..4] == b"\0asm" && bytes[6..8] == [1, 0]
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The name a module is stored and referred to by: the lowercase hex SHA-256 of its bytes.
 pub fn module_hash(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
+    cloudless_types::hex(&Sha256::digest(bytes))
 }
 
 fn new_store<T: Metered + Send + 'static>(engine: &Engine, data: T) -> Store<T> {

@@ -419,3 +419,15 @@ pub use placement::{
     Toleration, Topology, WorkloadTerm,
 };
 pub use spec::{Image, Kind, Port, Probe, ProbeCheck, Restart, WorkloadSpec};
+
+/// Milliseconds since the Unix epoch by this machine's clock (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Lowercase hex of `bytes` (keys, hashes).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
