@@ -76,6 +76,16 @@ pub struct Ctl {
     pub stderr: String,
 }
 
+impl Ctl {
+    /// What a finished command printed, or why it could not run.
+    fn of(out: std::io::Result<Output>) -> Ctl {
+        match out {
+            Ok(o) => o.into(),
+            Err(e) => Ctl { ok: false, stdout: String::new(), stderr: e.to_string() },
+        }
+    }
+}
+
 impl From<Output> for Ctl {
     fn from(o: Output) -> Ctl {
         Ctl {
@@ -255,10 +265,7 @@ impl Procs {
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .output();
-        match out {
-            Ok(o) => o.into(),
-            Err(e) => Ctl { ok: false, stdout: String::new(), stderr: e.to_string() },
-        }
+        Ctl::of(out)
     }
 
     /// Runs `cloudlessctl <args>` through the first running node.
@@ -279,10 +286,7 @@ impl Procs {
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .output();
-        match out {
-            Ok(o) => o.into(),
-            Err(e) => Ctl { ok: false, stdout: String::new(), stderr: e.to_string() },
-        }
+        Ctl::of(out)
     }
 
     /// `cloudlessctl -o json <args>`, parsed.
