@@ -492,7 +492,7 @@ async fn count_replicas(inner: &Inner) {
 /// that long at most to be let into the membership by them; members refresh every tick from
 /// their own state.
 const GATE_TICKS: u64 = 4;
-/// A node the cluster refuses says so this many view ticks apart (30 s).
+/// A node the cluster keeps refusing warns this many view ticks apart (30 s).
 const WARN_TICKS: u64 = 60;
 
 /// Tells the gate who is enrolled: from committed state on raft members, else from a member
@@ -519,9 +519,12 @@ async fn refresh_gate(inner: &Inner, tick: u64) {
                 Some((nodes, revoked))
             }
             Ok(ApiResponse::Refused(why)) => {
-                // Said once at start and then every WARN_TICKS, not on every tick.
-                if tick % WARN_TICKS == 1 {
-                    warn!(reason = why, "the cluster does not let this node in");
+                // Normal for a moment while a device enrolls: said once then, and as a warning
+                // only if it lasts (every WARN_TICKS), not on every tick.
+                if tick == 1 {
+                    info!(reason = why, "the cluster does not let this node in (yet)");
+                } else if tick.is_multiple_of(WARN_TICKS) {
+                    warn!(reason = why, "the cluster still does not let this node in");
                 }
                 None
             }
