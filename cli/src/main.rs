@@ -609,16 +609,7 @@ async fn workloads(c: &Client, read: Read) -> Result<Vec<WorkloadInfo>> {
 }
 
 fn parse_key(hex: &str) -> Result<[u8; 32]> {
-    let bad = || anyhow::anyhow!("{hex:?} is not a public key (64 hex digits)");
-    if hex.len() != 64 {
-        return Err(bad());
-    }
-    let mut key = [0u8; 32];
-    for (i, b) in key.iter_mut().enumerate() {
-        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
-            .map_err(|_| bad())?;
-    }
-    Ok(key)
+    keys::parse_hex(hex).with_context(|| format!("{hex:?} is not a public key (64 hex digits)"))
 }
 
 async fn user(ctx: &Ctx, verb: UserVerb) -> Result<()> {

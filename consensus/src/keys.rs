@@ -56,17 +56,22 @@ pub fn save(path: &Path, key: &SigningKey) -> Result<(), KeyError> {
 pub fn load(path: &Path) -> Result<SigningKey, KeyError> {
     let text = std::fs::read_to_string(path)
         .map_err(|source| KeyError::Io { path: path.into(), source })?;
+    let bytes = parse_hex(&text).ok_or_else(|| KeyError::Malformed(path.into()))?;
+    Ok(SigningKey::from_bytes(&bytes))
+}
+
+/// A 32-byte key from its 64 hex digits (surrounding whitespace ignored), as key files and
+/// `cloudlessctl user add` write them.
+pub fn parse_hex(text: &str) -> Option<[u8; 32]> {
     let text = text.trim();
-    let bad = || KeyError::Malformed(path.into());
     if text.len() != 64 {
-        return Err(bad());
+        return None;
     }
     let mut bytes = [0u8; 32];
     for (i, b) in bytes.iter_mut().enumerate() {
-        *b = u8::from_str_radix(text.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
-            .map_err(|_| bad())?;
+        *b = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
-    Ok(SigningKey::from_bytes(&bytes))
+    Some(bytes)
 }
 
 pub use cloudless_types::hex;

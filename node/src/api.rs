@@ -414,25 +414,31 @@ async fn read(inner: &Inner, read: Read) -> ApiResponse {
             let dir = inner.mesh.directory().await.unwrap_or_default();
             let voters: Vec<String> =
                 inner.consensus.voter_members().into_iter().map(|m| m.peer).collect();
+            let seen_by: BTreeMap<&str, &Seen> =
+                seen.iter().map(|v| (v.peer.as_str(), v)).collect();
             let r = inner.consensus.read(Consistency::Stale, |s| {
+                // What each node's replicas request, in one pass over the assignments.
+                let mut used: BTreeMap<&str, (u32, u64, u32)> = BTreeMap::new();
+                for (k, a) in s.assignments() {
+                    if let Some(w) = s.workloads().get(&k.workload) {
+                        let u = used.entry(a.node.as_str()).or_default();
+                        u.0 += w.spec.requests.cpu_millis;
+                        u.1 += u64::from(w.spec.requests.memory_mib);
+                        u.2 += 1;
+                    }
+                }
                 s.nodes()
                     .iter()
                     .map(|(peer, rec)| {
-                        let view = seen.iter().find(|v| v.peer == *peer);
+                        let view = seen_by.get(peer.as_str()).copied();
                         let d = peer
                             .parse::<PeerId>()
                             .ok()
                             .and_then(|p| dir.get(&p).cloned())
                             .or_else(|| view.and_then(|v| v.descriptor.clone()))
                             .unwrap_or_default();
-                        let (mut cpu, mut mem, mut count) = (0u32, 0u64, 0u32);
-                        for (k, _) in s.assigned_to(peer) {
-                            if let Some(w) = s.workloads().get(&k.workload) {
-                                cpu += w.spec.requests.cpu_millis;
-                                mem += u64::from(w.spec.requests.memory_mib);
-                                count += 1;
-                            }
-                        }
+                        let (cpu, mem, count) =
+                            used.get(peer.as_str()).copied().unwrap_or_default();
                         let mut labels = d.labels.clone();
                         labels.extend(rec.labels.clone());
                         NodeInfo {
@@ -451,12 +457,8 @@ async fn read(inner: &Inner, read: Read) -> ApiResponse {
                             revoked: rec.revoked,
                             labels,
                             zone: d.zone.clone(),
-                            class: d.device_class.map(|c| format!("{c:?}").to_lowercase()),
-                            runtimes: d
-                                .runtimes
-                                .iter()
-                                .map(|r| format!("{r:?}").to_lowercase())
-                                .collect(),
+                            class: d.device_class.map(|c| c.as_str().to_string()),
+                            runtimes: d.runtimes.iter().map(|r| r.as_str().to_string()).collect(),
                             cpu_millis: view
                                 .and_then(|v| v.capacity)
                                 .map_or(d.cpu_millis, |c| c.cpu_total_millis),
