@@ -12,7 +12,8 @@
 //! * **the connection gate** ([`gate`]): the seam where the node decides who may connect and
 //!   who may use which protocol (enrollment plugs in here);
 //! * **membership** ([`membership`]): a sans-I/O SWIM + Lifeguard state machine with
-//!   capacity summaries, and a seeded simulator that runs it for ten thousand nodes;
+//!   capacity summaries, and a seeded simulator that runs it for ten thousand nodes (behind
+//!   the `test-utils` feature, so the node binary leaves it out);
 //! * **the node directory** ([`directory`]): every node's descriptor in one automerge
 //!   document, synced with automerge's sync protocol and checked change by change;
 //! * **typed RPC** ([`rpc`]) for the other crates, over [`codec`]'s size-limited frames.

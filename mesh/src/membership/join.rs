@@ -1,0 +1,230 @@
+//! Joining and leaving: contacting a peer, the `Join` message, the member list sent back in
+//! pages (and asked for again, missing pages only, after a loss), and the announced leave.
+
+use std::time::Instant;
+
+use super::{
+    Event, Id, MAX_UPDATES_PER_MESSAGE, Map, Membership, Message, Output, State, Update,
+    UpdateKind, Via, encoded_len, liveness_kind,
+};
+
+#[derive(Clone, Debug)]
+pub(super) struct Joining<I> {
+    /// Peers asked for the member list.
+    peers: Vec<I>,
+    pub(super) retry_at: Instant,
+    /// Page count and pages received, per answering peer.
+    received: Map<I, (u16, Vec<u16>)>,
+}
+
+/// Largest number of peers a joiner asks for the member list at once.
+const MAX_SEEDS: usize = 8;
+/// Members told directly of a voluntary leave, in addition to the flood.
+const LEAVE_DIRECT: usize = 3;
+
+impl<I: Id> Membership<I> {
+    /// A joiner that has not received the whole member list within `join_retry` asks again.
+    pub(super) fn retry_join(&mut self, now: Instant) {
+        if let Some(j) = &mut self.join_pending
+            && now >= j.retry_at
+        {
+            // Some page was lost (or the peer is gone): ask again, for the missing pages only
+            // where some arrived. At 10,000 members the list is some 80 pages; asking for all
+            // of it again after every single loss would rarely finish under heavy loss.
+            j.retry_at = now + self.config.join_retry;
+            let asks: Vec<(I, Vec<u16>)> = j
+                .peers
+                .iter()
+                .map(|p| {
+                    let missing = match j.received.get(p) {
+                        Some((total, got)) if !got.is_empty() => (0..*total)
+                            .filter(|i| !got.contains(i))
+                            .take(MAX_UPDATES_PER_MESSAGE)
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    (p.clone(), missing)
+                })
+                .collect();
+            for (p, missing) in asks {
+                self.send_join(p, true, missing);
+            }
+        }
+    }
+
+    /// A `Join`: takes the joiner's own news, and sends it the member list if it asked (or
+    /// what we believe about it, if that is not what it claims).
+    pub(super) fn on_join(
+        &mut self,
+        from: &I,
+        updates: Vec<Update<I>>,
+        want_sync: bool,
+        pages: Vec<u16>,
+        now: Instant,
+    ) {
+        for u in updates.into_iter().take(2) {
+            // A joiner speaks only for itself.
+            if u.id == *from {
+                self.apply(u, Via::FirstHand, now);
+            }
+        }
+        self.flood_firsthand();
+        if want_sync && !self.leaving {
+            self.send_sync(from, &pages);
+        } else if self.members.get(from).is_some_and(|m| m.state != State::Alive) {
+            // It is not alive in our view at the incarnation it claims: tell it why.
+            let news = self.liveness_update(from);
+            self.send(
+                from.clone(),
+                Message::Sync { page: 0, pages: 1, updates: news.into_iter().collect() },
+            );
+        }
+    }
+
+    /// A page of the member list: counts it towards the join, and applies its news.
+    pub(super) fn on_sync(
+        &mut self,
+        from: &I,
+        page: u16,
+        pages: u16,
+        updates: Vec<Update<I>>,
+        now: Instant,
+    ) {
+        // Only the peers we asked count towards a complete list; a single-page
+        // correction from anyone else does not end the join.
+        if let Some(j) = self.join_pending.as_mut().filter(|j| j.peers.contains(from)) {
+            // Pages are arriving: wait for the rest before asking again.
+            j.retry_at = now + self.config.join_retry;
+            let (total, got) = j.received.entry(from.clone()).or_default();
+            // The list may have been re-paged between two answers: the latest count
+            // wins, pages already received still count.
+            *total = pages;
+            if page < pages && !got.contains(&page) {
+                got.push(page);
+            }
+            if (0..pages).all(|p| got.contains(&p)) {
+                self.join_pending = None;
+            }
+        }
+        for u in updates.into_iter().take(MAX_UPDATES_PER_MESSAGE) {
+            self.apply(u, Via::Sync, now);
+        }
+    }
+
+    pub(super) fn on_contact(&mut self, peer: I, now: Instant) {
+        if peer == self.me || self.leaving {
+            return;
+        }
+        let known_alive = self
+            .members
+            .get(&peer)
+            .is_some_and(|m| matches!(m.state, State::Alive | State::Suspect));
+        if known_alive {
+            return;
+        }
+        // With nobody else known we are joining: ask for the member list and keep asking.
+        let joining = self.alive_count <= 1;
+        if joining {
+            let at = now + self.config.join_retry;
+            match &mut self.join_pending {
+                Some(j) => {
+                    if !j.peers.contains(&peer) && j.peers.len() < MAX_SEEDS {
+                        j.peers.push(peer.clone());
+                    }
+                }
+                None => {
+                    self.join_pending = Some(Joining {
+                        peers: vec![peer.clone()],
+                        retry_at: at,
+                        received: Map::default(),
+                    })
+                }
+            }
+        }
+        self.send_join(peer, joining, Vec::new());
+    }
+
+    fn send_join(&mut self, peer: I, want_sync: bool, pages: Vec<u16>) {
+        let mut updates = vec![Update {
+            id: self.me.clone(),
+            incarnation: self.incarnation,
+            kind: UpdateKind::Alive,
+        }];
+        updates.extend(self.own_capacity_update());
+        self.send(peer, Message::Join { updates, want_sync, pages });
+    }
+
+    /// Sends the member list to `to`: the pages numbered in `wanted`, or all when empty.
+    fn send_sync(&mut self, to: &I, wanted: &[u16]) {
+        let mut page = Vec::new();
+        let mut size = 0;
+        let mut ids: Vec<&I> = self.members.keys().collect();
+        ids.sort();
+        let mut pages = Vec::new();
+        for id in ids {
+            let m = &self.members[id];
+            let mut news = vec![Update {
+                id: id.clone(),
+                incarnation: m.incarnation,
+                kind: liveness_kind(m.state, &self.me),
+            }];
+            if let Some((inc, version, capacity)) = m.capacity {
+                news.push(Update {
+                    id: id.clone(),
+                    incarnation: inc,
+                    kind: UpdateKind::Capacity { version, capacity },
+                });
+            }
+            for u in news {
+                let s = encoded_len(&u);
+                let full = size + s > self.config.sync_chunk_bytes
+                    || page.len() >= MAX_UPDATES_PER_MESSAGE;
+                if full && !page.is_empty() {
+                    pages.push(std::mem::take(&mut page));
+                    size = 0;
+                }
+                size += s;
+                page.push(u);
+            }
+        }
+        if !page.is_empty() {
+            pages.push(page);
+        }
+        let count = u16::try_from(pages.len()).unwrap_or(u16::MAX);
+        for (i, updates) in pages.into_iter().enumerate().take(usize::from(count)) {
+            let page = u16::try_from(i).unwrap_or(u16::MAX);
+            if wanted.is_empty() || wanted.contains(&page) {
+                self.send(to.clone(), Message::Sync { page, pages: count, updates });
+            }
+        }
+    }
+
+    pub(super) fn leave(&mut self) {
+        if self.leaving {
+            return;
+        }
+        self.leaving = true;
+        let update =
+            Update { id: self.me.clone(), incarnation: self.incarnation, kind: UpdateKind::Left };
+        if let Some(m) = self.members.get_mut(&self.me) {
+            m.state = State::Left;
+        }
+        self.out.push(Output::Event(Event::State {
+            id: self.me.clone(),
+            previous: Some(State::Alive),
+            state: State::Left,
+            incarnation: self.incarnation,
+        }));
+        self.out.push(Output::Broadcast(vec![update.clone()]));
+        for peer in self.random_live(LEAVE_DIRECT, &[]) {
+            let seq = self.next_seq();
+            self.send(
+                peer,
+                Message::Ping { seq, incarnation: self.incarnation, updates: vec![update.clone()] },
+            );
+        }
+        self.probes.clear();
+        self.relays.clear();
+        self.suspicions.clear();
+    }
+}

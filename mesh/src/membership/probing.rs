@@ -1,0 +1,227 @@
+//! Failure detection (SWIM): the round-robin probe loop, direct and indirect pings and their
+//! acks and nacks, the ping requests this node relays for others, and the reconnect probes
+//! of members held as dead.
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rand::seq::SliceRandom;
+
+use super::{Id, Membership, Message, State, Update};
+
+#[derive(Clone, Debug)]
+pub(super) struct Probe<I> {
+    pub(super) target: I,
+    pub(super) direct_deadline: Instant,
+    pub(super) end: Instant,
+    pub(super) indirect_sent: bool,
+    expected_nacks: u32,
+    pub(super) nacks: u32,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct Relay<I> {
+    origin: I,
+    pub(super) target: I,
+    origin_seq: u32,
+    pub(super) deadline: Instant,
+}
+
+/// Largest number of probes in flight at once: a probe lasts three probe timeouts and one
+/// starts every interval, so with the defaults three overlap; four leaves room for jitter.
+const MAX_PROBES: usize = 4;
+/// Largest number of ping requests this node relays at once for others; more are dropped, a
+/// bound on the work other nodes can ask of us.
+const MAX_RELAYS: usize = 64;
+
+impl<I: Id> Membership<I> {
+    fn scaled(&self, d: Duration) -> Duration {
+        d * (1 + self.local_health)
+    }
+
+    pub(super) fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    pub(super) fn start_probe(&mut self, now: Instant) {
+        self.next_probe = now + self.scaled(self.config.probe_interval);
+        if self.probes.len() >= MAX_PROBES {
+            return;
+        }
+        let Some(target) = self.next_probe_target() else {
+            return;
+        };
+        let seq = self.next_seq();
+        let timeout = self.scaled(self.config.probe_timeout);
+        self.probes.insert(
+            seq,
+            Probe {
+                target: target.clone(),
+                direct_deadline: now + timeout,
+                end: now + timeout * 3,
+                indirect_sent: false,
+                expected_nacks: 0,
+                nacks: 0,
+            },
+        );
+        let updates = self.piggyback_for(&target);
+        self.send(target, Message::Ping { seq, incarnation: self.incarnation, updates });
+    }
+
+    /// The next member in the shuffled round-robin order that is alive or suspect and not
+    /// already being probed. Reshuffles at the end of each round (SWIM's bounded detection).
+    fn next_probe_target(&mut self) -> Option<I> {
+        let len = self.probe_order.len();
+        for _ in 0..len {
+            if self.probe_index >= self.probe_order.len() {
+                self.probe_index = 0;
+                self.probe_order
+                    .retain(|id| self.members.get(id).is_some_and(|m| m.state != State::Left));
+                self.probe_order.shuffle(&mut self.rng);
+                if self.probe_order.is_empty() {
+                    return None;
+                }
+            }
+            let id = self.probe_order[self.probe_index].clone();
+            self.probe_index += 1;
+            let probeable = self
+                .members
+                .get(&id)
+                .is_some_and(|m| matches!(m.state, State::Alive | State::Suspect));
+            if probeable && !self.probes.values().any(|p| p.target == id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    pub(super) fn expire_probes(&mut self, now: Instant) {
+        let due: Vec<u32> = self
+            .probes
+            .iter()
+            .filter(|(_, p)| now >= if p.indirect_sent { p.end } else { p.direct_deadline })
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in due {
+            let Some(probe) = self.probes.get_mut(&seq) else {
+                continue;
+            };
+            if !probe.indirect_sent {
+                probe.indirect_sent = true;
+                let target = probe.target.clone();
+                let helpers =
+                    self.random_live(self.config.indirect_checks, std::slice::from_ref(&target));
+                if let Some(p) = self.probes.get_mut(&seq) {
+                    p.expected_nacks = u32::try_from(helpers.len()).unwrap_or(u32::MAX);
+                }
+                for h in helpers {
+                    let updates = self.piggyback_for(&h);
+                    self.send(h, Message::PingReq { seq, target: target.clone(), updates });
+                }
+                // A second direct attempt, in case only the first ping or its ack was lost.
+                let updates = self.piggyback_for(&target);
+                self.send(target, Message::Ping { seq, incarnation: self.incarnation, updates });
+                continue;
+            }
+            let Some(probe) = self.probes.remove(&seq) else {
+                continue;
+            };
+            // Lifeguard: missing nacks mean our own messages are not getting through.
+            if probe.nacks < probe.expected_nacks {
+                self.local_health = (self.local_health + 1).min(self.config.max_local_health);
+            }
+            let witnesses = u8::try_from(1 + probe.nacks).unwrap_or(u8::MAX);
+            self.suspect(probe.target, witnesses, now);
+        }
+    }
+
+    pub(super) fn expire_relays(&mut self, now: Instant) {
+        let due: Vec<u32> =
+            self.relays.iter().filter(|(_, r)| now >= r.deadline).map(|(s, _)| *s).collect();
+        for seq in due {
+            if let Some(r) = self.relays.remove(&seq) {
+                self.send(r.origin, Message::Nack { seq: r.origin_seq });
+            }
+        }
+    }
+
+    pub(super) fn on_ack(&mut self, seq: u32) {
+        if let Some(relay) = self.relays.remove(&seq) {
+            let updates = self.piggyback_for(&relay.origin);
+            self.send(
+                relay.origin,
+                Message::Ack { seq: relay.origin_seq, incarnation: self.incarnation, updates },
+            );
+            return;
+        }
+        // The ack comes from the target itself or from a helper we asked; either proves it.
+        if self.probes.remove(&seq).is_some() {
+            self.local_health = self.local_health.saturating_sub(1);
+        }
+    }
+
+    pub(super) fn reconnect_probe(&mut self) {
+        let dead: Vec<&I> = self
+            .gone
+            .keys()
+            .filter(|id| self.members.get(*id).is_some_and(|m| m.state == State::Dead))
+            .collect();
+        if dead.is_empty() {
+            return;
+        }
+        let target = dead[self.rng.gen_range(0..dead.len())].clone();
+        let seq = self.next_seq();
+        // Say why we ask: a live member refutes its death and we flood its answer.
+        let mut updates: Vec<Update<I>> = self.liveness_update(&target).into_iter().collect();
+        updates.extend(self.piggyback(&target, self.config.piggyback_bytes / 2));
+        self.send(target, Message::Ping { seq, incarnation: self.incarnation, updates });
+    }
+
+    /// Relays a ping request: pings `target` for `from` (twice) and remembers to forward its
+    /// ack, or to nack when none comes in time.
+    pub(super) fn on_ping_req(&mut self, from: &I, seq: u32, target: I, now: Instant) {
+        if !self.leaving && self.relays.len() < MAX_RELAYS && target != self.me {
+            let my_seq = self.next_seq();
+            self.relays.insert(
+                my_seq,
+                Relay {
+                    origin: from.clone(),
+                    target: target.clone(),
+                    origin_seq: seq,
+                    deadline: now + self.scaled(self.config.probe_timeout),
+                },
+            );
+            // Two copies at once: a helper is only asked when something is lossy, and a
+            // second copy makes its answer ten times less likely to be a false nack.
+            let fwd = self.piggyback_for(&target);
+            self.send(
+                target.clone(),
+                Message::Ping { seq: my_seq, incarnation: self.incarnation, updates: fwd },
+            );
+            self.send(
+                target,
+                Message::Ping { seq: my_seq, incarnation: self.incarnation, updates: Vec::new() },
+            );
+        }
+    }
+
+    pub(super) fn random_live(&mut self, k: usize, exclude: &[I]) -> Vec<I> {
+        let mut picked: Vec<I> = Vec::with_capacity(k);
+        if self.probe_order.is_empty() {
+            return picked;
+        }
+        // Rejection sampling from the probe order: cheap when most members are alive.
+        for _ in 0..k * 8 {
+            if picked.len() == k {
+                break;
+            }
+            let id = &self.probe_order[self.rng.gen_range(0..self.probe_order.len())];
+            let live = self.members.get(id).is_some_and(|m| m.state == State::Alive);
+            if live && !exclude.contains(id) && !picked.contains(id) && *id != self.me {
+                picked.push(id.clone());
+            }
+        }
+        picked
+    }
+}

@@ -1,0 +1,161 @@
+//! Suspicion (Lifeguard): the timers that turn a suspect into a dead member, the independent
+//! confirmations that shorten them, and this node's refutation of bad news about itself.
+
+use std::time::{Duration, Instant};
+
+use super::{Id, Membership, Message, Output, State, Update, UpdateKind, Via};
+
+#[derive(Clone, Debug)]
+pub(super) struct Suspicion<I> {
+    pub(super) incarnation: u32,
+    pub(super) started: Instant,
+    pub(super) deadline: Instant,
+    /// Distinct suspecting nodes, bounded by `indirect_checks + 1`.
+    pub(super) suspectors: Vec<I>,
+    /// Highest witness count reported with one suspicion.
+    pub(super) witnesses: u32,
+}
+
+impl<I: Id> Membership<I> {
+    pub(super) fn suspicion_timeout(&self, confirmations: u32) -> Duration {
+        // Witnesses to expect: the configured number, but no more than the members that could
+        // confirm (everyone but the suspect and the suspector). Like memberlist, a pool too
+        // small to confirm anything uses the short timeout at once: otherwise a three-node
+        // pool would always wait the longest.
+        // Counting stops as soon as there are enough, so a large pool pays a few steps.
+        let enough = self.config.indirect_checks.saturating_add(2);
+        let others = self
+            .members
+            .values()
+            .filter(|m| matches!(m.state, State::Alive | State::Suspect))
+            .take(enough)
+            .count()
+            .saturating_sub(2);
+        let k = u32::try_from(self.config.indirect_checks.min(others)).unwrap_or(u32::MAX);
+        if k == 0 {
+            return self.config.suspicion_min;
+        }
+        let c = confirmations.min(k);
+        let frac = f64::from(c + 1).ln() / f64::from(k + 1).ln();
+        let (min, max) = (self.config.suspicion_min, self.config.suspicion_max);
+        max.saturating_sub((max - min).mul_f64(frac)).max(min)
+    }
+
+    pub(super) fn suspect(&mut self, target: I, witnesses: u8, now: Instant) {
+        let Some(m) = self.members.get(&target) else {
+            return;
+        };
+        if m.state != State::Alive {
+            return;
+        }
+        let update = Update {
+            id: target.clone(),
+            incarnation: m.incarnation,
+            kind: UpdateKind::Suspect { by: self.me.clone(), witnesses },
+        };
+        if self.apply(update.clone(), Via::Local, now) {
+            self.out.push(Output::Broadcast(vec![update.clone()]));
+            // Buddy system: tell the suspect at once so that it can refute.
+            let seq = self.next_seq();
+            let mut updates = vec![update];
+            updates.extend(self.piggyback(&target, self.config.piggyback_bytes / 2));
+            self.send(target, Message::Ping { seq, incarnation: self.incarnation, updates });
+        }
+    }
+
+    pub(super) fn expire_suspicions(&mut self, now: Instant) {
+        let due: Vec<I> = self
+            .suspicions
+            .iter()
+            .filter(|(_, s)| now >= s.deadline)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            let Some(s) = self.suspicions.remove(&id) else {
+                continue;
+            };
+            // Not flooded: every node that got the suspicion runs the same timer; the rare one
+            // that missed it learns from piggybacking.
+            let update =
+                Update { id: id.clone(), incarnation: s.incarnation, kind: UpdateKind::Dead };
+            self.apply(update, Via::Local, now);
+        }
+    }
+
+    pub(super) fn confirm(&mut self, id: &I, by: I, witnesses: u32, now: Instant) {
+        let k = self.config.indirect_checks + 1;
+        let Some(s) = self.suspicions.get_mut(id) else {
+            return;
+        };
+        let mut changed = false;
+        if !s.suspectors.contains(&by) && s.suspectors.len() < k {
+            s.suspectors.push(by);
+            changed = true;
+        }
+        if witnesses > s.witnesses {
+            s.witnesses = witnesses;
+            changed = true;
+        }
+        if !changed {
+            return;
+        }
+        let independent = u32::try_from(s.suspectors.len() - 1).unwrap_or(u32::MAX);
+        let confirmations = independent.max(s.witnesses.saturating_sub(1));
+        let started = s.started;
+        let deadline = started + self.suspicion_timeout(confirmations);
+        if let Some(s) = self.suspicions.get_mut(id) {
+            s.deadline = s.deadline.min(deadline.max(now));
+        }
+    }
+
+    pub(super) fn about_me(&mut self, u: Update<I>) {
+        if self.leaving {
+            return;
+        }
+        let refute = match u.kind {
+            UpdateKind::Alive => u.incarnation > self.incarnation,
+            UpdateKind::Suspect { .. } | UpdateKind::Dead | UpdateKind::Left => {
+                u.incarnation >= self.incarnation
+            }
+            UpdateKind::Capacity { version, .. } => {
+                // Someone holds a newer summary of ours than we know (we restarted): jump past it.
+                if (u.incarnation, version) > (self.incarnation, self.capacity_version) {
+                    self.incarnation = u.incarnation + 1;
+                    self.refute();
+                }
+                return;
+            }
+        };
+        if !refute {
+            return;
+        }
+        if !matches!(u.kind, UpdateKind::Alive) {
+            // Lifeguard: being suspected hints that we are the slow one.
+            self.local_health = (self.local_health + 1).min(self.config.max_local_health);
+        }
+        self.incarnation = u.incarnation + 1;
+        self.refute();
+    }
+
+    fn refute(&mut self) {
+        if let Some(m) = self.members.get_mut(&self.me) {
+            m.incarnation = self.incarnation;
+            m.state = State::Alive;
+        }
+        let mut updates = vec![Update {
+            id: self.me.clone(),
+            incarnation: self.incarnation,
+            kind: UpdateKind::Alive,
+        }];
+        self.capacity_version = 0;
+        self.announced.0 = self.capacity;
+        updates.extend(self.own_capacity_update());
+        if let Some(m) = self.members.get_mut(&self.me) {
+            m.capacity = Some((self.incarnation, 0, self.capacity));
+        }
+        self.out.push(Output::Broadcast(updates.clone()));
+        for u in updates {
+            self.enqueue(u);
+        }
+    }
+}
