@@ -1,26 +1,30 @@
 //! A connection to one node's `api` service, as a mesh client whose identity is the user's
-//! ed25519 key, and the signed request protocol on top of it.
+//! ed25519 key, and one typed method per request on top of it.
 //!
 //! ```text
 //!   Client::connect(peer multiaddr, user key) ──▶ mesh client (no membership, no listening)
-//!   send(UserRequest) ──▶ SignedRequest { key, session, serial, clock, request, signature }
-//!        ──▶ node `api` (forwards to a raft member if it is not one) ──▶ ApiResponse
+//!   status() / nodes() / put_workload(spec) / … ──▶ call::<C>(C) ──▶ SignedRequest { key,
+//!        session, serial, clock, C, signature } ──mesh::call::<api::Service<C>>──▶ node
+//!        ──▶ Ok(C::Reply) │ Err(ApiError { kind, message })
 //! ```
 
-use cloudless_types::now_ms;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cloudless_consensus::api::{
-    ApiRequest, ApiResponse, CHUNK, MAX_MODULE, Read, SignedRequest, UserRequest,
+use cloudless_api::user::{
+    ClusterStatus, Explain, GetWorkload, Line, Logs, NodeInfo, Nodes, Status, Upload, Whoami,
+    WorkloadInfo, Workloads,
 };
-use cloudless_consensus::state::{Command, Reply};
-use cloudless_mesh::{Handle, Mesh, OpenGate, RelayMode, Role};
+use cloudless_api::{
+    ApiError, CHUNK, Call, Command, ErrorKind, MAX_MODULE, Reply, Request, Role, Schedulable,
+    Service, SignedRequest, UserKey, UserRequest,
+};
+use cloudless_mesh::{Handle, Mesh, OpenGate, RelayMode, Role as MeshRole};
+use cloudless_types::{ModuleHash, NodeName, ReplicaId, WorkloadName, WorkloadSpec, now_ms};
 use ed25519_dalek::SigningKey;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
-use sha2::{Digest, Sha256};
 
 /// How long one request may take: a write through a forwarding node and a leader election
 /// fit well inside it.
@@ -47,12 +51,21 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
-    /// The cluster refused the request.
+    /// The cluster answered with a refusal or a failure.
     #[error("{0}")]
-    Refused(String),
-    /// The answer was not what the request calls for.
-    #[error("unexpected answer from the node: {0}")]
-    Unexpected(String),
+    Api(#[from] ApiError),
+}
+
+impl ClientError {
+    /// The kind of failure (an unusable address is invalid input; an unreachable peer is
+    /// unavailable).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ClientError::Address { .. } => ErrorKind::Invalid,
+            ClientError::Unreachable { .. } => ErrorKind::Unavailable,
+            ClientError::Api(e) => e.kind,
+        }
+    }
 }
 
 /// A connection to one node.
@@ -63,11 +76,6 @@ pub struct Client {
     key: SigningKey,
     session: u64,
     serial: Arc<AtomicU64>,
-}
-
-/// The content hash a node stores a module under (hex SHA-256, as the runtime computes it).
-pub fn module_hash(bytes: &[u8]) -> String {
-    cloudless_types::hex(&Sha256::digest(bytes))
 }
 
 impl Client {
@@ -87,7 +95,7 @@ impl Client {
         let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_bytes())
             .map_err(|e| unreachable(e.to_string()))?;
         let config = cloudless_mesh::Config {
-            role: Role::Client,
+            role: MeshRole::Client,
             listen: Vec::new(),
             bootstrap: vec![multiaddr],
             mdns: false,
@@ -121,70 +129,149 @@ impl Client {
     }
 
     /// The user's public key.
-    pub fn public_key(&self) -> [u8; 32] {
+    pub fn public_key(&self) -> UserKey {
         self.key.verifying_key().to_bytes()
     }
 
-    /// Signs and sends `request`.
-    pub async fn send(&self, request: UserRequest) -> Result<ApiResponse, ClientError> {
+    /// Signs and sends call `c`; its answer, typed.
+    pub async fn call<C: Call + Into<UserRequest>>(&self, c: C) -> Result<C::Reply, ClientError> {
         let serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
-        let signed = SignedRequest::sign(&self.key, self.session, serial, now_ms(), request);
-        let body = postcard::to_allocvec(&ApiRequest::User(signed))
-            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        let signed = SignedRequest::sign(&self.key, self.session, serial, now_ms(), c.into());
+        let request = Request::User(signed);
         let answer = self
             .mesh
-            .request(self.peer, cloudless_consensus::api::SERVICE, body, REQUEST_TIMEOUT)
+            .call_with_timeout::<Service<C>>(self.peer, &request, REQUEST_TIMEOUT)
             .await
             .map_err(|e| ClientError::Unreachable {
                 peer: self.peer.to_string(),
                 reason: e.to_string(),
             })?;
-        match postcard::from_bytes(&answer) {
-            Ok(ApiResponse::Refused(why)) => Err(ClientError::Refused(why)),
-            Ok(a) => Ok(a),
-            Err(e) => Err(ClientError::Unexpected(format!("malformed answer: {e}"))),
-        }
+        Ok(answer?)
     }
 
     /// Applies `command` as this user.
     pub async fn command(&self, command: Command) -> Result<Reply, ClientError> {
-        match self.send(UserRequest::Command(command)).await? {
-            ApiResponse::Applied(Ok(r)) => Ok(r),
-            ApiResponse::Applied(Err(e)) => Err(ClientError::Refused(e.to_string())),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        self.call(command).await
+    }
+
+    /// The cluster at a glance.
+    pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
+        self.call(Status).await
+    }
+
+    /// Every enrolled node.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ClientError> {
+        self.call(Nodes).await
+    }
+
+    /// Every workload.
+    pub async fn workloads(&self) -> Result<Vec<WorkloadInfo>, ClientError> {
+        self.call(Workloads).await
+    }
+
+    /// One workload.
+    pub async fn workload(&self, name: &WorkloadName) -> Result<WorkloadInfo, ClientError> {
+        self.call(GetWorkload { name: name.clone() }).await
+    }
+
+    /// Why each replica of a workload is where it is.
+    pub async fn explain(&self, name: &WorkloadName) -> Result<Vec<String>, ClientError> {
+        self.call(Explain { name: name.clone() }).await
+    }
+
+    /// A replica's log lines after `after_ns` (0: the last `tail`).
+    pub async fn logs(
+        &self,
+        replica: ReplicaId,
+        after_ns: u64,
+        tail: u32,
+    ) -> Result<Vec<Line>, ClientError> {
+        self.call(Logs { replica, after_ns, tail }).await
+    }
+
+    /// This user's role.
+    pub async fn whoami(&self) -> Result<Role, ClientError> {
+        self.call(Whoami).await
+    }
+
+    /// Creates or updates a workload; its new version.
+    pub async fn put_workload(&self, spec: WorkloadSpec) -> Result<u64, ClientError> {
+        match self.command(Command::PutWorkload(Box::new(spec))).await? {
+            Reply::Version(v) => Ok(v),
+            Reply::Done => Ok(0),
         }
     }
 
-    /// Makes a read.
-    pub async fn read(&self, read: Read) -> Result<ApiResponse, ClientError> {
-        self.send(UserRequest::Read(read)).await
+    /// Deletes a workload.
+    pub async fn delete_workload(&self, name: &WorkloadName) -> Result<(), ClientError> {
+        self.command(Command::DeleteWorkload { name: name.clone() }).await.map(|_| ())
+    }
+
+    /// Changes a workload's replicas; its new version.
+    pub async fn scale(&self, name: &WorkloadName, replicas: u32) -> Result<u64, ClientError> {
+        match self.command(Command::Scale { name: name.clone(), replicas }).await? {
+            Reply::Version(v) => Ok(v),
+            Reply::Done => Ok(0),
+        }
+    }
+
+    /// Cordons, drains or uncordons a node.
+    pub async fn set_schedulable(
+        &self,
+        peer: &NodeName,
+        schedulable: Schedulable,
+    ) -> Result<(), ClientError> {
+        self.command(Command::SetSchedulable { peer: peer.clone(), schedulable }).await.map(|_| ())
+    }
+
+    /// Cuts a node off.
+    pub async fn revoke(&self, peer: &NodeName) -> Result<(), ClientError> {
+        self.command(Command::Revoke { peer: peer.clone() }).await.map(|_| ())
+    }
+
+    /// Gives a key a role.
+    pub async fn put_user(&self, key: UserKey, name: &str, role: Role) -> Result<(), ClientError> {
+        self.command(Command::PutUser { key, name: name.to_string(), role }).await.map(|_| ())
+    }
+
+    /// Removes a user.
+    pub async fn remove_user(&self, key: UserKey) -> Result<(), ClientError> {
+        self.command(Command::RemoveUser { key }).await.map(|_| ())
     }
 
     /// Uploads a WASI module in chunks; returns its hash. A module the node has already is
     /// not sent again.
-    pub async fn upload(&self, bytes: &[u8]) -> Result<String, ClientError> {
+    pub async fn upload(&self, bytes: &[u8]) -> Result<ModuleHash, ClientError> {
         if bytes.is_empty() || bytes.len() as u64 > MAX_MODULE {
-            return Err(ClientError::Refused(format!(
+            return Err(ApiError::invalid(format!(
                 "a module must be 1 byte to {MAX_MODULE} bytes, not {}",
                 bytes.len()
-            )));
+            ))
+            .into());
         }
-        let hash = module_hash(bytes);
+        let hash = ModuleHash::of(bytes);
         let total = bytes.len() as u64;
         let mut offset = 0usize;
         loop {
             let end = (offset + CHUNK).min(bytes.len());
-            let request = UserRequest::Upload {
+            let chunk = Upload {
                 hash: hash.clone(),
                 total,
                 offset: offset as u64,
                 bytes: bytes[offset..end].to_vec(),
             };
-            match self.send(request).await? {
-                ApiResponse::Uploaded { received } if received >= total => return Ok(hash),
-                ApiResponse::Uploaded { received } if received as usize == end => offset = end,
-                other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            let got = self.call(chunk).await?;
+            if got.received >= total {
+                return Ok(hash);
             }
+            if got.received as usize != end {
+                return Err(ApiError::internal(format!(
+                    "the node acknowledged {} bytes of {total}, not {end}",
+                    got.received
+                ))
+                .into());
+            }
+            offset = end;
         }
     }
 

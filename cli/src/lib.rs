@@ -2,14 +2,16 @@
 //! client, with its own ed25519 identity) with signed requests.
 //!
 //! ```text
-//!   argv ──▶ verbs (src/main.rs) ──▶ spec::parse (documents) ──▶ SignedRequest(user key)
-//!        ──▶ client::Client (mesh client, one peer) ──▶ node `api` service ──▶ output::*
+//!   argv ──▶ verbs (src/main.rs) ──▶ spec::parse (documents) ──▶ client::Client::<call>
+//!        ──▶ SignedRequest(user key) over a mesh client connection ──▶ node `api` service
+//!        ──▶ typed reply ──▶ table, json or yaml │ ApiError ──▶ exit code of its kind
 //! ```
 //!
 //! - [`spec`]: workload documents (YAML or JSON) into validated `WorkloadSpec`s.
-//! - [`config`]: which peer and which keys (`ctl.toml`).
-//! - [`client`]: the connection and the signed request protocol.
+//! - [`client`]: the connection, one typed method per request.
+//!
+//! Its settings (`ctl.toml`) and key files are `cloudless_api::{ctl, keys}`, which
+//! `cloudless init` writes too. The crate needs the api and the mesh, nothing of raft.
 
 pub mod client;
-pub mod config;
 pub mod spec;

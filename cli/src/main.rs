@@ -2,24 +2,29 @@
 //!
 //! ```text
 //!   flags / CLOUDLESS_* env / ctl.toml ──▶ peer + user key ──▶ Client::connect
-//!   verb ──▶ Command | Read | Upload (signed) ──▶ answer ──▶ table, json or yaml
+//!   verb ──▶ one typed call (signed) ──▶ its reply ──▶ table, json or yaml
+//!        └─ refused ──▶ "error: …" and the exit code of the error's kind
 //! ```
+//!
+//! Exit codes: 0 done; 1 anything that is not an answer of the cluster (a local file, a bug);
+//! 2 bad usage (clap); 3 invalid input (a document, an argument, a request the cluster calls
+//! invalid); 4 unauthorized (the key is not known to the cluster); 5 forbidden (the key's role
+//! does not allow it); 6 not found; 7 conflict (used up, exists, the last admin); 8 busy;
+//! 9 unavailable (no peer or raft leader reachable).
 
-use cloudless_types::now_ms;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use cloudless_cli::client::Client;
-use cloudless_cli::config::{self, CtlConfig, ROOT_KEY, USER_KEY};
-use cloudless_cli::spec::{self, Module};
-use cloudless_consensus::api::{ApiResponse, ClusterStatus, Line, NodeInfo, Read, WorkloadInfo};
-use cloudless_consensus::invite::{Grant, Invite};
-use cloudless_consensus::keys;
-use cloudless_consensus::state::{Command, NodeRole, Reply, Role, Schedulable};
-use cloudless_types::Image;
+use cloudless_api::ctl::{self as config, CtlConfig, ROOT_KEY, USER_KEY};
+use cloudless_api::invite::{Grant, Invite};
+use cloudless_api::user::{ClusterStatus, NodeInfo, WorkloadInfo};
+use cloudless_api::{ErrorKind, NodeRole, Role, Schedulable, keys};
+use cloudless_cli::client::{Client, ClientError};
+use cloudless_cli::spec::{self, Module, SpecError};
+use cloudless_types::{Image, ReplicaId, WorkloadName, now_ms};
 use serde::Serialize;
 
 /// How often `logs -f` asks for new lines.
@@ -216,8 +221,24 @@ async fn main() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     if let Err(e) = run(Cli::parse()).await {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(exit_code(&e));
     }
+}
+
+/// The exit status for a failure: the kind of the cluster's answer, invalid for a document
+/// or argument refused here, 1 for anything else.
+fn exit_code(e: &anyhow::Error) -> i32 {
+    for cause in e.chain() {
+        if let Some(c) = cause.downcast_ref::<ClientError>() {
+            return c.kind().exit_code();
+        }
+        if cause.downcast_ref::<SpecError>().is_some()
+            || cause.downcast_ref::<cloudless_types::InvalidInput>().is_some()
+        {
+            return ErrorKind::Invalid.exit_code();
+        }
+    }
+    1
 }
 
 struct Ctx {
@@ -262,10 +283,9 @@ async fn run(cli: Cli) -> Result<()> {
         Verb::Key { verb } => key_verb(&ctx, verb),
         Verb::Cluster { verb: ClusterVerb::Status } => {
             let c = ctx.connect().await?;
-            let s = status(&c).await;
+            let s = c.status().await;
             c.close().await;
-            let s = s?;
-            ctx.print(&s, status_table)
+            ctx.print(&s?, status_table)
         }
         Verb::Token { verb } => token(&ctx, verb).await,
         Verb::Node { verb } => node(&ctx, verb).await,
@@ -292,19 +312,13 @@ fn key_verb(ctx: &Ctx, verb: KeyVerb) -> Result<()> {
     Ok(())
 }
 
-async fn status(c: &Client) -> Result<ClusterStatus> {
-    match c.read(Read::Status).await? {
-        ApiResponse::Status(s) => Ok(s),
-        other => bail!("unexpected answer: {other:?}"),
-    }
-}
-
 fn status_table(s: &ClusterStatus) -> String {
     let mut out = String::new();
     let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<12}{v}\n"));
     line(&mut out, "cluster", s.name.clone());
-    line(&mut out, "leader", s.leader.clone().unwrap_or_else(|| "(none)".into()));
-    line(&mut out, "voters", s.voters.join(", "));
+    line(&mut out, "leader", s.leader.as_ref().map_or("(none)".into(), ToString::to_string));
+    let voters: Vec<String> = s.voters.iter().map(ToString::to_string).collect();
+    line(&mut out, "voters", voters.join(", "));
     line(&mut out, "term", s.term.to_string());
     line(&mut out, "applied", s.applied.to_string());
     line(&mut out, "nodes", format!("{} enrolled, {} alive", s.nodes, s.alive));
@@ -330,17 +344,19 @@ async fn token(ctx: &Ctx, verb: TokenVerb) -> Result<()> {
         .with_context(|| "only the holder of the cluster root key can create invites")?;
     let roles = roles
         .iter()
-        .map(|r| match r.as_str() {
-            "worker" => Ok(NodeRole::Worker),
-            "voter" => Ok(NodeRole::Voter),
-            other => bail!("role {other:?} is not worker or voter"),
+        .map(|r| {
+            NodeRole::parse(r).ok_or_else(|| {
+                ClientError::Api(cloudless_api::ApiError::invalid(format!(
+                    "role {r:?} is not worker or voter"
+                )))
+            })
         })
-        .collect::<Result<_>>()?;
+        .collect::<Result<_, _>>()?;
     if uses == 0 {
         bail!("--uses must be at least 1");
     }
     let c = ctx.connect().await?;
-    let s = status(&c).await;
+    let s = c.status().await;
     c.close().await;
     let s = s?;
     if keys::hex(&root.verifying_key().to_bytes()) != s.root_key {
@@ -380,20 +396,18 @@ fn node_table(nodes: &Vec<NodeInfo>) -> String {
     out
 }
 
-async fn nodes(c: &Client) -> Result<Vec<NodeInfo>> {
-    match c.read(Read::Nodes).await? {
-        ApiResponse::Nodes(n) => Ok(n),
-        other => bail!("unexpected answer: {other:?}"),
-    }
-}
-
 /// The one node whose PeerId starts with `prefix`.
-fn find<'a>(list: &'a [NodeInfo], prefix: &str) -> Result<&'a NodeInfo> {
-    let found: Vec<&NodeInfo> = list.iter().filter(|n| n.peer.starts_with(prefix)).collect();
+fn find<'a>(list: &'a [NodeInfo], prefix: &str) -> Result<&'a NodeInfo, ClientError> {
+    let found: Vec<&NodeInfo> =
+        list.iter().filter(|n| n.peer.as_str().starts_with(prefix)).collect();
     match found.as_slice() {
         [one] => Ok(one),
-        [] => bail!("no enrolled node {prefix}"),
-        _ => bail!("{prefix} matches {} nodes; give more of the PeerId", found.len()),
+        [] => Err(cloudless_api::ApiError::not_found(format!("no enrolled node {prefix}")).into()),
+        _ => Err(cloudless_api::ApiError::invalid(format!(
+            "{prefix} matches {} nodes; give more of the PeerId",
+            found.len()
+        ))
+        .into()),
     }
 }
 
@@ -405,12 +419,8 @@ async fn node(ctx: &Ctx, verb: NodeVerb) -> Result<()> {
 }
 
 async fn node_on(ctx: &Ctx, c: &Client, verb: NodeVerb) -> Result<()> {
-    let list = nodes(c).await?;
-    let set = |peer: &str, schedulable| -> Result<Command> {
-        let peer = find(&list, peer)?.peer.clone();
-        Ok(Command::SetSchedulable { peer, schedulable })
-    };
-    let (command, done) = match verb {
+    let list = c.nodes().await?;
+    let (peer, done) = match verb {
         NodeVerb::List => return ctx.print(&list, node_table),
         NodeVerb::Get { node } => {
             let n = find(&list, &node)?.clone();
@@ -427,20 +437,26 @@ async fn node_on(ctx: &Ctx, c: &Client, verb: NodeVerb) -> Result<()> {
             });
         }
         NodeVerb::Drain { node } => {
-            (set(&node, Schedulable::Draining)?, "draining: its replicas move")
+            let peer = find(&list, &node)?.peer.clone();
+            c.set_schedulable(&peer, Schedulable::Draining).await?;
+            (peer, "draining: its replicas move")
         }
-        NodeVerb::Cordon { node } => (set(&node, Schedulable::Cordoned)?, "cordoned"),
-        NodeVerb::Uncordon { node } => (set(&node, Schedulable::Yes)?, "schedulable again"),
+        NodeVerb::Cordon { node } => {
+            let peer = find(&list, &node)?.peer.clone();
+            c.set_schedulable(&peer, Schedulable::Cordoned).await?;
+            (peer, "cordoned")
+        }
+        NodeVerb::Uncordon { node } => {
+            let peer = find(&list, &node)?.peer.clone();
+            c.set_schedulable(&peer, Schedulable::Yes).await?;
+            (peer, "schedulable again")
+        }
         NodeVerb::Revoke { node } => {
             let peer = find(&list, &node)?.peer.clone();
-            (Command::Revoke { peer }, "revoked")
+            c.revoke(&peer).await?;
+            (peer, "revoked")
         }
     };
-    let peer = match &command {
-        Command::SetSchedulable { peer, .. } | Command::Revoke { peer } => peer.clone(),
-        _ => String::new(),
-    };
-    c.command(command).await?;
     println!("node {peer} {done}");
     Ok(())
 }
@@ -452,7 +468,7 @@ fn workload_table(list: &Vec<WorkloadInfo>) -> String {
     );
     for w in list {
         let (runtime, image) = match &w.spec.image {
-            Image::Wasi(h) => ("wasi", format!("sha256:{}", &h[..h.len().min(16)])),
+            Image::Wasi(h) => ("wasi", format!("sha256:{}", h.short(16))),
             Image::Container(i) => ("container", i.clone()),
         };
         out.push_str(&format!(
@@ -475,11 +491,15 @@ fn workload_detail(w: &WorkloadInfo) -> String {
         "REPLICA", "NODE", "PHASE", "RESTARTS", "REASON"
     ));
     for r in &w.replicas {
+        let phase = match &r.from {
+            Some(from) => format!("{} (moving from {from})", r.phase),
+            None => r.phase.clone(),
+        };
         out.push_str(&format!(
             "{:<8} {:<54} {:<11} {:>8}  {}\n",
             r.index,
-            r.node.clone().unwrap_or_else(|| "-".into()),
-            r.phase,
+            r.node.as_ref().map_or("-".into(), ToString::to_string),
+            phase,
             r.restarts,
             r.reason.clone().unwrap_or_default()
         ));
@@ -509,6 +529,11 @@ async fn workload(ctx: &Ctx, verb: WorkloadVerb) -> Result<()> {
     result
 }
 
+/// A workload name given on the command line.
+fn name(text: &str) -> Result<WorkloadName> {
+    Ok(WorkloadName::new(text)?)
+}
+
 async fn workload_on(
     ctx: &Ctx,
     c: &Client,
@@ -530,45 +555,37 @@ async fn workload_on(
                 None => parsed.spec,
             };
             let name = spec.name.clone();
-            match c.command(Command::PutWorkload(Box::new(spec))).await? {
-                Reply::Version(v) => println!("workload {name} applied (version {v})"),
-                Reply::Done => println!("workload {name} applied"),
-            }
+            let version = c.put_workload(spec).await?;
+            println!("workload {name} applied (version {version})");
             Ok(())
         }
         WorkloadVerb::List => {
-            let list = workloads(c, Read::Workloads).await?;
+            let list = c.workloads().await?;
             ctx.print(&list, workload_table)
         }
-        WorkloadVerb::Get { name } => {
-            let list = workloads(c, Read::Workload { name }).await?;
-            let w = list.into_iter().next().context("no such workload")?;
+        WorkloadVerb::Get { name: n } => {
+            let w = c.workload(&name(&n)?).await?;
             ctx.print(&w, workload_detail)
         }
-        WorkloadVerb::Delete { name } => {
-            c.command(Command::DeleteWorkload { name: name.clone() }).await?;
-            println!("workload {name} deleted");
+        WorkloadVerb::Delete { name: n } => {
+            c.delete_workload(&name(&n)?).await?;
+            println!("workload {n} deleted");
             Ok(())
         }
-        WorkloadVerb::Scale { name, replicas } => {
-            c.command(Command::Scale { name: name.clone(), replicas }).await?;
-            println!("workload {name} scaled to {replicas}");
+        WorkloadVerb::Scale { name: n, replicas } => {
+            c.scale(&name(&n)?, replicas).await?;
+            println!("workload {n} scaled to {replicas}");
             Ok(())
         }
-        WorkloadVerb::Explain { name } => match c.read(Read::Explain { name }).await? {
-            ApiResponse::Explain(lines) => {
-                ctx.print(&lines, |l| l.iter().map(|s| format!("{s}\n")).collect())
-            }
-            other => bail!("unexpected answer: {other:?}"),
-        },
-        WorkloadVerb::Logs { name, replica, tail, follow } => {
+        WorkloadVerb::Explain { name: n } => {
+            let lines = c.explain(&name(&n)?).await?;
+            ctx.print(&lines, |l| l.iter().map(|s| format!("{s}\n")).collect())
+        }
+        WorkloadVerb::Logs { name: n, replica, tail, follow } => {
+            let replica = ReplicaId::new(&name(&n)?, replica);
             let mut after_ns = 0;
             loop {
-                let read = Read::Logs { workload: name.clone(), index: replica, after_ns, tail };
-                let lines: Vec<Line> = match c.read(read).await? {
-                    ApiResponse::Logs(l) => l,
-                    other => bail!("unexpected answer: {other:?}"),
-                };
+                let lines = c.logs(replica.clone(), after_ns, tail).await?;
                 if let Some(last) = lines.last() {
                     after_ns = last.at_ns;
                 }
@@ -601,47 +618,41 @@ fn relative_to(document: &Path, module: &Path) -> PathBuf {
     document.parent().map_or_else(|| module.to_path_buf(), |d| d.join(module))
 }
 
-async fn workloads(c: &Client, read: Read) -> Result<Vec<WorkloadInfo>> {
-    match c.read(read).await? {
-        ApiResponse::Workloads(w) => Ok(w),
-        other => bail!("unexpected answer: {other:?}"),
-    }
-}
-
-fn parse_key(hex: &str) -> Result<[u8; 32]> {
-    keys::parse_hex(hex).with_context(|| format!("{hex:?} is not a public key (64 hex digits)"))
+fn parse_key(hex: &str) -> Result<[u8; 32], ClientError> {
+    keys::parse_hex(hex).ok_or_else(|| {
+        cloudless_api::ApiError::invalid(format!("{hex:?} is not a public key (64 hex digits)"))
+            .into()
+    })
 }
 
 async fn user(ctx: &Ctx, verb: UserVerb) -> Result<()> {
-    let command = match &verb {
-        UserVerb::Add { public_key, role, name } => {
-            let role = match role.as_str() {
-                "admin" => Role::Admin,
-                "deployer" => Role::Deployer,
-                "viewer" => Role::Viewer,
-                other => bail!("role {other:?} is not admin, deployer or viewer"),
-            };
-            Some(Command::PutUser { key: parse_key(public_key)?, name: name.clone(), role })
-        }
-        UserVerb::Remove { public_key } => {
-            Some(Command::RemoveUser { key: parse_key(public_key)? })
+    // Arguments are checked before anything is contacted.
+    let key = match &verb {
+        UserVerb::Add { public_key, .. } | UserVerb::Remove { public_key } => {
+            Some(parse_key(public_key)?)
         }
         UserVerb::Whoami => None,
     };
+    let role = match &verb {
+        UserVerb::Add { role, .. } => Some(Role::parse(role).ok_or_else(|| {
+            ClientError::Api(cloudless_api::ApiError::invalid(format!(
+                "role {role:?} is not admin, deployer or viewer"
+            )))
+        })?),
+        _ => None,
+    };
     let c = ctx.connect().await?;
-    let result = match command {
-        Some(command) => c.command(command).await.map(|_| println!("done")).map_err(Into::into),
-        None => match c.read(Read::Whoami).await {
-            Ok(ApiResponse::Role(r)) => {
-                println!("{} {}", keys::hex(&c.public_key()), format!("{r:?}").to_lowercase());
-                Ok(())
-            }
-            Ok(other) => Err(anyhow::anyhow!("unexpected answer: {other:?}")),
-            Err(e) => Err(e.into()),
-        },
+    let result = match (verb, key, role) {
+        (UserVerb::Add { name, .. }, Some(key), Some(role)) => {
+            c.put_user(key, &name, role).await.map(|()| println!("done"))
+        }
+        (UserVerb::Remove { .. }, Some(key), _) => {
+            c.remove_user(key).await.map(|()| println!("done"))
+        }
+        _ => c.whoami().await.map(|r| println!("{} {r}", keys::hex(&c.public_key()))),
     };
     c.close().await;
-    result
+    Ok(result?)
 }
 
 #[cfg(test)]

@@ -18,7 +18,8 @@ use cloudless_types::placement::{
     Toleration, Topology, WorkloadTerm,
 };
 use cloudless_types::{
-    DeviceClass, Image, InvalidInput, Kind, Port, Probe, ProbeCheck, Restart, WorkloadSpec,
+    DeviceClass, Image, InvalidInput, Kind, ModuleHash, Port, Probe, ProbeCheck, Restart,
+    WorkloadName, WorkloadSpec,
 };
 use serde::Deserialize;
 
@@ -50,7 +51,7 @@ fn invalid(path: impl Into<String>, reason: impl Into<String>) -> SpecError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Module {
     /// Already uploaded, by hash.
-    Hash(String),
+    Hash(ModuleHash),
     /// A local file the CLI uploads.
     Path(PathBuf),
 }
@@ -67,8 +68,8 @@ pub struct Parsed {
 
 impl Parsed {
     /// Names the uploaded module by its hash and validates the result.
-    pub fn with_module_hash(mut self, hash: &str) -> Result<WorkloadSpec, SpecError> {
-        self.spec.image = Image::Wasi(hash.to_string());
+    pub fn with_module_hash(mut self, hash: &ModuleHash) -> Result<WorkloadSpec, SpecError> {
+        self.spec.image = Image::Wasi(hash.clone());
         self.spec.validate().map_err(from_invalid)?;
         Ok(self.spec)
     }
@@ -396,12 +397,18 @@ impl Document {
         let (image, module) = match (self.runtime.container, self.runtime.wasi) {
             (Some(c), None) => (Image::Container(c.image), None),
             (None, Some(DocWasi { module })) => match module.strip_prefix("sha256:") {
-                Some(h) => (Image::Wasi(h.to_string()), Some(Module::Hash(h.to_string()))),
+                Some(h) => {
+                    let h = ModuleHash::new(h)
+                        .map_err(|e| invalid("runtime.wasi.module", e.to_string()))?;
+                    (Image::Wasi(h.clone()), Some(Module::Hash(h)))
+                }
                 None if module.is_empty() => {
                     return Err(invalid("runtime.wasi.module", "must be a path or sha256:<hex>"));
                 }
                 // Placeholder until the upload names it.
-                None => (Image::Wasi("0".repeat(64)), Some(Module::Path(PathBuf::from(module)))),
+                None => {
+                    (Image::Wasi(ModuleHash::of(b"")), Some(Module::Path(PathBuf::from(module))))
+                }
             },
             _ => return Err(invalid("runtime", "needs exactly one of container or wasi")),
         };
@@ -434,7 +441,7 @@ impl Document {
             });
         }
         let spec = WorkloadSpec {
-            name: self.name,
+            name: WorkloadName::new(self.name).map_err(from_invalid)?,
             kind,
             image,
             command: self.command,

@@ -10,16 +10,16 @@
 //!   leader's controller: Candidates (node: mesh view + State) ──▶ voters::plan ──▶ membership
 //! ```
 //!
-//! - [`state`]: the state machine, a plain struct with a deterministic `apply`; commands are
+//! - [`state`]: the state machine, a plain struct with a deterministic `apply` of the api's
+//!   `Command`s (`cloudless-api` defines them, so the CLI needs nothing of raft); commands are
 //!   checked completely before the first change and retried requests are answered from a
 //!   per-client session table, so a retry is applied once.
 //! - [`store`]: openraft's storage-v2 traits (`RaftLogStorage`, `RaftStateMachine`) over one
 //!   redb database per member, fsync on every commit; snapshots are the serialized state,
 //!   built off the apply path. [`store::force_single_voter`] is forced recovery.
-//! - [`api`]: what nodes and the CLI send to reach the group through any node.
-//! - [`invite`]: invite strings: a root-signed enrollment token and where to join.
 //! - [`network`]: the [`Transport`] trait the node implements over the mesh's RPC (and
-//!   [`memnet`] in memory, with drops, delays and one-way partitions, for tests).
+//!   `memnet` in memory, with drops, delays and one-way partitions, for tests: behind the
+//!   `test-utils` feature, so it is not compiled into the node).
 //! - [`voters`]: who votes, as pure functions: [`voters::assess`] scores a peer and
 //!   [`voters::plan`] moves the voter set towards the most stable eligible peers.
 //! - [`node`]: [`Consensus`], one member: opening, bootstrap, group-committed writes with
@@ -36,9 +36,7 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-pub mod api;
-pub mod invite;
-pub mod keys;
+#[cfg(feature = "test-utils")]
 pub mod memnet;
 pub mod network;
 pub mod node;
@@ -46,22 +44,30 @@ pub mod state;
 pub mod store;
 pub mod voters;
 
-pub use network::{Answer, Message, Transport, TransportError};
+pub use network::{Answer, Message, RaftService, Transport, TransportError};
 pub use node::{Candidates, Config, Consensus, ConsensusError, Consistency, ReadError, WriteError};
 
 /// A raft member's id: derived from its PeerId by the node (see [`node_id`]).
 pub type NodeId = u64;
 
 /// What raft knows about a member: how to reach it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Member {
-    /// The member's PeerId, as text.
-    pub peer: String,
+    /// The member's PeerId.
+    pub peer: cloudless_types::NodeName,
+}
+
+/// openraft needs a default member for ids it knows no address of: the peer of the all-zero
+/// ed25519 key, which no one can hold, so nothing ever answers there.
+impl Default for Member {
+    fn default() -> Self {
+        Member { peer: cloudless_types::NodeName::from_ed25519([0; 32]) }
+    }
 }
 
 impl std::fmt::Display for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.peer)
+        f.write_str(self.peer.as_str())
     }
 }
 
@@ -76,9 +82,9 @@ openraft::declare_raft_types!(
 
 /// The raft id of a peer: the first eight bytes of the SHA-256 of its PeerId text. Stable,
 /// spread evenly, and collision-free in practice for any pool size (2^64).
-pub fn node_id(peer: &str) -> NodeId {
+pub fn node_id(peer: &cloudless_types::NodeName) -> NodeId {
     use sha2::Digest;
-    let d = sha2::Sha256::digest(peer.as_bytes());
+    let d = sha2::Sha256::digest(peer.as_str().as_bytes());
     let mut b = [0u8; 8];
     b.copy_from_slice(&d[..8]);
     u64::from_be_bytes(b)

@@ -6,16 +6,18 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use cloudless_types::NodeName;
+
 use crate::Member;
 use crate::network::{Answer, Message, Transport, TransportError};
 use crate::node::Consensus;
 
 #[derive(Default)]
 struct Switchboard {
-    members: HashMap<String, Consensus<MemTransport>>,
-    down: HashSet<String>,
+    members: HashMap<NodeName, Consensus<MemTransport>>,
+    down: HashSet<NodeName>,
     /// (from, to) pairs whose messages are lost.
-    cut: HashSet<(String, String)>,
+    cut: HashSet<(NodeName, NodeName)>,
     drop_percent: u32,
     delay: Duration,
     seed: u64,
@@ -31,7 +33,7 @@ pub struct MemNet {
 /// One member's side of the [`MemNet`].
 #[derive(Clone)]
 pub struct MemTransport {
-    me: String,
+    me: NodeName,
     net: MemNet,
 }
 
@@ -42,8 +44,8 @@ impl MemNet {
     }
 
     /// The transport for member `peer`.
-    pub fn transport(&self, peer: &str) -> MemTransport {
-        MemTransport { me: peer.to_string(), net: self.clone() }
+    pub fn transport(&self, peer: &NodeName) -> MemTransport {
+        MemTransport { me: peer.clone(), net: self.clone() }
     }
 
     fn board(&self) -> std::sync::RwLockWriteGuard<'_, Switchboard> {
@@ -58,26 +60,26 @@ impl MemNet {
     }
 
     /// Disconnects a member (crashed or shut down): nothing reaches it any more.
-    pub fn remove(&self, peer: &str) -> Option<Consensus<MemTransport>> {
+    pub fn remove(&self, peer: &NodeName) -> Option<Consensus<MemTransport>> {
         let mut b = self.board();
-        b.down.insert(peer.to_string());
+        b.down.insert(peer.clone());
         b.members.remove(peer)
     }
 
     /// Cuts every link between `a` and `b` members, both ways.
-    pub fn partition(&self, a: &[&str], b: &[&str]) {
+    pub fn partition(&self, a: &[&NodeName], b: &[&NodeName]) {
         let mut board = self.board();
         for x in a {
             for y in b {
-                board.cut.insert((x.to_string(), y.to_string()));
-                board.cut.insert((y.to_string(), x.to_string()));
+                board.cut.insert(((*x).clone(), (*y).clone()));
+                board.cut.insert(((*y).clone(), (*x).clone()));
             }
         }
     }
 
     /// Loses messages from `from` to `to` (and answers going that way), not the reverse.
-    pub fn cut_one_way(&self, from: &str, to: &str) {
-        self.board().cut.insert((from.to_string(), to.to_string()));
+    pub fn cut_one_way(&self, from: &NodeName, to: &NodeName) {
+        self.board().cut.insert((from.clone(), to.clone()));
     }
 
     /// Removes every partition.
@@ -133,7 +135,7 @@ impl Transport for MemTransport {
             )
         };
         let unreachable = |reason: &str| TransportError::Unreachable {
-            peer: to.peer.clone(),
+            peer: to.peer.to_string(),
             reason: reason.to_string(),
         };
         let Some(target) = target else { return Err(unreachable("not running")) };
@@ -142,12 +144,12 @@ impl Transport for MemTransport {
         }
         if drop_percent > 0 && self.net.roll() < drop_percent {
             return Err(TransportError::Failed {
-                peer: to.peer.clone(),
+                peer: to.peer.to_string(),
                 reason: "message lost".into(),
             });
         }
         let message = roundtrip(&message)
-            .map_err(|reason| TransportError::Failed { peer: to.peer.clone(), reason })?;
+            .map_err(|reason| TransportError::Failed { peer: to.peer.to_string(), reason })?;
         let exchange = async {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
@@ -156,17 +158,17 @@ impl Transport for MemTransport {
         };
         let answer =
             tokio::time::timeout(timeout, exchange).await.map_err(|_| TransportError::Failed {
-                peer: to.peer.clone(),
+                peer: to.peer.to_string(),
                 reason: format!("no answer within {timeout:?}"),
             })?;
         if cut_back {
             // The request arrived; the answer is lost on the way back.
             return Err(TransportError::Failed {
-                peer: to.peer.clone(),
+                peer: to.peer.to_string(),
                 reason: "answer lost".into(),
             });
         }
         roundtrip(&answer)
-            .map_err(|reason| TransportError::Failed { peer: to.peer.clone(), reason })
+            .map_err(|reason| TransportError::Failed { peer: to.peer.to_string(), reason })
     }
 }

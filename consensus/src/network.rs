@@ -55,6 +55,15 @@ pub enum Answer {
     ReadIndex(Result<u64, String>),
 }
 
+/// The raft service as the node's transport carries it: a [`Message`] and its [`Answer`].
+pub struct RaftService;
+
+impl cloudless_types::Rpc for RaftService {
+    const SERVICE: &'static str = "raft";
+    type Request = Message;
+    type Response = Answer;
+}
+
 /// Why a message did not get an answer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TransportError {

@@ -359,6 +359,12 @@ impl<T: Transport> Consensus<T> {
             .collect()
     }
 
+    /// Every member of the group this member knows of (voters and learners), as peers.
+    pub fn members(&self) -> BTreeSet<cloudless_types::NodeName> {
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        m.membership().nodes().map(|(_, member)| member.peer.clone()).collect()
+    }
+
     /// Current voters.
     pub fn voters(&self) -> BTreeSet<NodeId> {
         self.inner.raft.metrics().borrow().membership_config.membership().voter_ids().collect()

@@ -17,32 +17,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use cloudless_types::{InvalidInput, WorkloadSpec};
+pub use cloudless_api::command::{
+    Change, Command, CommandError, NodeRole, ReplicaStatus, Reply, Role, Schedulable, Settings,
+    Token, UserKey,
+};
+use cloudless_types::{InvalidInput, NodeName, ReplicaId, WorkloadName, WorkloadSpec};
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
-
-/// A user's public key (ed25519), the identity of a CLI user.
-pub type UserKey = [u8; 32];
-
-/// What a user may do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Role {
-    /// Read only.
-    Viewer,
-    /// Read, and manage workloads.
-    Deployer,
-    /// Everything.
-    Admin,
-}
-
-/// What a node may be used for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum NodeRole {
-    /// Runs workloads.
-    Worker,
-    /// May be chosen as a raft voter.
-    Voter,
-}
 
 /// Who makes a request. The node that accepts it establishes this (by checking the request's
 /// signature); the state machine checks what the actor may do.
@@ -50,8 +31,8 @@ pub enum NodeRole {
 pub enum Actor {
     /// A CLI user, by public key.
     User(UserKey),
-    /// An enrolled node, by PeerId (text).
-    Node(String),
+    /// An enrolled node, by the PeerId its connection authenticated.
+    Node(NodeName),
     /// The raft leader itself (placements, housekeeping).
     System,
 }
@@ -64,43 +45,6 @@ impl fmt::Display for Actor {
             Actor::System => f.write_str("the leader"),
         }
     }
-}
-
-/// A replica: workload name and ordinal.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct ReplicaKey {
-    /// The workload.
-    pub workload: String,
-    /// The ordinal.
-    pub index: u32,
-}
-
-/// How a replica is doing, as its node reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Phase {
-    /// Assigned, not started yet (pulling, compiling).
-    Pending,
-    /// Running.
-    Running,
-    /// Finished successfully (jobs).
-    Succeeded,
-    /// Failed, with the reason.
-    Failed(String),
-    /// Waiting to be restarted after a failure.
-    Restarting,
-}
-
-/// A node's report about one replica.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReplicaStatus {
-    /// Who reports.
-    pub node: String,
-    /// The phase.
-    pub phase: Phase,
-    /// Restarts so far.
-    pub restarts: u32,
-    /// When the node observed it (its clock, milliseconds since the epoch).
-    pub at_ms: u64,
 }
 
 /// An enrolled node.
@@ -116,29 +60,6 @@ pub struct NodeRecord {
     pub enrolled_ms: u64,
     /// Whether new replicas may go there, and whether its replicas must move.
     pub schedulable: Schedulable,
-}
-
-/// Whether the scheduler may use a node (`cloudlessctl node drain|uncordon`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Schedulable {
-    /// New replicas may be placed there.
-    #[default]
-    Yes,
-    /// No new replicas; the ones it runs stay.
-    Cordoned,
-    /// No new replicas, and the leader moves the ones it runs elsewhere.
-    Draining,
-}
-
-impl Schedulable {
-    /// The word the CLI shows.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Schedulable::Yes => "schedulable",
-            Schedulable::Cordoned => "cordoned",
-            Schedulable::Draining => "draining",
-        }
-    }
 }
 
 /// A CLI user.
@@ -162,151 +83,13 @@ pub struct WorkloadRecord {
 /// Where a replica is assigned.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Assignment {
-    /// The node.
-    pub node: String,
+    /// The node that runs it (and reports its status).
+    pub node: NodeName,
     /// The placement epoch of the decision.
     pub epoch: u64,
-}
-
-/// Cluster-wide settings.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Settings {
-    /// The cluster's name.
-    pub name: String,
-    /// The cluster root public key: signs enrollment tokens.
-    pub root_key: UserKey,
-    /// Wanted voters; `None` follows the default rule (1, 3 or 5 by eligible peers).
-    pub voter_target: Option<u8>,
-    /// Whether phones may vote.
-    pub phones_may_vote: bool,
-}
-
-/// The contents of an invite's enrollment token, signed by the cluster root key.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Token {
-    /// The cluster it is for.
-    pub cluster: String,
-    /// Single-use (or `max_uses`) identifier.
-    pub nonce: [u8; 16],
-    /// Valid until (milliseconds since the epoch).
-    pub expires_ms: u64,
-    /// How many nodes may enroll with it.
-    pub max_uses: u32,
-    /// Roles granted.
-    pub roles: BTreeSet<NodeRole>,
-    /// Labels granted.
-    pub labels: BTreeMap<String, String>,
-}
-
-impl Token {
-    /// The bytes the root key signs.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        // Encoding a struct of plain fields into a Vec cannot fail.
-        postcard::to_allocvec(self).unwrap_or_default()
-    }
-}
-
-/// A change to the cluster.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Command {
-    /// Creates the cluster: settings, the first admin, the first node. Only once.
-    Bootstrap {
-        /// Settings.
-        settings: Settings,
-        /// The first admin's key.
-        admin: UserKey,
-        /// The first node (the first voter).
-        node: String,
-    },
-    /// Replaces the settings (the root key cannot change).
-    SetSettings(Settings),
-    /// Enrolls `peer` with a signed token.
-    Enroll {
-        /// The token.
-        token: Token,
-        /// The root key's signature over `token.to_bytes()`.
-        signature: Vec<u8>,
-        /// The node enrolling.
-        peer: String,
-    },
-    /// Cuts a node off.
-    Revoke {
-        /// The node.
-        peer: String,
-    },
-    /// Cordons, drains or uncordons a node.
-    SetSchedulable {
-        /// The node.
-        peer: String,
-        /// Its new state.
-        schedulable: Schedulable,
-    },
-    /// Replaces a node's labels.
-    SetNodeLabels {
-        /// The node.
-        peer: String,
-        /// Its labels.
-        labels: BTreeMap<String, String>,
-    },
-    /// Adds or changes a user.
-    PutUser {
-        /// The key.
-        key: UserKey,
-        /// A name.
-        name: String,
-        /// The role.
-        role: Role,
-    },
-    /// Removes a user.
-    RemoveUser {
-        /// The key.
-        key: UserKey,
-    },
-    /// Creates or updates a workload (boxed: a spec is large, most commands are small).
-    PutWorkload(Box<WorkloadSpec>),
-    /// Deletes a workload and its assignments.
-    DeleteWorkload {
-        /// The workload.
-        name: String,
-    },
-    /// Changes a workload's desired replicas.
-    Scale {
-        /// The workload.
-        name: String,
-        /// Desired replicas.
-        replicas: u32,
-    },
-    /// Records placements (from the leader's scheduler).
-    Assign {
-        /// The placement epoch: must be above the last one.
-        epoch: u64,
-        /// Replicas and their nodes.
-        set: Vec<(ReplicaKey, String)>,
-        /// Replicas no longer assigned.
-        unset: Vec<ReplicaKey>,
-    },
-    /// Records replica status reports from a node.
-    Report(Vec<(ReplicaKey, ReplicaStatus)>),
-}
-
-impl Command {
-    fn name(&self) -> &'static str {
-        match self {
-            Command::Bootstrap { .. } => "bootstrap",
-            Command::SetSettings(_) => "set settings",
-            Command::Enroll { .. } => "enroll",
-            Command::Revoke { .. } => "revoke",
-            Command::SetNodeLabels { .. } => "set node labels",
-            Command::SetSchedulable { .. } => "set node schedulable",
-            Command::PutUser { .. } => "put user",
-            Command::RemoveUser { .. } => "remove user",
-            Command::PutWorkload(_) => "put workload",
-            Command::DeleteWorkload { .. } => "delete workload",
-            Command::Scale { .. } => "scale",
-            Command::Assign { .. } => "assign",
-            Command::Report(_) => "report",
-        }
-    }
+    /// While the replica moves: the node that keeps running it until its replacement on
+    /// `node` runs and the leader releases it.
+    pub from: Option<NodeName>,
 }
 
 /// One write, as proposed to raft.
@@ -328,81 +111,6 @@ pub struct Request {
 /// fsync for all of them. Each is still applied, refused and de-duplicated on its own.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch(pub Vec<Request>);
-
-/// What a successful command returns.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Reply {
-    /// Done.
-    Done,
-    /// The workload's new version.
-    Version(u64),
-}
-
-/// Why a command was refused. Nothing was changed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-pub enum CommandError {
-    /// The cluster has not been bootstrapped.
-    #[error("the cluster is not bootstrapped yet")]
-    NotBootstrapped,
-    /// The cluster is bootstrapped already.
-    #[error("the cluster is already bootstrapped")]
-    AlreadyBootstrapped,
-    /// The actor may not do this.
-    #[error("{actor} may not {command}")]
-    Unauthorized {
-        /// Who.
-        actor: String,
-        /// What.
-        command: String,
-    },
-    /// Something in the command is wrong.
-    #[error("invalid {field}: {reason}")]
-    Invalid {
-        /// Which field.
-        field: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// It refers to something that does not exist.
-    #[error("no {what} named {name}")]
-    NotFound {
-        /// What kind of thing.
-        what: String,
-        /// Its name.
-        name: String,
-    },
-    /// The token's signature does not verify with the root key.
-    #[error("the enrollment token is not signed by this cluster's root key")]
-    BadSignature,
-    /// The token has expired.
-    #[error("the enrollment token expired at {expired_ms} ms")]
-    TokenExpired {
-        /// When.
-        expired_ms: u64,
-    },
-    /// The token has been used up.
-    #[error("the enrollment token has been used {uses} time(s), its limit")]
-    TokenUsed {
-        /// Uses so far.
-        uses: u32,
-    },
-    /// A placement epoch at or below the last one.
-    #[error("placement epoch {epoch} is not above the current {current}")]
-    StaleEpoch {
-        /// The epoch given.
-        epoch: u64,
-        /// The current one.
-        current: u64,
-    },
-    /// A bound was reached.
-    #[error("too many {what} (at most {max})")]
-    TooMany {
-        /// What.
-        what: String,
-        /// The bound.
-        max: usize,
-    },
-}
 
 /// What applying a request yields.
 pub type Response = Result<Reply, CommandError>;
@@ -433,7 +141,7 @@ pub const MAX_USERS: usize = 10_000;
 pub const MAX_WORKLOADS: usize = 10_000;
 /// Most entries in one assign or report command.
 pub const MAX_BATCH: usize = 100_000;
-/// Longest peer id, user name or cluster name, in bytes.
+/// Longest user name or cluster name, in bytes.
 pub const MAX_NAME: usize = 128;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -451,11 +159,11 @@ struct Session {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     settings: Option<Settings>,
-    nodes: BTreeMap<String, NodeRecord>,
+    nodes: BTreeMap<NodeName, NodeRecord>,
     users: BTreeMap<UserKey, UserRecord>,
-    workloads: BTreeMap<String, WorkloadRecord>,
-    assignments: BTreeMap<ReplicaKey, Assignment>,
-    statuses: BTreeMap<ReplicaKey, ReplicaStatus>,
+    workloads: BTreeMap<WorkloadName, WorkloadRecord>,
+    assignments: BTreeMap<ReplicaId, Assignment>,
+    statuses: BTreeMap<ReplicaId, ReplicaStatus>,
     /// Token nonces: uses so far and expiry (expired ones are dropped).
     nonces: BTreeMap<[u8; 16], (u32, u64)>,
     epoch: u64,
@@ -525,9 +233,9 @@ impl State {
         }
     }
 
-    fn is_live_node<'a>(&self, actor: &'a Actor) -> Option<&'a str> {
+    fn is_live_node<'a>(&self, actor: &'a Actor) -> Option<&'a NodeName> {
         match actor {
-            Actor::Node(p) => self.nodes.get(p).filter(|n| !n.revoked).map(|_| p.as_str()),
+            Actor::Node(p) => self.nodes.get(p).filter(|n| !n.revoked).map(|_| p),
             _ => None,
         }
     }
@@ -547,12 +255,11 @@ impl State {
         };
         let settings = match (&req.command, &self.settings) {
             (Command::Bootstrap { .. }, Some(_)) => return Err(CommandError::AlreadyBootstrapped),
-            (Command::Bootstrap { settings, admin: _, node }, None) => {
+            (Command::Bootstrap { settings, .. }, None) => {
                 if req.actor != Actor::System {
                     return Err(unauthorized());
                 }
                 check_name("settings.name", &settings.name)?;
-                check_name("node", node)?;
                 return Ok(());
             }
             (_, None) => return Err(CommandError::NotBootstrapped),
@@ -585,7 +292,6 @@ impl State {
                 {
                     return Err(unauthorized());
                 }
-                check_name("peer", peer)?;
                 if token.cluster != settings.name {
                     return Err(bad(
                         "token.cluster",
@@ -623,7 +329,10 @@ impl State {
                     return Err(unauthorized());
                 }
                 if !self.nodes.contains_key(peer) {
-                    return Err(CommandError::NotFound { what: "node".into(), name: peer.clone() });
+                    return Err(CommandError::NotFound {
+                        what: "node".into(),
+                        name: peer.to_string(),
+                    });
                 }
                 if let Command::SetNodeLabels { labels, .. } = &req.command {
                     check_labels(labels)?;
@@ -681,7 +390,7 @@ impl State {
                 let Some(w) = self.workloads.get(name) else {
                     return Err(CommandError::NotFound {
                         what: "workload".into(),
-                        name: name.clone(),
+                        name: name.to_string(),
                     });
                 };
                 if let Command::Scale { replicas, .. } = &req.command {
@@ -692,46 +401,20 @@ impl State {
                 }
                 Ok(())
             }
-            Command::Assign { epoch, set, unset } => {
+            Command::Assign { epoch, changes } => {
                 if req.actor != Actor::System {
                     return Err(unauthorized());
                 }
                 if *epoch <= self.epoch {
                     return Err(CommandError::StaleEpoch { epoch: *epoch, current: self.epoch });
                 }
-                if set.len() + unset.len() > MAX_BATCH {
+                if changes.len() > MAX_BATCH {
                     return Err(CommandError::TooMany {
-                        what: "assignments in one command".into(),
+                        what: "assignment changes in one command".into(),
                         max: MAX_BATCH,
                     });
                 }
-                for (r, node) in set {
-                    let Some(w) = self.workloads.get(&r.workload) else {
-                        return Err(CommandError::NotFound {
-                            what: "workload".into(),
-                            name: r.workload.clone(),
-                        });
-                    };
-                    if r.index >= w.spec.replicas {
-                        return Err(bad(
-                            "set",
-                            format!(
-                                "{}#{} is beyond the {} desired replicas",
-                                r.workload, r.index, w.spec.replicas
-                            ),
-                        ));
-                    }
-                    match self.nodes.get(node) {
-                        Some(n) if !n.revoked => {}
-                        _ => {
-                            return Err(CommandError::NotFound {
-                                what: "enrolled node".into(),
-                                name: node.clone(),
-                            });
-                        }
-                    }
-                }
-                Ok(())
+                self.check_changes(changes)
             }
             Command::Report(items) => {
                 let node = match &req.actor {
@@ -746,24 +429,14 @@ impl State {
                 }
                 for (r, status) in items {
                     if let Some(n) = node
-                        && status.node != n
+                        && status.node != *n
                     {
                         return Err(bad(
                             "report",
                             format!("{n} reports on behalf of {}", status.node),
                         ));
                     }
-                    if let Phase::Failed(reason) = &status.phase
-                        && reason.len() > 1024
-                    {
-                        return Err(bad(
-                            "report",
-                            format!(
-                                "failure reason for {}#{} longer than 1024 bytes",
-                                r.workload, r.index
-                            ),
-                        ));
-                    }
+                    status.phase.validate().map_err(|e| bad("report", format!("{r}: {e}")))?;
                 }
                 Ok(())
             }
@@ -812,8 +485,23 @@ impl State {
                 if let Some(n) = self.nodes.get_mut(peer) {
                     n.revoked = true;
                 }
-                // Its replicas must move: forget their assignments.
-                self.assignments.retain(|_, a| a.node != *peer);
+                // Its replicas must move: forget their assignments, and that it still runs
+                // replicas moving away.
+                let gone: Vec<ReplicaId> = self
+                    .assignments
+                    .iter()
+                    .filter(|(_, a)| a.node == *peer)
+                    .map(|(r, _)| r.clone())
+                    .collect();
+                for r in gone {
+                    self.assignments.remove(&r);
+                    self.statuses.remove(&r);
+                }
+                for a in self.assignments.values_mut() {
+                    if a.from.as_ref() == Some(peer) {
+                        a.from = None;
+                    }
+                }
                 Reply::Done
             }
             Command::SetNodeLabels { peer, labels } => {
@@ -837,8 +525,9 @@ impl State {
                 Reply::Done
             }
             Command::PutWorkload(spec) => {
+                // Replicas beyond a lowered count keep running until the leader's scale plan
+                // stops the ones it chooses.
                 let version = self.workloads.get(&spec.name).map_or(1, |w| w.version + 1);
-                self.trim_assignments(&spec.name, spec.replicas);
                 self.workloads
                     .insert(spec.name.clone(), WorkloadRecord { spec: (**spec).clone(), version });
                 Reply::Version(version)
@@ -850,6 +539,7 @@ impl State {
                 Reply::Done
             }
             Command::Scale { name, replicas } => {
+                // The leader's scale plan starts or stops replicas to match.
                 let mut version = 0;
                 if let Some(w) = self.workloads.get_mut(name) {
                     w.spec.replicas = *replicas;
@@ -857,17 +547,12 @@ impl State {
                     w.version += 1;
                     version = w.version;
                 }
-                self.trim_assignments(name, *replicas);
                 Reply::Version(version)
             }
-            Command::Assign { epoch, set, unset } => {
+            Command::Assign { epoch, changes } => {
                 self.epoch = *epoch;
-                for r in unset {
-                    self.assignments.remove(r);
-                }
-                for (r, node) in set {
-                    self.assignments
-                        .insert(r.clone(), Assignment { node: node.clone(), epoch: *epoch });
+                for change in changes {
+                    self.change(change, *epoch);
                 }
                 Reply::Done
             }
@@ -885,9 +570,128 @@ impl State {
         }
     }
 
-    fn trim_assignments(&mut self, workload: &str, replicas: u32) {
-        self.assignments.retain(|r, _| r.workload != workload || r.index < replicas);
-        self.statuses.retain(|r, _| r.workload != workload || r.index < replicas);
+    /// Checks a placement command's changes against the state as they would apply in order:
+    /// known workloads, enrolled unrevoked nodes, moves from where a replica runs, and no
+    /// workload grown beyond its desired replicas.
+    fn check_changes(&self, changes: &[Change]) -> Result<(), CommandError> {
+        // Whether each touched replica is assigned after the changes so far, and where.
+        let mut overlay: BTreeMap<&ReplicaId, Option<(&NodeName, bool)>> = BTreeMap::new();
+        let current = |r: &ReplicaId| self.assignments.get(r).map(|a| (&a.node, a.from.is_some()));
+        for change in changes {
+            let r = change.replica();
+            if !self.workloads.contains_key(&r.workload) {
+                return Err(CommandError::NotFound {
+                    what: "workload".into(),
+                    name: r.workload.to_string(),
+                });
+            }
+            if r.index >= cloudless_types::spec::MAX_REPLICAS {
+                return Err(bad(
+                    "changes",
+                    format!("{r}: ordinals go up to {}", cloudless_types::spec::MAX_REPLICAS - 1),
+                ));
+            }
+            let now = overlay.get(r).copied().unwrap_or_else(|| current(r));
+            let next = match change {
+                Change::Start { node, .. } => {
+                    self.check_target(node)?;
+                    Some((node, now.is_some_and(|(_, moving)| moving)))
+                }
+                Change::Move { from, to, .. } => {
+                    if from == to {
+                        return Err(bad(
+                            "changes",
+                            format!("{r} cannot move from {from} to itself"),
+                        ));
+                    }
+                    self.check_target(to)?;
+                    match now {
+                        Some((at, _)) if at == from => {}
+                        _ => {
+                            return Err(bad(
+                                "changes",
+                                format!("{r} cannot move from {from}: it is not assigned there"),
+                            ));
+                        }
+                    }
+                    Some((to, true))
+                }
+                Change::Release { .. } => match now {
+                    Some((at, true)) => Some((at, false)),
+                    _ => return Err(bad("changes", format!("{r} is not moving"))),
+                },
+                Change::Stop { .. } => None,
+            };
+            overlay.insert(r, next);
+        }
+        // No workload ends with more replicas than it wants, unless it had them already (a
+        // scale-down in progress).
+        let touched: BTreeSet<&WorkloadName> = overlay.keys().map(|r| &r.workload).collect();
+        for name in touched {
+            let Some(w) = self.workloads.get(name) else { continue };
+            let before = self.assigned_of(name).count();
+            let mut after = before;
+            for (r, next) in overlay.range(ReplicaId::new(name, 0)..) {
+                if r.workload != *name {
+                    break;
+                }
+                match (current(r).is_some(), next.is_some()) {
+                    (false, true) => after += 1,
+                    (true, false) => after -= 1,
+                    _ => {}
+                }
+            }
+            let want = w.spec.replicas as usize;
+            if after > want.max(before) {
+                return Err(bad(
+                    "changes",
+                    format!("{name} would have {after} replicas assigned; it wants {want}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_target(&self, node: &NodeName) -> Result<(), CommandError> {
+        match self.nodes.get(node) {
+            Some(n) if !n.revoked => Ok(()),
+            _ => {
+                Err(CommandError::NotFound { what: "enrolled node".into(), name: node.to_string() })
+            }
+        }
+    }
+
+    /// Makes one placement change (checked by [`check_changes`](Self::check_changes)).
+    fn change(&mut self, change: &Change, epoch: u64) {
+        match change {
+            Change::Start { replica, node } => {
+                let old = self.assignments.get(replica);
+                // A handoff in progress keeps its origin running until the replacement runs.
+                let from = old.and_then(|a| a.from.clone()).filter(|f| f != node);
+                if old.is_none_or(|a| a.node != *node) {
+                    self.statuses.remove(replica);
+                }
+                self.assignments
+                    .insert(replica.clone(), Assignment { node: node.clone(), epoch, from });
+            }
+            Change::Move { replica, from, to } => {
+                // The status described the run on `from`; the new host reports its own.
+                self.statuses.remove(replica);
+                self.assignments.insert(
+                    replica.clone(),
+                    Assignment { node: to.clone(), epoch, from: Some(from.clone()) },
+                );
+            }
+            Change::Release { replica } => {
+                if let Some(a) = self.assignments.get_mut(replica) {
+                    a.from = None;
+                }
+            }
+            Change::Stop { replica } => {
+                self.assignments.remove(replica);
+                self.statuses.remove(replica);
+            }
+        }
     }
 
     // ---- reads ---------------------------------------------------------------------------
@@ -898,12 +702,12 @@ impl State {
     }
 
     /// Enrolled nodes.
-    pub fn nodes(&self) -> &BTreeMap<String, NodeRecord> {
+    pub fn nodes(&self) -> &BTreeMap<NodeName, NodeRecord> {
         &self.nodes
     }
 
     /// Whether `peer` is enrolled and not revoked.
-    pub fn is_member(&self, peer: &str) -> bool {
+    pub fn is_member(&self, peer: &NodeName) -> bool {
         self.nodes.get(peer).is_some_and(|n| !n.revoked)
     }
 
@@ -918,25 +722,38 @@ impl State {
     }
 
     /// Workloads.
-    pub fn workloads(&self) -> &BTreeMap<String, WorkloadRecord> {
+    pub fn workloads(&self) -> &BTreeMap<WorkloadName, WorkloadRecord> {
         &self.workloads
     }
 
     /// Assignments.
-    pub fn assignments(&self) -> &BTreeMap<ReplicaKey, Assignment> {
+    pub fn assignments(&self) -> &BTreeMap<ReplicaId, Assignment> {
         &self.assignments
     }
 
-    /// Replicas assigned to `node`.
-    pub fn assigned_to<'a>(
+    /// The assigned replicas of `workload`, by ordinal.
+    pub fn assigned_of<'a>(
         &'a self,
-        node: &'a str,
-    ) -> impl Iterator<Item = (&'a ReplicaKey, &'a Assignment)> + 'a {
-        self.assignments.iter().filter(move |(_, a)| a.node == node)
+        workload: &'a WorkloadName,
+    ) -> impl Iterator<Item = (&'a ReplicaId, &'a Assignment)> + 'a {
+        self.assignments
+            .range(ReplicaId::new(workload, 0)..)
+            .take_while(move |(r, _)| r.workload == *workload)
     }
 
-    /// Reported replica statuses.
-    pub fn statuses(&self) -> &BTreeMap<ReplicaKey, ReplicaStatus> {
+    /// The replicas `node` should run: those assigned to it, and those moving away from it
+    /// whose replacement does not run yet.
+    pub fn runs_on<'a>(
+        &'a self,
+        node: &'a NodeName,
+    ) -> impl Iterator<Item = (&'a ReplicaId, &'a Assignment)> + 'a {
+        self.assignments
+            .iter()
+            .filter(move |(_, a)| a.node == *node || a.from.as_ref() == Some(node))
+    }
+
+    /// Reported replica statuses (each from the node the replica is assigned to).
+    pub fn statuses(&self) -> &BTreeMap<ReplicaId, ReplicaStatus> {
         &self.statuses
     }
 

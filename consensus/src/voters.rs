@@ -190,7 +190,7 @@ mod tests {
     fn cand(id: NodeId, stability: f64) -> Candidate {
         Candidate {
             id,
-            member: Member { peer: format!("p{id}") },
+            member: Member { peer: cloudless_types::NodeName::from_ed25519([id as u8; 32]) },
             alive: true,
             eligible: true,
             stability,
@@ -227,7 +227,7 @@ mod tests {
     }
 
     fn judge(record: Option<&NodeRecord>, o: &Observation, s: &Settings) -> Candidate {
-        assess(1, Member { peer: "p".into() }, record, o, s)
+        assess(1, Member { peer: cloudless_types::NodeName::from_ed25519([1; 32]) }, record, o, s)
     }
 
     #[test]
@@ -302,7 +302,7 @@ mod tests {
             .map(|(i, c)| {
                 assess(
                     i as NodeId + 1,
-                    Member { peer: format!("p{i}") },
+                    Member { peer: cloudless_types::NodeName::from_ed25519([i as u8; 32]) },
                     Some(&voter()),
                     &seen(*c),
                     &s,

@@ -14,7 +14,7 @@ use cloudless_consensus::memnet::{MemNet, MemTransport};
 use cloudless_consensus::state::{Actor, Command, CommandError, Reply, Role, Settings, State};
 use cloudless_consensus::voters::Candidate;
 use cloudless_consensus::{Candidates, Config, Consensus, Consistency, Member, node_id};
-use cloudless_types::{Image, Resources, WorkloadSpec};
+use cloudless_types::{Image, NodeName, Resources, WorkloadName, WorkloadSpec};
 
 const ADMIN: [u8; 32] = [1; 32];
 
@@ -36,8 +36,8 @@ fn config() -> Config {
 /// Liveness as the test decides it (the node gets it from the mesh).
 #[derive(Default)]
 struct Oracle {
-    alive: Mutex<BTreeSet<String>>,
-    members: Mutex<Vec<String>>,
+    alive: Mutex<BTreeSet<NodeName>>,
+    members: Mutex<Vec<NodeName>>,
 }
 
 impl Candidates for Oracle {
@@ -65,13 +65,13 @@ struct Cluster {
     oracle: Arc<Oracle>,
 }
 
-fn peer(i: usize) -> String {
-    format!("node-{i}")
+fn peer(i: usize) -> NodeName {
+    NodeName::from_ed25519([i as u8 + 1; 32])
 }
 
 fn spec(name: &str) -> WorkloadSpec {
     WorkloadSpec::new(
-        name,
+        WorkloadName::new(name).unwrap(),
         Image::Container("busybox:1".into()),
         Resources { cpu_millis: 100, memory_mib: 64, disk_mib: 0, gpus: 0 },
         1,
@@ -216,7 +216,10 @@ impl Cluster {
     }
 
     async fn workloads(&self, i: usize, c: Consistency) -> BTreeSet<String> {
-        self.node(i).read(c, |s| s.workloads().keys().cloned().collect()).await.unwrap()
+        self.node(i)
+            .read(c, |s| s.workloads().keys().map(|k| k.to_string()).collect())
+            .await
+            .unwrap()
     }
 }
 
@@ -272,8 +275,8 @@ async fn a_minority_partition_cannot_commit_and_the_heal_converges() {
     let (l, _) = c.wait_leader(Duration::from_secs(10)).await;
     c.write(l, "before").await.unwrap();
     // Cut the leader off: it is the minority now.
-    let others: Vec<String> = (0..3).filter(|i| *i != l).map(peer).collect();
-    let others_ref: Vec<&str> = others.iter().map(String::as_str).collect();
+    let others: Vec<NodeName> = (0..3).filter(|i| *i != l).map(peer).collect();
+    let others_ref: Vec<&NodeName> = others.iter().collect();
     c.net.partition(&[&peer(l)], &others_ref);
     let minority = c.node(l).clone();
     let stuck = tokio::spawn(async move {
@@ -287,9 +290,9 @@ async fn a_minority_partition_cannot_commit_and_the_heal_converges() {
     wait_for("all three hold the same workloads", Duration::from_secs(20), || {
         let sets: Vec<BTreeSet<String>> = (0..3)
             .map(|i| {
-                futures::executor::block_on(
-                    c.node(i).read(Consistency::Stale, |s| s.workloads().keys().cloned().collect()),
-                )
+                futures::executor::block_on(c.node(i).read(Consistency::Stale, |s| {
+                    s.workloads().keys().map(|k| k.to_string()).collect()
+                }))
                 .unwrap()
             })
             .collect();
@@ -402,7 +405,10 @@ async fn bad_commands_are_refused_and_change_nothing() {
     );
     let r = c
         .node(follower)
-        .propose(Actor::User([77; 32]), Command::DeleteWorkload { name: "ok".into() })
+        .propose(
+            Actor::User([77; 32]),
+            Command::DeleteWorkload { name: WorkloadName::new("ok").unwrap() },
+        )
         .await
         .unwrap();
     assert!(matches!(r, Err(CommandError::Unauthorized { .. })), "{r:?}");

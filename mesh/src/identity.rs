@@ -1,10 +1,13 @@
 //! The node's identity: one ed25519 keypair, persisted in the data dir, from which the PeerId
-//! derives.
+//! derives; and the one conversion between libp2p's `PeerId` and the vocabulary's
+//! [`NodeName`] (the same rules, so it cannot fail).
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use cloudless_types::NodeName;
+use libp2p::PeerId;
 use libp2p::identity::Keypair;
 
 /// Name of the key file inside the data dir.
@@ -106,6 +109,20 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     fs::rename(&tmp, path)
 }
 
+/// The node name of `peer`. `NodeName` accepts exactly the multihashes libp2p accepts as
+/// peer ids (checked by the tests below), so this cannot fail.
+#[allow(clippy::expect_used)]
+pub fn node_name(peer: &PeerId) -> NodeName {
+    NodeName::from_bytes(&peer.to_bytes()).expect("every peer id is a valid node name")
+}
+
+/// The peer id `name` spells. Every `NodeName` is a peer id (checked by the tests below), so
+/// this cannot fail.
+#[allow(clippy::expect_used)]
+pub fn peer_id(name: &NodeName) -> PeerId {
+    PeerId::from_bytes(&name.to_bytes()).expect("every node name is a valid peer id")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +157,41 @@ mod tests {
             fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
             let err = load_or_create(dir.path()).unwrap_err();
             assert!(err.to_string().contains("chmod 600"), "{err}");
+        }
+    }
+
+    #[test]
+    fn peer_ids_and_node_names_convert_both_ways() {
+        for _ in 0..64 {
+            let peer = PeerId::random();
+            let name = node_name(&peer);
+            assert_eq!(name.as_str(), peer.to_string());
+            assert_eq!(peer_id(&name), peer);
+        }
+        let key = Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id();
+        assert_eq!(node_name(&peer), NodeName::new(peer.to_string()).unwrap());
+        let ed = key.try_into_ed25519().unwrap().public().to_bytes();
+        assert_eq!(NodeName::from_ed25519(ed), node_name(&peer), "derived as libp2p derives");
+    }
+
+    proptest::proptest! {
+        /// Every multihash a NodeName accepts, libp2p accepts as a peer id.
+        #[test]
+        fn every_node_name_is_a_peer_id(
+            identity in proptest::bool::ANY,
+            digest in proptest::collection::vec(0u8.., 0..=64),
+        ) {
+            let (code, max) = if identity { (0x00u8, 42) } else { (0x12u8, 64) };
+            let mut bytes = vec![code, digest.len() as u8];
+            bytes.extend_from_slice(&digest);
+            match NodeName::from_bytes(&bytes) {
+                Ok(name) => {
+                    proptest::prop_assert!(digest.len() <= max);
+                    proptest::prop_assert_eq!(peer_id(&name).to_bytes(), bytes);
+                }
+                Err(_) => proptest::prop_assert!(digest.len() > max),
+            }
         }
     }
 }

@@ -54,5 +54,6 @@ pub mod rpc;
 pub use config::{Config, RelayMode, Role};
 pub use gate::{Gate, OpenGate, Protocol};
 pub use node::{
-    Event, Handle, Mesh, MeshError, Reachability, start, start_with_identity, start_with_metrics,
+    Event, Handle, Link, Mesh, MeshError, Reachability, start, start_with_identity,
+    start_with_metrics,
 };

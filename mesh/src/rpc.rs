@@ -10,7 +10,6 @@
 use std::time::Duration;
 
 use libp2p::PeerId;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -19,15 +18,9 @@ pub const MAX_SERVICE_NAME: usize = 64;
 /// Longest error message carried back to a caller, in bytes.
 pub const MAX_ERROR_MESSAGE: usize = 1024;
 
-/// One RPC service: its name and its message types.
-pub trait Rpc {
-    /// The service name (at most [`MAX_SERVICE_NAME`] bytes), for example `"raft.append"`.
-    const SERVICE: &'static str;
-    /// What the caller sends.
-    type Request: Serialize + DeserializeOwned + Send;
-    /// What the server answers.
-    type Response: Serialize + DeserializeOwned + Send;
-}
+/// One RPC service: its name and its message types (defined in `cloudless-types`, so the
+/// crates that define services need not depend on the mesh).
+pub use cloudless_types::Rpc;
 
 /// A request on the wire.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

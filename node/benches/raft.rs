@@ -15,7 +15,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use cloudless_consensus::Config;
-use cloudless_consensus::state::{Actor, Command, ReplicaKey, ReplicaStatus};
+use cloudless_consensus::state::{Actor, Command, ReplicaStatus};
+use cloudless_types::{NodeName, ReplicaId, ReplicaPhase, WorkloadName};
 use common::Group;
 
 fn pct(samples: &mut [Duration], q: f64) -> Duration {
@@ -29,12 +30,13 @@ fn pct(samples: &mut [Duration], q: f64) -> Duration {
 /// A small write, like the status reports nodes send all the time.
 fn report(i: u64) -> Command {
     let status = ReplicaStatus {
-        node: "bench".into(),
-        phase: cloudless_consensus::state::Phase::Running,
+        node: NodeName::from_ed25519([42; 32]),
+        phase: ReplicaPhase::Running { ready: true },
         restarts: 0,
         at_ms: i,
     };
-    Command::Report(vec![(ReplicaKey { workload: "none".into(), index: 0 }, status)])
+    let none = WorkloadName::new("none").unwrap_or_else(|_| unreachable!("a valid name"));
+    Command::Report(vec![(ReplicaId::new(&none, 0), status)])
 }
 
 fn main() {

@@ -16,9 +16,9 @@
 use std::time::{Duration, Instant};
 
 use cloudless_consensus::Consistency;
-use cloudless_consensus::state::{Command, Phase, State};
+use cloudless_consensus::state::{Command, State};
 use cloudless_node::local::LocalCluster;
-use cloudless_types::{Image, Resources, WorkloadSpec};
+use cloudless_types::{Image, ModuleHash, NodeName, Resources, WorkloadName, WorkloadSpec};
 use ed25519_dalek::SigningKey;
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
@@ -28,21 +28,21 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 
 fn spec(name: &str) -> WorkloadSpec {
     WorkloadSpec::new(
-        name,
-        Image::Wasi(String::new()),
+        WorkloadName::new(name).unwrap(),
+        Image::Wasi(ModuleHash::of(b"")),
         Resources { cpu_millis: 50, memory_mib: 16, disk_mib: 0, gpus: 0 },
         1,
     )
 }
 
-async fn running_on(c: &LocalCluster, via: usize, name: &str) -> Option<String> {
-    let name = name.to_string();
+async fn running_on(c: &LocalCluster, via: usize, name: &str) -> Option<NodeName> {
+    let name = WorkloadName::new(name).unwrap();
     c.nodes[via]
         .consensus()
         .read(Consistency::Linearizable, move |s: &State| {
             s.statuses()
                 .iter()
-                .find(|(k, st)| k.workload == name && st.phase == Phase::Running)
+                .find(|(k, st)| k.workload == name && st.phase.is_running())
                 .map(|(_, st)| st.node.clone())
         })
         .await
@@ -52,7 +52,7 @@ async fn running_on(c: &LocalCluster, via: usize, name: &str) -> Option<String> 
 
 async fn cluster(dir: &std::path::Path) -> LocalCluster {
     let (root, admin) = (SigningKey::from_bytes(&[7; 32]), SigningKey::from_bytes(&[1; 32]));
-    LocalCluster::start(3, dir, root, admin, |_| {}).await.unwrap()
+    LocalCluster::start(3, dir, root, admin, |_, _| {}).await.unwrap()
 }
 
 fn main() {
@@ -81,6 +81,7 @@ fn main() {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             samples.push(t.elapsed());
+            let name = WorkloadName::new(name).unwrap();
             c.command(via, Command::DeleteWorkload { name }).await.unwrap();
         }
         println!(
@@ -105,14 +106,14 @@ fn main() {
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             };
-            let host_i = c.nodes.iter().position(|n| n.peer_id().to_string() == host).unwrap();
+            let host_i = c.nodes.iter().position(|n| *n.name() == host).unwrap();
             if host_i == leader {
                 // The replica landed on the leader: no sample from this round.
                 c.shutdown().await;
                 continue;
             }
             // Every member holds the module before the host dies.
-            let hash = cloudless_runtime::wasi::module_hash(module);
+            let hash = ModuleHash::of(module);
             while !c.nodes.iter().all(|n| n.wasi().has_module(&hash)) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

@@ -23,7 +23,20 @@ use cloudless_types::{DeviceClass, Resources};
 use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::DaemonConfig;
+/// Settings of a node, resolved and validated (what `Daemon::start` takes).
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// The mesh (identity and data dir included).
+    pub mesh: MeshConfig,
+    /// The raft member.
+    pub consensus: cloudless_consensus::Config,
+    /// What this node offers to workloads.
+    pub offer: Resources,
+    /// Whether guests may use the network on this node.
+    pub allow_network: bool,
+    /// A container engine to run container workloads with, if this device has one.
+    pub containers: Option<ContainerConfig>,
+}
 
 /// The settings file inside the data dir.
 pub const FILE: &str = "cloudless.toml";

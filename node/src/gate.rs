@@ -15,18 +15,25 @@
 //! nothing but the api until its enrollment is committed and it has fetched the list.
 
 use std::collections::HashSet;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
-use cloudless_consensus::api::SERVICE;
-use cloudless_consensus::state::State;
-use cloudless_mesh::{Gate, Protocol};
+use cloudless_api::SERVICE;
+use cloudless_mesh::{Gate, Protocol, identity};
+use cloudless_types::NodeName;
 use libp2p::PeerId;
 
-/// Who is enrolled, as far as this node knows. Cheap to consult (a read lock and a hash).
-#[derive(Debug)]
+/// Who is enrolled, as far as this node knows. Cheap to clone and to consult (a read lock and
+/// a hash); only the [`GateWriter`] changes it.
+#[derive(Clone, Debug)]
 pub struct EnrollGate {
     me: PeerId,
-    known: RwLock<Known>,
+    known: Arc<RwLock<Known>>,
+}
+
+/// The one writer of an [`EnrollGate`] (the gatekeeper loop owns it).
+#[derive(Debug)]
+pub struct GateWriter {
+    known: Arc<RwLock<Known>>,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -36,23 +43,10 @@ struct Known {
 }
 
 impl EnrollGate {
-    /// A gate that so far knows only `me`.
-    pub fn new(me: PeerId) -> Self {
-        EnrollGate { me, known: RwLock::new(Known::default()) }
-    }
-
-    /// Replaces what the gate knows; returns whether anything was revoked since the last call
-    /// (the caller then asks the mesh to close their connections).
-    pub fn set(&self, enrolled: &[String], revoked: &[String]) -> bool {
-        let parse =
-            |v: &[String]| -> HashSet<PeerId> { v.iter().filter_map(|p| p.parse().ok()).collect() };
-        let next = Known { enrolled: parse(enrolled), revoked: parse(revoked) };
-        let Ok(mut k) = self.known.write() else { return false };
-        let newly_revoked = next.revoked.iter().any(|p| !k.revoked.contains(p));
-        if *k != next {
-            *k = next;
-        }
-        newly_revoked
+    /// A gate that so far knows only `me`, and its writer.
+    pub fn new(me: PeerId) -> (Self, GateWriter) {
+        let known = Arc::new(RwLock::new(Known::default()));
+        (EnrollGate { me, known: known.clone() }, GateWriter { known })
     }
 
     /// Whether the gate knows any enrolled node besides this one.
@@ -72,11 +66,20 @@ impl EnrollGate {
     }
 }
 
-/// The enrolled (unrevoked) and the revoked nodes in committed state, as PeerId text.
-pub fn lists(state: &State) -> (Vec<String>, Vec<String>) {
-    let (revoked, nodes): (Vec<_>, Vec<_>) = state.nodes().iter().partition(|(_, n)| n.revoked);
-    let names = |v: Vec<(&String, _)>| v.into_iter().map(|(p, _)| p.clone()).collect();
-    (names(nodes), names(revoked))
+impl GateWriter {
+    /// Replaces what the gate knows; returns whether anything was revoked since the last call
+    /// (the caller then asks the mesh to close their connections).
+    pub fn set(&self, enrolled: &[NodeName], revoked: &[NodeName]) -> bool {
+        let peers =
+            |v: &[NodeName]| -> HashSet<PeerId> { v.iter().map(identity::peer_id).collect() };
+        let next = Known { enrolled: peers(enrolled), revoked: peers(revoked) };
+        let Ok(mut k) = self.known.write() else { return false };
+        let newly_revoked = next.revoked.iter().any(|p| !k.revoked.contains(p));
+        if *k != next {
+            *k = next;
+        }
+        newly_revoked
+    }
 }
 
 impl Gate for EnrollGate {
@@ -100,12 +103,13 @@ mod tests {
     fn strangers_reach_only_the_api_and_revoked_peers_nothing() {
         let (me, friend, stranger, bad) =
             (PeerId::random(), PeerId::random(), PeerId::random(), PeerId::random());
-        let g = EnrollGate::new(me);
+        let (g, w) = EnrollGate::new(me);
+        let name = |p: &PeerId| identity::node_name(p);
         let raft = Protocol::Rpc { service: "raft.append" };
         let api = Protocol::Rpc { service: SERVICE };
         assert!(g.allows(&me, Protocol::Membership), "itself, always");
         assert!(!g.allows(&friend, Protocol::Membership), "nobody before the list is known");
-        assert!(!g.set(&[friend.to_string()], &[]));
+        assert!(!w.set(&[name(&friend)], &[]));
         for p in [Protocol::Membership, Protocol::Directory, raft, api] {
             assert!(g.allows(&friend, p), "{p:?}");
         }
@@ -114,8 +118,8 @@ mod tests {
         for p in [Protocol::Membership, Protocol::Directory, raft] {
             assert!(!g.allows(&stranger, p), "{p:?}");
         }
-        assert!(g.set(&[friend.to_string()], &[bad.to_string(), "not a peer id".into()]));
+        assert!(w.set(&[name(&friend)], &[name(&bad)]));
         assert!(!g.admits(&bad));
-        assert!(!g.set(&[friend.to_string()], &[bad.to_string()]), "nothing newly revoked");
+        assert!(!w.set(&[name(&friend)], &[name(&bad)]), "nothing newly revoked");
     }
 }

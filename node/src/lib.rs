@@ -1,19 +1,31 @@
 //! The Cloudless node: the composition root that wires the mesh, consensus, scheduler and
-//! runtime together into one [`daemon::Daemon`] per device.
+//! runtime together into one [`daemon::Daemon`] per device. Its files are layers, each using
+//! only the ones below it:
 //!
 //! ```text
-//!   config (TOML, CLOUDLESS_* env, flags) ──▶ Daemon::start ──▶ mesh (behind the EnrollGate)
-//!        ├─ raft member (raft_rpc over the mesh) ── leader loop (leader::round) ──▶ Assign
-//!        ├─ agent loop ──▶ runtime Agent (WASI, containers) ──▶ status reports
-//!        ├─ api service (nodes, cloudlessctl) ──▶ commands, reads, uploads, logs
-//!        └─ http (/metrics, /health, /ready)
+//!   daemon        wires and stops (the only file that knows every part)
+//!   loops         view (mesh events ─▶ View) · gatekeeper (gate, voters) · placer (leader
+//!                 round ─▶ Assign) · worker (assignments ─▶ runtime, reports, module copies)
+//!   api           the services: user and node requests, raft messages; read models; uploads
+//!   peers         calls to other nodes, the walk to a raft member
+//!   facts         what the parts share, each fact with one writer
+//!   pure cores    access (the one access table), round (plans ─▶ changes), view (the pool),
+//!                 gate, transport, config, http, recovery
 //! ```
-pub(crate) mod api;
+//!
+//! `local` (whole clusters in one process, for `cloudless dev` and tests) sits on top.
+
+pub mod access;
+pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod facts;
 pub mod gate;
 pub mod http;
-pub mod leader;
 pub mod local;
-pub mod raft_rpc;
+pub mod loops;
+pub mod peers;
 pub mod recovery;
+pub mod round;
+pub mod transport;
+pub mod view;

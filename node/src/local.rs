@@ -7,20 +7,19 @@
 //!   apply(spec, module) ──▶ module stored on the node it is sent through ──▶ signed PutWorkload
 //! ```
 
-use cloudless_types::now_ms;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cloudless_consensus::api::{ApiRequest, ApiResponse, SignedRequest, UserRequest};
-use cloudless_consensus::invite::{Grant, Invite};
-use cloudless_consensus::state::{Command, NodeRole, Reply, Settings};
+use cloudless_api::invite::{Grant, Invite};
+use cloudless_api::{Command, NodeRole, Reply, Settings, SignedRequest, UserRequest};
 use cloudless_mesh::RelayMode;
-use cloudless_types::{Resources, WorkloadSpec};
+use cloudless_types::{Image, ModuleHash, Resources, WorkloadSpec, now_ms};
 use ed25519_dalek::SigningKey;
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 
-use crate::daemon::{Daemon, DaemonConfig};
+use crate::config::DaemonConfig;
+use crate::daemon::Daemon;
 
 /// How long a local cluster may take to form before giving up.
 const FORM_TIMEOUT: Duration = Duration::from_secs(60);
@@ -41,7 +40,7 @@ pub enum LocalError {
     Timeout(String),
     /// The cluster refused a request.
     #[error("{0}")]
-    Refused(String),
+    Refused(#[from] cloudless_api::ApiError),
 }
 
 /// Several nodes of one new cluster, with its root key and an admin key.
@@ -91,13 +90,13 @@ pub fn loopback_config(dir: &Path, bootstrap: Vec<Multiaddr>, zone: &str) -> Dae
 impl LocalCluster {
     /// Starts `n` nodes under `dir` (one subdirectory each), creates the cluster on the first
     /// and enrolls the others with invites; returns once they all vote (up to five) and work.
-    /// `tune` adjusts each node's settings.
+    /// `tune` adjusts each node's settings (it is given the node's index).
     pub async fn start(
         n: usize,
         dir: &Path,
         root: SigningKey,
         admin: SigningKey,
-        tune: impl Fn(&mut DaemonConfig),
+        tune: impl Fn(usize, &mut DaemonConfig),
     ) -> Result<LocalCluster, LocalError> {
         let mut nodes: Vec<Daemon> = Vec::new();
         let mut boot: Vec<Multiaddr> = Vec::new();
@@ -107,7 +106,7 @@ impl LocalCluster {
                 boot.clone(),
                 &format!("zone-{}", index % 2),
             );
-            tune(&mut config);
+            tune(index, &mut config);
             let node = Daemon::start(config)
                 .await
                 .map_err(|source| LocalError::Start { index, source })?;
@@ -118,9 +117,7 @@ impl LocalCluster {
                     voter_target: None,
                     phones_may_vote: false,
                 };
-                node.init(settings, admin.verifying_key().to_bytes())
-                    .await
-                    .map_err(LocalError::Refused)?;
+                node.init(settings, admin.verifying_key().to_bytes()).await?;
                 let mut addrs = Vec::new();
                 wait("listening", async || {
                     addrs = node.mesh().listen_addrs().await.unwrap_or_default();
@@ -137,16 +134,8 @@ impl LocalCluster {
                 };
                 let nonce = (index as u128 ^ u128::from(now_ms())).to_le_bytes();
                 let invite = Invite::create(&root, "local", vec![], grant, nonce);
-                let enroll = Command::Enroll {
-                    token: invite.token,
-                    signature: invite.signature,
-                    peer: node.peer_id().to_string(),
-                };
                 wait("enrollment", async || {
-                    matches!(
-                        node.ask_member(ApiRequest::Node(enroll.clone())).await,
-                        Ok(ApiResponse::Applied(Ok(_)))
-                    )
+                    node.enroll(invite.token.clone(), invite.signature.clone()).await.is_ok()
                 })
                 .await?;
             }
@@ -172,27 +161,22 @@ impl LocalCluster {
             now_ms(),
             UserRequest::Command(command),
         );
-        match self.nodes[via].ask_member(ApiRequest::User(signed)).await {
-            Ok(ApiResponse::Applied(Ok(reply))) => Ok(reply),
-            Ok(ApiResponse::Applied(Err(e))) => Err(LocalError::Refused(e.to_string())),
-            Ok(other) => Err(LocalError::Refused(format!("{other:?}"))),
-            Err(e) => Err(LocalError::Refused(e)),
-        }
+        Ok(self.nodes[via].user_command(signed).await?)
     }
 
     /// Publishes a WASI workload through node `via`: stores `module` there and applies `spec`
-    /// naming it.
+    /// naming it (whatever image it named before).
     pub async fn apply_wasi(
         &mut self,
         via: usize,
         mut spec: WorkloadSpec,
         module: &[u8],
     ) -> Result<Reply, LocalError> {
-        let hash = self.nodes[via]
+        let hash: ModuleHash = self.nodes[via]
             .wasi()
             .store_module(module)
-            .map_err(|e| LocalError::Refused(e.to_string()))?;
-        spec.image = cloudless_types::Image::Wasi(hash);
+            .map_err(|e| LocalError::Refused(cloudless_api::ApiError::internal(e.to_string())))?;
+        spec.image = Image::Wasi(hash);
         self.command(via, Command::PutWorkload(Box::new(spec))).await
     }
 

@@ -15,7 +15,6 @@
 //!   dev: LocalCluster::start ──▶ apply_wasi(examples/hello) ──▶ wait running ──▶ follow logs
 //! ```
 
-use cloudless_types::now_ms;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,16 +22,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use cloudless_cli::config::{CtlConfig, ROOT_KEY, USER_KEY};
+use cloudless_api::ctl::{self, CtlConfig, ROOT_KEY, USER_KEY};
+use cloudless_api::invite::Invite;
+use cloudless_api::{ErrorKind, Settings, keys};
 use cloudless_consensus::Consistency;
-use cloudless_consensus::api::{ApiRequest, ApiResponse, Query};
-use cloudless_consensus::invite::Invite;
-use cloudless_consensus::state::{Command, CommandError, Phase, Settings};
 use cloudless_node::config::{FILE, FileConfig, NodeConfig, Offer};
 use cloudless_node::daemon::Daemon;
 use cloudless_node::local::LocalCluster;
 use cloudless_runtime::Driver;
-use cloudless_types::{Image, Resources, WorkloadSpec};
+use cloudless_types::{Image, ModuleHash, Resources, WorkloadName, WorkloadSpec, now_ms};
 use ed25519_dalek::SigningKey;
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
@@ -242,7 +240,7 @@ fn fresh(data_dir: &Path) -> Result<()> {
 
 async fn init(name: String, admin_dir: Option<PathBuf>, args: NodeArgs) -> Result<()> {
     fresh(&args.data_dir)?;
-    let admin_dir = admin_dir.unwrap_or_else(cloudless_cli::config::default_dir);
+    let admin_dir = admin_dir.unwrap_or_else(ctl::default_dir);
     let settings_file = args.settings()?;
     let config = NodeConfig::resolve(&args.data_dir, &settings_file).context("invalid settings")?;
     if CtlConfig::load(&admin_dir)?.peer.is_some() {
@@ -261,7 +259,7 @@ async fn init(name: String, admin_dir: Option<PathBuf>, args: NodeArgs) -> Resul
     // Keys are written only once the cluster exists, so a failed init leaves nothing behind.
     let root = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
     // An existing user key becomes the admin (a person's one identity across clusters).
-    let existing = cloudless_consensus::keys::load(&admin_dir.join(USER_KEY)).ok();
+    let existing = keys::load(&admin_dir.join(USER_KEY)).ok();
     let admin =
         existing.clone().unwrap_or_else(|| SigningKey::from_bytes(&rand::random::<[u8; 32]>()));
     let settings = Settings {
@@ -272,11 +270,10 @@ async fn init(name: String, admin_dir: Option<PathBuf>, args: NodeArgs) -> Resul
     };
     node.init(settings, admin.verifying_key().to_bytes())
         .await
-        .map_err(anyhow::Error::msg)
         .context("cannot create the cluster")?;
-    cloudless_consensus::keys::save(&admin_dir.join(ROOT_KEY), &root)?;
+    keys::save(&admin_dir.join(ROOT_KEY), &root)?;
     if existing.is_none() {
-        cloudless_consensus::keys::save(&admin_dir.join(USER_KEY), &admin)?;
+        keys::save(&admin_dir.join(USER_KEY), &admin)?;
     }
     settings_file.save(&args.data_dir.join(FILE))?;
     std::fs::write(args.data_dir.join(CLUSTER_FILE), &name)?;
@@ -300,36 +297,25 @@ async fn join(invite: &str, args: NodeArgs) -> Result<()> {
     }
     let config = NodeConfig::resolve(&args.data_dir, &settings_file).context("invalid settings")?;
     let (node, http) = start(config).await?;
-    let enroll = Command::Enroll {
-        token: invite.token.clone(),
-        signature: invite.signature.clone(),
-        peer: node.peer_id().to_string(),
-    };
     let started = Instant::now();
     loop {
-        match node.ask_member(ApiRequest::Node(enroll.clone())).await {
-            Ok(ApiResponse::Applied(Ok(_))) => break,
+        match node.enroll(invite.token.clone(), invite.signature.clone()).await {
+            Ok(_) => break,
             // An earlier attempt may have been committed with its answer lost: then this
             // device is enrolled already and the token's use was its own.
-            Ok(ApiResponse::Applied(Err(CommandError::TokenUsed { .. })))
-                if enrolled(&node).await =>
-            {
-                break;
+            Err(e) if e.kind == ErrorKind::Conflict && enrolled(&node).await => break,
+            // Only "not now" is worth waiting for; anything else is the cluster's answer.
+            Err(e) if e.kind.is_transient() && started.elapsed() <= JOIN_TIMEOUT => {
+                info!(error = %e, "cluster not reachable yet")
             }
-            Ok(ApiResponse::Applied(Err(e))) => {
-                node.shutdown().await;
-                bail!("the cluster refused this device: {e}");
-            }
-            Ok(ApiResponse::Refused(e)) if started.elapsed() > JOIN_TIMEOUT => {
-                node.shutdown().await;
-                bail!("the cluster refused this device: {e}");
-            }
-            Ok(other) => info!(answer = ?other, "enrollment not done yet"),
-            Err(e) if started.elapsed() > JOIN_TIMEOUT => {
+            Err(e) if e.kind.is_transient() => {
                 node.shutdown().await;
                 bail!("cannot reach the cluster through the invite's addresses: {e}");
             }
-            Err(e) => info!(error = e, "cluster not reachable yet"),
+            Err(e) => {
+                node.shutdown().await;
+                bail!("the cluster refused this device: {e}");
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -357,11 +343,7 @@ async fn run(args: NodeArgs) -> Result<()> {
 
 /// Whether committed state lists this node as enrolled.
 async fn enrolled(node: &Daemon) -> bool {
-    let me = node.peer_id().to_string();
-    match node.ask_member(ApiRequest::Query(Query::Enrolled)).await {
-        Ok(ApiResponse::Enrolled { nodes, .. }) => nodes.contains(&me),
-        _ => false,
-    }
+    node.enrolled().await.is_ok_and(|list| list.nodes.contains(node.name()))
 }
 
 /// Starts the daemon; returns it and where its HTTP endpoint should listen.
@@ -500,9 +482,9 @@ async fn dev(n: usize) -> Result<()> {
     println!("Starting a local Cloudless cluster of {n} nodes in {} …", dir.path().display());
     // cloudlessctl can reach the dev cluster as its admin.
     let ctl = dir.path().join("ctl");
-    cloudless_consensus::keys::save(&ctl.join(ROOT_KEY), &root)?;
-    cloudless_consensus::keys::save(&ctl.join(USER_KEY), &admin)?;
-    let mut cluster = LocalCluster::start(n, dir.path(), root, admin, |_| {})
+    keys::save(&ctl.join(ROOT_KEY), &root)?;
+    keys::save(&ctl.join(USER_KEY), &admin)?;
+    let mut cluster = LocalCluster::start(n, dir.path(), root, admin, |_, _| {})
         .await
         .context("the dev cluster did not form")?;
     let peer = dialable(&listen_addrs(&cluster.nodes[0]).await);
@@ -517,18 +499,16 @@ async fn dev(n: usize) -> Result<()> {
     }
     // The example workload, published through the last node (any node accepts it).
     let replicas = n.min(3) as u32;
+    let module = include_bytes!("../../examples/hello/hello.wat");
     let mut spec = WorkloadSpec::new(
-        "hello",
-        Image::Wasi(String::new()),
+        WorkloadName::new("hello")?,
+        Image::Wasi(ModuleHash::of(module)),
         Resources { cpu_millis: 100, memory_mib: 16, disk_mib: 0, gpus: 0 },
         replicas,
     );
     spec.placement.strategy = cloudless_types::placement::Strategy::Spread;
     let submitted = Instant::now();
-    cluster
-        .apply_wasi(n - 1, spec, include_bytes!("../../examples/hello/hello.wat"))
-        .await
-        .context("the example workload was refused")?;
+    cluster.apply_wasi(n - 1, spec, module).await.context("the example workload was refused")?;
     let first = cluster.nodes[0].clone();
     let placed = loop {
         let statuses = first
@@ -536,7 +516,7 @@ async fn dev(n: usize) -> Result<()> {
             .read(Consistency::Linearizable, |s| (s.statuses().clone(), s.assignments().clone()))
             .await
             .context("cannot read the cluster state")?;
-        let running = statuses.0.values().filter(|s| s.phase == Phase::Running).count();
+        let running = statuses.0.values().filter(|s| s.phase.is_running()).count();
         if running == replicas as usize {
             break statuses.1;
         }
@@ -549,8 +529,8 @@ async fn dev(n: usize) -> Result<()> {
         "\nWorkload \"hello\" (examples/hello/hello.wat, WASI): {replicas} of {replicas} replicas running {:.0?} after it was submitted:",
         submitted.elapsed()
     );
-    let index: BTreeMap<String, usize> =
-        cluster.nodes.iter().enumerate().map(|(i, d)| (d.peer_id().to_string(), i)).collect();
+    let index: BTreeMap<cloudless_types::NodeName, usize> =
+        cluster.nodes.iter().enumerate().map(|(i, d)| (d.name().clone(), i)).collect();
     for (key, a) in &placed {
         println!(
             "  {}.{}  on node-{}",
@@ -563,8 +543,7 @@ async fn dev(n: usize) -> Result<()> {
     if let Some((key, a)) = placed.iter().next()
         && let Some(host) = index.get(&a.node).and_then(|i| cluster.nodes.get(*i))
     {
-        let id = cloudless_runtime::ReplicaId::new(&key.workload, key.index);
-        let mut lines = host.wasi().follow(&id).await.context("cannot follow the replica's log")?;
+        let mut lines = host.wasi().follow(key).await.context("cannot follow the replica's log")?;
         let label = format!("{}.{}", key.workload, key.index);
         tokio::spawn(async move {
             use futures::StreamExt;

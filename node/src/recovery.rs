@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use cloudless_consensus::{Consensus, ConsensusError, Member, store};
 use cloudless_mesh::identity::{self, IdentityError, KEY_FILE};
 
-use crate::raft_rpc::MeshTransport;
+use crate::transport::MeshTransport;
 
 /// The raft store's directory inside a node's data dir.
 pub const RAFT_DIR: &str = "raft";
@@ -83,5 +83,5 @@ fn locate(data_dir: &Path) -> Result<(Member, PathBuf), RecoverError> {
         return Err(RecoverError::NoRaftStore(raft_dir));
     }
     let key = identity::load_or_create(data_dir)?;
-    Ok((Member { peer: key.public().to_peer_id().to_string() }, raft_dir))
+    Ok((Member { peer: identity::node_name(&key.public().to_peer_id()) }, raft_dir))
 }

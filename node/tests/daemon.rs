@@ -8,10 +8,10 @@
 use std::time::{Duration, Instant};
 
 use cloudless_consensus::Consistency;
-use cloudless_consensus::state::{Command, Phase, State};
+use cloudless_consensus::state::{Command, State};
 use cloudless_node::local::LocalCluster;
-use cloudless_runtime::{Driver, ReplicaId};
-use cloudless_types::{Image, Resources, WorkloadSpec};
+use cloudless_runtime::Driver;
+use cloudless_types::{Image, ModuleHash, Resources, WorkloadName, WorkloadSpec};
 use ed25519_dalek::SigningKey;
 
 async fn until<F: AsyncFnMut() -> bool>(what: &str, deadline: Duration, mut f: F) -> Duration {
@@ -28,7 +28,7 @@ async fn a_wasi_workload_runs_moves_and_stops_across_real_nodes() {
     let dir = tempfile::tempdir().unwrap();
     let root = SigningKey::from_bytes(&[7; 32]);
     let admin = SigningKey::from_bytes(&[1; 32]);
-    let mut c = LocalCluster::start(3, dir.path(), root, admin, |config| {
+    let mut c = LocalCluster::start(3, dir.path(), root, admin, |_, config| {
         config.consensus.quiet_start = Duration::from_secs(2);
     })
     .await
@@ -38,15 +38,15 @@ async fn a_wasi_workload_runs_moves_and_stops_across_real_nodes() {
     let leader = (0..3).find(|i| c.nodes[*i].consensus().is_leader()).unwrap();
     let via = (leader + 1) % 3;
     let spec = WorkloadSpec::new(
-        "hello",
-        Image::Wasi(String::new()),
+        cloudless_types::WorkloadName::new("hello").unwrap(),
+        Image::Wasi(ModuleHash::of(b"")),
         Resources { cpu_millis: 100, memory_mib: 16, disk_mib: 0, gpus: 0 },
         3,
     );
     let module = include_bytes!("../../examples/hello/hello.wat");
     let submitted = Instant::now();
     c.apply_wasi(via, spec, module).await.unwrap();
-    let running = |s: &State| s.statuses().values().filter(|s| s.phase == Phase::Running).count();
+    let running = |s: &State| s.statuses().values().filter(|s| s.phase.is_running()).count();
     until("three replicas run", Duration::from_secs(30), async || {
         c.nodes[leader].consensus().read(Consistency::Linearizable, running).await.unwrap() == 3
     })
@@ -60,8 +60,8 @@ async fn a_wasi_workload_runs_moves_and_stops_across_real_nodes() {
         .await
         .unwrap();
     let (key, a) = assignments.iter().next().unwrap();
-    let host = c.nodes.iter().position(|n| n.peer_id().to_string() == a.node).unwrap();
-    let id = ReplicaId::new(&key.workload, key.index);
+    let host = c.nodes.iter().position(|n| *n.name() == a.node).unwrap();
+    let id = key.clone();
     until("a log line", Duration::from_secs(10), async || {
         c.nodes[host]
             .wasi()
@@ -74,8 +74,8 @@ async fn a_wasi_workload_runs_moves_and_stops_across_real_nodes() {
     // The node running replica 0 leaves (it may be the leader): its replicas run elsewhere.
     let gone = host;
     let observer = (gone + 1) % 3;
-    let gone_peer = c.nodes[gone].peer_id().to_string();
-    let hash = cloudless_runtime::wasi::module_hash(module);
+    let gone_peer = c.nodes[gone].name().clone();
+    let hash = ModuleHash::of(module);
     // Every raft member keeps a copy of the module, so it outlives the node it came from.
     until("module copies", Duration::from_secs(10), async || {
         c.nodes.iter().all(|n| n.wasi().has_module(&hash))
@@ -89,7 +89,7 @@ async fn a_wasi_workload_runs_moves_and_stops_across_real_nodes() {
                 && s.assignments().values().all(|a| a.node != gone_peer)
                 && s.statuses()
                     .values()
-                    .filter(|st| st.phase == Phase::Running && st.node != gone_peer)
+                    .filter(|st| st.phase.is_running() && st.node != gone_peer)
                     .count()
                     == 3
         };
@@ -99,7 +99,9 @@ async fn a_wasi_workload_runs_moves_and_stops_across_real_nodes() {
     eprintln!("replicas of a departed node running elsewhere {:?} after it left", left.elapsed());
 
     // Deleting the workload stops every replica.
-    c.command(observer, Command::DeleteWorkload { name: "hello".into() }).await.unwrap();
+    c.command(observer, Command::DeleteWorkload { name: WorkloadName::new("hello").unwrap() })
+        .await
+        .unwrap();
     for (i, n) in c.nodes.iter().enumerate() {
         if i != gone {
             until("replicas stopped", Duration::from_secs(15), async || {
@@ -130,7 +132,7 @@ async fn a_container_workload_runs_on_nodes_with_an_engine() {
         dir.path(),
         SigningKey::from_bytes(&[7; 32]),
         SigningKey::from_bytes(&[1; 32]),
-        |config| {
+        |_, config| {
             let node = config.mesh.data_dir.file_name().unwrap().to_string_lossy().to_string();
             config.containers = Some(cloudless_runtime::container::ContainerConfig {
                 scope: format!("t{pid}-{node}"),
@@ -143,14 +145,14 @@ async fn a_container_workload_runs_on_nodes_with_an_engine() {
     let image =
         std::env::var("CLOUDLESS_TEST_IMAGE").unwrap_or_else(|_| "cloudless/busybox:test".into());
     let mut spec = WorkloadSpec::new(
-        "boxed",
+        cloudless_types::WorkloadName::new("boxed").unwrap(),
         Image::Container(image),
         Resources { cpu_millis: 100, memory_mib: 32, disk_mib: 0, gpus: 0 },
         2,
     );
     spec.command = vec!["sh".into(), "-c".into(), "echo up; exec sleep 600".into()];
     c.command(1, Command::PutWorkload(Box::new(spec))).await.unwrap();
-    let running = |s: &State| s.statuses().values().filter(|s| s.phase == Phase::Running).count();
+    let running = |s: &State| s.statuses().values().filter(|s| s.phase.is_running()).count();
     until("two containers run", Duration::from_secs(60), async || {
         c.nodes[0].consensus().read(Consistency::Linearizable, running).await.unwrap() == 2
     })
@@ -176,7 +178,9 @@ async fn a_container_workload_runs_on_nodes_with_an_engine() {
             .count()
     };
     assert_eq!(ours().await, 2, "two running containers carry our labels");
-    c.command(1, Command::DeleteWorkload { name: "boxed".into() }).await.unwrap();
+    c.command(1, Command::DeleteWorkload { name: WorkloadName::new("boxed").unwrap() })
+        .await
+        .unwrap();
     until("containers removed", Duration::from_secs(60), async || ours().await == 0).await;
     c.shutdown().await;
 }
@@ -190,18 +194,18 @@ async fn a_single_node_pool_runs_a_workload() {
         dir.path(),
         SigningKey::from_bytes(&[7; 32]),
         SigningKey::from_bytes(&[1; 32]),
-        |_| {},
+        |_, _| {},
     )
     .await
     .unwrap();
     let spec = WorkloadSpec::new(
-        "solo",
-        Image::Wasi(String::new()),
+        cloudless_types::WorkloadName::new("solo").unwrap(),
+        Image::Wasi(ModuleHash::of(b"")),
         Resources { cpu_millis: 100, memory_mib: 16, disk_mib: 0, gpus: 0 },
         1,
     );
     c.apply_wasi(0, spec, include_bytes!("../../examples/hello/hello.wat")).await.unwrap();
-    let running = |s: &State| s.statuses().values().filter(|s| s.phase == Phase::Running).count();
+    let running = |s: &State| s.statuses().values().filter(|s| s.phase.is_running()).count();
     until("the replica runs", Duration::from_secs(30), async || {
         c.nodes[0].consensus().read(Consistency::Linearizable, running).await.unwrap() == 1
     })

@@ -1,6 +1,8 @@
 //! The raft group over real mesh nodes on loopback (QUIC): election, writes through a
 //! follower, leader failover, restart.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};
@@ -12,7 +14,7 @@ use common::Group;
 
 fn spec(name: &str) -> WorkloadSpec {
     WorkloadSpec::new(
-        name,
+        cloudless_types::WorkloadName::new(name).unwrap(),
         Image::Container("busybox:1".into()),
         Resources { cpu_millis: 100, memory_mib: 64, disk_mib: 0, gpus: 0 },
         1,

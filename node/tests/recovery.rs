@@ -21,8 +21,8 @@ fn config() -> Config {
     Config { quiet_start: Duration::from_millis(500), ..Config::default() }
 }
 
-fn peer_of(dir: &Path) -> String {
-    identity::load_or_create(dir).unwrap().public().to_peer_id().to_string()
+fn peer_of(dir: &Path) -> cloudless_types::NodeName {
+    identity::node_name(&identity::load_or_create(dir).unwrap().public().to_peer_id())
 }
 
 async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
@@ -35,7 +35,13 @@ async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
 
 fn workload(name: &str) -> Command {
     let resources = Resources { cpu_millis: 100, memory_mib: 64, disk_mib: 0, gpus: 0 };
-    let spec = WorkloadSpec::new(name, Image::Container("busybox:1".into()), resources, 1);
+    let name = cloudless_types::WorkloadName::new(name).unwrap();
+    let spec = WorkloadSpec::new(
+        cloudless_types::WorkloadName::new(name).unwrap(),
+        Image::Container("busybox:1".into()),
+        resources,
+        1,
+    );
     Command::PutWorkload(Box::new(spec))
 }
 
@@ -53,7 +59,7 @@ async fn recover_refuses_what_is_not_a_stopped_voter_and_rebuilds_from_a_survivo
 
     // Three voters with real identities.
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let peers: Vec<String> = dirs.iter().map(|d| peer_of(d.path())).collect();
+    let peers: Vec<cloudless_types::NodeName> = dirs.iter().map(|d| peer_of(d.path())).collect();
     let net = MemNet::new();
     let mut nodes: Vec<Consensus<MemTransport>> = Vec::new();
     let alive = Arc::new(Alive(Mutex::new(peers.iter().cloned().collect())));

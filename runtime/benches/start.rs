@@ -40,7 +40,7 @@ fn report(what: &str, mut samples: Vec<Duration>) {
 
 fn spec(name: &str, image: Image) -> ReplicaSpec {
     let mut w = WorkloadSpec::new(
-        name,
+        cloudless_types::WorkloadName::new(name).unwrap(),
         image,
         Resources { cpu_millis: 1000, memory_mib: 16, disk_mib: 0, gpus: 0 },
         1,

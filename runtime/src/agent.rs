@@ -178,7 +178,7 @@ fn event_id(e: &Event) -> &ReplicaId {
 
 impl Loop {
     fn driver_for(&self, spec: &ReplicaSpec) -> Option<Arc<dyn Driver>> {
-        self.drivers.iter().find(|d| d.runs(&spec.artifact)).cloned()
+        self.drivers.iter().find(|d| d.runs(&spec.image)).cloned()
     }
 
     /// A new run number for `id`; the old run's watchers stop.
@@ -198,7 +198,7 @@ impl Loop {
                 let run = self.new_run(&spec.id);
                 let events = self.events.clone();
                 let Some(driver) = self.driver_for(&spec) else {
-                    let why = format!("no runtime on this node runs {:?}", spec.artifact);
+                    let why = format!("no runtime on this node runs {:?}", spec.image);
                     let id = spec.id.clone();
                     tokio::spawn(async move {
                         let _ = events.send(Msg::Event(run, Event::StartFailed(id, why))).await;

@@ -41,7 +41,9 @@ use tracing::{debug, info, warn};
 use crate::driver::{
     Driver, DriverError, Exit, ExitReason, LogLine, LogStream, Observed, RunState, Stats, Stream,
 };
-use crate::spec::{Artifact, ReplicaId, ReplicaSpec};
+use cloudless_types::Image;
+
+use crate::spec::{ReplicaId, ReplicaSpec};
 
 /// Label naming the node (scope) that owns a container.
 pub const LABEL_NODE: &str = "cloudless.node";
@@ -216,7 +218,7 @@ impl ContainerDriver {
 
     fn observed(&self, c: &ContainerInspectResponse) -> Option<Observed> {
         let labels = c.config.as_ref()?.labels.as_ref()?;
-        let id = ReplicaId::parse(labels.get(LABEL_REPLICA)?)?;
+        let id = ReplicaId::parse(labels.get(LABEL_REPLICA)?).ok()?;
         let fingerprint = labels.get(LABEL_FINGERPRINT).cloned().unwrap_or_default();
         Some(Observed { id, fingerprint, state: self.run_state(c) })
     }
@@ -307,12 +309,12 @@ impl Driver for ContainerDriver {
         "container"
     }
 
-    fn runs(&self, artifact: &Artifact) -> bool {
-        matches!(artifact, Artifact::Container(_))
+    fn runs(&self, image: &Image) -> bool {
+        matches!(image, Image::Container(_))
     }
 
     async fn start(&self, spec: &ReplicaSpec) -> Result<(), DriverError> {
-        let Artifact::Container(image) = &spec.artifact else {
+        let Image::Container(image) = &spec.image else {
             return Err(DriverError::Refused {
                 id: spec.id.clone(),
                 reason: "not a container".into(),

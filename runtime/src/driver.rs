@@ -7,7 +7,9 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{Artifact, ReplicaId, ReplicaSpec};
+use cloudless_types::Image;
+
+use crate::spec::{ReplicaId, ReplicaSpec};
 
 /// Why a run ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,7 +166,7 @@ pub trait Driver: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     /// Whether this driver runs `artifact`.
-    fn runs(&self, artifact: &Artifact) -> bool;
+    fn runs(&self, image: &Image) -> bool;
 
     /// Starts a replica and returns once it runs (or failed to start).
     async fn start(&self, spec: &ReplicaSpec) -> Result<(), DriverError>;

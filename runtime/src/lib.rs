@@ -16,7 +16,7 @@
 //! - [`logs`]: per-replica logs, a byte-bounded ring in memory plus rotated files.
 //! - [`wasi`]: the wasmtime driver.
 //! - [`container`]: the Docker Engine API driver.
-//! - [`memory`]: an in-memory driver for other crates' tests.
+//! - `memory`: an in-memory driver for tests (the `test-utils` feature; not in the node).
 //! - [`reconcile`]: the reconciler's decisions (restart policy, backoff, adoption), pure.
 //! - [`agent`]: the task that carries them out and publishes status changes.
 //! - [`probe`]: HTTP, TCP and exec checks.
@@ -25,6 +25,7 @@ pub mod agent;
 pub mod container;
 pub mod driver;
 pub mod logs;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod memory;
 pub mod probe;
 pub mod reconcile;
@@ -34,5 +35,5 @@ pub mod wasi;
 
 pub use agent::{Agent, AgentConfig};
 pub use driver::{Driver, DriverError, Exit, ExitReason, LogLine, Observed, RunState, Stats};
-pub use reconcile::{Phase, Status};
-pub use spec::{Artifact, ReplicaId, ReplicaSpec, RestartPolicy};
+pub use reconcile::{ReplicaPhase, Status};
+pub use spec::{ReplicaId, ReplicaSpec, RestartPolicy};

@@ -13,7 +13,9 @@ use crate::driver::{
     Driver, DriverError, Exit, ExitReason, LogLine, LogStream, Observed, RunState, Stats, Stream,
 };
 use crate::logs::LogBook;
-use crate::spec::{Artifact, ReplicaId, ReplicaSpec};
+use cloudless_types::Image;
+
+use crate::spec::{ReplicaId, ReplicaSpec};
 
 struct Fake {
     fingerprint: String,
@@ -26,7 +28,7 @@ struct Fake {
 struct State {
     runs: BTreeMap<ReplicaId, Fake>,
     starts: BTreeMap<ReplicaId, u32>,
-    broken: BTreeSet<Artifact>,
+    broken: BTreeSet<Image>,
     exec_code: i32,
 }
 
@@ -66,9 +68,9 @@ impl MemoryDriver {
         });
     }
 
-    /// Makes every later start of `artifact` fail as missing.
-    pub fn break_artifact(&self, artifact: Artifact) {
-        self.with(|s| s.broken.insert(artifact));
+    /// Makes every later start of `image` fail as missing.
+    pub fn break_artifact(&self, image: Image) {
+        self.with(|s| s.broken.insert(image));
     }
 
     /// How many times a replica was started.
@@ -113,7 +115,7 @@ impl Driver for MemoryDriver {
         "memory"
     }
 
-    fn runs(&self, _: &Artifact) -> bool {
+    fn runs(&self, _: &Image) -> bool {
         true
     }
 
@@ -121,9 +123,9 @@ impl Driver for MemoryDriver {
         let fingerprint = spec.fingerprint();
         let dir = self.log_dir.path().join(spec.id.to_string());
         self.with(|s| {
-            if s.broken.contains(&spec.artifact) {
+            if s.broken.contains(&spec.image) {
                 return Err(DriverError::MissingArtifact {
-                    artifact: format!("{:?}", spec.artifact),
+                    artifact: format!("{:?}", spec.image),
                     reason: "broken by the test".into(),
                 });
             }

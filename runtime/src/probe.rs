@@ -71,19 +71,19 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(), String> 
 mod tests {
     use super::*;
     use crate::memory::MemoryDriver;
-    use crate::spec::{Artifact, ReplicaSpec};
+    use crate::spec::ReplicaSpec;
     use cloudless_types::{Image, Resources, WorkloadSpec};
     use tokio::net::TcpListener;
 
     async fn running(d: &MemoryDriver) -> ReplicaId {
         let w = WorkloadSpec::new(
-            "web",
+            cloudless_types::WorkloadName::new("web").unwrap(),
             Image::Container("x".into()),
             Resources { cpu_millis: 1, memory_mib: 1, disk_mib: 0, gpus: 0 },
             1,
         );
         let spec = ReplicaSpec::from_workload(&w, 0);
-        assert!(matches!(spec.artifact, Artifact::Container(_)));
+        assert!(matches!(spec.image, Image::Container(_)));
         d.start(&spec).await.unwrap();
         spec.id
     }

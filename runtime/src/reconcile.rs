@@ -16,7 +16,7 @@
 //! a row the replica is left failed. A job that succeeds is done.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cloudless_types::{Kind, Restart};
 use serde::{Deserialize, Serialize};
@@ -24,28 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::driver::{Exit, Observed, RunState};
 use crate::spec::{ReplicaId, ReplicaSpec};
 
-/// Where a replica is, as the node reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Phase {
-    /// Wanted, not running yet (fetching, compiling, creating).
-    Pending,
-    /// Running; `ready` once its readiness probe passes (at once without one).
-    Running {
-        /// Whether it passes its readiness probe.
-        ready: bool,
-    },
-    /// Finished successfully (a job, or a `never`/`on-failure` replica that exited 0).
-    Succeeded,
-    /// Stopped for good, with the reason.
-    Failed(String),
-    /// Waiting to be started again after it stopped.
-    Restarting {
-        /// Why it stopped.
-        reason: String,
-        /// Wait before the next start.
-        backoff: Duration,
-    },
-}
+pub use cloudless_types::ReplicaPhase;
 
 /// A replica's status, published on every phase change.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,7 +32,7 @@ pub struct Status {
     /// Which replica.
     pub id: ReplicaId,
     /// Its phase.
-    pub phase: Phase,
+    pub phase: ReplicaPhase,
     /// Restarts since it was first started here.
     pub restarts: u32,
 }
@@ -90,7 +69,7 @@ pub enum Action {
 #[derive(Clone, Debug)]
 struct Tracked {
     spec: ReplicaSpec,
-    phase: Phase,
+    phase: ReplicaPhase,
     /// Restarts in a row (reset by a long enough run).
     in_a_row: u32,
     /// Restarts in total.
@@ -123,7 +102,7 @@ impl Reconciler {
         Self::default()
     }
 
-    fn set_phase(&mut self, id: &ReplicaId, phase: Phase) {
+    fn set_phase(&mut self, id: &ReplicaId, phase: ReplicaPhase) {
         if let Some(t) = self.replicas.get_mut(id)
             && t.phase != phase
         {
@@ -141,7 +120,7 @@ impl Reconciler {
             self.replicas.keys().filter(|id| !wanted.contains_key(*id)).cloned().collect();
         for id in gone {
             if let Some(t) = self.replicas.remove(&id)
-                && !matches!(t.phase, Phase::Succeeded | Phase::Failed(_))
+                && !matches!(t.phase, ReplicaPhase::Succeeded | ReplicaPhase::Failed(_))
             {
                 self.unwanted.insert(id);
             }
@@ -154,7 +133,7 @@ impl Reconciler {
                     t.spec = spec;
                     t.in_a_row = 0;
                     t.next_start = Some(now);
-                    self.set_phase(&id, Phase::Pending);
+                    self.set_phase(&id, ReplicaPhase::Pending);
                 }
                 None => {
                     let adopted = self.found.remove(&id).filter(|o| {
@@ -166,7 +145,7 @@ impl Reconciler {
                         id.clone(),
                         Tracked {
                             spec,
-                            phase: Phase::Pending,
+                            phase: ReplicaPhase::Pending,
                             in_a_row: 0,
                             restarts: 0,
                             started_at: running.then_some(now),
@@ -177,13 +156,13 @@ impl Reconciler {
                     );
                     self.changes.push(Status {
                         id: id.clone(),
-                        phase: Phase::Pending,
+                        phase: ReplicaPhase::Pending,
                         restarts: 0,
                     });
                     if running {
                         let ready =
                             self.replicas.get(&id).is_some_and(|t| t.spec.readiness.is_none());
-                        self.set_phase(&id, Phase::Running { ready });
+                        self.set_phase(&id, ReplicaPhase::Running { ready });
                         self.adopted.insert(id);
                     }
                 }
@@ -214,7 +193,7 @@ impl Reconciler {
                 t.busy = false;
                 t.started_at = Some(now);
                 let ready = t.spec.readiness.is_none();
-                self.set_phase(&id, Phase::Running { ready });
+                self.set_phase(&id, ReplicaPhase::Running { ready });
             }
             Event::StartFailed(id, reason) => {
                 if let Some(t) = self.replicas.get_mut(&id) {
@@ -225,7 +204,7 @@ impl Reconciler {
             }
             Event::Exited(id, exit) => {
                 let Some(t) = self.replicas.get_mut(&id) else { return };
-                if !matches!(t.phase, Phase::Running { .. }) {
+                if !matches!(t.phase, ReplicaPhase::Running { .. }) {
                     // A stale exit of a run that was already replaced.
                     return;
                 }
@@ -236,14 +215,17 @@ impl Reconciler {
             }
             Event::Unhealthy(id, reason) => {
                 let Some(t) = self.replicas.get_mut(&id) else { return };
-                if matches!(t.phase, Phase::Running { .. }) && t.unhealthy.is_none() {
+                if matches!(t.phase, ReplicaPhase::Running { .. }) && t.unhealthy.is_none() {
                     t.unhealthy = Some(format!("liveness probe failed: {reason}"));
                 }
             }
             Event::Ready(id, ready) => {
-                if self.replicas.get(&id).is_some_and(|t| matches!(t.phase, Phase::Running { .. }))
+                if self
+                    .replicas
+                    .get(&id)
+                    .is_some_and(|t| matches!(t.phase, ReplicaPhase::Running { .. }))
                 {
-                    self.set_phase(&id, Phase::Running { ready });
+                    self.set_phase(&id, ReplicaPhase::Running { ready });
                 }
             }
         }
@@ -265,15 +247,15 @@ impl Reconciler {
                 Restart::Never => false,
             };
         let phase = if !restart {
-            if success { Phase::Succeeded } else { Phase::Failed(reason) }
+            if success { ReplicaPhase::Succeeded } else { ReplicaPhase::Failed(reason) }
         } else if policy.max_restarts.is_some_and(|m| t.in_a_row >= m) {
-            Phase::Failed(format!("{reason} (gave up after {} restarts)", t.in_a_row))
+            ReplicaPhase::Failed(format!("{reason} (gave up after {} restarts)", t.in_a_row))
         } else {
             let backoff = policy.backoff(t.in_a_row);
             t.in_a_row += 1;
             t.restarts += 1;
             t.next_start = Some(now + backoff);
-            Phase::Restarting { reason, backoff }
+            ReplicaPhase::Restarting { reason, backoff }
         };
         self.set_phase(id, phase);
     }
@@ -294,14 +276,14 @@ impl Reconciler {
             if t.busy {
                 continue;
             }
-            if t.unhealthy.is_some() && matches!(t.phase, Phase::Running { .. }) {
+            if t.unhealthy.is_some() && matches!(t.phase, ReplicaPhase::Running { .. }) {
                 // Stopping it makes its run end; the exit is then the liveness failure.
                 t.busy = true;
                 actions.push(Action::Stop(id.clone()));
                 continue;
             }
             let due = t.next_start.is_some_and(|at| at <= now);
-            if due && matches!(t.phase, Phase::Pending | Phase::Restarting { .. }) {
+            if due && matches!(t.phase, ReplicaPhase::Pending | ReplicaPhase::Restarting { .. }) {
                 t.busy = true;
                 t.next_start = None;
                 actions.push(Action::Start(t.spec.clone()));

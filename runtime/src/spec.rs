@@ -2,52 +2,13 @@
 //! nothing it does not (placement is the scheduler's business).
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::time::Duration;
 
 use cloudless_types::{Image, Kind, Port, Probe, Restart, WorkloadSpec};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// Which replica: a workload's name and the replica's ordinal. Unique on a node and stable
-/// across node restarts, so a restarted node can find and adopt what still runs.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct ReplicaId {
-    /// The workload's name (a DNS label).
-    pub workload: String,
-    /// The replica's ordinal.
-    pub index: u32,
-}
-
-impl ReplicaId {
-    /// The replica `index` of `workload`.
-    pub fn new(workload: &str, index: u32) -> Self {
-        ReplicaId { workload: workload.to_string(), index }
-    }
-
-    /// Parses the `workload.index` form that [`fmt::Display`] writes (used in container
-    /// labels); `None` for anything else.
-    pub fn parse(s: &str) -> Option<Self> {
-        let (w, i) = s.rsplit_once('.')?;
-        cloudless_types::spec::validate_name(w).ok()?;
-        Some(ReplicaId { workload: w.to_string(), index: i.parse().ok()? })
-    }
-}
-
-impl fmt::Display for ReplicaId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.workload, self.index)
-    }
-}
-
-/// What runs.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Artifact {
-    /// An OCI image, by reference.
-    Container(String),
-    /// A WebAssembly module or component, by the lowercase hex SHA-256 of its bytes.
-    Wasi(String),
-}
+pub use cloudless_types::ReplicaId;
 
 /// When and how often a replica that stopped is started again.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -94,7 +55,7 @@ pub struct ReplicaSpec {
     /// Service or job.
     pub kind: Kind,
     /// What runs.
-    pub artifact: Artifact,
+    pub image: Image,
     /// Replaces the image's entry point (containers); for WASI, `argv[0]` and on.
     pub command: Vec<String>,
     /// Arguments after the command.
@@ -127,10 +88,7 @@ impl ReplicaSpec {
         ReplicaSpec {
             id: ReplicaId::new(&spec.name, index),
             kind: spec.kind,
-            artifact: match &spec.image {
-                Image::Container(r) => Artifact::Container(r.clone()),
-                Image::Wasi(h) => Artifact::Wasi(h.clone()),
-            },
+            image: spec.image.clone(),
             command: spec.command.clone(),
             args: spec.args.clone(),
             env: spec.env.clone(),
@@ -151,7 +109,7 @@ impl ReplicaSpec {
     pub fn fingerprint(&self) -> String {
         let run = (
             &self.kind,
-            &self.artifact,
+            &self.image,
             &self.command,
             &self.args,
             &self.env,
@@ -174,21 +132,11 @@ mod tests {
 
     fn spec() -> WorkloadSpec {
         WorkloadSpec::new(
-            "web",
-            Image::Wasi("ab".repeat(32)),
+            cloudless_types::WorkloadName::new("web").unwrap(),
+            Image::Wasi(cloudless_types::ModuleHash::of(b"module")),
             Resources { cpu_millis: 250, memory_mib: 32, disk_mib: 0, gpus: 0 },
             2,
         )
-    }
-
-    #[test]
-    fn ids_round_trip_through_their_label_form() {
-        let id = ReplicaId::new("web-2", 7);
-        assert_eq!(id.to_string(), "web-2.7");
-        assert_eq!(ReplicaId::parse("web-2.7"), Some(id));
-        for bad in ["web", "Web.1", "web.x", ".1", "web.-1"] {
-            assert_eq!(ReplicaId::parse(bad), None, "{bad}");
-        }
     }
 
     #[test]

@@ -26,7 +26,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
@@ -43,7 +42,9 @@ use crate::driver::{
     Driver, DriverError, Exit, ExitReason, LogLine, LogStream, Observed, RunState, Stats, Stream,
 };
 use crate::logs::LogBook;
-use crate::spec::{Artifact, ReplicaId, ReplicaSpec};
+use cloudless_types::{Image, ModuleHash};
+
+use crate::spec::{ReplicaId, ReplicaSpec};
 
 /// How often the epoch advances: the granularity of CPU throttling, stop requests and
 /// fairness between guests. 10 ms is a scheduler quantum; finer ticks cost more interruptions.
@@ -268,7 +269,7 @@ struct Inner {
     engine: Engine,
     p1: Linker<P1Guest>,
     p2: ComponentLinker<P2Guest>,
-    compiled: Mutex<VecDeque<(String, Compiled)>>,
+    compiled: Mutex<VecDeque<(ModuleHash, Compiled)>>,
     compiling: tokio::sync::Mutex<()>,
     runs: Mutex<HashMap<ReplicaId, Arc<Run>>>,
     guests: Option<tokio::runtime::Runtime>,
@@ -361,8 +362,8 @@ impl WasiDriver {
 
     /// Stores a module or component (binary, or WAT text) and returns the hash a spec names it
     /// by. Storing the same bytes twice is harmless.
-    pub fn store_module(&self, bytes: &[u8]) -> Result<String, DriverError> {
-        let hash = module_hash(bytes);
+    pub fn store_module(&self, bytes: &[u8]) -> Result<ModuleHash, DriverError> {
+        let hash = ModuleHash::of(bytes);
         let path = self.module_path(&hash);
         if !path.exists() {
             let tmp = path.with_extension("tmp");
@@ -374,12 +375,14 @@ impl WasiDriver {
     }
 
     /// Up to `max` bytes of a stored module from `offset`, and its total size; `None` when it
-    /// is not stored here (or `hash` is not a hash).
-    pub fn module_chunk(&self, hash: &str, offset: u64, max: usize) -> Option<(u64, Vec<u8>)> {
+    /// is not stored here.
+    pub fn module_chunk(
+        &self,
+        hash: &ModuleHash,
+        offset: u64,
+        max: usize,
+    ) -> Option<(u64, Vec<u8>)> {
         use std::io::{Read, Seek, SeekFrom};
-        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
         let mut f = std::fs::File::open(self.module_path(hash)).ok()?;
         let total = f.metadata().ok()?.len();
         f.seek(SeekFrom::Start(offset.min(total))).ok()?;
@@ -389,11 +392,11 @@ impl WasiDriver {
     }
 
     /// Whether a module is stored here.
-    pub fn has_module(&self, hash: &str) -> bool {
-        hash.len() == 64 && self.module_path(hash).exists()
+    pub fn has_module(&self, hash: &ModuleHash) -> bool {
+        self.module_path(hash).exists()
     }
 
-    fn module_path(&self, hash: &str) -> PathBuf {
+    fn module_path(&self, hash: &ModuleHash) -> PathBuf {
         self.inner.config.data_dir.join("modules").join(format!("{hash}.wasm"))
     }
 
@@ -403,12 +406,12 @@ impl WasiDriver {
 
     /// The compiled guest for `hash`: from memory, else compiled (wasmtime's disk cache makes
     /// that a load when the module was compiled before with the same engine settings).
-    pub fn compile(&self, hash: &str) -> Result<(), DriverError> {
+    pub fn compile(&self, hash: &ModuleHash) -> Result<(), DriverError> {
         self.compiled(hash).map(|_| ())
     }
 
     /// [`Self::compiled`] without blocking the caller's runtime on a compile.
-    async fn compiled_off_thread(&self, hash: &str) -> Result<Compiled, DriverError> {
+    async fn compiled_off_thread(&self, hash: &ModuleHash) -> Result<Compiled, DriverError> {
         if let Some(c) = self.cached(hash) {
             return Ok(c);
         }
@@ -418,11 +421,11 @@ impl WasiDriver {
         if let Some(c) = self.cached(hash) {
             return Ok(c);
         }
-        let (this, hash) = (self.clone(), hash.to_string());
+        let (this, hash) = (self.clone(), hash.clone());
         tokio::task::spawn_blocking(move || this.compiled(&hash)).await.map_err(engine_error)?
     }
 
-    fn cached(&self, hash: &str) -> Option<Compiled> {
+    fn cached(&self, hash: &ModuleHash) -> Option<Compiled> {
         let mut cache = self.inner.compiled.lock().ok()?;
         let i = cache.iter().position(|(h, _)| h == hash)?;
         // Most recently used at the back.
@@ -432,7 +435,7 @@ impl WasiDriver {
         Some(c)
     }
 
-    fn compiled(&self, hash: &str) -> Result<Compiled, DriverError> {
+    fn compiled(&self, hash: &ModuleHash) -> Result<Compiled, DriverError> {
         if let Some(c) = self.cached(hash) {
             return Ok(c);
         }
@@ -441,7 +444,7 @@ impl WasiDriver {
             reason,
         };
         let bytes = std::fs::read(self.module_path(hash)).map_err(|e| missing(e.to_string()))?;
-        if module_hash(&bytes) != hash {
+        if ModuleHash::of(&bytes) != *hash {
             return Err(missing("stored bytes do not match their hash".into()));
         }
         let started = Instant::now();
@@ -470,9 +473,9 @@ impl WasiDriver {
                     .map_err(|e| missing(format!("cannot link: {e:#}")))?,
             )
         };
-        debug!(module = hash, took = ?started.elapsed(), "compiled");
+        debug!(module = %hash, took = ?started.elapsed(), "compiled");
         if let Ok(mut cache) = self.inner.compiled.lock() {
-            cache.push_back((hash.to_string(), compiled.clone()));
+            cache.push_back((hash.clone(), compiled.clone()));
             while cache.len() > self.inner.config.compiled_cache.max(1) {
                 cache.pop_front();
             }
@@ -483,7 +486,7 @@ impl WasiDriver {
     /// Instantiates a stored guest in a fresh store with an empty WASI context (no arguments,
     /// directory or log) and runs it to completion: the cost of a start without the replica's
     /// bookkeeping. Compiles first if needed. For benchmarks and health checks.
-    pub async fn run_bare(&self, hash: &str) -> Result<Exit, DriverError> {
+    pub async fn run_bare(&self, hash: &ModuleHash) -> Result<Exit, DriverError> {
         let compiled = self.compiled_off_thread(hash).await?;
         let control = Arc::new(Control::default());
         let meter = || Meter::new(control.clone(), self.inner.config.max_memory_mib, 1000);
@@ -521,7 +524,7 @@ impl WasiDriver {
         work: &Path,
     ) -> Result<WasiCtxBuilder, DriverError> {
         let mut b = WasiCtxBuilder::new();
-        let argv0 = spec.command.first().cloned().unwrap_or_else(|| spec.id.workload.clone());
+        let argv0 = spec.command.first().cloned().unwrap_or_else(|| spec.id.workload.to_string());
         let args: Vec<&String> =
             std::iter::once(&argv0).chain(spec.command.iter().skip(1)).chain(&spec.args).collect();
         b.args(&args)
@@ -542,11 +545,6 @@ impl WasiDriver {
 /// Whether `bytes` is a component (layer 1) rather than a core module.
 fn is_component(bytes: &[u8]) -> bool {
     bytes.len() >= 8 && &bytes[..4] == b"\0asm" && bytes[6..8] == [1, 0]
-}
-
-/// The name a module is stored and referred to by: the lowercase hex SHA-256 of its bytes.
-pub fn module_hash(bytes: &[u8]) -> String {
-    cloudless_types::hex(&Sha256::digest(bytes))
 }
 
 fn new_store<T: Metered + Send + 'static>(engine: &Engine, data: T) -> Store<T> {
@@ -602,12 +600,12 @@ impl Driver for WasiDriver {
         "wasi"
     }
 
-    fn runs(&self, artifact: &Artifact) -> bool {
-        matches!(artifact, Artifact::Wasi(_))
+    fn runs(&self, image: &Image) -> bool {
+        matches!(image, Image::Wasi(_))
     }
 
     async fn start(&self, spec: &ReplicaSpec) -> Result<(), DriverError> {
-        let Artifact::Wasi(hash) = &spec.artifact else {
+        let Image::Wasi(hash) = &spec.image else {
             return Err(DriverError::Refused {
                 id: spec.id.clone(),
                 reason: "not a WASI module".into(),

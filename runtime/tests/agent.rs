@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use cloudless_runtime::memory::MemoryDriver;
 use cloudless_runtime::wasi::{WasiConfig, WasiDriver};
-use cloudless_runtime::{Agent, AgentConfig, Driver, Phase, ReplicaSpec, Status};
+use cloudless_runtime::{Agent, AgentConfig, Driver, ReplicaPhase, ReplicaSpec, Status};
 use cloudless_types::{Image, Kind, Probe, ProbeCheck, Resources, Restart, WorkloadSpec};
 use tokio::sync::mpsc;
 
 fn spec(name: &str, image: Image, restart: Restart) -> ReplicaSpec {
     let mut w = WorkloadSpec::new(
-        name,
+        cloudless_types::WorkloadName::new(name).unwrap(),
         image,
         Resources { cpu_millis: 500, memory_mib: 16, disk_mib: 0, gpus: 0 },
         1,
@@ -55,7 +55,7 @@ async fn replicas_start_report_and_stop() {
     let (agent, mut rx) = Agent::start(vec![Arc::new(d.clone())], AgentConfig::default());
     let a = spec("a", Image::Container("busybox".into()), Restart::Always);
     agent.set_desired(vec![a.clone()]).await.unwrap();
-    until(&mut rx, "running", |s| s.phase == Phase::Running { ready: true }).await;
+    until(&mut rx, "running", |s| s.phase == ReplicaPhase::Running { ready: true }).await;
     assert!(d.running().contains(&a.id));
     agent.set_desired(vec![]).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -78,15 +78,16 @@ async fn a_failing_liveness_probe_restarts_the_replica() {
         ..Probe::new(ProbeCheck::Exec { command: vec!["check".into()] })
     });
     agent.set_desired(vec![a.clone()]).await.unwrap();
-    until(&mut rx, "running", |s| matches!(s.phase, Phase::Running { .. })).await;
+    until(&mut rx, "running", |s| matches!(s.phase, ReplicaPhase::Running { .. })).await;
     d.set_exec_code(1);
-    let (s, _) = until(&mut rx, "a restart", |s| matches!(s.phase, Phase::Restarting { .. })).await;
+    let (s, _) =
+        until(&mut rx, "a restart", |s| matches!(s.phase, ReplicaPhase::Restarting { .. })).await;
     match s.phase {
-        Phase::Restarting { reason, .. } => assert!(reason.contains("liveness"), "{reason}"),
+        ReplicaPhase::Restarting { reason, .. } => assert!(reason.contains("liveness"), "{reason}"),
         p => panic!("{p:?}"),
     }
     d.set_exec_code(0);
-    until(&mut rx, "running again", |s| matches!(s.phase, Phase::Running { .. })).await;
+    until(&mut rx, "running again", |s| matches!(s.phase, ReplicaPhase::Running { .. })).await;
     assert_eq!(d.starts(&a.id), 2);
 }
 
@@ -103,16 +104,19 @@ async fn a_crashing_wasi_guest_is_restarted_with_growing_backoff_then_given_up()
     s.restart.max_restarts = Some(3);
     let (agent, mut rx) = Agent::start(vec![Arc::new(wasi.clone())], AgentConfig::default());
     agent.set_desired(vec![s.clone()]).await.unwrap();
-    let (failed, seen) = until(&mut rx, "failed", |s| matches!(s.phase, Phase::Failed(_))).await;
+    let (failed, seen) =
+        until(&mut rx, "failed", |s| matches!(s.phase, ReplicaPhase::Failed(_))).await;
     match &failed.phase {
-        Phase::Failed(why) => assert!(why.contains("trap") && why.contains("3 restarts"), "{why}"),
+        ReplicaPhase::Failed(why) => {
+            assert!(why.contains("trap") && why.contains("3 restarts"), "{why}")
+        }
         p => panic!("{p:?}"),
     }
     assert_eq!(failed.restarts, 3);
     let backoffs: Vec<Duration> = seen
         .iter()
         .filter_map(|(_, s)| match s.phase {
-            Phase::Restarting { backoff, .. } => Some(backoff),
+            ReplicaPhase::Restarting { backoff, .. } => Some(backoff),
             _ => None,
         })
         .collect();
@@ -120,7 +124,7 @@ async fn a_crashing_wasi_guest_is_restarted_with_growing_backoff_then_given_up()
     // The waits really happened: the restarts are spread over at least their sum.
     let starts: Vec<Instant> = seen
         .iter()
-        .filter(|(_, s)| matches!(s.phase, Phase::Running { .. }))
+        .filter(|(_, s)| matches!(s.phase, ReplicaPhase::Running { .. }))
         .map(|(t, _)| *t)
         .collect();
     assert_eq!(starts.len(), 4, "{seen:?}");
@@ -137,7 +141,8 @@ async fn a_restarted_agent_adopts_what_runs_and_stops_strays() {
     d.start(&b).await.unwrap();
     let (agent, mut rx) = Agent::start(vec![Arc::new(d.clone())], AgentConfig::default());
     agent.set_desired(vec![a.clone()]).await.unwrap();
-    until(&mut rx, "adopted", |s| s.id == a.id && matches!(s.phase, Phase::Running { .. })).await;
+    until(&mut rx, "adopted", |s| s.id == a.id && matches!(s.phase, ReplicaPhase::Running { .. }))
+        .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while d.running().contains(&b.id) {
         assert!(Instant::now() < deadline, "the stray was not stopped");
@@ -146,5 +151,5 @@ async fn a_restarted_agent_adopts_what_runs_and_stops_strays() {
     assert_eq!(d.starts(&a.id), 1, "adopted, not started again");
     // The adopted replica is watched: its exit is noticed and it is restarted.
     d.exit(&a.id, 1);
-    until(&mut rx, "restart", |s| matches!(s.phase, Phase::Restarting { .. })).await;
+    until(&mut rx, "restart", |s| matches!(s.phase, ReplicaPhase::Restarting { .. })).await;
 }

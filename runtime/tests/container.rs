@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cloudless_runtime::container::{ContainerConfig, ContainerDriver};
 use cloudless_runtime::driver::Stream;
-use cloudless_runtime::{Artifact, Driver, DriverError, ExitReason, ReplicaSpec, RunState};
+use cloudless_runtime::{Driver, DriverError, ExitReason, ReplicaSpec, RunState};
 use cloudless_types::{Image, Kind, Resources, Restart, WorkloadSpec};
 
 fn image() -> String {
@@ -34,7 +34,7 @@ async fn engine(scope: &str) -> Option<ContainerDriver> {
 
 fn spec(name: &str, script: &str) -> ReplicaSpec {
     let mut w = WorkloadSpec::new(
-        name,
+        cloudless_types::WorkloadName::new(name).unwrap(),
         Image::Container(image()),
         Resources { cpu_millis: 500, memory_mib: 32, disk_mib: 0, gpus: 0 },
         1,
@@ -159,7 +159,7 @@ async fn sandbox_defaults_exec_and_refusals() {
     assert_eq!((ok, bad), (0, 1));
 
     let mut missing = spec("missing", "true");
-    missing.artifact = Artifact::Container("cloudless/does-not-exist:1".into());
+    missing.image = Image::Container("cloudless/does-not-exist:1".into());
     match d.start(&missing).await {
         Err(DriverError::MissingArtifact { artifact, reason }) => {
             assert!(artifact.contains("cloudless/does-not-exist:1"), "{artifact}: {reason}");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use cloudless_runtime::driver::Stream;
 use cloudless_runtime::wasi::{WasiConfig, WasiDriver};
-use cloudless_runtime::{Artifact, Driver, ExitReason, ReplicaId, ReplicaSpec, RunState};
+use cloudless_runtime::{Driver, ExitReason, ReplicaId, ReplicaSpec, RunState};
 use cloudless_types::{Image, Kind, Resources, Restart, WorkloadSpec};
 
 fn driver(dir: &tempfile::TempDir) -> WasiDriver {
@@ -19,10 +19,10 @@ fn driver(dir: &tempfile::TempDir) -> WasiDriver {
     WasiDriver::new(config).unwrap()
 }
 
-fn job(name: &str, hash: &str) -> ReplicaSpec {
+fn job(name: &str, hash: &cloudless_types::ModuleHash) -> ReplicaSpec {
     let mut w = WorkloadSpec::new(
-        name,
-        Image::Wasi(hash.to_string()),
+        cloudless_types::WorkloadName::new(name).unwrap(),
+        Image::Wasi(hash.clone()),
         Resources { cpu_millis: 1000, memory_mib: 16, disk_mib: 0, gpus: 0 },
         1,
     );
@@ -126,7 +126,7 @@ async fn a_memory_bomb_is_stopped_at_its_limit_and_reported() {
     assert!(used <= 16 << 20, "it held {used} bytes, limit 16 MiB");
     // A limit above the node's largest is refused up front.
     let mut big = spec.clone();
-    big.id = ReplicaId::new("big", 0);
+    big.id = ReplicaId::new(&cloudless_types::WorkloadName::new("big").unwrap(), 0);
     big.memory_mib = 4096;
     assert!(d.start(&big).await.unwrap_err().to_string().contains("above this node's"));
 }
@@ -143,7 +143,7 @@ async fn traps_stop_and_bad_modules_are_reported() {
     assert!(d.status(&spinner.id).await.unwrap().is_none(), "removed");
     assert!(!dir.path().join("replicas/spinner.0").exists());
 
-    let missing = job("missing", &"0".repeat(64));
+    let missing = job("missing", &cloudless_types::ModuleHash::new("0".repeat(64)).unwrap());
     let err = d.start(&missing).await.unwrap_err().to_string();
     assert!(err.contains("not available"), "{err}");
     let junk = d.store_module(b"\0asm\x01\0\0\0garbage").unwrap();
@@ -154,7 +154,7 @@ async fn traps_stop_and_bad_modules_are_reported() {
     let err = d.start(&net).await.unwrap_err().to_string();
     assert!(err.contains("network"), "{err}");
     let mut container = job("box", &junk);
-    container.artifact = Artifact::Container("busybox".into());
+    container.image = Image::Container("busybox".into());
     assert!(d.start(&container).await.is_err());
 }
 

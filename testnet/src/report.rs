@@ -17,11 +17,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use cloudless_api::{Schedulable, keys};
 use cloudless_cli::client::Client;
-use cloudless_consensus::api::{ApiResponse, Read};
-use cloudless_consensus::keys;
-use cloudless_consensus::state::{Command, Schedulable};
-use cloudless_types::{Image, Resources, WorkloadSpec};
+use cloudless_types::{Image, ModuleHash, NodeName, Resources, WorkloadName, WorkloadSpec};
 
 use crate::procs::Procs;
 
@@ -52,22 +50,22 @@ pub fn percentile(v: &[Duration], p: f64) -> Duration {
     v[rank.clamp(1, v.len()) - 1]
 }
 
-async fn replica(c: &Client, name: &str) -> Option<(String, String)> {
-    match c.read(Read::Workload { name: name.to_string() }).await {
-        Ok(ApiResponse::Workloads(w)) => {
-            let r = w.first()?.replicas.first()?.clone();
-            Some((r.node.unwrap_or_default(), r.phase))
-        }
-        _ => None,
-    }
+async fn replica(c: &Client, name: &WorkloadName) -> Option<(NodeName, String)> {
+    let w = c.workload(name).await.ok()?;
+    let r = w.replicas.first()?.clone();
+    Some((r.node?, r.phase))
 }
 
-async fn wait_running(c: &Client, name: &str, not_on: Option<&str>) -> Result<(String, Duration)> {
+async fn wait_running(
+    c: &Client,
+    name: &WorkloadName,
+    not_on: Option<&NodeName>,
+) -> Result<(NodeName, Duration)> {
     let start = Instant::now();
     loop {
         if let Some((node, phase)) = replica(c, name).await
             && phase == "running"
-            && Some(node.as_str()) != not_on
+            && Some(&node) != not_on
         {
             return Ok((node, start.elapsed()));
         }
@@ -78,10 +76,10 @@ async fn wait_running(c: &Client, name: &str, not_on: Option<&str>) -> Result<(S
     }
 }
 
-fn spec(name: &str, hash: &str) -> WorkloadSpec {
+fn spec(name: &WorkloadName, hash: &ModuleHash) -> WorkloadSpec {
     WorkloadSpec::new(
-        name,
-        Image::Wasi(hash.to_string()),
+        name.clone(),
+        Image::Wasi(hash.clone()),
         Resources { cpu_millis: 100, memory_mib: 16, disk_mib: 0, gpus: 0 },
         1,
     )
@@ -114,13 +112,8 @@ pub async fn run(plan: &Plan, module: &[u8], mut out: impl FnMut(String)) -> Res
     })?;
     let key = keys::load(&procs.ctl_dir().join("user.key"))?;
     let client = Client::connect(&procs.nodes[0].addr, key).await?;
-    let first = procs.nodes[0].peer.clone();
-    client
-        .command(Command::SetSchedulable {
-            peer: first.clone(),
-            schedulable: Schedulable::Cordoned,
-        })
-        .await?;
+    let first = NodeName::new(procs.nodes[0].peer.clone())?;
+    client.set_schedulable(&first, Schedulable::Cordoned).await?;
     let hash = client.upload(module).await?;
     let build = if cfg!(debug_assertions) { "debug" } else { "release" };
     out(format!(
@@ -130,32 +123,28 @@ pub async fn run(plan: &Plan, module: &[u8], mut out: impl FnMut(String)) -> Res
 
     let mut submit = Vec::new();
     for r in 0..plan.runs {
-        let name = format!("submit-{r}");
+        let name = WorkloadName::new(format!("submit-{r}"))?;
         let start = Instant::now();
-        client.command(Command::PutWorkload(Box::new(spec(&name, &hash)))).await?;
+        client.put_workload(spec(&name, &hash)).await?;
         wait_running(&client, &name, None).await?;
         submit.push(start.elapsed());
-        client.command(Command::DeleteWorkload { name }).await?;
+        client.delete_workload(&name).await?;
     }
     out(line("submit to running (WASI, 1 replica)", &mut submit, "target P99 ≤ 300 ms"));
 
-    let voters = match client.read(Read::Status).await? {
-        ApiResponse::Status(s) => s.voters,
-        other => bail!("unexpected answer {other:?}"),
-    };
+    let voters = client.status().await?.voters;
     for peer in &voters {
-        let cordon =
-            Command::SetSchedulable { peer: peer.clone(), schedulable: Schedulable::Cordoned };
-        client.command(cordon).await?;
+        client.set_schedulable(peer, Schedulable::Cordoned).await?;
     }
     let mut failover = Vec::new();
-    client.command(Command::PutWorkload(Box::new(spec("failover", &hash)))).await?;
-    let (mut host, _) = wait_running(&client, "failover", None).await?;
+    let name = WorkloadName::new("failover")?;
+    client.put_workload(spec(&name, &hash)).await?;
+    let (mut host, _) = wait_running(&client, &name, None).await?;
     for _ in 0..plan.kills {
-        let i = procs.index(&host).context("the replica runs on an unknown node")?;
+        let i = procs.index(host.as_str()).context("the replica runs on an unknown node")?;
         let killed = Instant::now();
         procs.kill(i);
-        let (moved, _) = wait_running(&client, "failover", Some(&host)).await?;
+        let (moved, _) = wait_running(&client, &name, Some(&host)).await?;
         failover.push(killed.elapsed());
         tokio::task::block_in_place(|| procs.restart(i))?;
         host = moved;
@@ -165,7 +154,7 @@ pub async fn run(plan: &Plan, module: &[u8], mut out: impl FnMut(String)) -> Res
         &mut failover,
         "targets P50 ≤ 1.5 s, P95 ≤ 4 s",
     ));
-    client.command(Command::DeleteWorkload { name: "failover".into() }).await?;
+    client.delete_workload(&name).await?;
 
     // Idle: no workload left anywhere; give allocators and caches a moment to settle.
     tokio::time::sleep(IDLE).await;

@@ -48,9 +48,10 @@ fn err(text: &str) -> (String, String) {
 fn a_full_document_becomes_the_spec_users_meant() {
     let p = parse(GOOD).unwrap();
     assert_eq!(p.module, Some(Module::Path("./hello.wasm".into())));
-    let s = p.with_module_hash(&"ab".repeat(32)).unwrap();
+    let hash = cloudless_types::ModuleHash::new("ab".repeat(32)).unwrap();
+    let s = p.with_module_hash(&hash).unwrap();
     assert_eq!(s.name, "hello");
-    assert_eq!(s.image, Image::Wasi("ab".repeat(32)));
+    assert_eq!(s.image, Image::Wasi(hash));
     assert_eq!((s.requests.cpu_millis, s.requests.memory_mib), (100, 32));
     assert_eq!(s.limits.map(|l| (l.cpu_millis, l.memory_mib)), Some((500, 64)));
     assert_eq!((s.replicas, s.min_available, s.priority), (3, 2, 10));

@@ -1,4 +1,17 @@
-use cloudless_types::{Image, Resources, WorkloadSpec};
+use cloudless_types::{Image, ReplicaPhase, Resources, WorkloadSpec};
+
+/// A node name for a readable label: the peer id of a key spelled from the label.
+fn n(label: &str) -> NodeName {
+    let mut key = [0u8; 32];
+    for (k, b) in key.iter_mut().zip(label.bytes()) {
+        *k = b;
+    }
+    NodeName::from_ed25519(key)
+}
+
+fn w(name: &str) -> WorkloadName {
+    WorkloadName::new(name).unwrap()
+}
 use ed25519_dalek::{Signer, SigningKey};
 use proptest::prelude::*;
 
@@ -36,7 +49,7 @@ impl Client {
 
 fn spec(name: &str, replicas: u32) -> WorkloadSpec {
     WorkloadSpec::new(
-        name,
+        w(name),
         Image::Container("busybox:1".into()),
         Resources { cpu_millis: 100, memory_mib: 64, disk_mib: 0, gpus: 0 },
         replicas,
@@ -49,7 +62,7 @@ fn ready() -> (State, Client) {
     let mut c = Client { id: 1, serial: 0 };
     s.apply(&c.req(
         Actor::System,
-        Command::Bootstrap { settings: settings(), admin: ADMIN, node: "node-a".into() },
+        Command::Bootstrap { settings: settings(), admin: ADMIN, node: n("node-a") },
     ))
     .unwrap();
     for (key, role) in [(DEPLOYER, Role::Deployer), (VIEWER, Role::Viewer)] {
@@ -59,10 +72,9 @@ fn ready() -> (State, Client) {
         .unwrap();
     }
     let (token, signature) = token(1, 10_000);
-    s.apply(&c.req(
-        Actor::Node("node-b".into()),
-        Command::Enroll { token, signature, peer: "node-b".into() },
-    ))
+    s.apply(
+        &c.req(Actor::Node(n("node-b")), Command::Enroll { token, signature, peer: n("node-b") }),
+    )
     .unwrap();
     (s, c)
 }
@@ -90,17 +102,17 @@ fn bootstrap_happens_once_and_everything_waits_for_it() {
     let mut s = State::new();
     let mut c = Client { id: 9, serial: 0 };
     assert_eq!(
-        s.apply(&c.req(Actor::User(ADMIN), Command::DeleteWorkload { name: "x".into() })),
+        s.apply(&c.req(Actor::User(ADMIN), Command::DeleteWorkload { name: w("x") })),
         Err(CommandError::NotBootstrapped)
     );
-    let boot = Command::Bootstrap { settings: settings(), admin: ADMIN, node: "a".into() };
+    let boot = Command::Bootstrap { settings: settings(), admin: ADMIN, node: n("a") };
     assert!(matches!(
         s.apply(&c.req(Actor::User(ADMIN), boot.clone())),
         Err(CommandError::Unauthorized { .. })
     ));
     s.apply(&c.req(Actor::System, boot.clone())).unwrap();
     assert_eq!(s.apply(&c.req(Actor::System, boot)), Err(CommandError::AlreadyBootstrapped));
-    assert!(s.is_member("a"));
+    assert!(s.is_member(&n("a")));
     assert_eq!(s.user_role(&ADMIN), Some(Role::Admin));
 }
 
@@ -123,18 +135,13 @@ fn roles_decide_who_may_do_what() {
         .is_err()
     );
     assert!(
-        s.apply(&c.req(Actor::User([42; 32]), Command::Scale { name: "web".into(), replicas: 1 }))
+        s.apply(&c.req(Actor::User([42; 32]), Command::Scale { name: w("web"), replicas: 1 }))
             .is_err()
     );
     let err = s.apply(&c.req(Actor::User(ADMIN), Command::RemoveUser { key: ADMIN })).unwrap_err();
     assert_eq!(err.to_string(), "invalid key: the last admin cannot be removed");
     assert!(matches!(
-        s.apply(
-            &c.req(
-                Actor::Node("node-b".into()),
-                Command::Scale { name: "web".into(), replicas: 1 }
-            )
-        ),
+        s.apply(&c.req(Actor::Node(n("node-b")), Command::Scale { name: w("web"), replicas: 1 })),
         Err(CommandError::Unauthorized { .. })
     ));
 }
@@ -156,7 +163,7 @@ fn a_retried_request_is_applied_once() {
     let req = c.req(Actor::User(ADMIN), Command::PutWorkload(Box::new(spec("web", 2))));
     assert_eq!(s.apply(&req), Ok(Reply::Version(1)));
     assert_eq!(s.apply(&req), Ok(Reply::Version(1)), "the retry gets the stored answer");
-    assert_eq!(s.workloads()["web"].version, 1);
+    assert_eq!(s.workloads()[&w("web")].version, 1);
     // Requests in flight together may be applied in any order, and each only once.
     c.serial += 1; // the serial the "earlier" request got; it arrives late
     let later = c.req(Actor::User(ADMIN), Command::PutWorkload(Box::new(spec("b", 1))));
@@ -172,7 +179,7 @@ fn a_retried_request_is_applied_once() {
     assert_eq!(s.workloads().len(), 3);
     // Beyond the window, a retry cannot be answered and is refused rather than applied twice.
     for _ in 0..SESSION_WINDOW + 1 {
-        s.apply(&c.req(Actor::User(ADMIN), Command::Scale { name: "web".into(), replicas: 1 }))
+        s.apply(&c.req(Actor::User(ADMIN), Command::Scale { name: w("web"), replicas: 1 }))
             .unwrap();
     }
     assert!(s.apply(&req).is_err(), "a retry older than the window is refused");
@@ -182,10 +189,7 @@ fn a_retried_request_is_applied_once() {
 fn enrollment_tokens_are_checked_inside_apply() {
     let (mut s, mut c) = ready();
     let enroll = |c: &mut Client, t: Token, sig: Vec<u8>, peer: &str| {
-        c.req(
-            Actor::Node(peer.into()),
-            Command::Enroll { token: t, signature: sig, peer: peer.into() },
-        )
+        c.req(Actor::Node(n(peer)), Command::Enroll { token: t, signature: sig, peer: n(peer) })
     };
     // Used once already (max 1).
     let (t, sig) = token(1, 10_000);
@@ -206,98 +210,143 @@ fn enrollment_tokens_are_checked_inside_apply() {
     // Someone else's name.
     let (t, sig) = token(4, 10_000);
     let req = c.req(
-        Actor::Node("mallory".into()),
-        Command::Enroll { token: t.clone(), signature: sig.clone(), peer: "node-c".into() },
+        Actor::Node(n("mallory")),
+        Command::Enroll { token: t.clone(), signature: sig.clone(), peer: n("node-c") },
     );
     assert!(matches!(s.apply(&req), Err(CommandError::Unauthorized { .. })));
     // Good, twice (max 4... we use 2 of them).
     assert_eq!(s.apply(&enroll(&mut c, t.clone(), sig.clone(), "node-c")), Ok(Reply::Done));
-    assert!(s.is_member("node-c"));
+    assert!(s.is_member(&n("node-c")));
     // A revoked node cannot come back with a fresh token.
-    s.apply(&c.req(Actor::User(ADMIN), Command::Revoke { peer: "node-c".into() })).unwrap();
-    assert!(!s.is_member("node-c"));
+    s.apply(&c.req(Actor::User(ADMIN), Command::Revoke { peer: n("node-c") })).unwrap();
+    assert!(!s.is_member(&n("node-c")));
     assert!(s.apply(&enroll(&mut c, t, sig, "node-c")).is_err());
+}
+
+fn start(r: &ReplicaId, node: &str) -> Change {
+    Change::Start { replica: r.clone(), node: n(node) }
 }
 
 #[test]
 fn assignments_follow_epochs_nodes_and_replica_counts() {
     let (mut s, mut c) = ready();
     s.apply(&c.req(Actor::User(ADMIN), Command::PutWorkload(Box::new(spec("web", 2))))).unwrap();
-    let r = |i| ReplicaKey { workload: "web".into(), index: i };
-    let assign =
-        |epoch, set: Vec<(ReplicaKey, String)>| Command::Assign { epoch, set, unset: vec![] };
+    let r = |i| ReplicaId::new(&w("web"), i);
+    let assign = |epoch, changes: Vec<Change>| Command::Assign { epoch, changes };
     assert!(
         matches!(
-            s.apply(&c.req(Actor::User(ADMIN), assign(1, vec![(r(0), "node-a".into())]))),
+            s.apply(&c.req(Actor::User(ADMIN), assign(1, vec![start(&r(0), "node-a")]))),
             Err(CommandError::Unauthorized { .. })
         ),
         "only the leader assigns"
     );
-    s.apply(
-        &c.req(Actor::System, assign(1, vec![(r(0), "node-a".into()), (r(1), "node-b".into())])),
-    )
-    .unwrap();
+    s.apply(&c.req(Actor::System, assign(1, vec![start(&r(0), "node-a"), start(&r(1), "node-b")])))
+        .unwrap();
     assert_eq!(
         s.apply(&c.req(Actor::System, assign(1, vec![]))),
         Err(CommandError::StaleEpoch { epoch: 1, current: 1 })
     );
     assert!(
-        s.apply(&c.req(Actor::System, assign(2, vec![(r(5), "node-a".into())]))).is_err(),
-        "beyond replicas"
+        s.apply(&c.req(Actor::System, assign(2, vec![start(&r(5), "node-a")]))).is_err(),
+        "beyond the desired count"
     );
     assert!(
-        s.apply(&c.req(Actor::System, assign(2, vec![(r(0), "ghost".into())]))).is_err(),
+        s.apply(&c.req(Actor::System, assign(2, vec![start(&r(0), "ghost")]))).is_err(),
         "unknown node"
     );
-    assert_eq!(s.assigned_to("node-b").count(), 1);
-    s.apply(&c.req(Actor::User(ADMIN), Command::Scale { name: "web".into(), replicas: 1 }))
-        .unwrap();
-    assert_eq!(s.assignments().len(), 1, "scaling down drops the surplus assignment");
-    s.apply(&c.req(Actor::User(ADMIN), Command::Revoke { peer: "node-a".into() })).unwrap();
+    assert!(
+        s.apply(&c.req(
+            Actor::System,
+            assign(2, vec![Change::Move { replica: r(0), from: n("node-b"), to: n("node-a") }])
+        ))
+        .is_err(),
+        "a move starts where the replica runs"
+    );
+    assert!(
+        s.apply(&c.req(Actor::System, assign(2, vec![Change::Release { replica: r(0) }]))).is_err(),
+        "only a moving replica is released"
+    );
+    assert_eq!(s.runs_on(&n("node-b")).count(), 1);
+    // Scaling down leaves the choice of what stops to the leader's plan.
+    s.apply(&c.req(Actor::User(ADMIN), Command::Scale { name: w("web"), replicas: 1 })).unwrap();
+    assert_eq!(s.assignments().len(), 2, "the surplus runs until the plan stops it");
+    s.apply(&c.req(Actor::System, assign(2, vec![Change::Stop { replica: r(0) }]))).unwrap();
+    assert_eq!(s.assignments().keys().collect::<Vec<_>>(), vec![&r(1)]);
+    assert!(
+        s.apply(&c.req(Actor::System, assign(3, vec![start(&r(0), "node-a")]))).is_err(),
+        "one replica is wanted and one is assigned"
+    );
+    s.apply(&c.req(Actor::User(ADMIN), Command::Revoke { peer: n("node-b") })).unwrap();
     assert!(s.assignments().is_empty(), "a revoked node's replicas lose their assignment");
+}
+
+#[test]
+fn a_move_keeps_the_origin_running_until_released() {
+    let (mut s, mut c) = ready();
+    s.apply(&c.req(Actor::User(ADMIN), Command::PutWorkload(Box::new(spec("web", 1))))).unwrap();
+    let r = ReplicaId::new(&w("web"), 0);
+    let assign = |epoch, changes: Vec<Change>| Command::Assign { epoch, changes };
+    s.apply(&c.req(Actor::System, assign(1, vec![start(&r, "node-a")]))).unwrap();
+    let mv = Change::Move { replica: r.clone(), from: n("node-a"), to: n("node-b") };
+    s.apply(&c.req(Actor::System, assign(2, vec![mv]))).unwrap();
+    assert_eq!(s.runs_on(&n("node-a")).count(), 1, "the origin still runs it");
+    assert_eq!(s.runs_on(&n("node-b")).count(), 1, "the destination starts it");
+    assert_eq!(s.assignments()[&r].node, n("node-b"), "and reports for it");
+    s.apply(&c.req(Actor::System, assign(3, vec![Change::Release { replica: r.clone() }])))
+        .unwrap();
+    assert_eq!(s.runs_on(&n("node-a")).count(), 0, "released: the origin stops it");
+    assert_eq!(s.assignments()[&r].from, None);
 }
 
 #[test]
 fn nodes_report_only_for_themselves() {
     let (mut s, mut c) = ready();
     s.apply(&c.req(Actor::User(ADMIN), Command::PutWorkload(Box::new(spec("web", 1))))).unwrap();
-    let key = ReplicaKey { workload: "web".into(), index: 0 };
+    let key = ReplicaId::new(&w("web"), 0);
     let status = |node: &str| ReplicaStatus {
-        node: node.into(),
-        phase: Phase::Running,
+        node: n(node),
+        phase: ReplicaPhase::Running { ready: true },
         restarts: 0,
         at_ms: 5,
     };
     s.apply(
-        &c.req(
-            Actor::Node("node-b".into()),
-            Command::Report(vec![(key.clone(), status("node-b"))]),
-        ),
+        &c.req(Actor::Node(n("node-b")), Command::Report(vec![(key.clone(), status("node-b"))])),
     )
     .unwrap();
     assert!(
-        s.apply(&c.req(
-            Actor::Node("node-b".into()),
-            Command::Report(vec![(key.clone(), status("node-a"))])
-        ))
+        s.apply(
+            &c.req(
+                Actor::Node(n("node-b")),
+                Command::Report(vec![(key.clone(), status("node-a"))])
+            )
+        )
         .is_err()
     );
     assert!(
         s.apply(&c.req(
-            Actor::Node("stranger".into()),
+            Actor::Node(n("stranger")),
             Command::Report(vec![(key.clone(), status("stranger"))])
         ))
         .is_err()
     );
+    let long = ReplicaStatus {
+        phase: ReplicaPhase::Restarting { reason: "x".repeat(2000), backoff: Default::default() },
+        ..status("node-b")
+    };
+    assert!(
+        s.apply(&c.req(Actor::Node(n("node-b")), Command::Report(vec![(key.clone(), long)])))
+            .is_err(),
+        "reasons are bounded"
+    );
     // Only the node the replica is assigned to speaks for it: a former host's late report
     // is accepted (it is its own) but changes nothing.
     assert!(s.statuses().is_empty(), "node-b reported on a replica not assigned to it");
-    let set = vec![(key.clone(), "node-a".to_string())];
-    s.apply(&c.req(Actor::System, Command::Assign { epoch: 1, set, unset: vec![] })).unwrap();
+    let changes = vec![start(&key, "node-a")];
+    s.apply(&c.req(Actor::System, Command::Assign { epoch: 1, changes })).unwrap();
     let report = |node: &str| Command::Report(vec![(key.clone(), status(node))]);
-    s.apply(&c.req(Actor::Node("node-a".into()), report("node-a"))).unwrap();
-    s.apply(&c.req(Actor::Node("node-b".into()), report("node-b"))).unwrap();
-    assert_eq!(s.statuses()[&key].node, "node-a");
+    s.apply(&c.req(Actor::Node(n("node-a")), report("node-a"))).unwrap();
+    s.apply(&c.req(Actor::Node(n("node-b")), report("node-b"))).unwrap();
+    assert_eq!(s.statuses()[&key].node, n("node-a"));
 }
 
 fn arb_actor() -> impl Strategy<Value = Actor> {
@@ -306,31 +355,43 @@ fn arb_actor() -> impl Strategy<Value = Actor> {
         Just(Actor::User(DEPLOYER)),
         Just(Actor::User(VIEWER)),
         Just(Actor::User([99; 32])),
-        Just(Actor::Node("node-b".into())),
+        Just(Actor::Node(n("node-b"))),
         Just(Actor::System),
     ]
 }
 
-fn arb_command() -> impl Strategy<Value = Command> {
-    let name =
-        prop_oneof![Just("web".to_string()), Just("db".to_string()), Just("Bad Name".to_string())];
+fn arb_node() -> impl Strategy<Value = NodeName> {
+    prop_oneof![Just(n("node-a")), Just(n("node-b")), Just(n("ghost"))]
+}
+
+fn arb_change() -> impl Strategy<Value = Change> {
+    let replica = (prop_oneof![Just("web"), Just("db")], 0u32..12)
+        .prop_map(|(name, i)| ReplicaId::new(&w(name), i));
     prop_oneof![
-        (name.clone(), 0u32..20_000).prop_map(|(n, r)| Command::PutWorkload(Box::new(
-            WorkloadSpec { name: n, ..spec("x", r.min(10)) }
-        ))),
+        (replica.clone(), arb_node()).prop_map(|(replica, node)| Change::Start { replica, node }),
+        (replica.clone(), arb_node(), arb_node()).prop_map(|(replica, from, to)| Change::Move {
+            replica,
+            from,
+            to
+        }),
+        replica.clone().prop_map(|replica| Change::Release { replica }),
+        replica.prop_map(|replica| Change::Stop { replica }),
+    ]
+}
+
+fn arb_command() -> impl Strategy<Value = Command> {
+    let name = prop_oneof![Just("web"), Just("db"), Just("ghost")];
+    prop_oneof![
+        (name.clone(), 0u32..20_000)
+            .prop_map(|(n, r)| Command::PutWorkload(Box::new(spec(n, r.min(10))))),
         (name.clone(), 0u32..12, 0u32..12).prop_map(|(n, r, m)| Command::PutWorkload(Box::new(
-            WorkloadSpec { min_available: m, ..spec(&n.replace(' ', "-").to_lowercase(), r) }
+            WorkloadSpec { min_available: m, ..spec(n, r) }
         ))),
-        name.clone().prop_map(|n| Command::DeleteWorkload { name: n }),
-        (name.clone(), 0u32..20_000).prop_map(|(n, r)| Command::Scale { name: n, replicas: r }),
-        (0u64..5, 0u32..12, prop_oneof![Just("node-a".to_string()), Just("ghost".to_string())])
-            .prop_map(|(e, i, node)| Command::Assign {
-                epoch: e,
-                set: vec![(ReplicaKey { workload: "web".into(), index: i }, node)],
-                unset: vec![]
-            }),
-        prop_oneof![Just("node-a".to_string()), Just("ghost".to_string())]
-            .prop_map(|p| Command::Revoke { peer: p }),
+        name.clone().prop_map(|n| Command::DeleteWorkload { name: w(n) }),
+        (name.clone(), 0u32..20_000).prop_map(|(n, r)| Command::Scale { name: w(n), replicas: r }),
+        (0u64..5, prop::collection::vec(arb_change(), 0..6))
+            .prop_map(|(epoch, changes)| Command::Assign { epoch, changes }),
+        arb_node().prop_map(|p| Command::Revoke { peer: p }),
         (any::<u8>(), prop_oneof![Just(Role::Admin), Just(Role::Viewer)])
             .prop_map(|(k, role)| Command::PutUser { key: [k; 32], name: "u".into(), role }),
         any::<u8>().prop_map(|k| Command::RemoveUser { key: [k; 32] }),
@@ -339,20 +400,30 @@ fn arb_command() -> impl Strategy<Value = Command> {
 
 proptest! {
     /// A refused command leaves the state exactly as it was; an accepted one keeps the
-    /// invariants (assignments only to enrolled nodes and existing replicas).
+    /// invariants (assignments only to enrolled nodes and existing workloads, never more
+    /// replicas assigned than wanted unless they were before, moves only between nodes).
     #[test]
     fn refused_commands_change_nothing(cmds in prop::collection::vec((arb_actor(), arb_command()), 1..40)) {
         let (mut s, mut c) = ready();
         for (actor, cmd) in cmds {
             let before = visible(&s);
+            let was_assigned = |name: &WorkloadName| before.assigned_of(name).count();
+            let is_assign = matches!(cmd, Command::Assign { .. });
             let res = s.apply(&c.req(actor, cmd));
             if res.is_err() {
                 prop_assert_eq!(visible(&s), before);
+                continue;
             }
             for (r, a) in s.assignments() {
                 prop_assert!(s.is_member(&a.node));
-                let w = s.workloads().get(&r.workload);
-                prop_assert!(w.is_some_and(|w| r.index < w.spec.replicas));
+                prop_assert!(a.from.as_ref() != Some(&a.node));
+                prop_assert!(s.workloads().contains_key(&r.workload));
+            }
+            if is_assign {
+                for (name, wl) in s.workloads() {
+                    let now = s.assigned_of(name).count();
+                    prop_assert!(now <= (wl.spec.replicas as usize).max(was_assigned(name)));
+                }
             }
             prop_assert!(s.users().values().any(|u| u.role == Role::Admin));
         }

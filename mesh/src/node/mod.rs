@@ -79,6 +79,32 @@ pub enum Event {
     Listening(Multiaddr),
     /// AutoNAT's verdict changed.
     Nat(Reachability),
+    /// A connection to a peer was established, and how.
+    Connected {
+        /// The peer.
+        peer: PeerId,
+        /// How the connection was made.
+        link: Link,
+    },
+    /// Events were lost because the node did not read them fast enough: what it holds may be
+    /// stale, so it should read the membership and the directory again. Sent before the next
+    /// event that fits.
+    Lagged {
+        /// How many were lost since the last `Lagged`.
+        dropped: u64,
+    },
+}
+
+/// How a connection was made, as evidence of where a peer can be reached from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// This node dialed the peer's own address (not through a relay): the peer accepts
+    /// connections there.
+    Dialed,
+    /// The peer dialed this node.
+    Accepted,
+    /// Through a relay circuit.
+    Relayed,
 }
 
 /// AutoNAT's verdict on this node.
@@ -240,6 +266,7 @@ async fn launch(
         commands: rx,
         events: event_tx,
         dropped_events: 0,
+        lagging: 0,
         topic: gossipsub::IdentTopic::new(MEMBERSHIP_TOPIC),
         membership,
         incarnation_saved: None,

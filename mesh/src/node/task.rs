@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use super::handle::Command;
 use super::swarm::{Behaviour, BehaviourEvent, Datagram, record};
-use super::{Event, IDENTIFY_VERSION, KAD_PROTOCOL, MeshError, Reachability, unroutable};
+use super::{Event, IDENTIFY_VERSION, KAD_PROTOCOL, Link, MeshError, Reachability, unroutable};
 use crate::config::{Config, RelayMode, Role};
 use crate::directory::Directory;
 use crate::gate::{Gate, Protocol};
@@ -79,6 +79,8 @@ pub(super) struct Task {
     pub(super) commands: mpsc::Receiver<Command>,
     pub(super) events: mpsc::Sender<Event>,
     pub(super) dropped_events: u64,
+    /// Events lost since the node last heard of a loss.
+    pub(super) lagging: u64,
     pub(super) topic: gossipsub::IdentTopic,
     pub(super) membership: Option<Membership<PeerId>>,
     pub(super) incarnation_saved: Option<u32>,
@@ -149,8 +151,18 @@ impl Task {
     }
 
     pub(super) fn emit(&mut self, event: Event) {
+        // After a loss, the node hears of it before anything else, so it knows to re-read.
+        if self.lagging > 0 {
+            if self.events.try_send(Event::Lagged { dropped: self.lagging }).is_err() {
+                self.lagging = self.lagging.saturating_add(1);
+                self.dropped_events = self.dropped_events.saturating_add(1);
+                return;
+            }
+            self.lagging = 0;
+        }
         if self.events.try_send(event).is_err() {
-            self.dropped_events += 1;
+            self.lagging = self.lagging.saturating_add(1);
+            self.dropped_events = self.dropped_events.saturating_add(1);
             if self.dropped_events.is_power_of_two() {
                 warn!(dropped = self.dropped_events, "mesh event queue full; events dropped");
             }
@@ -600,6 +612,14 @@ impl Task {
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                let link = if endpoint.is_relayed() {
+                    Link::Relayed
+                } else if endpoint.is_dialer() {
+                    Link::Dialed
+                } else {
+                    Link::Accepted
+                };
+                self.emit(Event::Connected { peer: peer_id, link });
                 if self.gate.allows(&peer_id, Protocol::Membership) {
                     self.drive(Input::Contact { peer: peer_id });
                 }

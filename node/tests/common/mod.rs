@@ -8,13 +8,35 @@ use std::time::{Duration, Instant};
 
 use cloudless_consensus::state::{Settings, State};
 use cloudless_consensus::voters::Candidate;
-use cloudless_consensus::{Candidates, Config, Consensus, Member, node_id};
-use cloudless_node::raft_rpc::{self, MeshTransport};
+use cloudless_consensus::{Candidates, Config, Consensus, Member, RaftService, node_id};
+use cloudless_mesh::identity;
+use cloudless_node::transport::MeshTransport;
 use cloudless_testnet::Testnet;
+use cloudless_types::{NodeName, Rpc};
+
+/// Serves raft messages for `consensus` on `mesh` (every caller admitted: these groups have
+/// no enrollment; the node's own service checks callers against its access table).
+async fn serve_raft(mesh: &cloudless_mesh::Handle, consensus: Consensus<MeshTransport>) {
+    let mut requests = mesh.serve(RaftService::SERVICE, 256).await.unwrap();
+    tokio::spawn(async move {
+        while let Some(req) = requests.recv().await {
+            let consensus = consensus.clone();
+            tokio::spawn(async move {
+                match req.decode::<RaftService>() {
+                    Ok(m) => {
+                        let answer = consensus.handle(m).await;
+                        req.respond::<RaftService>(&answer);
+                    }
+                    Err(e) => req.fail(e),
+                }
+            });
+        }
+    });
+}
 
 /// Everyone the test has not killed is a healthy, eligible candidate.
 #[derive(Default)]
-pub struct Alive(pub Mutex<BTreeSet<String>>);
+pub struct Alive(pub Mutex<BTreeSet<NodeName>>);
 
 impl Candidates for Alive {
     fn candidates(&self, _: &State) -> Vec<Candidate> {
@@ -80,7 +102,7 @@ impl Group {
     /// opening is retried until it is released.
     pub async fn boot(&mut self, i: usize) {
         let mesh = self.net.handle(i).unwrap().clone();
-        let me = Member { peer: mesh.peer_id().to_string() };
+        let me = Member { peer: identity::node_name(&mesh.peer_id()) };
         let start = Instant::now();
         let c = loop {
             match Consensus::open(
@@ -101,7 +123,7 @@ impl Group {
                 }
             }
         };
-        raft_rpc::serve(&mesh, c.clone()).await.unwrap();
+        serve_raft(&mesh, c.clone()).await;
         c.start_controller(self.alive.clone()).await;
         self.alive.0.lock().unwrap().insert(me.peer);
         self.nodes[i] = Some(c);

@@ -1,6 +1,6 @@
 #![allow(clippy::cloned_ref_to_slice_refs)] // reads better in assertions
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use cloudless_types::{Image, Probe, ProbeCheck, Resources, WorkloadSpec};
 
@@ -9,8 +9,8 @@ use crate::driver::ExitReason;
 
 fn spec(name: &str, kind: Kind, when: Restart) -> ReplicaSpec {
     let mut w = WorkloadSpec::new(
-        name,
-        Image::Wasi("ab".repeat(32)),
+        cloudless_types::WorkloadName::new(name).unwrap(),
+        Image::Wasi(cloudless_types::ModuleHash::of(b"test")),
         Resources { cpu_millis: 100, memory_mib: 16, disk_mib: 0, gpus: 0 },
         1,
     );
@@ -30,7 +30,7 @@ fn starts(actions: &[Action]) -> Vec<ReplicaId> {
         .collect()
 }
 
-fn phases(r: &mut Reconciler) -> Vec<Phase> {
+fn phases(r: &mut Reconciler) -> Vec<ReplicaPhase> {
     r.take_changes().into_iter().map(|s| s.phase).collect()
 }
 
@@ -43,7 +43,7 @@ fn starts_what_is_wanted_and_stops_what_is_not() {
     assert_eq!(starts(&r.plan(t0)), [a.id.clone()]);
     assert!(r.plan(t0).is_empty(), "no second start while the first is under way");
     r.observe(Event::Started(a.id.clone()), t0);
-    assert_eq!(phases(&mut r), [Phase::Pending, Phase::Running { ready: true }]);
+    assert_eq!(phases(&mut r), [ReplicaPhase::Pending, ReplicaPhase::Running { ready: true }]);
     r.set_desired(vec![], t0);
     assert_eq!(r.plan(t0), [Action::Stop(a.id.clone())]);
     assert!(r.statuses().is_empty());
@@ -89,15 +89,15 @@ fn on_failure_and_never_settle_and_jobs_finish() {
     }
     r.observe(Event::Exited(job.id.clone(), exit(2)), t0);
     r.observe(Event::Exited(once.id.clone(), exit(2)), t0);
-    let st: BTreeMap<ReplicaId, Phase> =
+    let st: BTreeMap<ReplicaId, ReplicaPhase> =
         r.statuses().into_iter().map(|s| (s.id, s.phase)).collect();
-    assert!(matches!(st[&job.id], Phase::Restarting { .. }));
-    assert_eq!(st[&once.id], Phase::Failed("exit code 2".into()));
+    assert!(matches!(st[&job.id], ReplicaPhase::Restarting { .. }));
+    assert_eq!(st[&once.id], ReplicaPhase::Failed("exit code 2".into()));
     let due = r.next_due().unwrap();
     assert_eq!(starts(&r.plan(due)), [job.id.clone()]);
     r.observe(Event::Started(job.id.clone()), due);
     r.observe(Event::Exited(job.id.clone(), exit(0)), due);
-    assert_eq!(r.statuses()[0].phase, Phase::Succeeded);
+    assert_eq!(r.statuses()[0].phase, ReplicaPhase::Succeeded);
     assert_eq!(r.next_due(), None);
 }
 
@@ -115,7 +115,7 @@ fn gives_up_after_max_restarts_and_counts_failed_starts() {
         now = r.next_due().unwrap_or(now);
     }
     match &r.statuses()[0].phase {
-        Phase::Failed(why) => {
+        ReplicaPhase::Failed(why) => {
             assert!(why.contains("image missing") && why.contains("2 restarts"), "{why}")
         }
         p => panic!("{p:?}"),
@@ -131,9 +131,9 @@ fn a_changed_spec_is_replaced_and_liveness_failures_restart() {
     r.set_desired(vec![a.clone()], t0);
     r.plan(t0);
     r.observe(Event::Started(a.id.clone()), t0);
-    assert_eq!(r.statuses()[0].phase, Phase::Running { ready: false });
+    assert_eq!(r.statuses()[0].phase, ReplicaPhase::Running { ready: false });
     r.observe(Event::Ready(a.id.clone(), true), t0);
-    assert_eq!(r.statuses()[0].phase, Phase::Running { ready: true });
+    assert_eq!(r.statuses()[0].phase, ReplicaPhase::Running { ready: true });
     // Liveness fails: the replica is stopped, and its end is that failure.
     r.observe(Event::Unhealthy(a.id.clone(), "connection refused".into()), t0);
     assert_eq!(r.plan(t0), [Action::Stop(a.id.clone())]);
@@ -146,7 +146,7 @@ fn a_changed_spec_is_replaced_and_liveness_failures_restart() {
         t0,
     );
     match &r.statuses()[0].phase {
-        Phase::Restarting { reason, .. } => assert!(reason.contains("liveness"), "{reason}"),
+        ReplicaPhase::Restarting { reason, .. } => assert!(reason.contains("liveness"), "{reason}"),
         p => panic!("{p:?}"),
     }
     // A new spec replaces it at once.
@@ -175,7 +175,7 @@ fn adopts_matching_replicas_found_at_startup_and_stops_the_rest() {
     assert!(actions.contains(&Action::Watch(a.clone())), "{actions:?}");
     assert!(actions.contains(&Action::Stop(old.id.clone())), "{actions:?}");
     assert!(starts(&actions).is_empty(), "adopted, not started again");
-    assert_eq!(r.statuses()[0].phase, Phase::Running { ready: true });
+    assert_eq!(r.statuses()[0].phase, ReplicaPhase::Running { ready: true });
     // A replica found later that nobody wants is stopped.
     let stray = spec("stray", Kind::Service, Restart::Always);
     r.observe(Event::Found(running(&stray)), t0);

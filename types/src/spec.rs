@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ids::{ModuleHash, WorkloadName};
 use crate::placement::{Placement, Resources};
 use crate::{InvalidInput, invalid};
 
@@ -21,14 +22,14 @@ pub enum Kind {
 }
 
 /// What runs.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Image {
     /// An OCI image reference, run by a container engine.
     Container(String),
     /// A WebAssembly module or component, by the hex SHA-256 of its bytes (uploaded with the
     /// spec and stored as a blob).
-    Wasi(String),
+    Wasi(ModuleHash),
 }
 
 /// When a stopped replica is started again.
@@ -159,7 +160,7 @@ impl Probe {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkloadSpec {
     /// Unique name: 1–63 of `[a-z0-9-]`, starting with a letter (usable as a DNS label).
-    pub name: String,
+    pub name: WorkloadName,
     /// Service or job.
     pub kind: Kind,
     /// What runs.
@@ -229,9 +230,9 @@ pub const MIN_PROBE_MS: u32 = 100;
 
 impl WorkloadSpec {
     /// A service with sensible defaults, for tests and examples.
-    pub fn new(name: &str, image: Image, requests: Resources, replicas: u32) -> Self {
+    pub fn new(name: WorkloadName, image: Image, requests: Resources, replicas: u32) -> Self {
         WorkloadSpec {
-            name: name.to_string(),
+            name,
             kind: Kind::Service,
             image,
             command: Vec::new(),
@@ -255,26 +256,14 @@ impl WorkloadSpec {
 
     /// Checks every rule; the error names the field and says what is wrong.
     pub fn validate(&self) -> Result<(), InvalidInput> {
-        validate_name(&self.name)?;
-        match &self.image {
-            Image::Container(r) => {
-                if r.is_empty() || r.len() > MAX_STRING || r.chars().any(char::is_whitespace) {
-                    return Err(invalid(
-                        "image.container",
-                        "must be a non-empty image reference without spaces",
-                    ));
-                }
-            }
-            Image::Wasi(h) => {
-                if h.len() != 64
-                    || !h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-                {
-                    return Err(invalid(
-                        "image.wasi",
-                        "must be the lowercase hex SHA-256 of the module (64 characters)",
-                    ));
-                }
-            }
+        // The name and a module hash are valid by construction.
+        if let Image::Container(r) = &self.image
+            && (r.is_empty() || r.len() > MAX_STRING || r.chars().any(char::is_whitespace))
+        {
+            return Err(invalid(
+                "image.container",
+                "must be a non-empty image reference without spaces",
+            ));
         }
         for (field, list) in [("command", &self.command), ("args", &self.args)] {
             if list.len() > MAX_ARGS {
@@ -370,30 +359,13 @@ impl WorkloadSpec {
     }
 }
 
-/// Checks a workload name: 1–63 of `[a-z0-9-]`, starting with a letter, not ending with `-`.
-pub fn validate_name(name: &str) -> Result<(), InvalidInput> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.as_bytes()[0].is_ascii_lowercase()
-        && !name.ends_with('-')
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(
-            "name",
-            format!("{name:?} must be 1-63 of [a-z0-9-], start with a letter and not end with -"),
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn spec() -> WorkloadSpec {
         WorkloadSpec::new(
-            "web",
+            WorkloadName::new("web").unwrap(),
             Image::Container("busybox:1".into()),
             Resources { cpu_millis: 100, memory_mib: 64, disk_mib: 0, gpus: 0 },
             3,
@@ -404,9 +376,6 @@ mod tests {
     fn a_good_spec_passes_and_bad_ones_name_their_field() {
         spec().validate().unwrap();
         let cases: Vec<(WorkloadSpec, &str)> = vec![
-            (WorkloadSpec { name: "Web".into(), ..spec() }, "name"),
-            (WorkloadSpec { name: "9web".into(), ..spec() }, "name"),
-            (WorkloadSpec { image: Image::Wasi("abc".into()), ..spec() }, "image.wasi"),
             (WorkloadSpec { image: Image::Container("".into()), ..spec() }, "image.container"),
             (WorkloadSpec { replicas: 20_000, ..spec() }, "replicas"),
             (WorkloadSpec { min_available: 4, ..spec() }, "min_available"),

@@ -1,13 +1,18 @@
 //! Shared vocabulary of Cloudless.
 //!
-//! Every other crate speaks in these types: what kind of device a node is, which runtimes it
-//! offers, how much it can run right now ([`Capacity`]) and the slowly changing description of a
-//! node ([`NodeDescriptor`]). The crate has no dependency on any other Cloudless crate and no
-//! I/O; it only defines data and validates it.
+//! Every other crate speaks in these types: the names and ids that cross crate boundaries
+//! ([`WorkloadName`], [`ModuleHash`], [`NodeName`], [`ReplicaId`], [`ReplicaPhase`], each
+//! validated once when it is made), what kind of device a node is, which runtimes it offers,
+//! how much it can run right now ([`Capacity`]), the slowly changing description of a node
+//! ([`NodeDescriptor`]), what a user asks to run ([`WorkloadSpec`]), and the shape of an RPC
+//! service ([`Rpc`]). The crate has no dependency on any other Cloudless crate and no I/O; it
+//! only defines data and validates it.
 //!
 //! ```text
 //!  runtime ──(measures)──▶ Capacity ──(mesh gossips)──▶ every node ──▶ sched (placement)
 //!  node config ──▶ NodeDescriptor ──(mesh directory, automerge)──▶ every node
+//!  cloudlessctl ──▶ WorkloadSpec (WorkloadName, Image::Wasi(ModuleHash)) ──▶ raft ──▶
+//!       ReplicaId ──▶ runtime ──▶ ReplicaPhase ──▶ raft ──▶ reads
 //! ```
 
 use std::collections::BTreeMap;
@@ -412,12 +417,16 @@ mod tests {
     }
 }
 
+pub mod ids;
 pub mod placement;
+pub mod rpc;
 pub mod spec;
+pub use ids::{ModuleHash, NodeName, ReplicaId, ReplicaPhase, WorkloadName};
 pub use placement::{
     DeviceRules, LabelOp, LabelRule, Placement, Resources, Spread, Strategy, Taint, TaintEffect,
     Toleration, Topology, WorkloadTerm,
 };
+pub use rpc::Rpc;
 pub use spec::{Image, Kind, Port, Probe, ProbeCheck, Restart, WorkloadSpec};
 
 /// Milliseconds since the Unix epoch by this machine's clock (0 if the clock is before 1970).

@@ -17,7 +17,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{NodeRole, Token, UserKey};
+use crate::command::{NodeRole, Token, UserKey};
 
 /// Prefix of every invite; the number is the format version.
 pub const PREFIX: &str = "cloudless-invite-1.";

@@ -1,0 +1,149 @@
+//! What nodes ask each other: enrollment, status reports, their own assignments, who is
+//! enrolled, module chunks, a replica's logs for a member relaying a user's read, and the
+//! leader's nudges. The caller is the mesh connection's authenticated PeerId, never a field
+//! of the request (except the peer an enrollment is for, which a relay names).
+//!
+//! ```text
+//!   new device ── Enroll ──▶ any node ──(a member? propose : relay to a member)
+//!   worker ── Report, Assigned, Enrolled ──▶ a raft member (others redirect)
+//!   worker ── Module ──▶ any peer that stores it
+//!   member ── Logs ──▶ the replica's host        leader ── Nudge ──▶ a node it changed
+//! ```
+
+use cloudless_types::{ModuleHash, NodeName, ReplicaId, WorkloadSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::Call;
+use crate::command::{ReplicaStatus, Reply, Token};
+use crate::user::Logs;
+
+/// A request from one node to another.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeRequest {
+    /// A device enrolls itself (or an enrolled node relays the enrollment of one that cannot
+    /// reach a raft member yet).
+    Enroll(Enroll),
+    /// Status changes of replicas the caller runs.
+    Report(Report),
+    /// The replicas assigned to the caller, with their workloads' specs.
+    Assigned(Assigned),
+    /// Who is enrolled, who is revoked, who votes (the gate of nodes outside raft).
+    Enrolled(Enrolled),
+    /// A chunk of a stored module.
+    Module(ModuleChunk),
+    /// Log lines of a replica this node runs, for a raft member relaying a user's read.
+    Logs(Logs),
+    /// From the raft leader: the caller's assignments changed, pull them now.
+    Nudge(Nudge),
+}
+
+impl NodeRequest {
+    /// A short, fixed label of the request's kind (metrics, logs).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NodeRequest::Enroll(_) => "enroll",
+            NodeRequest::Report(_) => "report",
+            NodeRequest::Assigned(_) => "assigned",
+            NodeRequest::Enrolled(_) => "enrolled",
+            NodeRequest::Module(_) => "module",
+            NodeRequest::Logs(_) => "host_logs",
+            NodeRequest::Nudge(_) => "nudge",
+        }
+    }
+}
+
+macro_rules! node_calls {
+    ($( $variant:ident($ty:ty) -> $reply:ty, )*) => {
+        $(
+            impl Call for $ty {
+                type Reply = $reply;
+            }
+            impl From<$ty> for NodeRequest {
+                fn from(c: $ty) -> Self {
+                    NodeRequest::$variant(c)
+                }
+            }
+        )*
+    };
+}
+
+node_calls! {
+    Enroll(Enroll) -> Reply,
+    Report(Report) -> Reply,
+    Assigned(Assigned) -> Vec<Assignment>,
+    Enrolled(Enrolled) -> EnrolledList,
+    Module(ModuleChunk) -> Chunk,
+    Nudge(Nudge) -> (),
+}
+
+impl From<Logs> for NodeRequest {
+    fn from(c: Logs) -> Self {
+        NodeRequest::Logs(c)
+    }
+}
+
+/// [`NodeRequest::Enroll`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enroll {
+    /// The invite's token.
+    pub token: Token,
+    /// The root key's signature over it.
+    pub signature: Vec<u8>,
+    /// The device enrolling: the caller itself, unless an enrolled node relays.
+    pub peer: NodeName,
+}
+
+/// [`NodeRequest::Report`]: at most `consensus::state::MAX_BATCH` entries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report(pub Vec<(ReplicaId, ReplicaStatus)>);
+
+/// [`NodeRequest::Assigned`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assigned;
+
+/// Replicas of one workload that a node should run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The workload's spec.
+    pub spec: WorkloadSpec,
+    /// The ordinals this node runs (including replicas it keeps running while they move
+    /// away, until their replacement runs).
+    pub indexes: Vec<u32>,
+}
+
+/// [`NodeRequest::Enrolled`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolled;
+
+/// Who is enrolled, as committed state says.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrolledList {
+    /// Enrolled, not revoked.
+    pub nodes: Vec<NodeName>,
+    /// Revoked.
+    pub revoked: Vec<NodeName>,
+    /// The raft voters now (where to ask next time).
+    pub voters: Vec<NodeName>,
+}
+
+/// [`NodeRequest::Module`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleChunk {
+    /// The module.
+    pub hash: ModuleHash,
+    /// Where the chunk starts.
+    pub offset: u64,
+}
+
+/// A module chunk and the module's total size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// Total size.
+    pub total: u64,
+    /// The bytes from the requested offset (at most `CHUNK`).
+    pub bytes: Vec<u8>,
+}
+
+/// [`NodeRequest::Nudge`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nudge;

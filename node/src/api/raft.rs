@@ -1,0 +1,85 @@
+//! The `raft` service: messages between raft members, served only to raft members (the
+//! access table), handed to the local member.
+//!
+//! ```text
+//!   mesh "raft" ──InboundRequest──▶ decode (bounded by the mesh) ──▶ caller a member? ──▶
+//!        Consensus::handle ──▶ Answer            not a member: refused, nothing handled
+//! ```
+
+use std::sync::Arc;
+
+use cloudless_consensus::RaftService;
+use cloudless_mesh::identity;
+use cloudless_mesh::rpc::{InboundRequest, RemoteError, RemoteErrorKind};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::access::{Caller, Incoming, access, check};
+use crate::facts::Facts;
+
+/// Raft requests queued for the local member before callers are told "busy".
+pub const QUEUE: usize = 256;
+/// Raft requests handled at once: appends from the leader, votes, forwarded writes.
+const CONCURRENCY: usize = 64;
+
+async fn handle(facts: &Facts, inbound: InboundRequest) {
+    let message = match inbound.decode::<RaftService>() {
+        Ok(m) => m,
+        Err(e) => {
+            debug!(peer = %inbound.peer, error = %e, "malformed raft message");
+            inbound.fail(e);
+            return;
+        }
+    };
+    let caller = identity::node_name(&inbound.peer);
+    let who = Caller {
+        enrolled: facts.gate.is_enrolled(&inbound.peer),
+        member: facts.is_member(&caller),
+        role: None,
+    };
+    if check(access(Incoming::Raft(&message)), who).is_err() {
+        debug!(peer = %caller, "raft message from a peer that is not a raft member");
+        inbound.fail(RemoteError::new(
+            RemoteErrorKind::Unauthorized,
+            format!("{caller} is not a raft member of this cluster"),
+        ));
+        return;
+    }
+    let answer = facts.consensus.handle(message).await;
+    inbound.respond::<RaftService>(&answer);
+}
+
+/// Serves raft messages until `cancel`; then lets the ones in progress finish.
+pub async fn serve(
+    facts: Arc<Facts>,
+    mut requests: mpsc::Receiver<InboundRequest>,
+    cancel: CancellationToken,
+) {
+    let limit = Arc::new(Semaphore::new(CONCURRENCY));
+    let mut tasks = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            () = cancel.cancelled() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let req = tokio::select! {
+            () = cancel.cancelled() => break,
+            r = requests.recv() => match r {
+                Some(r) => r,
+                None => break,
+            },
+        };
+        let facts = facts.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            handle(&facts, req).await;
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}

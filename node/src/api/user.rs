@@ -1,0 +1,275 @@
+//! What users ask through cloudlessctl: the signature and clock are checked on arrival; a node
+//! that does not trust its own raft state relays the request, signature intact, to a member
+//! (at most once: a relayed request is never relayed again); a member looks the key's role up
+//! and checks it against the access table, then answers.
+//!
+//! ```text
+//!   SignedRequest ── verify (key, contents, clock) ──▶ trusted member?
+//!        no:  came from another node? redirect : relay to a member ──▶ its answer
+//!        yes: role of the key ──check(access table)──▶ command │ upload │ read
+//! ```
+
+use std::time::Instant;
+
+use cloudless_api::user::{
+    ClusterStatus, Explain, GetWorkload, Line, Logs, NodeInfo, Nodes, Status, Upload, Uploaded,
+    Whoami, WorkloadInfo, Workloads,
+};
+use cloudless_api::{Answer, ApiError, Call, Command, Request, Role, SignedRequest, UserRequest};
+use cloudless_consensus::Consistency;
+use cloudless_consensus::state::{Actor, Request as RaftRequest};
+use cloudless_mesh::rpc::InboundRequest;
+use cloudless_types::{WorkloadName, now_ms};
+
+use super::uploads::Progress;
+use super::{Api, read, read_error, refuse, reply, write_error};
+use crate::access::{Access, Caller, Refusal, check};
+use crate::peers::CALL_TIMEOUT;
+
+/// Where a user request goes after its signature checked out.
+enum Route {
+    /// Answer here, as a user with this role.
+    Here(Option<Role>),
+    /// Relay to a raft member.
+    Relay,
+}
+
+/// The first bytes of a user key, to name it in messages.
+fn who(key: &[u8; 32]) -> String {
+    format!("{}…", cloudless_types::hex(&key[..8]))
+}
+
+impl Api {
+    /// Checks `signed` and decides where it is answered.
+    async fn route(
+        &self,
+        forwarded: bool,
+        need: Access,
+        signed: &SignedRequest,
+    ) -> Result<Route, ApiError> {
+        signed.verify(now_ms()).map_err(|e| ApiError::unauthorized(e.to_string()))?;
+        if !self.facts.trusts_own_state() {
+            // Forwarded at most once: a node that received it from another node points at
+            // the members, so leaderless members cannot pass a request around in circles.
+            return if forwarded { Err(self.redirect()) } else { Ok(Route::Relay) };
+        }
+        let role = self
+            .facts
+            .consensus
+            .read(Consistency::Stale, |s| s.user_role(&signed.key))
+            .await
+            .map_err(read_error)?;
+        match check(need, Caller { role, ..Caller::default() }) {
+            Ok(()) => Ok(Route::Here(role)),
+            Err(Refusal::Unknown) => Err(ApiError::unauthorized(format!(
+                "user key {} is not known to this cluster",
+                who(&signed.key)
+            ))),
+            Err(Refusal::Role { has, needs }) => Err(ApiError::forbidden(format!(
+                "user key {} has role {has}; this needs {needs}",
+                who(&signed.key)
+            ))),
+            Err(Refusal::Never) => Err(ApiError::forbidden(match &signed.request {
+                UserRequest::Command(c) => format!("users may not {}", c.name()),
+                other => format!("users may not send {}", other.kind()),
+            })),
+        }
+    }
+
+    pub(super) async fn user_request(
+        &self,
+        forwarded: bool,
+        need: Access,
+        signed: SignedRequest,
+        inbound: InboundRequest,
+    ) {
+        let role = match self.route(forwarded, need, &signed).await {
+            Ok(Route::Here(role)) => role,
+            Ok(Route::Relay) => return self.relay(signed, inbound).await,
+            Err(e) => return refuse(inbound, e),
+        };
+        let key = signed.key;
+        match signed.request.clone() {
+            UserRequest::Command(c) => reply::<Command>(inbound, self.submit(&signed, c).await),
+            UserRequest::Upload(u) => reply::<Upload>(inbound, self.upload(key, u)),
+            UserRequest::Status(_) => reply::<Status>(inbound, self.status().await),
+            UserRequest::Nodes(_) => reply::<Nodes>(inbound, self.nodes().await),
+            UserRequest::Workloads(_) => reply::<Workloads>(inbound, self.workloads(None).await),
+            UserRequest::Workload(g) => {
+                let one = self.workloads(Some(&g.name)).await.and_then(|list| {
+                    list.into_iter()
+                        .next()
+                        .ok_or_else(|| ApiError::not_found(format!("no workload named {}", g.name)))
+                });
+                reply::<GetWorkload>(inbound, one)
+            }
+            UserRequest::Logs(l) => reply::<Logs>(inbound, self.logs(l).await),
+            UserRequest::Explain(e) => reply::<Explain>(inbound, self.explain(&e.name).await),
+            UserRequest::Whoami(_) => reply::<Whoami>(
+                inbound,
+                role.ok_or_else(|| ApiError::unauthorized("unknown user key")),
+            ),
+        }
+    }
+
+    /// Relays `signed` to a raft member and answers with what it answers.
+    async fn relay(&self, signed: SignedRequest, inbound: InboundRequest) {
+        async fn typed<C: Call>(api: &Api, request: Request, inbound: InboundRequest) {
+            reply::<C>(inbound, api.peers.ask_member::<C>(&request).await);
+        }
+        let kind = signed.request.clone();
+        let request = Request::User(signed);
+        match kind {
+            UserRequest::Command(_) => typed::<Command>(self, request, inbound).await,
+            UserRequest::Upload(_) => typed::<Upload>(self, request, inbound).await,
+            UserRequest::Status(_) => typed::<Status>(self, request, inbound).await,
+            UserRequest::Nodes(_) => typed::<Nodes>(self, request, inbound).await,
+            UserRequest::Workloads(_) => typed::<Workloads>(self, request, inbound).await,
+            UserRequest::Workload(_) => typed::<GetWorkload>(self, request, inbound).await,
+            UserRequest::Logs(_) => typed::<Logs>(self, request, inbound).await,
+            UserRequest::Explain(_) => typed::<Explain>(self, request, inbound).await,
+            UserRequest::Whoami(_) => typed::<Whoami>(self, request, inbound).await,
+        }
+    }
+
+    /// A user's command, signed, from this node's own process (`cloudless dev`, tests): the
+    /// same checks as one that arrived over the network.
+    pub async fn user_command(&self, signed: SignedRequest) -> Answer<Command> {
+        let UserRequest::Command(c) = signed.request.clone() else {
+            return Err(ApiError::invalid("not a command"));
+        };
+        let need =
+            crate::access::access(crate::access::Incoming::Api(&Request::User(signed.clone())));
+        match self.route(false, need, &signed).await? {
+            Route::Here(_) => self.submit(&signed, c).await,
+            Route::Relay => self.peers.ask_member::<Command>(&Request::User(signed)).await,
+        }
+    }
+
+    /// Submits a user's command with the signer's `(client, serial)`, so a retry through
+    /// another node applies once; the state machine checks what the role allows.
+    async fn submit(&self, signed: &SignedRequest, command: Command) -> Answer<Command> {
+        let request = RaftRequest {
+            client: signed.client,
+            serial: signed.serial,
+            actor: Actor::User(signed.key),
+            time_ms: now_ms(),
+            command,
+        };
+        match self.facts.consensus.submit(request).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(write_error(e)),
+        }
+    }
+
+    /// Stores one chunk of an upload; the module once it is complete and matches its hash.
+    fn upload(&self, user: [u8; 32], up: Upload) -> Answer<Upload> {
+        if self.facts.wasi.has_module(&up.hash) {
+            return Ok(Uploaded { received: up.total });
+        }
+        let hash = up.hash.clone();
+        let progress = match self.uploads.lock() {
+            Ok(mut u) => u.chunk(user, up, Instant::now())?,
+            Err(_) => return Err(ApiError::internal("the upload table is poisoned")),
+        };
+        match progress {
+            Progress::Partial(received) => Ok(Uploaded { received }),
+            Progress::Complete(bytes) => match self.facts.wasi.store_module(&bytes) {
+                Ok(stored) if stored == hash => Ok(Uploaded { received: bytes.len() as u64 }),
+                Ok(stored) => Err(ApiError::invalid(format!(
+                    "the uploaded bytes hash to {stored}, not {hash}"
+                ))),
+                Err(e) => Err(ApiError::internal(format!("cannot store module {hash}: {e}"))),
+            },
+        }
+    }
+
+    /// The cluster at a glance.
+    pub async fn status(&self) -> Result<ClusterStatus, ApiError> {
+        let view = self.facts.view();
+        let metrics = self.facts.consensus.raft().metrics().borrow().clone();
+        let raft = read::Raft {
+            leader: self.facts.consensus.leader().map(|(_, m)| m.peer),
+            voters: self.facts.consensus.voter_members().into_iter().map(|m| m.peer).collect(),
+            term: metrics.current_term,
+            applied: metrics.last_applied.map_or(0, |l| l.index),
+        };
+        let me = &self.facts.name;
+        self.facts
+            .consensus
+            .read(Consistency::Stale, |s| read::status(s, &raft, &view, me))
+            .await
+            .map_err(read_error)?
+    }
+
+    /// Every enrolled node.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ApiError> {
+        let view = self.facts.view();
+        let voters: Vec<_> =
+            self.facts.consensus.voter_members().into_iter().map(|m| m.peer).collect();
+        self.facts
+            .consensus
+            .read(Consistency::Stale, |s| read::nodes(s, &view, &voters))
+            .await
+            .map_err(read_error)
+    }
+
+    /// Every workload, or the one named, with why replicas are not placed.
+    pub async fn workloads(
+        &self,
+        only: Option<&WorkloadName>,
+    ) -> Result<Vec<WorkloadInfo>, ApiError> {
+        let cached = self.facts.unschedulable.borrow().clone();
+        let leads = self.facts.consensus.is_leader();
+        let view = self.facts.view();
+        let scheduler = &self.facts.scheduler;
+        self.facts
+            .consensus
+            .read(Consistency::Stale, |s| {
+                // The leader keeps why its last round left replicas unplaced; another member
+                // works it out only when some replica has no node (rare, and then wanted).
+                if leads || !read::any_unplaced(s) {
+                    read::workloads(s, only, &cached)
+                } else {
+                    let why =
+                        crate::round::round(s, &view, scheduler, Instant::now()).unschedulable;
+                    read::workloads(s, only, &why)
+                }
+            })
+            .await
+            .map_err(read_error)?
+    }
+
+    /// Why each replica of a workload is where it is.
+    pub async fn explain(&self, name: &WorkloadName) -> Result<Vec<String>, ApiError> {
+        let view = self.facts.view();
+        let scheduler = &self.facts.scheduler;
+        self.facts
+            .consensus
+            .read(Consistency::Stale, |s| read::explain(s, &view, scheduler, name, Instant::now()))
+            .await
+            .map_err(read_error)?
+            .ok_or_else(|| ApiError::not_found(format!("no workload named {name}")))
+    }
+
+    /// A replica's log lines, from its host.
+    async fn logs(&self, l: Logs) -> Result<Vec<Line>, ApiError> {
+        let host = self
+            .facts
+            .consensus
+            .read(Consistency::Stale, |s| s.assignments().get(&l.replica).map(|a| a.node.clone()))
+            .await
+            .map_err(read_error)?
+            .ok_or_else(|| {
+                ApiError::not_found(format!("{} is not assigned to any node", l.replica))
+            })?;
+        if host == self.facts.name {
+            return self.local_logs(&l).await;
+        }
+        self.peers
+            .node(&host, l, CALL_TIMEOUT)
+            .await
+            .map_err(|e| ApiError { message: format!("{host}: {}", e.message), ..e })
+    }
+}

@@ -1,0 +1,103 @@
+//! What the parts of a running node share, each fact with one owner that writes it.
+//!
+//! ```text
+//!   fact                        written by (holds the sender)     read by (receivers)
+//!   view: Arc<View>             loops::view (mesh events)         placer, api, voters, worker
+//!   voters: Arc<Vec<NodeName>>  loops::gatekeeper                 peers, api, readiness
+//!   gate (EnrollGate)           loops::gatekeeper (GateWriter)    mesh, api
+//!   unschedulable               loops::placer                     api reads
+//!   raft state                  consensus (raft)                  everyone, through read()
+//! ```
+//!
+//! Everything else here (the mesh handle, the raft member, the drivers, the scheduler, the
+//! metrics) is a handle whose own type arbitrates access.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cloudless_consensus::Consensus;
+use cloudless_mesh::Handle;
+use cloudless_runtime::container::ContainerDriver;
+use cloudless_runtime::wasi::WasiDriver;
+use cloudless_sched::Scheduler;
+use cloudless_types::{NodeName, Resources, WorkloadName};
+use libp2p::PeerId;
+use tokio::sync::watch;
+
+use crate::gate::EnrollGate;
+use crate::http::Metrics;
+use crate::transport::MeshTransport;
+use crate::view::View;
+
+/// Why workloads could not be placed, as of the leader's last round.
+pub type Unschedulable = BTreeMap<WorkloadName, String>;
+
+/// What every part of the node may read.
+pub struct Facts {
+    /// This node.
+    pub me: PeerId,
+    /// This node, as the vocabulary names it.
+    pub name: NodeName,
+    /// The mesh.
+    pub mesh: Handle,
+    /// The raft member.
+    pub consensus: Consensus<MeshTransport>,
+    /// The WASI driver (module storage too).
+    pub wasi: WasiDriver,
+    /// The container driver, where this device has an engine.
+    pub containers: Option<ContainerDriver>,
+    /// The placement engine.
+    pub scheduler: Scheduler,
+    /// The metrics registry.
+    pub metrics: Metrics,
+    /// What this node offers to workloads.
+    pub offer: Resources,
+    /// Who is enrolled (the gatekeeper writes it).
+    pub gate: EnrollGate,
+    /// The pool as this node sees it (the view loop publishes it).
+    pub view: watch::Receiver<Arc<View>>,
+    /// The raft voters as last learned (the gatekeeper publishes them).
+    pub voters: watch::Receiver<Arc<Vec<NodeName>>>,
+    /// Why workloads are not placed (the placer publishes it while it leads).
+    pub unschedulable: watch::Receiver<Arc<Unschedulable>>,
+}
+
+impl Facts {
+    /// The latest view.
+    pub fn view(&self) -> Arc<View> {
+        self.view.borrow().clone()
+    }
+
+    /// The raft voters as last learned.
+    pub fn voters(&self) -> Arc<Vec<NodeName>> {
+        self.voters.borrow().clone()
+    }
+
+    /// Whether this node's own raft state is current enough to act on: it is a member and
+    /// knows a leader. A voter that was replaced while it was down still lists itself as one
+    /// but never hears from a leader again; its state stays as it was when it died, so it
+    /// must ask the others (else it would keep running replicas that moved away).
+    pub fn trusts_own_state(&self) -> bool {
+        self.consensus.is_member() && self.consensus.leader().is_some()
+    }
+
+    /// Whether `peer` is a raft member (voter or learner) as this node knows the group: from
+    /// its own membership, and the voters it learned from a member.
+    pub fn is_member(&self, peer: &NodeName) -> bool {
+        *peer == self.name
+            || self.voters.borrow().contains(peer)
+            || self.consensus.members().contains(peer)
+    }
+
+    /// Raft members to ask, best first: the voters, then the other members this node knows.
+    pub fn members_to_ask(&self) -> Vec<NodeName> {
+        let mut out: Vec<NodeName> = self.voters().iter().cloned().collect();
+        for m in self.consensus.members() {
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+        out.retain(|m| *m != self.name);
+        out
+    }
+}

@@ -1,0 +1,92 @@
+//! The gatekeeper: the one writer of the enrollment gate and of the voters this node learned.
+//! Raft members that trust their own state take both from it; other nodes ask a member.
+//!
+//! ```text
+//!   every 500 ms ── trusted member? ── own state: enrolled, revoked ─┐ voters from raft
+//!                └─ else (every 2 s; every 500 ms while it knows nobody):
+//!                   NodeRequest::Enrolled to a member ──────────────┴▶ GateWriter::set,
+//!                   voters ──▶ watch (peers, api, readiness)        ▶ newly revoked: the mesh
+//!                                                                     closes their connections
+//! ```
+//!
+//! A voter the group replaced while it was down holds off standing for election once the
+//! members' voter list leaves it out (without pre-vote its campaigns with a stale log would
+//! unseat the real leader), and stands again once it hears a leader.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloudless_api::node::{Enrolled, EnrolledList};
+use cloudless_types::NodeName;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::Api;
+use crate::gate::GateWriter;
+
+/// How often the gate is refreshed on raft members (from their own state), and on other nodes
+/// while they know nobody.
+const EVERY: Duration = Duration::from_millis(500);
+/// Other nodes ask a member this many ticks apart (2 s): a newly enrolled peer waits that long
+/// at most to be let into the membership by them.
+const ASK_TICKS: u64 = 4;
+/// A node the cluster keeps refusing warns this many ticks apart (30 s).
+const WARN_TICKS: u64 = 60;
+
+/// Runs the gatekeeper until `cancel`.
+pub async fn run(
+    api: Arc<Api>,
+    gate: GateWriter,
+    voters: watch::Sender<Arc<Vec<NodeName>>>,
+    cancel: CancellationToken,
+) {
+    let facts = api.facts().clone();
+    let mut tick: u64 = 0;
+    // What the cluster said last time it refused, so a new reason is said once.
+    let mut refusal = String::new();
+    loop {
+        tick = tick.wrapping_add(1);
+        let lists = if facts.trusts_own_state() {
+            // Hearing a leader again means this member is back in the group.
+            facts.consensus.hold_elections(false);
+            api.enrolled().await.ok()
+        } else if tick.is_multiple_of(ASK_TICKS) || !facts.gate.knows_anyone() {
+            match api.peers().node_to_member(Enrolled).await {
+                Ok(list) => {
+                    refusal.clear();
+                    // A voter replaced while it was down must not campaign with its stale log.
+                    if facts.consensus.is_member() && !list.voters.is_empty() {
+                        facts.consensus.hold_elections(!list.voters.contains(&facts.name));
+                    }
+                    Some(list)
+                }
+                Err(e) => {
+                    // Normal for a moment while a device enrolls: each reason said once, and
+                    // as a warning only if it lasts (every WARN_TICKS), not on every tick.
+                    if e.message != refusal {
+                        info!(reason = %e, "the cluster does not let this node in (yet)");
+                        refusal.clone_from(&e.message);
+                    } else if tick.is_multiple_of(WARN_TICKS) {
+                        warn!(reason = %e, "the cluster still does not let this node in");
+                    }
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(EnrolledList { nodes, revoked, voters: v }) = lists {
+            if !v.is_empty() && **voters.borrow() != v {
+                voters.send_replace(Arc::new(v));
+            }
+            if gate.set(&nodes, &revoked) {
+                let _ = facts.mesh.recheck_gate().await;
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(EVERY) => {}
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! The placer: while this node leads raft, runs the leader's round (`round::round`, the
+//! scheduler's plans) on each applied entry and each new view, commits its `Assign`, nudges
+//! the nodes whose replicas changed, and publishes why workloads are not placed.
+//!
+//! ```text
+//!   applied index moved │ view published │ every 100 ms ──▶ leader? ──▶ round(state, view)
+//!        ──▶ Assign (Actor::System) ──▶ committed ──▶ metrics, nudges (bounded, tracked)
+//!        ──▶ unschedulable ──▶ watch (api reads)
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cloudless_api::node::Nudge;
+use cloudless_api::{Change, Command};
+use cloudless_consensus::Consistency;
+use cloudless_consensus::state::Actor;
+use cloudless_types::{ReplicaId, WorkloadName};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::api::Api;
+use crate::facts::Unschedulable;
+use crate::round;
+
+/// How often the leader reconciles when nothing wakes it: liveness changes and new entries
+/// wake it at once, this only catches what neither announces.
+const EVERY: Duration = Duration::from_millis(100);
+/// Nodes nudged per round; more wait for their next poll.
+const MAX_NUDGES: usize = 64;
+/// A nudge is worth little after this long: the node's own poll comes sooner.
+const NUDGE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The replicas of each workload that have no node (the ordinals the leader would give them).
+fn unplaced(s: &cloudless_consensus::state::State) -> BTreeSet<ReplicaId> {
+    let mut out = BTreeSet::new();
+    for (name, w) in s.workloads() {
+        let used: BTreeSet<u32> = s.assigned_of(name).map(|(r, _)| r.index).collect();
+        let missing = (w.spec.replicas as usize).saturating_sub(used.len());
+        out.extend(
+            (0..).filter(|i| !used.contains(i)).take(missing).map(|i| ReplicaId::new(name, i)),
+        );
+    }
+    out
+}
+
+/// Runs the placer until `cancel`.
+pub async fn run(
+    api: Arc<Api>,
+    publish: watch::Sender<Arc<Unschedulable>>,
+    cancel: CancellationToken,
+) {
+    let facts = api.facts().clone();
+    let mut views = facts.view.clone();
+    let mut applied = None;
+    // When this leader first saw each replica without a node: placement latency is measured
+    // from there to the committed assignment.
+    let mut waiting: BTreeMap<ReplicaId, Instant> = BTreeMap::new();
+    // Workloads the last round could not place.
+    let mut stuck: BTreeSet<WorkloadName> = BTreeSet::new();
+    let mut nudges: JoinSet<()> = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            a = facts.consensus.applied_after(applied, EVERY) => applied = a,
+            r = views.changed() => if r.is_err() { break },
+        }
+        while nudges.try_join_next().is_some() {}
+        if !facts.consensus.is_leader() {
+            waiting.clear();
+            continue;
+        }
+        let view = facts.view();
+        let now = Instant::now();
+        let scheduler = &facts.scheduler;
+        let read = facts
+            .consensus
+            .read(Consistency::Stale, |s| (round::round(s, &view, scheduler, now), unplaced(s)))
+            .await;
+        let Ok((round, unplaced)) = read else { continue };
+        // Replicas placed elsewhere meanwhile, deleted or scaled away wait no more.
+        waiting.retain(|k, _| unplaced.contains(k));
+        for r in unplaced {
+            waiting.entry(r).or_insert(now);
+        }
+        // Counted when a workload becomes unschedulable, not again every round it stays so.
+        let now_stuck: BTreeSet<WorkloadName> = round.unschedulable.keys().cloned().collect();
+        let newly = now_stuck.difference(&stuck).count() as u64;
+        if newly > 0 {
+            facts.metrics.decision("unschedulable", newly);
+        }
+        stuck = now_stuck;
+        for (workload, why) in &round.unschedulable {
+            debug!(%workload, why, "unschedulable");
+        }
+        if **publish.borrow() != round.unschedulable {
+            publish.send_replace(Arc::new(round.unschedulable.clone()));
+        }
+        let Some(command) = round.command else { continue };
+        let starts: Vec<ReplicaId> = match &command {
+            Command::Assign { changes, .. } => changes
+                .iter()
+                .filter_map(|c| match c {
+                    Change::Start { replica, .. } => Some(replica.clone()),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        match facts.consensus.propose(Actor::System, command).await {
+            Ok(Ok(_)) => {
+                facts.metrics.decision("placed", round.placed as u64);
+                facts.metrics.decision("moved", round.moved as u64);
+                for r in &starts {
+                    if let Some(since) = waiting.remove(r) {
+                        facts.metrics.placement_latency(since.elapsed().as_secs_f64());
+                    }
+                }
+                // Raft members learn by applying the entry; the rest would wait for their
+                // next pull. Fire and forget, at most MAX_NUDGES: the poll catches the rest.
+                for node in round.touched.into_iter().filter(|n| *n != facts.name).take(MAX_NUDGES)
+                {
+                    let peers = api.peers().clone();
+                    nudges.spawn(async move {
+                        let _ = peers.node(&node, Nudge, NUDGE_TIMEOUT).await;
+                    });
+                }
+            }
+            Ok(Err(e)) => debug!(error = %e, "assignment refused"),
+            Err(e) => debug!(error = %e, "assignment not committed"),
+        }
+    }
+    nudges.abort_all();
+}

@@ -1,0 +1,134 @@
+//! The view loop: keeps this node's [`View`] of the pool from the mesh's events and publishes
+//! it; reads the mesh's full state only at start and after events were lost. Also keeps the
+//! node's gauges (members, replicas, raft) current.
+//!
+//! ```text
+//!   mesh::Event ──▶ View::apply ──▶ liveness changed? publish now : publish within 100 ms
+//!   Event::Lagged ──▶ members() + directory() once ──▶ View::from_snapshot ──▶ publish
+//!   every second ──▶ gauges
+//! ```
+//!
+//! Nothing here runs on the swarm task: the mesh only sends events; decoding and bookkeeping
+//! happen here.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cloudless_mesh::{Event, membership};
+use cloudless_runtime::{Driver, RunState};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::api::read::state_word;
+use crate::facts::Facts;
+use crate::view::View;
+
+/// Longest a change other than liveness (capacity, directory, addresses) waits before it is
+/// published: it batches the bursts that floods bring, and is far below what a placement on
+/// new capacity needs.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+/// How often the gauges are refreshed.
+const GAUGES_EVERY: Duration = Duration::from_secs(1);
+/// Events applied before a publish is considered, so a burst costs one publish.
+const BURST: usize = 1024;
+
+/// Reads the mesh's whole state.
+async fn snapshot(facts: &Facts, previous: &View) -> View {
+    let members = facts.mesh.members().await.unwrap_or_default();
+    let directory = facts.mesh.directory().await.unwrap_or_default();
+    let listen = facts.mesh.listen_addrs().await.unwrap_or_default();
+    View::from_snapshot(&members, &directory, listen, previous, Instant::now())
+}
+
+/// Runs the view loop until `cancel` or until the mesh stops.
+pub async fn run(
+    facts: Arc<Facts>,
+    mut events: mpsc::Receiver<Event>,
+    publish: watch::Sender<Arc<View>>,
+    cancel: CancellationToken,
+) {
+    let mut view = snapshot(&facts, &View::default()).await;
+    publish.send_replace(Arc::new(view.clone()));
+    let mut gauges = tokio::time::interval(GAUGES_EVERY);
+    let mut dirty_since: Option<Instant> = None;
+    loop {
+        let flush_at = dirty_since.map(|t| t + PUBLISH_EVERY);
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            e = events.recv() => {
+                let Some(first) = e else { break };
+                let mut lagged = false;
+                let mut liveness = false;
+                let mut any = false;
+                let now = Instant::now();
+                let mut next = Some(first);
+                let mut n = 0;
+                while let Some(e) = next.take() {
+                    if let Event::Lagged { dropped } = e {
+                        debug!(dropped, "mesh events were lost; reading the mesh again");
+                        lagged = true;
+                    }
+                    let c = view.apply(&e, now);
+                    liveness |= c.liveness;
+                    any |= c.any;
+                    n += 1;
+                    if n < BURST {
+                        next = events.try_recv().ok();
+                    }
+                }
+                if lagged {
+                    view = snapshot(&facts, &view).await;
+                    liveness = true;
+                }
+                if liveness {
+                    publish.send_replace(Arc::new(view.clone()));
+                    dirty_since = None;
+                } else if any && dirty_since.is_none() {
+                    dirty_since = Some(now);
+                }
+            }
+            () = sleep_until(flush_at), if flush_at.is_some() => {
+                publish.send_replace(Arc::new(view.clone()));
+                dirty_since = None;
+            }
+            _ = gauges.tick() => set_gauges(&facts, &view).await,
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+/// Members by state, what the runtimes hold (a stopped replica is counted out when it has
+/// stopped, not when it was asked to), and raft's figures.
+async fn set_gauges(facts: &Facts, view: &View) {
+    for state in [
+        membership::State::Alive,
+        membership::State::Suspect,
+        membership::State::Dead,
+        membership::State::Left,
+    ] {
+        let n = i64::try_from(view.count(state)).unwrap_or(i64::MAX);
+        facts.metrics.set_members(state_word(state), n);
+    }
+    let mut held = facts.wasi.list().await.unwrap_or_default();
+    if let Some(c) = &facts.containers {
+        held.extend(c.list().await.unwrap_or_default());
+    }
+    let running = held.iter().filter(|o| matches!(o.state, RunState::Running { .. })).count();
+    let to_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    facts.metrics.set_replicas("running", to_i64(running));
+    facts.metrics.set_replicas("exited", to_i64(held.len() - running));
+    let raft = facts.consensus.raft().metrics().borrow().clone();
+    facts.metrics.set_raft(
+        raft.current_term,
+        raft.last_applied.map_or(0, |l| l.index),
+        facts.consensus.is_leader(),
+        facts.consensus.voters().len(),
+    );
+}

@@ -1,0 +1,223 @@
+//! The worker: what this node runs. The agent loop pulls this node's assignments and hands
+//! them to the runtime; the report loop sends status changes to raft; the keeper keeps, on
+//! raft members, a copy of every module a workload names.
+//!
+//! ```text
+//!   agent (nudged, new entries on members, else every 250 ms):
+//!        trusted member? own state : the leader that nudged │ a member  ──▶ [Assignment]
+//!        ──▶ every spec validated again ──▶ modules fetched from peers (hash checked)
+//!        ──▶ runtime Agent::set_desired
+//!   report: runtime Status ──(20 ms batch)──▶ Report ──▶ own handler │ a member
+//!   keeper (members, every second): modules named by workloads and missing here ──▶ fetched
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloudless_api::node::{Assigned, Assignment, ModuleChunk, Report};
+use cloudless_api::{ApiError, MAX_MODULE, ReplicaStatus};
+use cloudless_consensus::Consistency;
+use cloudless_runtime::{Agent, ReplicaSpec, Status};
+use cloudless_types::{Image, ModuleHash, ReplicaId, now_ms};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::api::{Api, Nudged};
+use crate::peers::CALL_TIMEOUT;
+
+/// How often a node pulls its assignments (nothing is missed even without a push).
+const AGENT_EVERY: Duration = Duration::from_millis(250);
+/// Status changes arriving within this long of the first go to raft in one report: replicas
+/// starting together are reported together, and a lone change waits little.
+const REPORT_EVERY: Duration = Duration::from_millis(20);
+/// How often raft members check they hold every module a workload names.
+const KEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// This node's assignments, from the best source it has.
+async fn assignments(
+    api: &Api,
+    nudger: Option<cloudless_types::NodeName>,
+) -> Result<Vec<Assignment>, ApiError> {
+    let facts = api.facts();
+    // A raft member answers itself, and so runs as soon as it applies new assignments.
+    if facts.trusts_own_state() {
+        return api.assigned(&facts.name).await;
+    }
+    // After a nudge, ask the leader that sent it: it has applied the change, a follower may
+    // not have yet (and would answer with the old assignments until the next poll).
+    if let Some(leader) = nudger
+        && let Ok(list) = api.peers().node(&leader, Assigned, CALL_TIMEOUT).await
+    {
+        return Ok(list);
+    }
+    api.peers().node_to_member(Assigned).await
+}
+
+/// Pulls this node's assignments and hands them to the runtime, until `cancel`.
+pub async fn agent(
+    api: Arc<Api>,
+    agent: Agent,
+    mut nudges: watch::Receiver<Nudged>,
+    cancel: CancellationToken,
+) {
+    let facts = api.facts().clone();
+    let mut last: Option<Vec<ReplicaSpec>> = None;
+    let mut applied = None;
+    loop {
+        let nudger = if nudges.has_changed().unwrap_or(false) {
+            nudges.borrow_and_update().by.clone()
+        } else {
+            None
+        };
+        match assignments(&api, nudger).await {
+            Ok(list) => {
+                let mut specs = Vec::new();
+                for a in list {
+                    // Whoever answered, the spec must hold before anything of it runs.
+                    if let Err(e) = a.spec.validate() {
+                        warn!(workload = %a.spec.name, error = %e, "refusing an invalid spec");
+                        continue;
+                    }
+                    if let Image::Wasi(hash) = &a.spec.image
+                        && !facts.wasi.has_module(hash)
+                        && let Err(e) = fetch_module(&api, hash).await
+                    {
+                        warn!(module = %hash, error = %e, "cannot fetch module yet");
+                        continue;
+                    }
+                    specs.extend(a.indexes.iter().map(|i| ReplicaSpec::from_workload(&a.spec, *i)));
+                }
+                let cpu: u64 = specs.iter().map(|r| u64::from(r.cpu_millis)).sum();
+                facts
+                    .metrics
+                    .set_cpu_utilization(cpu as f64 / f64::from(facts.offer.cpu_millis.max(1)));
+                if last.as_ref() != Some(&specs) {
+                    if agent.set_desired(specs.clone()).await.is_err() {
+                        return;
+                    }
+                    last = Some(specs);
+                }
+            }
+            Err(e) => debug!(error = %e, "cannot learn assignments yet"),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            a = facts.consensus.applied_after(applied, AGENT_EVERY) => applied = a,
+            r = nudges.changed() => if r.is_err() { break },
+        }
+    }
+}
+
+/// Fetches a module from whichever live peer has it, chunk by chunk, checking its size as it
+/// comes and its hash at the end.
+pub async fn fetch_module(api: &Api, hash: &ModuleHash) -> Result<(), String> {
+    let facts = api.facts();
+    let view = facts.view();
+    for peer in view.alive_except(&facts.name) {
+        let mut bytes = Vec::new();
+        loop {
+            let req = ModuleChunk { hash: hash.clone(), offset: bytes.len() as u64 };
+            match api.peers().node(peer, req, CALL_TIMEOUT).await {
+                Ok(c) if c.total <= MAX_MODULE && c.total > 0 => {
+                    let have = bytes.len() as u64;
+                    if c.bytes.is_empty() || have.saturating_add(c.bytes.len() as u64) > c.total {
+                        break;
+                    }
+                    bytes.extend_from_slice(&c.bytes);
+                    if bytes.len() as u64 == c.total {
+                        let stored = facts.wasi.store_module(&bytes).map_err(|e| e.to_string())?;
+                        if stored == *hash {
+                            return Ok(());
+                        }
+                        warn!(%peer, module = %hash, "a peer sent a module that does not match its hash");
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+    Err("no peer has it".into())
+}
+
+/// Sends status changes to raft, batched, until `cancel` (the batch in flight is sent first).
+pub async fn report(
+    api: Arc<Api>,
+    mut statuses: mpsc::Receiver<Status>,
+    cancel: CancellationToken,
+) {
+    let facts = api.facts().clone();
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            s = statuses.recv() => match s {
+                Some(s) => s,
+                None => break,
+            },
+        };
+        let mut batch: BTreeMap<ReplicaId, ReplicaStatus> = BTreeMap::new();
+        let mut add = |s: Status| {
+            batch.insert(
+                s.id.clone(),
+                ReplicaStatus {
+                    node: facts.name.clone(),
+                    phase: s.phase.bounded(),
+                    restarts: s.restarts,
+                    at_ms: now_ms(),
+                },
+            );
+        };
+        add(first);
+        let deadline = tokio::time::Instant::now() + REPORT_EVERY;
+        while let Ok(Some(s)) = tokio::time::timeout_at(deadline, statuses.recv()).await {
+            add(s);
+        }
+        let report = Report(batch.into_iter().collect());
+        let result = if facts.trusts_own_state() {
+            api.report(&facts.name, report).await
+        } else {
+            api.peers().node_to_member(report).await
+        };
+        if let Err(e) = result {
+            debug!(error = %e, "status report not recorded");
+        }
+    }
+}
+
+/// On raft members: keep a copy of every WASI module a workload names, so a module outlives
+/// the node it was uploaded to and the nodes that ran it. Runs until `cancel`.
+pub async fn keeper(api: Arc<Api>, cancel: CancellationToken) {
+    let facts = api.facts().clone();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(KEEP_EVERY) => {}
+        }
+        if !facts.consensus.is_member() {
+            continue;
+        }
+        let wanted: Vec<ModuleHash> = facts
+            .consensus
+            .read(Consistency::Stale, |s| {
+                s.workloads()
+                    .values()
+                    .filter_map(|w| match &w.spec.image {
+                        Image::Wasi(h) => Some(h.clone()),
+                        Image::Container(_) => None,
+                    })
+                    .collect()
+            })
+            .await
+            .unwrap_or_default();
+        for hash in wanted {
+            if !facts.wasi.has_module(&hash)
+                && let Err(e) = fetch_module(&api, &hash).await
+            {
+                debug!(module = %hash, error = e, "cannot keep a copy of a module yet");
+            }
+        }
+    }
+}
