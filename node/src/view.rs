@@ -30,6 +30,10 @@ use libp2p::{Multiaddr, PeerId};
 const MAX_RETURNS: usize = 16;
 /// Listen addresses remembered for this node (as many as a directory entry advertises).
 const MAX_LISTEN: usize = cloudless_types::MAX_ADDRS;
+/// Peers remembered before the membership admits them (their directory entry or a direct
+/// connection can come first): more than join at once in any pool, a bound on what strangers'
+/// connections can make this node hold.
+const MAX_PENDING: usize = 4096;
 
 /// What this node knows about one peer.
 #[derive(Clone, Debug, PartialEq)]
@@ -80,11 +84,20 @@ impl Seen {
     }
 }
 
+/// What arrived about a peer before the membership admitted it.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Pending {
+    descriptor: Option<NodeDescriptor>,
+    reached_directly: bool,
+}
+
 /// The pool as this node sees it. Cloning shares the per-peer entries.
 #[derive(Clone, Debug, Default)]
 pub struct View {
     /// Every peer the membership knows (this node included), by name.
     pub peers: BTreeMap<NodeName, Arc<Seen>>,
+    /// Peers not in the membership yet, with what arrived about them first.
+    pending: BTreeMap<NodeName, Pending>,
     /// AutoNAT's verdict on this node.
     pub reachability: Option<Reachability>,
     /// Where this node listens.
@@ -109,14 +122,18 @@ impl View {
         previous: &View,
         now: Instant,
     ) -> View {
-        let mut view =
-            View { peers: BTreeMap::new(), reachability: previous.reachability.clone(), listen };
+        let mut view = View {
+            peers: BTreeMap::new(),
+            pending: previous.pending.clone(),
+            reachability: previous.reachability.clone(),
+            listen,
+        };
         view.listen.truncate(MAX_LISTEN);
         for m in members {
             let name = identity::node_name(&m.id);
             let mut seen = match previous.peers.get(&name) {
                 Some(old) => (**old).clone(),
-                None => Seen::new(m.state, now),
+                None => view.admit(&name, m.state, now),
             };
             seen.transition(m.state, now);
             seen.capacity = m.capacity;
@@ -131,12 +148,16 @@ impl View {
         match event {
             Event::Member(membership::Event::State { id, state, .. }) => {
                 let name = identity::node_name(id);
-                let entry =
-                    self.peers.entry(name).or_insert_with(|| Arc::new(Seen::new(*state, now)));
+                if !self.peers.contains_key(&name) {
+                    let seen = self.admit(&name, *state, now);
+                    self.peers.insert(name, Arc::new(seen));
+                    return Changed { any: true, liveness: true };
+                }
+                let Some(entry) = self.peers.get_mut(&name) else { return Changed::default() };
                 let seen = Arc::make_mut(entry);
                 let moved = seen.state != *state;
                 seen.transition(*state, now);
-                Changed { any: true, liveness: moved || seen.changed == now }
+                Changed { any: true, liveness: moved }
             }
             Event::Member(membership::Event::Capacity { id, capacity }) => {
                 let name = identity::node_name(id);
@@ -149,7 +170,9 @@ impl View {
                 }
             }
             Event::Member(membership::Event::Removed { id }) => {
-                let removed = self.peers.remove(&identity::node_name(id)).is_some();
+                let name = identity::node_name(id);
+                self.pending.remove(&name);
+                let removed = self.peers.remove(&name).is_some();
                 Changed { any: removed, liveness: removed }
             }
             Event::Directory { peer, descriptor } => {
@@ -159,9 +182,13 @@ impl View {
                         Arc::make_mut(entry).descriptor.clone_from(descriptor);
                         Changed { any: true, liveness: false }
                     }
-                    // Entries of peers the membership does not know yet arrive again with the
-                    // next sync; the membership is what admits a peer to the view.
-                    None => Changed::default(),
+                    // The membership admits a peer to the view; what came first waits for it.
+                    None => {
+                        if let Some(p) = self.pending_mut(name) {
+                            p.descriptor.clone_from(descriptor);
+                        }
+                        Changed::default()
+                    }
                 }
             }
             Event::Connected { peer, link: Link::Dialed } => {
@@ -171,7 +198,13 @@ impl View {
                         Arc::make_mut(entry).reached_directly = true;
                         Changed { any: true, liveness: false }
                     }
-                    _ => Changed::default(),
+                    Some(_) => Changed::default(),
+                    None => {
+                        if let Some(p) = self.pending_mut(name) {
+                            p.reached_directly = true;
+                        }
+                        Changed::default()
+                    }
                 }
             }
             Event::Connected { .. } | Event::Lagged { .. } => Changed::default(),
@@ -186,6 +219,24 @@ impl View {
                 Changed { any: true, liveness: false }
             }
         }
+    }
+
+    /// A new member's entry, with what arrived about it before.
+    fn admit(&mut self, name: &NodeName, state: membership::State, now: Instant) -> Seen {
+        let mut seen = Seen::new(state, now);
+        if let Some(p) = self.pending.remove(name) {
+            seen.descriptor = p.descriptor;
+            seen.reached_directly = p.reached_directly;
+        }
+        seen
+    }
+
+    /// The pending entry of `name`, made if there is room.
+    fn pending_mut(&mut self, name: NodeName) -> Option<&mut Pending> {
+        if !self.pending.contains_key(&name) && self.pending.len() >= MAX_PENDING {
+            return None;
+        }
+        Some(self.pending.entry(name).or_default())
     }
 
     /// A peer by name.
@@ -293,6 +344,21 @@ mod tests {
         assert_eq!(v.count(membership::State::Alive), 1);
         let c = v.apply(&Event::Member(M::Removed { id: p }), t1);
         assert!(c.liveness && v.get(&name).is_none());
+    }
+
+    #[test]
+    fn what_arrives_before_the_membership_admits_a_peer_is_kept() {
+        let p = PeerId::random();
+        let t0 = Instant::now();
+        let mut v = View::default();
+        let d = NodeDescriptor { cpu_millis: 1000, ..Default::default() };
+        v.apply(&Event::Directory { peer: p, descriptor: Some(d.clone()) }, t0);
+        v.apply(&Event::Connected { peer: p, link: Link::Dialed }, t0);
+        assert!(v.get(&identity::node_name(&p)).is_none(), "not a member yet");
+        v.apply(&state(p, membership::State::Alive), t0);
+        let seen = v.get(&identity::node_name(&p)).unwrap();
+        assert_eq!(seen.descriptor.as_ref(), Some(&d));
+        assert!(seen.reached_directly);
     }
 
     #[test]

@@ -212,3 +212,148 @@ async fn a_single_node_pool_runs_a_workload() {
     .await;
     c.shutdown().await;
 }
+
+/// A drain hands replicas over start-before-stop and never takes a workload below its
+/// min-available: node 2 runs all three replicas of a `minAvailable: 2` workload, node 0 has
+/// room for one more and node 1 for none. Draining node 2 moves one replica (its replacement
+/// runs on node 0 before the original stops), stops the one the workload can spare, and
+/// keeps the third where it is. Every node's runtime is sampled all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_keeps_min_available_and_starts_replacements_first() {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use cloudless_api::Schedulable;
+    use cloudless_runtime::RunState;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = LocalCluster::start(
+        3,
+        dir.path(),
+        SigningKey::from_bytes(&[7; 32]),
+        SigningKey::from_bytes(&[1; 32]),
+        |i, config| {
+            config.consensus.quiet_start = Duration::from_secs(2);
+            config.offer.cpu_millis = [1000, 500, 2000][i];
+        },
+    )
+    .await
+    .unwrap();
+    let names: Vec<_> = c.nodes.iter().map(|n| n.name().clone()).collect();
+    let set =
+        |i: usize, schedulable| Command::SetSchedulable { peer: names[i].clone(), schedulable };
+    for i in 0..2 {
+        c.command(0, set(i, Schedulable::Cordoned)).await.unwrap();
+    }
+    let mut spec = WorkloadSpec::new(
+        WorkloadName::new("kept").unwrap(),
+        Image::Wasi(ModuleHash::of(b"")),
+        Resources { cpu_millis: 600, memory_mib: 16, disk_mib: 0, gpus: 0 },
+        3,
+    );
+    spec.min_available = 2;
+    c.apply_wasi(0, spec, include_bytes!("../../examples/hello/hello.wat")).await.unwrap();
+    let running = |s: &State| s.statuses().values().filter(|s| s.phase.is_running()).count();
+    let t = std::time::Instant::now();
+    while c.nodes[0].consensus().read(Consistency::Linearizable, running).await.unwrap() != 3 {
+        if t.elapsed() > Duration::from_secs(10) {
+            let view = c.nodes[0].view();
+            let sched = cloudless_sched::Scheduler::new(Default::default()).unwrap();
+            let r = c.nodes[0]
+                .consensus()
+                .read(Consistency::Stale, |s| {
+                    (
+                        cloudless_node::round::round(s, &view, &sched, std::time::Instant::now()),
+                        s.assignments().clone(),
+                        s.statuses().clone(),
+                    )
+                })
+                .await
+                .unwrap();
+            let seen: Vec<_> = view
+                .peers
+                .iter()
+                .map(|(n, s)| (n.clone(), s.state, s.capacity.map(|c| c.cpu_total_millis)))
+                .collect();
+            panic!("{r:#?}\nview {seen:#?}\nnames {names:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..2 {
+        c.command(0, set(i, Schedulable::Yes)).await.unwrap();
+    }
+
+    // Sample what every node's runtime runs: (node, replica index) pairs, every 5 ms.
+    let drivers: Vec<_> = c.nodes.iter().map(|n| n.wasi().clone()).collect();
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        tokio::spawn(async move {
+            let mut samples: Vec<BTreeSet<(usize, u32)>> = Vec::new();
+            while sampling.load(Ordering::SeqCst) {
+                let mut now = BTreeSet::new();
+                for (i, d) in drivers.iter().enumerate() {
+                    for o in d.list().await.unwrap_or_default() {
+                        if matches!(o.state, RunState::Running { .. }) {
+                            now.insert((i, o.id.index));
+                        }
+                    }
+                }
+                samples.push(now);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            samples
+        })
+    };
+    c.command(0, set(2, Schedulable::Draining)).await.unwrap();
+    let settled = |s: &State| {
+        let on = |i: usize| s.runs_on(&names[i]).count();
+        (on(0), on(1), on(2), s.assignments().values().filter(|a| a.from.is_some()).count())
+    };
+    until(
+        "one replica moved to node 0, one stopped, one kept",
+        Duration::from_secs(30),
+        async || {
+            c.nodes[0].consensus().read(Consistency::Linearizable, settled).await.unwrap()
+                == (1, 0, 1, 0)
+        },
+    )
+    .await;
+    until("the runtimes agree", Duration::from_secs(15), async || {
+        let on0 = c.nodes[0].wasi().list().await.unwrap().len();
+        let on2 = c.nodes[2].wasi().list().await.unwrap().len();
+        on0 == 1 && on2 == 1
+    })
+    .await;
+    sampling.store(false, Ordering::SeqCst);
+    let samples = sampler.await.unwrap();
+    assert!(samples.len() > 10, "{} samples", samples.len());
+    for s in &samples {
+        let indexes: BTreeSet<u32> = s.iter().map(|(_, i)| *i).collect();
+        assert!(indexes.len() >= 2, "fewer than min-available ran: {s:?}");
+    }
+    // The moved replica ran on both nodes at once before its original stopped.
+    let moved = samples.last().unwrap().iter().find(|(node, _)| *node == 0).unwrap().1;
+    assert!(
+        samples.iter().any(|s| s.contains(&(0, moved)) && s.contains(&(2, moved))),
+        "replica {moved} never ran on both nodes: the replacement did not start first"
+    );
+    let first_on_0 = samples.iter().position(|s| s.contains(&(0, moved))).unwrap();
+    let gone_from_2 = samples.iter().rposition(|s| s.contains(&(2, moved))).unwrap();
+    assert!(
+        first_on_0 <= gone_from_2,
+        "started at sample {first_on_0}, stopped after {gone_from_2}"
+    );
+    // Why the third stays is shown to users.
+    let why =
+        c.nodes[0].consensus().read(Consistency::Stale, |s| s.workloads().len()).await.unwrap();
+    assert_eq!(why, 1);
+    let counts: BTreeMap<usize, usize> =
+        samples.last().unwrap().iter().fold(BTreeMap::new(), |mut m, (n, _)| {
+            *m.entry(*n).or_default() += 1;
+            m
+        });
+    assert_eq!(counts, BTreeMap::from([(0, 1), (2, 1)]));
+    c.shutdown().await;
+}

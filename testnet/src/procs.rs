@@ -70,6 +70,8 @@ impl Proc {
 pub struct Ctl {
     /// Exit status was success.
     pub ok: bool,
+    /// The exit code (`None` when killed by a signal or never started).
+    pub code: Option<i32>,
     /// Standard output.
     pub stdout: String,
     /// Standard error.
@@ -81,7 +83,7 @@ impl Ctl {
     fn of(out: std::io::Result<Output>) -> Ctl {
         match out {
             Ok(o) => o.into(),
-            Err(e) => Ctl { ok: false, stdout: String::new(), stderr: e.to_string() },
+            Err(e) => Ctl { ok: false, code: None, stdout: String::new(), stderr: e.to_string() },
         }
     }
 }
@@ -90,6 +92,7 @@ impl From<Output> for Ctl {
     fn from(o: Output) -> Ctl {
         Ctl {
             ok: o.status.success(),
+            code: o.status.code(),
             stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
         }
@@ -272,7 +275,9 @@ impl Procs {
     pub fn ctl(&self, args: &[&str]) -> Ctl {
         match self.nodes.iter().position(Proc::running) {
             Some(i) => self.ctl_via(i, args),
-            None => Ctl { ok: false, stdout: String::new(), stderr: "no node runs".into() },
+            None => {
+                Ctl { ok: false, code: None, stdout: String::new(), stderr: "no node runs".into() }
+            }
         }
     }
 

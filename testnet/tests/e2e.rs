@@ -81,6 +81,7 @@ fn a_pool_of_processes_from_init_to_delete() {
     );
     let out = c.ctl(&["workload", "apply", "-f", &bad]);
     assert!(!out.ok && out.stderr.contains("replcas"), "bad spec: {out:?}");
+    assert_eq!(out.code, Some(3), "invalid input exits 3: {out:?}");
     let negative = write_spec(
         dir.path(),
         "negative",
@@ -99,6 +100,7 @@ fn a_pool_of_processes_from_init_to_delete() {
     assert!(out.ok, "{out:?}");
     let out = c.ctl(&["--key", &stranger.display().to_string(), "workload", "list"]);
     assert!(!out.ok && out.stderr.contains("is not known to this cluster"), "unknown key: {out:?}");
+    assert_eq!(out.code, Some(4), "unauthorized exits 4: {out:?}");
     let stranger_key = c.ctl(&["--key", &stranger.display().to_string(), "key", "show"]);
     let out = c.ctl(&[
         "--key",
@@ -112,6 +114,25 @@ fn a_pool_of_processes_from_init_to_delete() {
         "mallory",
     ]);
     assert!(!out.ok && out.stderr.contains("is not known"), "unknown key, command: {out:?}");
+    assert_eq!(out.code, Some(4), "{out:?}");
+    // A viewer may read but not change anything; what does not exist is not found.
+    let viewer = dir.path().join("viewer.key");
+    let viewer_flag = viewer.display().to_string();
+    let created = c.ctl(&["--key", &viewer_flag, "key", "create"]);
+    assert!(created.ok, "{created:?}");
+    let added =
+        c.ctl(&["user", "add", created.stdout.trim(), "--role", "viewer", "--name", "vera"]);
+    assert!(added.ok, "{added:?}");
+    let out = c.ctl(&["--key", &viewer_flag, "workload", "list"]);
+    assert!(out.ok, "a viewer reads: {out:?}");
+    let out = c.ctl(&["--key", &viewer_flag, "workload", "delete", "hello"]);
+    assert!(!out.ok && out.stderr.contains("has role viewer"), "viewer writes: {out:?}");
+    assert_eq!(out.code, Some(5), "forbidden exits 5: {out:?}");
+    let out = c.ctl(&["workload", "get", "nothing-here"]);
+    assert!(!out.ok && out.stderr.contains("no workload named nothing-here"), "{out:?}");
+    assert_eq!(out.code, Some(6), "not found exits 6: {out:?}");
+    let out = c.ctl(&["workload", "scale", "Not_A_Name", "2"]);
+    assert_eq!(out.code, Some(3), "a bad name is invalid input: {out:?}");
     let intruder = c.run_unenrolled().unwrap();
     let ready = until("the unenrolled node answers /ready", DEADLINE, || c.get(intruder, "/ready"))
         .unwrap();

@@ -82,11 +82,16 @@ pub async fn run(
                     view = snapshot(&facts, &view).await;
                     liveness = true;
                 }
-                if liveness {
+                if any && dirty_since.is_none() {
+                    dirty_since = Some(now);
+                }
+                // Liveness at once; anything else at most PUBLISH_EVERY late, even while
+                // events keep coming.
+                let due =
+                    dirty_since.is_some_and(|t| now.saturating_duration_since(t) >= PUBLISH_EVERY);
+                if liveness || due {
                     publish.send_replace(Arc::new(view.clone()));
                     dirty_since = None;
-                } else if any && dirty_since.is_none() {
-                    dirty_since = Some(now);
                 }
             }
             () = sleep_until(flush_at), if flush_at.is_some() => {
