@@ -75,7 +75,7 @@ impl ErrorKind {
     /// anything that is not an answer of the cluster).
     pub fn exit_code(self) -> i32 {
         match self {
-            ErrorKind::Internal => 1,
+            ErrorKind::Internal => 10,
             ErrorKind::Invalid => 3,
             ErrorKind::Unauthorized => 4,
             ErrorKind::Forbidden => 5,
@@ -211,7 +211,7 @@ mod tests {
         codes.sort_unstable();
         codes.dedup();
         assert_eq!(codes.len(), ErrorKind::ALL.len() - 1, "redirect shares unavailable's");
-        assert!(ErrorKind::ALL.iter().all(|k| k.exit_code() != 0 && k.exit_code() != 2));
+        assert!(ErrorKind::ALL.iter().all(|k| ![0, 1, 2].contains(&k.exit_code())));
     }
 
     #[test]

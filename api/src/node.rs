@@ -109,6 +109,9 @@ pub struct Assignment {
     /// The ordinals this node runs (including replicas it keeps running while they move
     /// away, until their replacement runs).
     pub indexes: Vec<u32>,
+    /// Those of `indexes` that are moving away: this node runs them until their replacement
+    /// runs elsewhere, and reports nothing about them (the new host does).
+    pub leaving: Vec<u32>,
 }
 
 /// [`NodeRequest::Enrolled`].
@@ -124,6 +127,8 @@ pub struct EnrolledList {
     pub revoked: Vec<NodeName>,
     /// The raft voters now (where to ask next time).
     pub voters: Vec<NodeName>,
+    /// The raft learners now (members too: they relay users' log reads).
+    pub learners: Vec<NodeName>,
 }
 
 /// [`NodeRequest::Module`].

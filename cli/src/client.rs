@@ -20,6 +20,7 @@ use cloudless_api::{
     ApiError, CHUNK, Call, Command, ErrorKind, MAX_MODULE, Reply, Request, Role, Schedulable,
     Service, SignedRequest, UserKey, UserRequest,
 };
+use cloudless_mesh::rpc::{RemoteErrorKind, RpcError};
 use cloudless_mesh::{Handle, Mesh, OpenGate, RelayMode, Role as MeshRole};
 use cloudless_types::{ModuleHash, NodeName, ReplicaId, WorkloadName, WorkloadSpec, now_ms};
 use ed25519_dalek::SigningKey;
@@ -51,6 +52,17 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
+    /// The exchange with the peer failed, or the peer's mesh refused it, before the cluster
+    /// answered.
+    #[error("{peer}: {reason}")]
+    Transport {
+        /// What kind of failure it is.
+        kind: ErrorKind,
+        /// The peer.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
     /// The cluster answered with a refusal or a failure.
     #[error("{0}")]
     Api(#[from] ApiError),
@@ -63,9 +75,31 @@ impl ClientError {
         match self {
             ClientError::Address { .. } => ErrorKind::Invalid,
             ClientError::Unreachable { .. } => ErrorKind::Unavailable,
+            ClientError::Transport { kind, .. } => *kind,
             ClientError::Api(e) => e.kind,
         }
     }
+}
+
+/// What a failed exchange means: the mesh's refusals keep their kind, the rest is "the
+/// peer is unavailable".
+fn transport(peer: &PeerId, e: RpcError) -> ClientError {
+    let kind = match &e {
+        RpcError::Remote { error, .. } => match error.kind {
+            RemoteErrorKind::Unauthorized => ErrorKind::Unauthorized,
+            RemoteErrorKind::Busy => ErrorKind::Busy,
+            RemoteErrorKind::BadRequest => ErrorKind::Invalid,
+            RemoteErrorKind::UnknownService => ErrorKind::Unavailable,
+            RemoteErrorKind::Failed => ErrorKind::Internal,
+        },
+        RpcError::TooLarge { .. } => ErrorKind::Invalid,
+        RpcError::Codec { .. } | RpcError::BadService(_) => ErrorKind::Internal,
+        RpcError::Busy => ErrorKind::Busy,
+        RpcError::Transport { .. } | RpcError::Timeout { .. } | RpcError::Closed => {
+            ErrorKind::Unavailable
+        }
+    };
+    ClientError::Transport { kind, peer: peer.to_string(), reason: e.to_string() }
 }
 
 /// A connection to one node.
@@ -142,10 +176,7 @@ impl Client {
             .mesh
             .call_with_timeout::<Service<C>>(self.peer, &request, REQUEST_TIMEOUT)
             .await
-            .map_err(|e| ClientError::Unreachable {
-                peer: self.peer.to_string(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| transport(&self.peer, e))?;
         Ok(answer?)
     }
 

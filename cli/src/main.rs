@@ -10,7 +10,7 @@
 //! 2 bad usage (clap); 3 invalid input (a document, an argument, a request the cluster calls
 //! invalid); 4 unauthorized (the key is not known to the cluster); 5 forbidden (the key's role
 //! does not allow it); 6 not found; 7 conflict (used up, exists, the last admin); 8 busy;
-//! 9 unavailable (no peer or raft leader reachable).
+//! 9 unavailable (no peer or raft leader reachable); 10 the cluster failed internally.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -485,7 +485,8 @@ impl State {
                 if let Some(n) = self.nodes.get_mut(peer) {
                     n.revoked = true;
                 }
-                // Its replicas must move: forget their assignments, and that it still runs
+                // Its replicas must move: forget their assignments (a replica that was moving
+                // to it goes back to the node that still runs it), and that it still runs
                 // replicas moving away.
                 let gone: Vec<ReplicaId> = self
                     .assignments
@@ -494,8 +495,13 @@ impl State {
                     .map(|(r, _)| r.clone())
                     .collect();
                 for r in gone {
-                    self.assignments.remove(&r);
                     self.statuses.remove(&r);
+                    match self.assignments.get_mut(&r).and_then(|a| a.from.take().map(|f| (a, f))) {
+                        Some((a, origin)) => a.node = origin,
+                        None => {
+                            self.assignments.remove(&r);
+                        }
+                    }
                 }
                 for a in self.assignments.values_mut() {
                     if a.from.as_ref() == Some(peer) {
@@ -575,8 +581,10 @@ impl State {
     /// workload grown beyond its desired replicas.
     fn check_changes(&self, changes: &[Change]) -> Result<(), CommandError> {
         // Whether each touched replica is assigned after the changes so far, and where.
-        let mut overlay: BTreeMap<&ReplicaId, Option<(&NodeName, bool)>> = BTreeMap::new();
-        let current = |r: &ReplicaId| self.assignments.get(r).map(|a| (&a.node, a.from.is_some()));
+        // (node, the origin still running it while it moves), as `change` would leave it.
+        type Place<'a> = Option<(&'a NodeName, Option<&'a NodeName>)>;
+        let mut overlay: BTreeMap<&ReplicaId, Place<'_>> = BTreeMap::new();
+        let current = |r: &ReplicaId| self.assignments.get(r).map(|a| (&a.node, a.from.as_ref()));
         for change in changes {
             let r = change.replica();
             if !self.workloads.contains_key(&r.workload) {
@@ -595,7 +603,9 @@ impl State {
             let next = match change {
                 Change::Start { node, .. } => {
                     self.check_target(node)?;
-                    Some((node, now.is_some_and(|(_, moving)| moving)))
+                    // A handoff in progress keeps its origin, unless the replica goes back to it.
+                    let from = now.and_then(|(_, from)| from).filter(|f| *f != node);
+                    Some((node, from))
                 }
                 Change::Move { from, to, .. } => {
                     if from == to {
@@ -606,7 +616,15 @@ impl State {
                     }
                     self.check_target(to)?;
                     match now {
-                        Some((at, _)) if at == from => {}
+                        // A replica moves again only once its last move is released: its origin
+                        // may be the only node that runs it.
+                        Some((_, Some(_))) => {
+                            return Err(bad(
+                                "changes",
+                                format!("{r} is still moving; it moves again once released"),
+                            ));
+                        }
+                        Some((at, None)) if at == from => {}
                         _ => {
                             return Err(bad(
                                 "changes",
@@ -614,10 +632,10 @@ impl State {
                             ));
                         }
                     }
-                    Some((to, true))
+                    Some((to, Some(from)))
                 }
                 Change::Release { .. } => match now {
-                    Some((at, true)) => Some((at, false)),
+                    Some((at, Some(_))) => Some((at, None)),
                     _ => return Err(bad("changes", format!("{r} is not moving"))),
                 },
                 Change::Stop { .. } => None,

@@ -4,7 +4,7 @@
 //! ```text
 //!   raft.redb
 //!   ├── log:  index → entry (postcard)            append fsyncs before raft is told it is flushed
-//!   └── meta: "vote" | "committed" | "purged" | "snapshot" → postcard
+//!   └── meta: "format" | "vote" | "committed" | "purged" | "snapshot" → postcard
 //!
 //!   LogStore (RaftLogStorage)        StateMachineStore (RaftStateMachine)
 //!                                     State in memory, rebuilt at start from the last snapshot
@@ -78,9 +78,49 @@ fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, AnyError> {
     postcard::from_bytes(b).map_err(any)
 }
 
-/// Opens (or creates) the raft database in `data_dir`.
-pub fn open(data_dir: &Path) -> Result<Arc<Database>, redb::DatabaseError> {
+/// The encoding of what the store holds (log entries, snapshots, the vote). postcard is not
+/// self-describing, so a store written with another encoding would be misread: it is refused
+/// instead. 2: the api crate's commands, vocabulary newtypes, placement changes with handoffs.
+pub const FORMAT: u32 = 2;
+
+/// Why the raft database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// redb could not open or create it.
+    #[error(transparent)]
+    Database(#[from] redb::DatabaseError),
+    /// It was written with another encoding.
+    #[error(
+        "the raft store holds format {found}, this version of cloudless reads format {FORMAT}; \
+         it was written by another version: move the node's data dir away and join again \
+         with an invite (or run the version that wrote it)"
+    )]
+    Format {
+        /// The format found.
+        found: u32,
+    },
+    /// Reading or writing the format marker failed.
+    #[error("the raft store's format marker: {0}")]
+    Marker(String),
+}
+
+/// Opens (or creates) the raft database in `data_dir`, refusing one of another format.
+pub fn open(data_dir: &Path) -> Result<Arc<Database>, OpenError> {
     let db = Database::create(data_dir.join(FILE))?;
+    let marker = |e: AnyError| OpenError::Marker(e.to_string());
+    match meta_get::<u32>(&db, "format").map_err(marker)? {
+        Some(FORMAT) => {}
+        Some(found) => return Err(OpenError::Format { found }),
+        // A store from before the marker existed holds the first format; a new one is marked.
+        None => {
+            let used = meta_get::<Vote<NodeId>>(&db, "vote").map_err(marker)?.is_some()
+                || LogStore::last_entry_id(&db).map_err(marker)?.is_some();
+            if used {
+                return Err(OpenError::Format { found: 1 });
+            }
+            meta_put(&db, "format", &FORMAT).map_err(marker)?;
+        }
+    }
     Ok(Arc::new(db))
 }
 
@@ -534,5 +574,23 @@ mod tests {
             .with_test_writer()
             .try_init();
         Suite::test_all(Redb).unwrap();
+    }
+
+    #[test]
+    fn a_store_of_another_format_is_refused_and_a_new_one_is_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path()).unwrap();
+        assert_eq!(meta_get::<u32>(&db, "format").unwrap(), Some(FORMAT));
+        meta_put(&db, "format", &(FORMAT + 1)).unwrap();
+        drop(db);
+        let e = open(dir.path()).unwrap_err();
+        assert!(matches!(e, OpenError::Format { found } if found == FORMAT + 1), "{e}");
+        assert!(e.to_string().contains("another version"), "{e}");
+        // A store written before the marker existed (a vote, no marker) is the first format.
+        let old = tempfile::tempdir().unwrap();
+        let db = Database::create(old.path().join(FILE)).unwrap();
+        meta_put(&db, "vote", &Vote::<NodeId>::new(1, 1)).unwrap();
+        drop(db);
+        assert!(matches!(open(old.path()), Err(OpenError::Format { found: 1 })));
     }
 }

@@ -4,11 +4,13 @@
 //!
 //! ```text
 //!   bytes (bounded by the mesh) ──decode──▶ Incoming::{Api, Raft}
-//!        ──access()──▶ Anyone │ Enrolled │ Member │ User(role) │ Nobody
+//!        ──access()──▶ Anyone │ ItselfOrEnrolled │ Enrolled │ Member │ User(role) │ Nobody
 //!        ──check against the caller (authenticated PeerId; signed user key)──▶ handler
 //! ```
 //!
-//! - **Anyone**: a device enrolling with a token (the token is the credential).
+//! - **Anyone**: nothing today (kept for requests whose own contents are the credential).
+//! - **ItselfOrEnrolled**: the node the request is about, or an enrolled node relaying for it
+//!   (a device enrolls with a token, which is the credential, perhaps through a neighbour).
 //! - **Enrolled**: a node committed state lists as enrolled and not revoked.
 //! - **Member**: a raft member (voter or learner) as this node knows the group.
 //! - **User(role)**: a request signed by a user key whose role is at least `role`; checked
@@ -20,12 +22,18 @@
 
 use cloudless_api::{Command, NodeRequest, Request, Role, UserRequest};
 use cloudless_consensus::Message;
+use cloudless_types::NodeName;
 
 /// Who may send a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Access {
     /// Any peer that reaches the service.
     Anyone,
+    /// The node `peer` itself, or an enrolled node relaying for it.
+    ItselfOrEnrolled {
+        /// The node the request is about.
+        peer: NodeName,
+    },
     /// An enrolled, unrevoked node.
     Enrolled,
     /// A raft member.
@@ -50,7 +58,7 @@ pub fn access(request: Incoming<'_>) -> Access {
     match request {
         Incoming::Api(Request::User(signed)) => user(&signed.request),
         Incoming::Api(Request::Node(n)) => match n {
-            NodeRequest::Enroll(_) => Access::Anyone,
+            NodeRequest::Enroll(e) => Access::ItselfOrEnrolled { peer: e.peer.clone() },
             NodeRequest::Report(_)
             | NodeRequest::Assigned(_)
             | NodeRequest::Enrolled(_)
@@ -107,8 +115,10 @@ fn command(c: &Command) -> Access {
 }
 
 /// What is known about the caller of a request.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Caller {
+    /// Who it is (the mesh connection authenticated it), when it is a node.
+    pub name: Option<NodeName>,
     /// Committed state (as this node knows it) lists it enrolled and unrevoked.
     pub enrolled: bool,
     /// It is a raft member as this node knows the group.
@@ -137,6 +147,9 @@ pub enum Refusal {
 pub fn check(access: Access, caller: Caller) -> Result<(), Refusal> {
     match access {
         Access::Anyone => Ok(()),
+        Access::ItselfOrEnrolled { peer } if caller.name.as_ref() == Some(&peer) => Ok(()),
+        Access::ItselfOrEnrolled { .. } if caller.enrolled => Ok(()),
+        Access::ItselfOrEnrolled { .. } => Err(Refusal::Unknown),
         Access::Enrolled if caller.enrolled => Ok(()),
         Access::Member if caller.member => Ok(()),
         Access::Enrolled | Access::Member => Err(Refusal::Unknown),
@@ -369,7 +382,7 @@ mod tests {
     fn the_table_says_who_may_send_every_request() {
         use Access::*;
         let want: Vec<(&str, Access)> = vec![
-            ("node enroll", Anyone),
+            ("node enroll", ItselfOrEnrolled { peer: peer() }),
             ("node report", Enrolled),
             ("node assigned", Enrolled),
             ("node enrolled", Enrolled),
@@ -404,28 +417,38 @@ mod tests {
             ("raft read index", Member),
         ];
         let got = table();
-        let got: Vec<(&str, Access)> = got.iter().map(|(l, a)| (l.as_str(), *a)).collect();
+        let got: Vec<(&str, Access)> = got.iter().map(|(l, a)| (l.as_str(), a.clone())).collect();
         assert_eq!(got, want);
+        // The raft service checks its caller before decoding, which holds only while every
+        // raft message needs the same caller.
+        let raft: Vec<&Access> =
+            got.iter().filter(|(l, _)| l.starts_with("raft ")).map(|(_, a)| a).collect();
+        assert!(raft.iter().all(|a| **a == Access::Member), "{raft:?}");
     }
 
     #[test]
     fn callers_are_checked_against_the_table() {
-        let stranger = Caller::default();
+        let stranger = Caller { name: Some(NodeName::from_ed25519([8; 32])), ..Caller::default() };
         let node = Caller { enrolled: true, ..Caller::default() };
-        let member = Caller { enrolled: true, member: true, role: None };
+        let member = Caller { enrolled: true, member: true, ..Caller::default() };
         let viewer = Caller { role: Some(Role::Viewer), ..Caller::default() };
         let admin = Caller { role: Some(Role::Admin), ..Caller::default() };
-        assert_eq!(check(Access::Anyone, stranger), Ok(()));
+        assert_eq!(check(Access::Anyone, stranger.clone()), Ok(()));
+        let itself = Access::ItselfOrEnrolled { peer: NodeName::from_ed25519([8; 32]) };
+        let another = Access::ItselfOrEnrolled { peer: peer() };
+        assert_eq!(check(itself, stranger.clone()), Ok(()), "a device enrolls itself");
+        assert_eq!(check(another.clone(), stranger.clone()), Err(Refusal::Unknown));
+        assert_eq!(check(another, node.clone()), Ok(()), "an enrolled node relays");
         assert_eq!(check(Access::Enrolled, stranger), Err(Refusal::Unknown));
-        assert_eq!(check(Access::Enrolled, node), Ok(()));
+        assert_eq!(check(Access::Enrolled, node.clone()), Ok(()));
         assert_eq!(check(Access::Member, node), Err(Refusal::Unknown));
-        assert_eq!(check(Access::Member, member), Ok(()));
+        assert_eq!(check(Access::Member, member.clone()), Ok(()));
         assert_eq!(check(Access::User(Role::Viewer), member), Err(Refusal::Unknown));
         assert_eq!(
             check(Access::User(Role::Deployer), viewer),
             Err(Refusal::Role { has: Role::Viewer, needs: Role::Deployer })
         );
-        assert_eq!(check(Access::User(Role::Deployer), admin), Ok(()));
+        assert_eq!(check(Access::User(Role::Deployer), admin.clone()), Ok(()));
         assert_eq!(check(Access::Nobody, admin), Err(Refusal::Never));
     }
 }

@@ -3,9 +3,9 @@
 //!
 //! ```text
 //!   start: identity ─▶ gate (reader, writer) ─▶ mesh (events) ─▶ raft member ─▶ drivers ─▶
-//!          facts (view, voters, unschedulable: receivers) ─▶ api ─▶ services and loops,
+//!          facts (view, group, unschedulable: receivers) ─▶ api ─▶ services and loops,
 //!          each a task of one JoinSet, all sharing one cancellation token
-//!            view ◀ mesh events          gatekeeper ▶ gate, voters     placer ▶ Assign
+//!            view ◀ mesh events          gatekeeper ▶ gate, group      placer ▶ Assign
 //!            agent, report, keeper       api serve, raft serve
 //!   shutdown: cancel ─▶ every task finishes what it holds (a report, a proposal) ─▶ raft
 //!             stops ─▶ the mesh announces the leave ─▶ done
@@ -33,7 +33,7 @@ use tracing::{info, warn};
 
 use crate::api::{self, Api};
 use crate::config::DaemonConfig;
-use crate::facts::{Facts, Unschedulable};
+use crate::facts::{Facts, Group, Unschedulable};
 use crate::gate::EnrollGate;
 use crate::http::{Metrics, Readiness};
 use crate::loops;
@@ -45,8 +45,9 @@ use crate::view::{self, View};
 /// Requests queued for the api service before callers are told "busy".
 const API_QUEUE: usize = 256;
 /// How long a stop waits for the loops to finish what they hold before it gives up on them:
-/// longer than a raft write takes, short enough that a device shuts down promptly.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+/// longer than a raft write (10 s at most) and a relayed request (`peers::ASK_DEADLINE`) take,
+/// short enough that a device shuts down promptly.
+const STOP_GRACE: Duration = Duration::from_secs(20);
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -168,7 +169,7 @@ impl Daemon {
         wasi_config.max_memory_mib = config.offer.memory_mib.clamp(16, 4096);
         let wasi = WasiDriver::new(wasi_config)?;
         let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
-        let (voters_tx, voters_rx) = watch::channel(Arc::new(Vec::<NodeName>::new()));
+        let (group_tx, group_rx) = watch::channel(Arc::new(Group::default()));
         let (why_tx, why_rx) = watch::channel(Arc::new(Unschedulable::new()));
         let facts = Arc::new(Facts {
             me,
@@ -182,7 +183,7 @@ impl Daemon {
             offer: config.offer,
             gate,
             view: view_rx.clone(),
-            voters: voters_rx,
+            group: group_rx,
             unschedulable: why_rx,
         });
         consensus.start_controller(Arc::new(Voters(view_rx))).await;
@@ -206,17 +207,14 @@ impl Daemon {
             });
         };
         spawn(Box::pin(loops::view::run(facts.clone(), events, view_tx, cancel.clone())));
-        spawn(Box::pin(loops::gatekeeper::run(
-            api.clone(),
-            gate_writer,
-            voters_tx,
-            cancel.clone(),
-        )));
+        spawn(Box::pin(loops::view::gauges(facts.clone(), cancel.clone())));
+        spawn(Box::pin(loops::gatekeeper::run(api.clone(), gate_writer, group_tx, cancel.clone())));
         spawn(Box::pin(loops::placer::run(api.clone(), why_tx, cancel.clone())));
-        spawn(Box::pin(loops::worker::agent(api.clone(), agent, nudges, cancel.clone())));
-        spawn(Box::pin(loops::worker::report(api.clone(), statuses, cancel.clone())));
+        let (owned_tx, owned_rx) = watch::channel(Arc::new(std::collections::BTreeSet::new()));
+        spawn(Box::pin(loops::worker::agent(api.clone(), agent, nudges, owned_tx, cancel.clone())));
+        spawn(Box::pin(loops::worker::report(api.clone(), statuses, owned_rx, cancel.clone())));
         spawn(Box::pin(loops::worker::keeper(api.clone(), cancel.clone())));
-        spawn(Box::pin(api::serve(api.clone(), api_requests, cancel.clone())));
+        spawn(Box::pin(api::serve::serve(api.clone(), api_requests, cancel.clone())));
         spawn(Box::pin(api::raft::serve(facts.clone(), raft_requests, cancel.clone())));
         let started = alive.load(Ordering::SeqCst);
         info!(peer = %me, "node started");
@@ -291,6 +289,11 @@ impl Daemon {
     /// What /health and /ready answer.
     pub fn readiness(&self) -> Arc<dyn Readiness> {
         Arc::new(Ready { facts: Arc::downgrade(&self.facts), loops: self.loops.clone() })
+    }
+
+    /// The handlers of the node's services (what a request over the network would reach).
+    pub fn api(&self) -> &Api {
+        &self.api
     }
 
     /// The WASI driver (module storage, logs).

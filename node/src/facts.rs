@@ -3,7 +3,7 @@
 //! ```text
 //!   fact                        written by (holds the sender)     read by (receivers)
 //!   view: Arc<View>             loops::view (mesh events)         placer, api, voters, worker
-//!   voters: Arc<Vec<NodeName>>  loops::gatekeeper                 peers, api, readiness
+//!   group: Arc<Group>           loops::gatekeeper                 peers, api, readiness
 //!   gate (EnrollGate)           loops::gatekeeper (GateWriter)    mesh, api
 //!   unschedulable               loops::placer                     api reads
 //!   raft state                  consensus (raft)                  everyone, through read()
@@ -32,6 +32,15 @@ use crate::view::View;
 /// Why workloads could not be placed, as of the leader's last round.
 pub type Unschedulable = BTreeMap<WorkloadName, String>;
 
+/// The raft group as this node last learned it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Group {
+    /// The voters (whom to ask).
+    pub voters: Vec<NodeName>,
+    /// The learners (members too).
+    pub learners: Vec<NodeName>,
+}
+
 /// What every part of the node may read.
 pub struct Facts {
     /// This node.
@@ -56,8 +65,8 @@ pub struct Facts {
     pub gate: EnrollGate,
     /// The pool as this node sees it (the view loop publishes it).
     pub view: watch::Receiver<Arc<View>>,
-    /// The raft voters as last learned (the gatekeeper publishes them).
-    pub voters: watch::Receiver<Arc<Vec<NodeName>>>,
+    /// The raft group as last learned (the gatekeeper publishes it).
+    pub group: watch::Receiver<Arc<Group>>,
     /// Why workloads are not placed (the placer publishes it while it leads).
     pub unschedulable: watch::Receiver<Arc<Unschedulable>>,
 }
@@ -69,8 +78,8 @@ impl Facts {
     }
 
     /// The raft voters as last learned.
-    pub fn voters(&self) -> Arc<Vec<NodeName>> {
-        self.voters.borrow().clone()
+    pub fn voters(&self) -> Vec<NodeName> {
+        self.group.borrow().voters.clone()
     }
 
     /// Whether this node's own raft state is current enough to act on: it is a member and
@@ -81,17 +90,22 @@ impl Facts {
         self.consensus.is_member() && self.consensus.leader().is_some()
     }
 
-    /// Whether `peer` is a raft member (voter or learner) as this node knows the group: from
-    /// its own membership, and the voters it learned from a member.
+    /// Whether `peer` is a raft member (voter or learner) as this node knows the group: the
+    /// members it learned, and its own membership while it trusts its raft state (a replaced
+    /// voter's frozen membership names members that may be gone).
     pub fn is_member(&self, peer: &NodeName) -> bool {
-        *peer == self.name
-            || self.voters.borrow().contains(peer)
-            || self.consensus.members().contains(peer)
+        if *peer == self.name {
+            return true;
+        }
+        let group = self.group.borrow();
+        group.voters.contains(peer)
+            || group.learners.contains(peer)
+            || (self.trusts_own_state() && self.consensus.members().contains(peer))
     }
 
     /// Raft members to ask, best first: the voters, then the other members this node knows.
     pub fn members_to_ask(&self) -> Vec<NodeName> {
-        let mut out: Vec<NodeName> = self.voters().iter().cloned().collect();
+        let mut out: Vec<NodeName> = self.voters();
         for m in self.consensus.members() {
             if !out.contains(&m) {
                 out.push(m);

@@ -28,6 +28,9 @@ use crate::facts::Facts;
 const MAX_ASKED: usize = 16;
 /// Deadline of one api call to another node: a write through a leader election fits.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of a whole walk to a raft member, however many peers it asks: a peer that does
+/// not answer cannot hold a loop for MAX_ASKED × CALL_TIMEOUT.
+pub const ASK_DEADLINE: Duration = Duration::from_secs(15);
 
 /// The way to other nodes. Cheap to clone.
 #[derive(Clone)]
@@ -107,6 +110,7 @@ impl Peers {
         let connected = self.mesh().connected_peers().await.unwrap_or_default();
         queue.extend(connected.iter().map(identity::node_name));
         let mut last = ApiError::unavailable("no raft member is reachable");
+        let deadline = tokio::time::Instant::now() + ASK_DEADLINE;
         while let Some(peer) = queue.pop_front() {
             if peer == *me || !tried.insert(peer.clone()) {
                 continue;
@@ -114,9 +118,19 @@ impl Peers {
             if tried.len() > MAX_ASKED {
                 break;
             }
-            match self.call::<C>(&peer, request, CALL_TIMEOUT).await {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                last = ApiError::unavailable(format!(
+                    "no raft member answered within {ASK_DEADLINE:?}"
+                ));
+                break;
+            }
+            match self.call::<C>(&peer, request, left.min(CALL_TIMEOUT)).await {
                 Err(e) if e.kind == ErrorKind::Redirect => {
-                    for p in e.redirect.into_iter().rev() {
+                    // However long the list a peer sends, a handful of members is all a
+                    // group has.
+                    let bound = cloudless_api::error::MAX_REDIRECT;
+                    for p in e.redirect.into_iter().take(bound).rev() {
                         queue.push_front(p);
                     }
                 }

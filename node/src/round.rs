@@ -213,6 +213,16 @@ impl Builder<'_> {
         self.changes.push(Change::Stop { replica: r });
     }
 
+    /// Sends a moving replica back to the origin that still runs it.
+    fn revert(&mut self, cluster: &mut Cluster, r: ReplicaId, from: NodeName) {
+        if let Some(w) = self.state.workloads().get(&r.workload) {
+            let _ = cluster.assign(sched_id(&r), from.as_str(), w.spec.requests, w.spec.priority);
+        }
+        self.touch_replica(&r);
+        self.round.moved += 1;
+        self.changes.push(Change::Start { replica: r, node: from });
+    }
+
     fn take(&mut self, plan: &Plan, held_back: impl Fn(&str) -> String) {
         for step in &plan.steps {
             match step {
@@ -265,6 +275,51 @@ impl Builder<'_> {
     }
 }
 
+/// Keeps a drain plan's stops only while each workload keeps at least its min-available
+/// replicas running and ready; the others are held back like replicas with no other home.
+fn keep_ready(state: &State, plan: Plan) -> Plan {
+    let mut ready: BTreeMap<&WorkloadName, usize> = BTreeMap::new();
+    let is_ready = |r: &ReplicaId| {
+        state.assignments().get(r).is_some_and(|a| {
+            state.statuses().get(r).is_some_and(|st| {
+                st.node == a.node && matches!(st.phase, ReplicaPhase::Running { ready: true })
+            })
+        })
+    };
+    for r in state.assignments().keys() {
+        if is_ready(r) {
+            *ready.entry(&r.workload).or_default() += 1;
+        }
+    }
+    let Plan { steps, unplaced, mut blocked } = plan;
+    let mut kept = Vec::with_capacity(steps.len());
+    for step in steps {
+        let Step::Stop { replica, .. } = &step else {
+            kept.push(step);
+            continue;
+        };
+        let Some(r) = replica_id(replica) else { continue };
+        let min = state.workloads().get(&r.workload).map_or(0, |w| w.spec.min_available);
+        let count = ready.get(&r.workload).copied().unwrap_or(0);
+        let after = if is_ready(&r) { count.saturating_sub(1) } else { count };
+        if after >= min as usize {
+            if let Some(c) = ready.get_mut(&r.workload) {
+                *c = after;
+            }
+            kept.push(step);
+        } else {
+            blocked.push((
+                replica.clone(),
+                format!(
+                    "no other node can take it and stopping it would leave {after} ready, below \
+                     min-available {min}"
+                ),
+            ));
+        }
+    }
+    Plan { steps: kept, unplaced, blocked }
+}
+
 /// One round of the leader's reconciliation.
 pub fn round(state: &State, view: &View, scheduler: &Scheduler, now: Instant) -> Round {
     let Occupied { mut cluster, homeless, lost } = occupied(state, view, now);
@@ -279,15 +334,36 @@ pub fn round(state: &State, view: &View, scheduler: &Scheduler, now: Instant) ->
     let lookup = |name: &str| workloads.get(name);
     let mut b = Builder { state, changes: Vec::new(), round: Round::default() };
 
+    // A replica that was moving to a node that is now gone goes back to its origin, which
+    // still runs it, when the origin is healthy.
+    let origin = |r: &ReplicaId, cluster: &Cluster| -> Option<NodeName> {
+        let from = state.assignments().get(r)?.from.clone()?;
+        cluster.node(from.as_str()).filter(|n| n.liveness == Liveness::Alive).map(|_| from)
+    };
+
     // Replicas whose node the scheduler does not know lose it; the scale plans below place
     // them again.
     for r in homeless {
-        b.stop(r);
+        match origin(&r, &cluster) {
+            Some(from) => b.revert(&mut cluster, r, from),
+            None => b.stop(r),
+        }
     }
 
     // Nodes lost for good: their replicas start elsewhere (those a workload still waits for
-    // stay where they are).
+    // stay where they are; those moving to it go back where they came from).
     for (node, leaving) in &lost {
+        let mut rehome = Vec::new();
+        for r in leaving {
+            match origin(r, &cluster) {
+                Some(from) => {
+                    cluster.unassign(&sched_id(r));
+                    b.revert(&mut cluster, r.clone(), from);
+                }
+                None => rehome.push(r.clone()),
+            }
+        }
+        let leaving = &rehome;
         let all = cluster.replicas_on(node.as_str()).len();
         let waiting: Vec<SchedReplica> = if leaving.len() < all {
             let leaving: BTreeSet<SchedReplica> = leaving.iter().map(sched_id).collect();
@@ -336,7 +412,29 @@ pub fn round(state: &State, view: &View, scheduler: &Scheduler, now: Instant) ->
         if cluster.replicas_on(node.as_str()).is_empty() {
             continue;
         }
-        let Ok(plan) = scheduler.plan_drain(&cluster, node.as_str(), lookup) else { continue };
+        // A replica still moving here is left out: its origin may be the only node that runs
+        // it, and it moves again once it is released.
+        let moving: Vec<SchedReplica> = state
+            .assignments()
+            .iter()
+            .filter(|(_, a)| a.node == *node && a.from.is_some())
+            .map(|(r, _)| sched_id(r))
+            .collect();
+        let copy;
+        let from = if moving.is_empty() {
+            &cluster
+        } else {
+            let mut c = cluster.clone();
+            for r in &moving {
+                c.unassign(r);
+            }
+            copy = c;
+            &copy
+        };
+        let Ok(plan) = scheduler.plan_drain(from, node.as_str(), lookup) else { continue };
+        // The scheduler counts assigned replicas towards min-available; only the ones that
+        // run and are ready keep a workload available, so a stop must leave enough of those.
+        let plan = keep_ready(state, plan);
         let _ = plan.apply(&mut cluster, lookup);
         b.take(&plan, |why| format!("the drain of {node} is held back: {why}"));
     }

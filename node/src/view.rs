@@ -34,6 +34,9 @@ const MAX_LISTEN: usize = cloudless_types::MAX_ADDRS;
 /// connection can come first): more than join at once in any pool, a bound on what strangers'
 /// connections can make this node hold.
 const MAX_PENDING: usize = 4096;
+/// How long what arrived about a peer waits for the membership to admit it: far longer than
+/// an enrollment takes, short enough that peers that never join free their place.
+const PENDING_TTL: Duration = Duration::from_secs(300);
 
 /// What this node knows about one peer.
 #[derive(Clone, Debug, PartialEq)]
@@ -85,10 +88,11 @@ impl Seen {
 }
 
 /// What arrived about a peer before the membership admitted it.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 struct Pending {
     descriptor: Option<NodeDescriptor>,
     reached_directly: bool,
+    since: Instant,
 }
 
 /// The pool as this node sees it. Cloning shares the per-peer entries.
@@ -98,6 +102,8 @@ pub struct View {
     pub peers: BTreeMap<NodeName, Arc<Seen>>,
     /// Peers not in the membership yet, with what arrived about them first.
     pending: BTreeMap<NodeName, Pending>,
+    /// This node (its own entry's reachability is AutoNAT's verdict, not a dial).
+    pub me: Option<NodeName>,
     /// AutoNAT's verdict on this node.
     pub reachability: Option<Reachability>,
     /// Where this node listens.
@@ -116,6 +122,7 @@ pub struct Changed {
 impl View {
     /// A view from a full read of the mesh (at start, and after events were lost).
     pub fn from_snapshot(
+        me: &NodeName,
         members: &[MemberView<PeerId>],
         directory: &BTreeMap<PeerId, NodeDescriptor>,
         listen: Vec<Multiaddr>,
@@ -125,6 +132,7 @@ impl View {
         let mut view = View {
             peers: BTreeMap::new(),
             pending: previous.pending.clone(),
+            me: Some(me.clone()),
             reachability: previous.reachability.clone(),
             listen,
         };
@@ -184,7 +192,7 @@ impl View {
                     }
                     // The membership admits a peer to the view; what came first waits for it.
                     None => {
-                        if let Some(p) = self.pending_mut(name) {
+                        if let Some(p) = self.pending_mut(name, now) {
                             p.descriptor.clone_from(descriptor);
                         }
                         Changed::default()
@@ -200,7 +208,7 @@ impl View {
                     }
                     Some(_) => Changed::default(),
                     None => {
-                        if let Some(p) = self.pending_mut(name) {
+                        if let Some(p) = self.pending_mut(name, now) {
                             p.reached_directly = true;
                         }
                         Changed::default()
@@ -232,11 +240,15 @@ impl View {
     }
 
     /// The pending entry of `name`, made if there is room.
-    fn pending_mut(&mut self, name: NodeName) -> Option<&mut Pending> {
+    fn pending_mut(&mut self, name: NodeName, now: Instant) -> Option<&mut Pending> {
         if !self.pending.contains_key(&name) && self.pending.len() >= MAX_PENDING {
-            return None;
+            self.pending.retain(|_, p| now.saturating_duration_since(p.since) < PENDING_TTL);
+            if self.pending.len() >= MAX_PENDING {
+                return None;
+            }
         }
-        Some(self.pending.entry(name).or_default())
+        let fresh = Pending { descriptor: None, reached_directly: false, since: now };
+        Some(self.pending.entry(name).or_insert(fresh))
     }
 
     /// A peer by name.
@@ -270,6 +282,11 @@ impl Seen {
         } else if self.state == membership::State::Alive {
             self.alive_since = None;
         }
+        // A peer that went away may come back from another network: it has to be reached
+        // directly again before that counts.
+        if matches!(state, membership::State::Dead | membership::State::Left) {
+            self.reached_directly = false;
+        }
         self.state = state;
         self.changed = now;
     }
@@ -288,10 +305,16 @@ pub fn candidates(state: &State, view: &View, now: Instant) -> Vec<Candidate> {
                 .iter()
                 .filter(|t| now.saturating_duration_since(**t) < voters::FLAP_WINDOW);
             let d = s.descriptor.as_ref();
+            // This node never dials itself: for it, AutoNAT's verdict is the evidence.
+            let public = if view.me.as_ref() == Some(name) {
+                matches!(view.reachability, Some(Reachability::Public(_)))
+            } else {
+                s.reached_directly
+            };
             let observation = Observation {
                 alive: s.is_alive(),
                 uptime: s.alive_since.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
-                public: s.reached_directly,
+                public,
                 power: s.capacity.map_or(Power::Mains, |c| c.power),
                 class: d.and_then(|d| d.device_class).unwrap_or(DeviceClass::Desktop),
                 flaps: u32::try_from(recent.count()).unwrap_or(u32::MAX),
@@ -374,7 +397,8 @@ mod tests {
             incarnation: 1,
             capacity: None,
         }];
-        let fresh = View::from_snapshot(&members, &BTreeMap::new(), vec![], &v, t0);
+        let me = NodeName::from_ed25519([1; 32]);
+        let fresh = View::from_snapshot(&me, &members, &BTreeMap::new(), vec![], &v, t0);
         let seen = fresh.get(&identity::node_name(&p)).unwrap();
         assert!(seen.reached_directly && seen.alive_since == Some(t0));
     }

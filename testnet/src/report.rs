@@ -102,9 +102,13 @@ pub async fn run(plan: &Plan, module: &[u8], mut out: impl FnMut(String)) -> Res
     if plan.nodes < 6 {
         bail!("the report needs at least 6 nodes, not {}", plan.nodes);
     }
-    let dir = tempfile::tempdir()?;
+    // CLOUDLESS_REPORT_DIR keeps the nodes' data dirs and logs for a look afterwards.
+    let kept = std::env::var_os("CLOUDLESS_REPORT_DIR").map(std::path::PathBuf::from);
+    let temp = tempfile::tempdir()?;
+    let dir_path = kept.clone().unwrap_or_else(|| temp.path().to_path_buf());
+    std::fs::create_dir_all(&dir_path)?;
     let mut procs = tokio::task::block_in_place(|| -> Result<Procs> {
-        let mut p = Procs::init(dir.path(), &[])?;
+        let mut p = Procs::init(&dir_path, &[])?;
         for _ in 1..plan.nodes {
             p.join()?;
         }
@@ -146,6 +150,9 @@ pub async fn run(plan: &Plan, module: &[u8], mut out: impl FnMut(String)) -> Res
         procs.kill(i);
         let (moved, _) = wait_running(&client, &name, Some(&host)).await?;
         failover.push(killed.elapsed());
+        if kept.is_some() {
+            out(format!("  kill of node {i}: running on {moved} after {:?}", killed.elapsed()));
+        }
         tokio::task::block_in_place(|| procs.restart(i))?;
         host = moved;
     }

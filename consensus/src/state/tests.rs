@@ -292,9 +292,20 @@ fn a_move_keeps_the_origin_running_until_released() {
     assert_eq!(s.runs_on(&n("node-a")).count(), 1, "the origin still runs it");
     assert_eq!(s.runs_on(&n("node-b")).count(), 1, "the destination starts it");
     assert_eq!(s.assignments()[&r].node, n("node-b"), "and reports for it");
+    let again = Change::Move { replica: r.clone(), from: n("node-b"), to: n("node-a") };
+    assert!(
+        s.apply(&c.req(Actor::System, assign(3, vec![again]))).is_err(),
+        "a moving replica moves again only once released"
+    );
     s.apply(&c.req(Actor::System, assign(3, vec![Change::Release { replica: r.clone() }])))
         .unwrap();
     assert_eq!(s.runs_on(&n("node-a")).count(), 0, "released: the origin stops it");
+    assert_eq!(s.assignments()[&r].from, None);
+    // Revoking the node a replica moves to sends it back to its origin.
+    let mv = Change::Move { replica: r.clone(), from: n("node-b"), to: n("node-a") };
+    s.apply(&c.req(Actor::System, assign(4, vec![mv]))).unwrap();
+    s.apply(&c.req(Actor::User(ADMIN), Command::Revoke { peer: n("node-a") })).unwrap();
+    assert_eq!(s.assignments()[&r].node, n("node-b"), "back where it runs");
     assert_eq!(s.assignments()[&r].from, None);
 }
 

@@ -1,6 +1,7 @@
 //! The services this node serves to other nodes and to cloudlessctl, split by audience: `api`
-//! (users in [`user`], nodes in [`node`]) and `raft` ([`raft`]); the read models are pure
-//! functions ([`read`]), uploads a pure reassembly table ([`uploads`]).
+//! (users in [`user`], nodes in [`node`], its serve loop in [`serve`]) and `raft` ([`raft`]);
+//! the read models are pure functions ([`read`]), uploads a pure reassembly table
+//! ([`uploads`]). This file holds what they share: the handlers' state and the answers.
 //!
 //! ```text
 //!   mesh "api" ──InboundRequest──▶ serve ──decode (bounded by the mesh)──▶ access table
@@ -17,6 +18,7 @@
 pub mod node;
 pub mod raft;
 pub mod read;
+pub mod serve;
 pub mod uploads;
 pub mod user;
 
@@ -24,20 +26,13 @@ use std::sync::{Arc, Mutex};
 
 use cloudless_api::{Answer, ApiError, Call, Request, Service};
 use cloudless_consensus::{ReadError, WriteError};
-use cloudless_mesh::identity;
-use cloudless_mesh::rpc::{InboundRequest, RemoteError, RemoteErrorKind};
+use cloudless_mesh::rpc::InboundRequest;
 use cloudless_types::NodeName;
-use tokio::sync::{Semaphore, mpsc, watch};
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::watch;
 
-use crate::access::{Caller, Incoming, Refusal, access, check};
 use crate::facts::Facts;
 use crate::peers::Peers;
 use uploads::Uploads;
-
-/// Api requests handled at once; more wait for a slot (the mesh queue in front is bounded).
-const CONCURRENT: usize = 64;
 
 /// The last nudge from the leader: the worker pulls its assignments when `count` moves, from
 /// `by` first (it has applied the change; a follower may not have yet).
@@ -60,7 +55,7 @@ pub struct Api {
 }
 
 /// The mesh's view of the `api` service as a server: the one wire request.
-struct Inbound;
+pub(crate) struct Inbound;
 
 impl cloudless_types::Rpc for Inbound {
     const SERVICE: &'static str = cloudless_api::SERVICE;
@@ -113,76 +108,4 @@ impl Api {
     fn redirect(&self) -> ApiError {
         ApiError::redirect(self.facts.members_to_ask())
     }
-
-    async fn handle(&self, inbound: InboundRequest) {
-        let request = match inbound.decode::<Inbound>() {
-            Ok(r) => r,
-            Err(e) => {
-                let message = e.message.clone();
-                inbound.fail(RemoteError::new(RemoteErrorKind::BadRequest, message));
-                return;
-            }
-        };
-        self.facts.metrics.api_request(request.kind());
-        let caller = identity::node_name(&inbound.peer);
-        let need = access(Incoming::Api(&request));
-        match request {
-            Request::Node(n) => {
-                let who = Caller {
-                    enrolled: self.facts.gate.is_enrolled(&inbound.peer),
-                    member: self.facts.is_member(&caller),
-                    role: None,
-                };
-                if let Err(r) = check(need, who) {
-                    let message = match r {
-                        Refusal::Unknown if need == crate::access::Access::Member => {
-                            format!("{caller} is not a raft member of this cluster")
-                        }
-                        _ => format!("{caller} is not an enrolled node of this cluster"),
-                    };
-                    refuse(inbound, ApiError::unauthorized(message));
-                    return;
-                }
-                self.node_request(caller, n, inbound).await;
-            }
-            Request::User(signed) => {
-                let forwarded =
-                    inbound.peer != self.facts.me && self.facts.gate.is_enrolled(&inbound.peer);
-                self.user_request(forwarded, need, signed, inbound).await;
-            }
-        }
-    }
-}
-
-/// Serves the `api` service until `cancel`; then lets the requests in progress finish.
-pub async fn serve(
-    api: Arc<Api>,
-    mut requests: mpsc::Receiver<InboundRequest>,
-    cancel: CancellationToken,
-) {
-    let limit = Arc::new(Semaphore::new(CONCURRENT));
-    let mut tasks = JoinSet::new();
-    loop {
-        let permit = tokio::select! {
-            () = cancel.cancelled() => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let req = tokio::select! {
-            () = cancel.cancelled() => break,
-            r = requests.recv() => match r {
-                Some(r) => r,
-                None => break,
-            },
-        };
-        let api = api.clone();
-        tasks.spawn(async move {
-            let _permit = permit;
-            api.handle(req).await;
-        });
-    }
-    while tasks.join_next().await.is_some() {}
 }

@@ -55,14 +55,9 @@ impl Api {
 
     /// A device enrolls (itself, or relayed by the enrolled node `caller`).
     pub async fn enroll(&self, caller: &NodeName, e: Enroll) -> Answer<Enroll> {
+        // Who may relay is the access table's business (an enrolled node, for another).
         let relayed = e.peer != *caller;
         let trusted = self.facts.trusts_own_state();
-        if relayed && !self.facts.gate.is_enrolled(&cloudless_mesh::identity::peer_id(caller)) {
-            return Err(ApiError::unauthorized(format!(
-                "{caller} may only enroll itself, not {}",
-                e.peer
-            )));
-        }
         if relayed && !trusted {
             return Err(self.redirect());
         }
@@ -113,10 +108,13 @@ impl Api {
         if !self.facts.trusts_own_state() {
             return Err(self.redirect());
         }
-        let voters = self.facts.consensus.voter_members().into_iter().map(|m| m.peer).collect();
+        let voters: Vec<NodeName> =
+            self.facts.consensus.voter_members().into_iter().map(|m| m.peer).collect();
+        let learners: Vec<NodeName> =
+            self.facts.consensus.members().into_iter().filter(|m| !voters.contains(m)).collect();
         self.facts
             .consensus
-            .read(Consistency::Stale, |s| read::enrolled(s, voters))
+            .read(Consistency::Stale, |s| read::enrolled(s, voters, learners))
             .await
             .map_err(read_error)
     }

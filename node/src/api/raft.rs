@@ -23,8 +23,27 @@ use crate::facts::Facts;
 pub const QUEUE: usize = 256;
 /// Raft requests handled at once: appends from the leader, votes, forwarded writes.
 const CONCURRENCY: usize = 64;
+/// Any raft message, to look its access up before the real one is decoded.
+const RAFT_ACCESS_PROBE: cloudless_consensus::Message = cloudless_consensus::Message::ReadIndex;
 
 async fn handle(facts: &Facts, inbound: InboundRequest) {
+    let caller = identity::node_name(&inbound.peer);
+    let who = Caller {
+        name: Some(caller.clone()),
+        enrolled: facts.gate.is_enrolled(&inbound.peer),
+        member: facts.is_member(&caller),
+        role: None,
+    };
+    // Every raft message needs the same caller (the table says so, and a test holds it to
+    // that), so a stranger's bytes are refused before they are decoded.
+    if check(access(Incoming::Raft(&RAFT_ACCESS_PROBE)), who.clone()).is_err() {
+        debug!(peer = %caller, "raft message from a peer that is not a raft member");
+        inbound.fail(RemoteError::new(
+            RemoteErrorKind::Unauthorized,
+            format!("{caller} is not a raft member of this cluster"),
+        ));
+        return;
+    }
     let message = match inbound.decode::<RaftService>() {
         Ok(m) => m,
         Err(e) => {
@@ -32,12 +51,6 @@ async fn handle(facts: &Facts, inbound: InboundRequest) {
             inbound.fail(e);
             return;
         }
-    };
-    let caller = identity::node_name(&inbound.peer);
-    let who = Caller {
-        enrolled: facts.gate.is_enrolled(&inbound.peer),
-        member: facts.is_member(&caller),
-        role: None,
     };
     if check(access(Incoming::Raft(&message)), who).is_err() {
         debug!(peer = %caller, "raft message from a peer that is not a raft member");

@@ -259,22 +259,27 @@ pub fn explain(
 
 /// The replicas `node` should run, grouped by workload, with their specs.
 pub fn assigned(state: &State, node: &NodeName) -> Vec<Assignment> {
-    let mut by: BTreeMap<&WorkloadName, Vec<u32>> = BTreeMap::new();
-    for (r, _) in state.runs_on(node) {
-        by.entry(&r.workload).or_default().push(r.index);
+    let mut by: BTreeMap<&WorkloadName, (Vec<u32>, Vec<u32>)> = BTreeMap::new();
+    for (r, a) in state.runs_on(node) {
+        let entry = by.entry(&r.workload).or_default();
+        entry.0.push(r.index);
+        if a.node != *node {
+            entry.1.push(r.index);
+        }
     }
     by.into_iter()
-        .filter_map(|(name, indexes)| {
-            state.workloads().get(name).map(|w| Assignment { spec: w.spec.clone(), indexes })
+        .filter_map(|(name, (indexes, leaving))| {
+            let spec = state.workloads().get(name)?.spec.clone();
+            Some(Assignment { spec, indexes, leaving })
         })
         .collect()
 }
 
-/// Who is enrolled, who is revoked, who votes.
-pub fn enrolled(state: &State, voters: Vec<NodeName>) -> EnrolledList {
+/// Who is enrolled, who is revoked, who votes and who learns.
+pub fn enrolled(state: &State, voters: Vec<NodeName>, learners: Vec<NodeName>) -> EnrolledList {
     let (revoked, nodes): (Vec<_>, Vec<_>) = state.nodes().iter().partition(|(_, n)| n.revoked);
     let names = |v: Vec<(&NodeName, _)>| v.into_iter().map(|(p, _)| p.clone()).collect();
-    EnrolledList { nodes: names(nodes), revoked: names(revoked), voters }
+    EnrolledList { nodes: names(nodes), revoked: names(revoked), voters, learners }
 }
 
 /// The replicas this list names.

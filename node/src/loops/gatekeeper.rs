@@ -17,12 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloudless_api::node::{Enrolled, EnrolledList};
-use cloudless_types::NodeName;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::Api;
+use crate::facts::Group;
 use crate::gate::GateWriter;
 
 /// How often the gate is refreshed on raft members (from their own state), and on other nodes
@@ -38,7 +38,7 @@ const WARN_TICKS: u64 = 60;
 pub async fn run(
     api: Arc<Api>,
     gate: GateWriter,
-    voters: watch::Sender<Arc<Vec<NodeName>>>,
+    group: watch::Sender<Arc<Group>>,
     cancel: CancellationToken,
 ) {
     let facts = api.facts().clone();
@@ -76,9 +76,10 @@ pub async fn run(
         } else {
             None
         };
-        if let Some(EnrolledList { nodes, revoked, voters: v }) = lists {
-            if !v.is_empty() && **voters.borrow() != v {
-                voters.send_replace(Arc::new(v));
+        if let Some(EnrolledList { nodes, revoked, voters, learners }) = lists {
+            let learned = Group { voters, learners };
+            if !learned.voters.is_empty() && **group.borrow() != learned {
+                group.send_replace(Arc::new(learned));
             }
             if gate.set(&nodes, &revoked) {
                 let _ = facts.mesh.recheck_gate().await;

@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 use cloudless_api::node::Nudge;
 use cloudless_api::{Change, Command};
 use cloudless_consensus::Consistency;
-use cloudless_consensus::state::Actor;
+use cloudless_consensus::state::{Actor, Request};
 use cloudless_types::{ReplicaId, WorkloadName};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::api::Api;
 use crate::facts::Unschedulable;
@@ -79,9 +79,28 @@ pub async fn run(
         let scheduler = &facts.scheduler;
         let read = facts
             .consensus
-            .read(Consistency::Stale, |s| (round::round(s, &view, scheduler, now), unplaced(s)))
+            .read(Consistency::Stale, |s| {
+                let round = round::round(s, &view, scheduler, now);
+                // A command the state would refuse is not proposed: it would cost an entry
+                // and wake this loop at once to make it again.
+                let refused = round.command.as_ref().and_then(|c| {
+                    let req = Request {
+                        client: 0,
+                        serial: 0,
+                        actor: Actor::System,
+                        time_ms: cloudless_types::now_ms(),
+                        command: c.clone(),
+                    };
+                    s.precheck(&req).err()
+                });
+                (round, unplaced(s), refused)
+            })
             .await;
-        let Ok((round, unplaced)) = read else { continue };
+        let Ok((mut round, unplaced, refused)) = read else { continue };
+        if let Some(e) = refused {
+            warn!(error = %e, "the round's placement changes would be refused; not proposing them");
+            round.command = None;
+        }
         // Replicas placed elsewhere meanwhile, deleted or scaled away wait no more.
         waiting.retain(|k, _| unplaced.contains(k));
         for r in unplaced {
@@ -111,6 +130,9 @@ pub async fn run(
                 .collect(),
             _ => Vec::new(),
         };
+        if let Command::Assign { epoch, changes } = &command {
+            debug!(epoch, ?changes, "proposing placement changes");
+        }
         match facts.consensus.propose(Actor::System, command).await {
             Ok(Ok(_)) => {
                 facts.metrics.decision("placed", round.placed as u64);

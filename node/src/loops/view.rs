@@ -1,11 +1,12 @@
 //! The view loop: keeps this node's [`View`] of the pool from the mesh's events and publishes
-//! it; reads the mesh's full state only at start and after events were lost. Also keeps the
-//! node's gauges (members, replicas, raft) current.
+//! it; reads the mesh's full state only at start and after events were lost. The gauges
+//! loop keeps the node's gauges (members, replicas, raft) current, apart, so that a slow
+//! container engine never holds up the view.
 //!
 //! ```text
 //!   mesh::Event ──▶ View::apply ──▶ liveness changed? publish now : publish within 100 ms
 //!   Event::Lagged ──▶ members() + directory() once ──▶ View::from_snapshot ──▶ publish
-//!   every second ──▶ gauges
+//!   gauges, every second: the published view, the runtimes, raft ──▶ metrics
 //! ```
 //!
 //! Nothing here runs on the swarm task: the mesh only sends events; decoding and bookkeeping
@@ -38,7 +39,7 @@ async fn snapshot(facts: &Facts, previous: &View) -> View {
     let members = facts.mesh.members().await.unwrap_or_default();
     let directory = facts.mesh.directory().await.unwrap_or_default();
     let listen = facts.mesh.listen_addrs().await.unwrap_or_default();
-    View::from_snapshot(&members, &directory, listen, previous, Instant::now())
+    View::from_snapshot(&facts.name, &members, &directory, listen, previous, Instant::now())
 }
 
 /// Runs the view loop until `cancel` or until the mesh stops.
@@ -50,7 +51,6 @@ pub async fn run(
 ) {
     let mut view = snapshot(&facts, &View::default()).await;
     publish.send_replace(Arc::new(view.clone()));
-    let mut gauges = tokio::time::interval(GAUGES_EVERY);
     let mut dirty_since: Option<Instant> = None;
     loop {
         let flush_at = dirty_since.map(|t| t + PUBLISH_EVERY);
@@ -98,7 +98,6 @@ pub async fn run(
                 publish.send_replace(Arc::new(view.clone()));
                 dirty_since = None;
             }
-            _ = gauges.tick() => set_gauges(&facts, &view).await,
         }
     }
 }
@@ -106,6 +105,17 @@ pub async fn run(
 async fn sleep_until(at: Option<Instant>) {
     if let Some(at) = at {
         tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+/// Keeps the gauges current until `cancel`.
+pub async fn gauges(facts: Arc<Facts>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(GAUGES_EVERY);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = tick.tick() => set_gauges(&facts, &facts.view()).await,
+        }
     }
 }
 

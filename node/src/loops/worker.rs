@@ -11,7 +11,7 @@
 //!   keeper (members, every second): modules named by workloads and missing here ──▶ fetched
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,20 +60,25 @@ pub async fn agent(
     api: Arc<Api>,
     agent: Agent,
     mut nudges: watch::Receiver<Nudged>,
+    owned: watch::Sender<Arc<BTreeSet<ReplicaId>>>,
     cancel: CancellationToken,
 ) {
     let facts = api.facts().clone();
     let mut last: Option<Vec<ReplicaSpec>> = None;
     let mut applied = None;
+    // The count of the last nudge acted on: a newer one names the leader to ask first.
+    let mut nudged = nudges.borrow().count;
     loop {
-        let nudger = if nudges.has_changed().unwrap_or(false) {
-            nudges.borrow_and_update().by.clone()
-        } else {
-            None
+        let nudger = {
+            let n = nudges.borrow_and_update();
+            let fresh = n.count != nudged;
+            nudged = n.count;
+            if fresh { n.by.clone() } else { None }
         };
         match assignments(&api, nudger).await {
             Ok(list) => {
                 let mut specs = Vec::new();
+                let mut mine: BTreeSet<ReplicaId> = BTreeSet::new();
                 for a in list {
                     // Whoever answered, the spec must hold before anything of it runs.
                     if let Err(e) = a.spec.validate() {
@@ -88,11 +93,21 @@ pub async fn agent(
                         continue;
                     }
                     specs.extend(a.indexes.iter().map(|i| ReplicaSpec::from_workload(&a.spec, *i)));
+                    mine.extend(
+                        a.indexes
+                            .iter()
+                            .filter(|i| !a.leaving.contains(i))
+                            .map(|i| ReplicaId::new(&a.spec.name, *i)),
+                    );
                 }
                 let cpu: u64 = specs.iter().map(|r| u64::from(r.cpu_millis)).sum();
                 facts
                     .metrics
                     .set_cpu_utilization(cpu as f64 / f64::from(facts.offer.cpu_millis.max(1)));
+                // The report loop learns what this node owns before the runtime hears of it.
+                if **owned.borrow() != mine {
+                    owned.send_replace(Arc::new(mine));
+                }
                 if last.as_ref() != Some(&specs) {
                     if agent.set_desired(specs.clone()).await.is_err() {
                         return;
@@ -142,48 +157,108 @@ pub async fn fetch_module(api: &Api, hash: &ModuleHash) -> Result<(), String> {
     Err("no peer has it".into())
 }
 
+/// Longest wait before a report that was not recorded is sent again.
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Sends status changes to raft, batched, until `cancel` (the batch in flight is sent first).
+/// It keeps each replica's latest status: what was not recorded (no member reachable, a
+/// leader election) is sent again, with backoff, and a replica this node takes over (a move
+/// reverted to it) gets its status sent again, since the runtime reports only changes. Only
+/// replicas the node owns are reported: it runs the ones moving away only until their new
+/// host's replica runs, and the new host speaks for them.
 pub async fn report(
     api: Arc<Api>,
     mut statuses: mpsc::Receiver<Status>,
+    mut owned: watch::Receiver<Arc<BTreeSet<ReplicaId>>>,
     cancel: CancellationToken,
 ) {
     let facts = api.facts().clone();
+    let mut latest: BTreeMap<ReplicaId, ReplicaStatus> = BTreeMap::new();
+    let mut unsent: BTreeSet<ReplicaId> = BTreeSet::new();
+    let mut mine: Arc<BTreeSet<ReplicaId>> = owned.borrow().clone();
+    let mut backoff = REPORT_EVERY;
+    let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
-        let first = tokio::select! {
+        let take = |s: Status,
+                    latest: &mut BTreeMap<_, _>,
+                    unsent: &mut BTreeSet<_>,
+                    mine: &BTreeSet<ReplicaId>| {
+            let status = ReplicaStatus {
+                node: facts.name.clone(),
+                phase: s.phase.bounded(),
+                restarts: s.restarts,
+                at_ms: now_ms(),
+            };
+            if mine.contains(&s.id) {
+                unsent.insert(s.id.clone());
+            }
+            latest.insert(s.id, status);
+        };
+        tokio::select! {
             biased;
             () = cancel.cancelled() => break,
+            r = owned.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                let now: Arc<BTreeSet<ReplicaId>> = owned.borrow_and_update().clone();
+                // Newly owned replicas: their last status counts now.
+                unsent.extend(now.difference(&mine).filter(|r| latest.contains_key(*r)).cloned());
+                // Statuses of what it owned until now are kept one change longer (a replica
+                // being stopped reports its end), then dropped: the map stays as small as
+                // what the node runs.
+                latest.retain(|r, _| now.contains(r) || mine.contains(r));
+                unsent.retain(|r| now.contains(r));
+                mine = now;
+            }
             s = statuses.recv() => match s {
-                Some(s) => s,
+                Some(s) => {
+                    take(s, &mut latest, &mut unsent, &mine);
+                    // Changes arriving together are reported together.
+                    let deadline = tokio::time::Instant::now() + REPORT_EVERY;
+                    while let Ok(Some(s)) = tokio::time::timeout_at(deadline, statuses.recv()).await {
+                        take(s, &mut latest, &mut unsent, &mine);
+                    }
+                }
                 None => break,
             },
-        };
-        let mut batch: BTreeMap<ReplicaId, ReplicaStatus> = BTreeMap::new();
-        let mut add = |s: Status| {
-            batch.insert(
-                s.id.clone(),
-                ReplicaStatus {
-                    node: facts.name.clone(),
-                    phase: s.phase.bounded(),
-                    restarts: s.restarts,
-                    at_ms: now_ms(),
-                },
-            );
-        };
-        add(first);
-        let deadline = tokio::time::Instant::now() + REPORT_EVERY;
-        while let Ok(Some(s)) = tokio::time::timeout_at(deadline, statuses.recv()).await {
-            add(s);
+            () = sleep_until(retry_at), if retry_at.is_some() => {}
         }
-        let report = Report(batch.into_iter().collect());
+        if unsent.is_empty() || retry_at.is_some_and(|t| tokio::time::Instant::now() < t) {
+            continue;
+        }
+        let batch: Vec<(ReplicaId, ReplicaStatus)> =
+            unsent.iter().filter_map(|r| latest.get(r).map(|s| (r.clone(), s.clone()))).collect();
+        let sent: Vec<(ReplicaId, ReplicaStatus)> = batch.clone();
+        let report = Report(batch);
         let result = if facts.trusts_own_state() {
             api.report(&facts.name, report).await
         } else {
             api.peers().node_to_member(report).await
         };
-        if let Err(e) = result {
-            debug!(error = %e, "status report not recorded");
+        match result {
+            Ok(_) => {
+                // What changed while this report was in flight stays to be sent.
+                for (r, s) in sent {
+                    if latest.get(&r) == Some(&s) {
+                        unsent.remove(&r);
+                    }
+                }
+                backoff = REPORT_EVERY;
+                retry_at = None;
+            }
+            Err(e) => {
+                debug!(error = %e, "status report not recorded; it is sent again");
+                backoff = (backoff * 2).min(RETRY_MAX);
+                retry_at = Some(tokio::time::Instant::now() + backoff);
+            }
         }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
     }
 }
 

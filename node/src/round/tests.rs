@@ -270,6 +270,8 @@ fn a_drain_never_takes_a_workload_below_min_available() {
             Command::SetSchedulable { peer: n(i), schedulable: Schedulable::Yes },
         );
     }
+    // The three run and are ready on n0.
+    p.report_running();
     p.apply(
         Actor::User(ADMIN),
         Command::SetSchedulable { peer: n(0), schedulable: Schedulable::Draining },
@@ -351,4 +353,120 @@ fn a_dead_node_keeps_the_replicas_of_patient_workloads_only() {
     let host = |name: &str| p.state.assigned_of(&w(name)).next().map(|(_, a)| a.node.clone());
     assert_eq!(host("patient"), Some(n(1)), "waits for its node");
     assert_eq!(host("eager"), Some(n(0)), "moves at once");
+}
+
+/// A replica moving to a node that dies goes back to the origin that still runs it, and a
+/// replica still moving is not moved again by a drain of its new node.
+#[test]
+fn a_moving_replica_is_never_left_running_nowhere() {
+    let mut p = Pool::new(3);
+    p.workload("web", 1);
+    for i in 1..3 {
+        p.apply(
+            Actor::User(ADMIN),
+            Command::SetSchedulable { peer: n(i), schedulable: Schedulable::Cordoned },
+        );
+    }
+    let view = all_alive(3, p.now);
+    p.round(&view);
+    assert_eq!(p.placement()[&0], n(0));
+    p.report_running();
+    p.apply(
+        Actor::User(ADMIN),
+        Command::SetSchedulable { peer: n(1), schedulable: Schedulable::Yes },
+    );
+    p.apply(
+        Actor::User(ADMIN),
+        Command::SetSchedulable { peer: n(0), schedulable: Schedulable::Draining },
+    );
+    p.round(&view);
+    let r = ReplicaId::new(&w("web"), 0);
+    assert_eq!(p.state.assignments()[&r].node, n(1));
+    assert_eq!(p.state.assignments()[&r].from, Some(n(0)), "n0 runs it until n1 does");
+    // n1 is drained before its copy runs: the replica is not moved again yet.
+    p.apply(
+        Actor::User(ADMIN),
+        Command::SetSchedulable { peer: n(2), schedulable: Schedulable::Yes },
+    );
+    p.apply(
+        Actor::User(ADMIN),
+        Command::SetSchedulable { peer: n(1), schedulable: Schedulable::Draining },
+    );
+    let r1 = p.round(&view);
+    assert!(
+        r1.command.is_none(),
+        "a moving replica waits for its release before it moves again: {r1:?}"
+    );
+    // n1 dies before its copy runs: the replica goes back to n0, which still runs it, and
+    // (n0 being drained) moves on to n2 from there, n0 running it meanwhile.
+    let dead = with(view.clone(), 1, membership::State::Dead, Duration::from_secs(1), p.now);
+    p.round(&dead);
+    assert_eq!(p.state.assignments()[&r].node, n(2), "{:?}", p.state.assignments());
+    assert_eq!(p.state.assignments()[&r].from, Some(n(0)));
+    assert_eq!(p.state.runs_on(&n(0)).count(), 1, "never running nowhere");
+}
+
+use proptest::prelude::*;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Whatever the pool looks like, every command a round makes is accepted by the state
+    /// machine (a refused one would stall the leader), and a pool that stops changing
+    /// settles: a few rounds later the round has nothing left to do.
+    #[test]
+    fn rounds_are_accepted_and_settle(
+        nodes in 2usize..6,
+        cpus in proptest::collection::vec(prop_oneof![Just(500u32), Just(1000), Just(2000)], 6),
+        loads in proptest::collection::vec((1u32..5, 0u32..4, prop_oneof![Just(100u32), Just(600)]), 1..4),
+        events in proptest::collection::vec((0usize..6, 0u8..6), 0..12),
+    ) {
+        let mut p = Pool::new(nodes);
+        for (i, (replicas, min, cpu)) in loads.iter().enumerate() {
+            let mut s = spec(&format!("w{i}"), *cpu, *replicas);
+            s.min_available = (*min).min(*replicas);
+            p.put(s);
+        }
+        let mut view = View::default();
+        for (i, cpu) in cpus.iter().enumerate().take(nodes) {
+            view.peers.insert(n(i), Arc::new(seen(membership::State::Alive, *cpu, p.now)));
+        }
+        let sched = Scheduler::new(Config::default()).unwrap();
+        let step = |p: &mut Pool, view: &View| -> Option<Command> {
+            let r = round(&p.state, view, &sched, p.now);
+            if let Some(c) = r.command.clone() {
+                p.serial += 1;
+                let req = Request { client: 1, serial: p.serial, actor: Actor::System, time_ms: 1_000, command: c };
+                let applied = p.state.apply(&req);
+                assert!(applied.is_ok(), "the round's command was refused: {applied:?}\n{:?}", req.command);
+            }
+            p.report_running();
+            r.command
+        };
+        step(&mut p, &view);
+        for (node, what) in events {
+            let node = node % nodes;
+            match what {
+                0 => { p.apply(Actor::User(ADMIN), Command::SetSchedulable { peer: n(node), schedulable: Schedulable::Draining }); }
+                1 => { p.apply(Actor::User(ADMIN), Command::SetSchedulable { peer: n(node), schedulable: Schedulable::Cordoned }); }
+                2 => { p.apply(Actor::User(ADMIN), Command::SetSchedulable { peer: n(node), schedulable: Schedulable::Yes }); }
+                3 => { view = with(view, node, membership::State::Dead, Duration::from_secs(3600), p.now); }
+                4 => { view = with(view, node, membership::State::Alive, Duration::ZERO, p.now); }
+                _ => { p.apply(Actor::User(ADMIN), Command::Scale { name: w("w0"), replicas: (node as u32) % 4 }); }
+            }
+            step(&mut p, &view);
+        }
+        let mut settled = false;
+        for _ in 0..8 {
+            if step(&mut p, &view).is_none() {
+                settled = true;
+                break;
+            }
+        }
+        prop_assert!(settled, "the pool never settled: {:?}", p.state.assignments());
+        // Nothing is assigned to a node the pool lost, and nothing moves forever.
+        for (r, a) in p.state.assignments() {
+            prop_assert!(a.from.is_none(), "{r} still moving after settling: {a:?}");
+        }
+    }
 }
