@@ -120,7 +120,7 @@ impl<I: Id> Membership<I> {
             UpdateKind::Capacity { version, .. } => {
                 // Someone holds a newer summary of ours than we know (we restarted): jump past it.
                 if (u.incarnation, version) > (self.incarnation, self.capacity_version) {
-                    self.incarnation = u.incarnation + 1;
+                    self.incarnation = u.incarnation.saturating_add(1);
                     self.refute();
                 }
                 return;
@@ -133,7 +133,7 @@ impl<I: Id> Membership<I> {
             // Lifeguard: being suspected hints that we are the slow one.
             self.local_health = (self.local_health + 1).min(self.config.max_local_health);
         }
-        self.incarnation = u.incarnation + 1;
+        self.incarnation = u.incarnation.saturating_add(1);
         self.refute();
     }
 

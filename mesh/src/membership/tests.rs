@@ -568,3 +568,21 @@ fn an_undialable_target_is_not_suspected() {
     assert!(!broadcasts(&out).iter().any(|u| u.id == target), "{out:?}");
     assert_eq!(m.local_health(), 0);
 }
+
+/// News about this node at the highest incarnation (a hostile peer's, or a long life's) does
+/// not overflow its incarnation.
+#[test]
+fn news_at_the_last_incarnation_does_not_overflow() {
+    let now = Instant::now();
+    let mut m = node_with(1, &[2], now);
+    let dead = Update { id: 1, incarnation: u32::MAX, kind: UpdateKind::Dead };
+    let _ = m.handle(Input::Broadcast { updates: vec![dead] }, now);
+    assert_eq!(m.incarnation(), u32::MAX);
+    let capacity = Update {
+        id: 1,
+        incarnation: u32::MAX,
+        kind: UpdateKind::Capacity { version: u32::MAX, capacity: cap(10) },
+    };
+    let _ = m.handle(Input::Broadcast { updates: vec![capacity] }, now);
+    assert_eq!(m.incarnation(), u32::MAX);
+}
