@@ -210,9 +210,9 @@ impl Daemon {
         spawn(Box::pin(loops::view::gauges(facts.clone(), cancel.clone())));
         spawn(Box::pin(loops::gatekeeper::run(api.clone(), gate_writer, group_tx, cancel.clone())));
         spawn(Box::pin(loops::placer::run(api.clone(), why_tx, cancel.clone())));
-        let (owned_tx, owned_rx) = watch::channel(Arc::new(std::collections::BTreeSet::new()));
-        spawn(Box::pin(loops::worker::agent(api.clone(), agent, nudges, owned_tx, cancel.clone())));
-        spawn(Box::pin(loops::worker::report(api.clone(), statuses, owned_rx, cancel.clone())));
+        let (runs_tx, runs_rx) = watch::channel(Arc::new(loops::worker::Runs::new()));
+        spawn(Box::pin(loops::worker::agent(api.clone(), agent, nudges, runs_tx, cancel.clone())));
+        spawn(Box::pin(loops::worker::report(api.clone(), statuses, runs_rx, cancel.clone())));
         spawn(Box::pin(loops::worker::keeper(api.clone(), cancel.clone())));
         spawn(Box::pin(api::serve::serve(api.clone(), api_requests, cancel.clone())));
         spawn(Box::pin(api::raft::serve(facts.clone(), raft_requests, cancel.clone())));

@@ -19,7 +19,7 @@ use cloudless_api::node::{Assigned, Assignment, ModuleChunk, Report};
 use cloudless_api::{ApiError, MAX_MODULE, ReplicaStatus};
 use cloudless_consensus::Consistency;
 use cloudless_runtime::{Agent, ReplicaSpec, Status};
-use cloudless_types::{Image, ModuleHash, ReplicaId, now_ms};
+use cloudless_types::{Image, ModuleHash, NodeName, ReplicaId, now_ms};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -60,7 +60,7 @@ pub async fn agent(
     api: Arc<Api>,
     agent: Agent,
     mut nudges: watch::Receiver<Nudged>,
-    owned: watch::Sender<Arc<BTreeSet<ReplicaId>>>,
+    runs: watch::Sender<Arc<Runs>>,
     cancel: CancellationToken,
 ) {
     let facts = api.facts().clone();
@@ -78,7 +78,7 @@ pub async fn agent(
         match assignments(&api, nudger).await {
             Ok(list) => {
                 let mut specs = Vec::new();
-                let mut mine: BTreeSet<ReplicaId> = BTreeSet::new();
+                let mut mine: Runs = BTreeMap::new();
                 for a in list {
                     // Whoever answered, the spec must hold before anything of it runs.
                     if let Err(e) = a.spec.validate() {
@@ -96,17 +96,16 @@ pub async fn agent(
                     mine.extend(
                         a.indexes
                             .iter()
-                            .filter(|i| !a.leaving.contains(i))
-                            .map(|i| ReplicaId::new(&a.spec.name, *i)),
+                            .map(|i| (ReplicaId::new(&a.spec.name, *i), !a.leaving.contains(i))),
                     );
                 }
                 let cpu: u64 = specs.iter().map(|r| u64::from(r.cpu_millis)).sum();
                 facts
                     .metrics
                     .set_cpu_utilization(cpu as f64 / f64::from(facts.offer.cpu_millis.max(1)));
-                // The report loop learns what this node owns before the runtime hears of it.
-                if **owned.borrow() != mine {
-                    owned.send_replace(Arc::new(mine));
+                // The report loop learns what this node runs before the runtime hears of it.
+                if **runs.borrow() != mine {
+                    runs.send_replace(Arc::new(mine));
                 }
                 if last.as_ref() != Some(&specs) {
                     if agent.set_desired(specs.clone()).await.is_err() {
@@ -125,16 +124,26 @@ pub async fn agent(
     }
 }
 
-/// Fetches a module from whichever live peer has it, chunk by chunk, checking its size as it
-/// comes and its hash at the end.
+/// Deadline of one module chunk: a 1 MiB chunk crosses a slow home uplink in about a second;
+/// a peer that does not answer in this long is skipped for the next.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Fetches a module from a live peer that has it, chunk by chunk, checking its size as it
+/// comes and its hash at the end. Raft members first: they keep a copy of every module a
+/// workload names, and are the steadiest devices (a worker the pool just lost may still look
+/// alive here for a moment).
 pub async fn fetch_module(api: &Api, hash: &ModuleHash) -> Result<(), String> {
     let facts = api.facts();
     let view = facts.view();
-    for peer in view.alive_except(&facts.name) {
+    let alive: Vec<&NodeName> = view.alive_except(&facts.name).collect();
+    let members = facts.members_to_ask();
+    let mut order: Vec<&NodeName> = members.iter().filter(|m| alive.contains(m)).collect();
+    order.extend(alive.iter().copied().filter(|p| !members.contains(p)));
+    for peer in order {
         let mut bytes = Vec::new();
         loop {
             let req = ModuleChunk { hash: hash.clone(), offset: bytes.len() as u64 };
-            match api.peers().node(peer, req, CALL_TIMEOUT).await {
+            match api.peers().node(peer, req, CHUNK_TIMEOUT).await {
                 Ok(c) if c.total <= MAX_MODULE && c.total > 0 => {
                     let have = bytes.len() as u64;
                     if c.bytes.is_empty() || have.saturating_add(c.bytes.len() as u64) > c.total {
@@ -157,6 +166,10 @@ pub async fn fetch_module(api: &Api, hash: &ModuleHash) -> Result<(), String> {
     Err("no peer has it".into())
 }
 
+/// The replicas a node runs: `true` for its own, `false` for those it hands over (it runs
+/// them until their new host's copy runs, and the new host speaks for them).
+pub type Runs = BTreeMap<ReplicaId, bool>;
+
 /// Longest wait before a report that was not recorded is sent again.
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -169,46 +182,50 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 pub async fn report(
     api: Arc<Api>,
     mut statuses: mpsc::Receiver<Status>,
-    mut owned: watch::Receiver<Arc<BTreeSet<ReplicaId>>>,
+    mut runs: watch::Receiver<Arc<Runs>>,
     cancel: CancellationToken,
 ) {
     let facts = api.facts().clone();
     let mut latest: BTreeMap<ReplicaId, ReplicaStatus> = BTreeMap::new();
     let mut unsent: BTreeSet<ReplicaId> = BTreeSet::new();
-    let mut mine: Arc<BTreeSet<ReplicaId>> = owned.borrow().clone();
+    let mut mine: Arc<Runs> = runs.borrow().clone();
     let mut backoff = REPORT_EVERY;
     let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
-        let take = |s: Status,
-                    latest: &mut BTreeMap<_, _>,
-                    unsent: &mut BTreeSet<_>,
-                    mine: &BTreeSet<ReplicaId>| {
-            let status = ReplicaStatus {
-                node: facts.name.clone(),
-                phase: s.phase.bounded(),
-                restarts: s.restarts,
-                at_ms: now_ms(),
+        let take =
+            |s: Status, latest: &mut BTreeMap<_, _>, unsent: &mut BTreeSet<_>, mine: &Runs| {
+                let status = ReplicaStatus {
+                    node: facts.name.clone(),
+                    phase: s.phase.bounded(),
+                    restarts: s.restarts,
+                    at_ms: now_ms(),
+                };
+                if mine.get(&s.id) == Some(&true) {
+                    unsent.insert(s.id.clone());
+                }
+                latest.insert(s.id, status);
             };
-            if mine.contains(&s.id) {
-                unsent.insert(s.id.clone());
-            }
-            latest.insert(s.id, status);
-        };
         tokio::select! {
             biased;
             () = cancel.cancelled() => break,
-            r = owned.changed() => {
+            r = runs.changed() => {
                 if r.is_err() {
                     break;
                 }
-                let now: Arc<BTreeSet<ReplicaId>> = owned.borrow_and_update().clone();
-                // Newly owned replicas: their last status counts now.
-                unsent.extend(now.difference(&mine).filter(|r| latest.contains_key(*r)).cloned());
-                // Statuses of what it owned until now are kept one change longer (a replica
+                let now: Arc<Runs> = runs.borrow_and_update().clone();
+                // Newly owned replicas (a move reverted to this node): their last status
+                // counts now.
+                unsent.extend(
+                    now.iter()
+                        .filter(|(r, own)| **own && mine.get(*r) != Some(&true))
+                        .filter(|(r, _)| latest.contains_key(*r))
+                        .map(|(r, _)| r.clone()),
+                );
+                // Statuses of what it ran until now are kept one change longer (a replica
                 // being stopped reports its end), then dropped: the map stays as small as
                 // what the node runs.
-                latest.retain(|r, _| now.contains(r) || mine.contains(r));
-                unsent.retain(|r| now.contains(r));
+                latest.retain(|r, _| now.contains_key(r) || mine.contains_key(r));
+                unsent.retain(|r| now.get(r) == Some(&true));
                 mine = now;
             }
             s = statuses.recv() => match s {
