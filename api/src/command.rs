@@ -360,6 +360,14 @@ pub enum CommandError {
         /// The current one.
         current: u64,
     },
+    /// The request is larger than a raft entry may be.
+    #[error("payload too large: {size} bytes, at most {max}")]
+    TooLarge {
+        /// Its encoded size.
+        size: usize,
+        /// The bound.
+        max: usize,
+    },
     /// A bound was reached.
     #[error("too many {what} (at most {max})")]
     TooMany {

@@ -184,7 +184,7 @@ impl From<CommandError> for ApiError {
             CommandError::BadSignature | CommandError::TokenExpired { .. } => {
                 ErrorKind::Unauthorized
             }
-            CommandError::Invalid { .. } => ErrorKind::Invalid,
+            CommandError::Invalid { .. } | CommandError::TooLarge { .. } => ErrorKind::Invalid,
             CommandError::NotFound { .. } => ErrorKind::NotFound,
             CommandError::AlreadyBootstrapped
             | CommandError::TokenUsed { .. }

@@ -154,13 +154,17 @@ impl Transport for MemTransport {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            target.handle(message).await
+            target.handle(&self.me, message).await
         };
         let answer =
             tokio::time::timeout(timeout, exchange).await.map_err(|_| TransportError::Failed {
                 peer: to.peer.to_string(),
                 reason: format!("no answer within {timeout:?}"),
             })?;
+        let answer = answer.map_err(|e| TransportError::Failed {
+            peer: to.peer.to_string(),
+            reason: format!("refused: {e}"),
+        })?;
         if cut_back {
             // The request arrived; the answer is lost on the way back.
             return Err(TransportError::Failed {

@@ -39,6 +39,19 @@ pub enum Message {
     ReadIndex,
 }
 
+impl Message {
+    /// The raft node the message says it comes from: the leader an append or snapshot names,
+    /// the candidate a vote request names. Forwards and read indexes name nobody.
+    pub fn speaks_for(&self) -> Option<NodeId> {
+        match self {
+            Message::Append(r) => r.vote.leader_id().voted_for(),
+            Message::Snapshot(r) => r.vote.leader_id().voted_for(),
+            Message::Vote(r) => r.vote.leader_id().voted_for(),
+            Message::Forward(_) | Message::ReadIndex => None,
+        }
+    }
+}
+
 /// The answer to a [`Message`].
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Answer {

@@ -27,10 +27,14 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::network::{Answer, Message, Network, Transport};
-use crate::state::{Actor, Batch, Command, Request, Response, State};
+use crate::state::{
+    Actor, Batch, Command, CommandError, MAX_ENTRY_BYTES, Request, Response, State,
+};
 use crate::store::{self, LogStore, StateMachineStore};
 use crate::voters::{self, Candidate};
 use crate::{Member, NodeId, TypeConfig, node_id};
+use cloudless_api::UserRequest;
+use cloudless_types::NodeName;
 
 /// Settings of a consensus member.
 #[derive(Clone, Debug)]
@@ -93,6 +97,7 @@ impl Config {
             max_in_snapshot_log_to_keep: self.keep_after_snapshot,
             // Snapshots travel in chunks of at most 1 MiB (the mesh's RPC limit is 4 MiB).
             snapshot_max_chunk_size: 1024 * 1024,
+            max_payload_entries: MAX_PAYLOAD_ENTRIES,
             install_snapshot_timeout: ms(self.rpc_timeout),
             ..openraft::Config::default()
         };
@@ -169,6 +174,90 @@ struct Inner<T: Transport> {
     heard: Arc<Notify>,
     /// Elections held off for good (see [`Consensus::hold_elections`]).
     held: Arc<AtomicBool>,
+    /// The snapshot being received, chunk by chunk.
+    snapshot_chunks: Chunks,
+}
+
+/// Largest snapshot received: far above the state's bounds in practice (100,000 nodes and
+/// 10,000 workloads are tens of MiB), a bound on what a member can make another hold.
+pub const MAX_SNAPSHOT: u64 = 256 * 1024 * 1024;
+
+/// An append carries at most this many entries: each is at most `MAX_ENTRY_BYTES`, and the
+/// mesh carries at most 4 MiB in one message.
+pub const MAX_PAYLOAD_ENTRIES: u64 = 3;
+
+/// Why a message from another member was refused before raft saw it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// It names another node as its sender (an append, snapshot or vote in another's name).
+    #[error("the message speaks for raft node {claims:#x}, not for its sender")]
+    Impostor {
+        /// The node it names.
+        claims: NodeId,
+    },
+    /// A snapshot chunk that does not follow the last one, or goes past the bound.
+    #[error(
+        "snapshot chunk at offset {offset} ({len} bytes) does not follow the {expected} bytes received (at most {MAX_SNAPSHOT})"
+    )]
+    Chunk {
+        /// Its offset.
+        offset: u64,
+        /// Its length.
+        len: usize,
+        /// Where the next chunk should start.
+        expected: u64,
+    },
+}
+
+/// The progress of the snapshot being received: its id, where its last chunk started and
+/// where the next one starts.
+///
+/// openraft writes a chunk wherever its offset says (a seek into an in-memory buffer), so a
+/// chunk far past the end would make this member allocate that much: only a chunk that
+/// starts a snapshot, follows the last one, or resends it (after a lost answer) is let in.
+#[derive(Default)]
+struct Chunks(std::sync::Mutex<Option<(String, u64, u64)>>);
+
+impl Chunks {
+    /// Accepts a chunk that starts a snapshot, follows the last chunk of the same one or
+    /// repeats it, within `MAX_SNAPSHOT`.
+    fn check(&self, id: &str, offset: u64, len: usize, done: bool) -> Result<(), Refused> {
+        let mut progress = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let expected = match &*progress {
+            Some((current, last, _)) if current == id && offset == *last && offset != 0 => *last,
+            Some((current, _, next)) if current == id && offset != 0 => *next,
+            _ => 0,
+        };
+        let end = offset.saturating_add(u64::try_from(len).unwrap_or(u64::MAX));
+        if offset != expected || end > MAX_SNAPSHOT {
+            return Err(Refused::Chunk { offset, len, expected });
+        }
+        *progress = if done { None } else { Some((id.to_string(), offset, end)) };
+        Ok(())
+    }
+}
+
+/// Whether member `caller` may forward `req`: for itself, or for a user whose signed request
+/// travels with it and checks out; never as the system (only the leader proposes that).
+fn forwarded_for(caller: &NodeName, req: &Request, now_ms: u64) -> Result<(), String> {
+    match &req.actor {
+        Actor::System => Err("only the leader proposes as the system".into()),
+        Actor::Node(n) if n == caller => Ok(()),
+        Actor::Node(n) => Err(format!("it may not speak for node {n}")),
+        Actor::User(key) => {
+            let Some(p) = &req.proof else {
+                return Err("a user's request must carry what the user signed".into());
+            };
+            let matches = p.key == *key
+                && p.client == req.client
+                && p.serial == req.serial
+                && p.request == UserRequest::Command(req.command.clone());
+            if !matches {
+                return Err("the signed request does not match the forwarded one".into());
+            }
+            p.verify(now_ms).map_err(|e| e.to_string())
+        }
+    }
 }
 
 /// A member of the raft group. Cheap to clone.
@@ -261,6 +350,7 @@ impl<T: Transport> Consensus<T> {
                 controller: Mutex::new(None),
                 heard,
                 held,
+                snapshot_chunks: Chunks::default(),
             }),
         })
     }
@@ -376,7 +466,14 @@ impl<T: Transport> Consensus<T> {
         let _permit =
             self.inner.inflight.acquire().await.map_err(|e| WriteError::Fatal(e.to_string()))?;
         let serial = self.inner.serial.fetch_add(1, Ordering::SeqCst) + 1;
-        let req = Request { client: self.inner.client, serial, actor, time_ms: now_ms(), command };
+        let req = Request {
+            client: self.inner.client,
+            serial,
+            actor,
+            time_ms: now_ms(),
+            command,
+            proof: None,
+        };
         self.submit(req).await
     }
 
@@ -384,6 +481,11 @@ impl<T: Transport> Consensus<T> {
     /// serial, so a retry through another member is still applied once). Requests submitted
     /// together are committed together (group commit).
     pub async fn submit(&self, req: Request) -> Result<Response, WriteError> {
+        // What cannot replicate is refused up front, not after it stalls the log.
+        let size = crate::state::encoded_len(&req);
+        if size > MAX_ENTRY_BYTES {
+            return Ok(Err(crate::state::CommandError::TooLarge { size, max: MAX_ENTRY_BYTES }));
+        }
         let (reply, rx) = oneshot::channel();
         self.inner
             .queue
@@ -439,8 +541,76 @@ impl<T: Transport> Consensus<T> {
         }
     }
 
-    /// Answers a message from another member.
-    pub async fn handle(&self, message: Message) -> Answer {
+    /// Answers a message from the member `caller` (authenticated by the transport), after
+    /// checking that it speaks only for itself: appends, snapshots and votes must name their
+    /// sender, snapshot chunks must follow each other within `MAX_SNAPSHOT`, and a forwarded
+    /// request is applied only for an actor the sender may speak for (itself, or a user whose
+    /// signed request travels with it; never the system).
+    pub async fn handle(&self, caller: &NodeName, message: Message) -> Result<Answer, Refused> {
+        let from = crate::node_id(caller);
+        if let Some(claims) = message.speaks_for()
+            && claims != from
+        {
+            return Err(Refused::Impostor { claims });
+        }
+        if let Message::Snapshot(r) = &message {
+            self.inner.snapshot_chunks.check(
+                &r.meta.snapshot_id,
+                r.offset,
+                r.data.len(),
+                r.done,
+            )?;
+        }
+        if let Message::Forward(batch) = message {
+            return Ok(self.forwarded(caller, batch).await);
+        }
+        Ok(self.answer(message).await)
+    }
+
+    /// A batch forwarded by member `caller`: the requests it may not make are refused one by
+    /// one (and cost no session), the rest applied together.
+    async fn forwarded(&self, caller: &NodeName, batch: Batch) -> Answer {
+        let now = now_ms();
+        let mut answers: Vec<Option<Response>> = Vec::with_capacity(batch.0.len());
+        let mut allowed = Vec::new();
+        for r in batch.0 {
+            match forwarded_for(caller, &r, now) {
+                Ok(()) => {
+                    answers.push(None);
+                    allowed.push(r);
+                }
+                Err(why) => {
+                    debug!(%caller, why, "a forwarded request was refused");
+                    answers.push(Some(Err(CommandError::Unauthorized {
+                        actor: r.actor.to_string(),
+                        command: format!("{} (forwarded by {caller}: {why})", r.command.name()),
+                    })));
+                }
+            }
+        }
+        let applied = if allowed.is_empty() {
+            Vec::new()
+        } else {
+            match self.answer(Message::Forward(Batch(allowed))).await {
+                Answer::Forward(Ok(resps)) => resps,
+                other => return other,
+            }
+        };
+        let mut applied = applied.into_iter();
+        let mut out = Vec::with_capacity(answers.len());
+        for a in answers {
+            match a {
+                Some(refused) => out.push(refused),
+                None => match applied.next() {
+                    Some(r) => out.push(r),
+                    None => return Answer::Forward(Err("fewer responses than requests".into())),
+                },
+            }
+        }
+        Answer::Forward(Ok(out))
+    }
+
+    async fn answer(&self, message: Message) -> Answer {
         let raft = &self.inner.raft;
         match message {
             Message::Append(r) => {
@@ -582,12 +752,32 @@ struct Pending {
 /// Gathers queued writes into batches and commits them, a few batches at a time.
 async fn batcher<T: Transport>(mut rx: mpsc::Receiver<Pending>, writer: Writer<T>) {
     let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
+    // A request that did not fit the last batch starts the next one.
+    let mut carried: Option<Pending> = None;
+    loop {
+        let first = match carried.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => break,
+            },
+        };
         let Ok(permit) = slots.clone().acquire_owned().await else { break };
+        // One entry stays within MAX_ENTRY_BYTES (each request is checked against it when
+        // submitted), so that an append of MAX_PAYLOAD_ENTRIES fits the mesh.
+        let mut bytes = crate::state::encoded_len(&first.req);
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(p) => {
+                    let size = crate::state::encoded_len(&p.req);
+                    if bytes.saturating_add(size) > MAX_ENTRY_BYTES {
+                        carried = Some(p);
+                        break;
+                    }
+                    bytes = bytes.saturating_add(size);
+                    batch.push(p);
+                }
                 Err(_) => break,
             }
         }
@@ -717,3 +907,6 @@ fn rand_u64(seed: NodeId) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
 }
+
+#[cfg(test)]
+mod tests;

@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use cloudless_api::SignedRequest;
 pub use cloudless_api::command::{
     Change, Command, CommandError, NodeRole, ReplicaStatus, Reply, Role, Schedulable, Settings,
     Token, UserKey,
@@ -105,6 +106,19 @@ pub struct Request {
     pub time_ms: u64,
     /// What to do.
     pub command: Command,
+    /// For a user's command: the request the user signed. A leader that receives the request
+    /// from another member believes the actor only with it (an actor is never taken from
+    /// the wire); the state machine ignores it.
+    pub proof: Option<Box<SignedRequest>>,
+}
+
+/// Largest encoded request: a raft entry holds its requests, and an append carries at most
+/// `MAX_PAYLOAD_ENTRIES` entries inside the mesh's 4 MiB message limit.
+pub const MAX_ENTRY_BYTES: usize = 1024 * 1024;
+
+/// The encoded size of a request (a huge figure when it cannot be encoded, so it is refused).
+pub fn encoded_len(req: &Request) -> usize {
+    postcard::experimental::serialized_size(req).unwrap_or(usize::MAX)
 }
 
 /// Requests proposed together as one raft entry (group commit): one log append and one

@@ -81,7 +81,8 @@ fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, AnyError> {
 /// The encoding of what the store holds (log entries, snapshots, the vote). postcard is not
 /// self-describing, so a store written with another encoding would be misread: it is refused
 /// instead. 2: the api crate's commands, vocabulary newtypes, placement changes with handoffs.
-pub const FORMAT: u32 = 2;
+/// 3: requests carry the user's signed request (the proof a forwarding member must show).
+pub const FORMAT: u32 = 3;
 
 /// Why the raft database could not be opened.
 #[derive(Debug, thiserror::Error)]

@@ -7,16 +7,42 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cloudless_api::{SignedRequest, UserRequest};
 use cloudless_consensus::memnet::{MemNet, MemTransport};
-use cloudless_consensus::state::{Actor, Command, CommandError, Reply, Role, Settings, State};
+use cloudless_consensus::state::{
+    Actor, Command, CommandError, Reply, Request, Role, Settings, State,
+};
 use cloudless_consensus::voters::Candidate;
 use cloudless_consensus::{Candidates, Config, Consensus, Consistency, Member, node_id};
-use cloudless_types::{Image, NodeName, Resources, WorkloadName, WorkloadSpec};
+use cloudless_types::{Image, NodeName, Resources, WorkloadName, WorkloadSpec, now_ms};
+use ed25519_dalek::SigningKey;
 
-const ADMIN: [u8; 32] = [1; 32];
+/// The bootstrap admin's key (the public half goes to `bootstrap`).
+fn admin() -> SigningKey {
+    SigningKey::from_bytes(&[1; 32])
+}
+
+/// A command as the CLI sends it: signed by `user`, with the signature travelling along so
+/// that a follower may forward it (a member never speaks for a user without one).
+fn signed(user: &SigningKey, command: Command) -> Request {
+    static SERIAL: AtomicU64 = AtomicU64::new(0);
+    let serial = SERIAL.fetch_add(1, Ordering::SeqCst) + 1;
+    let (client, time_ms) = (7, now_ms());
+    let proof =
+        SignedRequest::sign(user, client, serial, time_ms, UserRequest::Command(command.clone()));
+    Request {
+        client,
+        serial,
+        actor: Actor::User(user.verifying_key().to_bytes()),
+        time_ms,
+        command,
+        proof: Some(Box::new(proof)),
+    }
+}
 
 fn config() -> Config {
     Config {
@@ -112,7 +138,7 @@ impl Cluster {
             voter_target: None,
             phones_may_vote: false,
         };
-        c.node(0).bootstrap(settings, ADMIN).await.unwrap().unwrap();
+        c.node(0).bootstrap(settings, admin().verifying_key().to_bytes()).await.unwrap().unwrap();
         let want = match n {
             0..=2 => 1,
             3..=6 => 3,
@@ -210,7 +236,7 @@ impl Cluster {
 
     async fn write(&self, via: usize, name: &str) -> Result<Reply, CommandError> {
         self.node(via)
-            .propose(Actor::User(ADMIN), Command::PutWorkload(Box::new(spec(name))))
+            .submit(signed(&admin(), Command::PutWorkload(Box::new(spec(name)))))
             .await
             .unwrap()
     }
@@ -280,7 +306,7 @@ async fn a_minority_partition_cannot_commit_and_the_heal_converges() {
     c.net.partition(&[&peer(l)], &others_ref);
     let minority = c.node(l).clone();
     let stuck = tokio::spawn(async move {
-        minority.propose(Actor::User(ADMIN), Command::PutWorkload(Box::new(spec("minority")))).await
+        minority.submit(signed(&admin(), Command::PutWorkload(Box::new(spec("minority"))))).await
     });
     let majority = (0..3).find(|i| *i != l).unwrap();
     c.write(majority, "majority").await.unwrap();
@@ -396,7 +422,7 @@ async fn bad_commands_are_refused_and_change_nothing() {
     bad.replicas = 50_000;
     let r = c
         .node(follower)
-        .propose(Actor::User(ADMIN), Command::PutWorkload(Box::new(bad)))
+        .submit(signed(&admin(), Command::PutWorkload(Box::new(bad))))
         .await
         .unwrap();
     assert!(
@@ -405,19 +431,19 @@ async fn bad_commands_are_refused_and_change_nothing() {
     );
     let r = c
         .node(follower)
-        .propose(
-            Actor::User([77; 32]),
+        .submit(signed(
+            &SigningKey::from_bytes(&[77; 32]),
             Command::DeleteWorkload { name: WorkloadName::new("ok").unwrap() },
-        )
+        ))
         .await
         .unwrap();
     assert!(matches!(r, Err(CommandError::Unauthorized { .. })), "{r:?}");
     let r = c
         .node(l)
-        .propose(
-            Actor::User(ADMIN),
+        .submit(signed(
+            &admin(),
             Command::PutUser { key: [5; 32], name: "\u{7}".into(), role: Role::Viewer },
-        )
+        ))
         .await
         .unwrap();
     assert!(matches!(r, Err(CommandError::Invalid { .. })), "{r:?}");
@@ -468,4 +494,74 @@ async fn linearizable_reads_through_followers_see_acknowledged_writes() {
     }
     let stale = c.workloads(f, Consistency::Stale).await;
     assert!(stale.len() <= 10);
+}
+
+/// A member speaks only for itself: votes and appends in another's name, writes as the
+/// system, for another node or for a user without the user's signature, and snapshot chunks
+/// far past what was received are refused before raft sees them; the group carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_speak_only_for_themselves() {
+    use cloudless_consensus::node::Refused;
+    use cloudless_consensus::{Answer, Message};
+    use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+    use openraft::{SnapshotMeta, StoredMembership, Vote};
+
+    let c = Cluster::start(3).await;
+    let (l, _) = c.wait_leader(Duration::from_secs(10)).await;
+    let f = (0..3).find(|i| *i != l).unwrap();
+    let o = (0..3).find(|i| *i != l && *i != f).unwrap();
+    let term = c.node(l).raft().metrics().borrow().current_term;
+    let (bad, o_id, l_id) = (peer(f), c.node(o).id(), c.node(l).id());
+
+    // An election in o's name at a far higher term would depose the leader.
+    let vote = VoteRequest::new(Vote::new(term + 100, o_id), None);
+    let r = c.node(l).handle(&bad, Message::Vote(vote)).await;
+    assert_eq!(r.unwrap_err(), Refused::Impostor { claims: o_id });
+    // Appends in the leader's name would overwrite o's log.
+    let append = AppendEntriesRequest {
+        vote: Vote::new_committed(term + 100, l_id),
+        prev_log_id: None,
+        entries: Vec::new(),
+        leader_commit: None,
+    };
+    let r = c.node(o).handle(&bad, Message::Append(append)).await;
+    assert!(matches!(r, Err(Refused::Impostor { .. })), "{r:?}");
+    // A chunk a terabyte into a snapshot, in the sender's own name.
+    let chunk = InstallSnapshotRequest {
+        vote: Vote::new_committed(term, c.node(f).id()),
+        meta: SnapshotMeta {
+            last_log_id: None,
+            last_membership: StoredMembership::default(),
+            snapshot_id: "huge".into(),
+        },
+        offset: 1 << 40,
+        data: vec![0; 16],
+        done: false,
+    };
+    let r = c.node(o).handle(&bad, Message::Snapshot(chunk)).await;
+    assert!(matches!(r, Err(Refused::Chunk { .. })), "{r:?}");
+    assert_eq!(c.node(l).raft().metrics().borrow().current_term, term, "nobody was deposed");
+
+    // Forwarded writes it may not make, each refused on its own.
+    let before = c.node(l).read(Consistency::Linearizable, Clone::clone).await.unwrap();
+    let eve = Command::PutUser { key: [4; 32], name: "eve".into(), role: Role::Admin };
+    let mut unsigned = signed(&admin(), eve.clone());
+    unsigned.proof = None;
+    let mut system = signed(&admin(), eve.clone());
+    system.actor = Actor::System;
+    let mut other = signed(&admin(), Command::Report(Vec::new()));
+    other.actor = Actor::Node(peer(o));
+    let ok = signed(&admin(), Command::PutWorkload(Box::new(spec("forwarded"))));
+    let batch = cloudless_consensus::state::Batch(vec![unsigned, system, other, ok]);
+    let r = c.node(l).handle(&bad, Message::Forward(batch)).await.unwrap();
+    let Answer::Forward(Ok(replies)) = r else { panic!("{r:?}") };
+    assert_eq!(replies.len(), 4);
+    for refused in &replies[..3] {
+        assert!(matches!(refused, Err(CommandError::Unauthorized { .. })), "{refused:?}");
+    }
+    assert!(replies[3].is_ok(), "{:?}", replies[3]);
+    let after = c.node(l).read(Consistency::Linearizable, Clone::clone).await.unwrap();
+    assert_eq!(after.users(), before.users());
+    assert!(after.workloads().contains_key("forwarded"));
+    c.write(f, "still-writing").await.unwrap();
 }

@@ -39,6 +39,17 @@ fn report(i: u64) -> Command {
     Command::Report(vec![(ReplicaId::new(&none, 0), status)])
 }
 
+/// A workload put, as a user's CLI sends it: signed, so a follower may forward it.
+fn put(i: u64) -> cloudless_consensus::state::Request {
+    let spec = cloudless_types::WorkloadSpec::new(
+        WorkloadName::new(format!("w{i}")).unwrap_or_else(|_| unreachable!("a valid name")),
+        cloudless_types::Image::Container("busybox:1".into()),
+        cloudless_types::Resources { cpu_millis: 100, memory_mib: 64, disk_mib: 0, gpus: 0 },
+        1,
+    );
+    common::signed(Command::PutWorkload(Box::new(spec)))
+}
+
 fn main() {
     let _ = tracing_subscriber::fmt()
         // Quiet unless asked: the restarted members' refused RPCs are expected noise here.
@@ -126,13 +137,14 @@ async fn run() {
         pct(&mut lat, 0.99)
     );
 
-    // Forwarded writes: through a follower.
+    // Forwarded writes: through a follower, signed as users send them (a member forwards a
+    // user's command only with its signature, which the leader checks).
     let f = (0..3).find(|i| *i != l).expect("follower");
     let follower = g.node(f).clone();
     let mut lat = Vec::new();
     for i in 0..200 {
         let t = Instant::now();
-        follower.propose(Actor::System, report(i)).await.expect("write").expect("applied");
+        follower.submit(put(i)).await.expect("write").expect("applied");
         lat.push(t.elapsed());
     }
     println!(
@@ -156,10 +168,7 @@ async fn run() {
         let t = Instant::now();
         g.kill(l).await;
         // Time until a write through a survivor commits under a new leader.
-        s.propose(Actor::System, report(round))
-            .await
-            .expect("write after failover")
-            .expect("applied");
+        s.submit(put(round)).await.expect("write after failover").expect("applied");
         fail.push(t.elapsed());
         if std::env::var_os("VERBOSE").is_some() {
             let m = s.raft().metrics().borrow().clone();

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use cloudless_consensus::state::{Actor, Command};
+use cloudless_consensus::state::Command;
 use cloudless_consensus::{Config, Consistency};
 use cloudless_types::{Image, Resources, WorkloadSpec};
 use common::Group;
@@ -39,7 +39,7 @@ async fn raft_over_the_mesh_fails_over_and_keeps_writing() {
     for i in 0..10 {
         let r = g
             .node(f)
-            .propose(Actor::User([1; 32]), Command::PutWorkload(Box::new(spec(&format!("w{i}")))))
+            .submit(common::signed(Command::PutWorkload(Box::new(spec(&format!("w{i}"))))))
             .await;
         assert!(r.expect("write").is_ok());
     }
@@ -54,10 +54,8 @@ async fn raft_over_the_mesh_fails_over_and_keeps_writing() {
     };
     eprintln!("new leader over the mesh after {:?}", start.elapsed());
     let other = (0..3).find(|i| *i != l && *i != new).unwrap();
-    let r = g
-        .node(other)
-        .propose(Actor::User([1; 32]), Command::PutWorkload(Box::new(spec("after"))))
-        .await;
+    let r =
+        g.node(other).submit(common::signed(Command::PutWorkload(Box::new(spec("after"))))).await;
     assert!(r.expect("write after failover").is_ok());
     let names =
         g.node(other).read(Consistency::Linearizable, |s| s.workloads().len()).await.unwrap();

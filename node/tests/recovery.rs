@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cloudless_consensus::memnet::{MemNet, MemTransport};
-use cloudless_consensus::state::{Actor, Command, Settings};
+use cloudless_consensus::state::{Command, Settings};
 use cloudless_consensus::{Config, Consensus, Consistency, Member};
 use cloudless_mesh::identity;
 use cloudless_node::recovery::{self, RAFT_DIR, RecoverError};
@@ -78,9 +78,13 @@ async fn recover_refuses_what_is_not_a_stopped_voter_and_rebuilds_from_a_survivo
         voter_target: None,
         phones_may_vote: false,
     };
-    nodes[0].bootstrap(settings, [1; 32]).await.unwrap().unwrap();
+    nodes[0]
+        .bootstrap(settings, common::admin().verifying_key().to_bytes())
+        .await
+        .unwrap()
+        .unwrap();
     until("three voters", async || nodes[0].voters().len() == 3).await;
-    nodes[1].propose(Actor::System, workload("kept")).await.unwrap().unwrap();
+    nodes[1].submit(common::signed(workload("kept"))).await.unwrap().unwrap();
     let survivor = 2;
     until("the survivor applied the write", async || {
         nodes[survivor]
@@ -144,6 +148,6 @@ async fn recover_refuses_what_is_not_a_stopped_voter_and_rebuilds_from_a_survivo
     assert_eq!(c.voters().len(), 1);
     let kept = c.read(Consistency::Linearizable, |s| s.workloads().contains_key("kept")).await;
     assert!(kept.unwrap(), "the committed write survived recovery");
-    c.propose(Actor::System, workload("after")).await.unwrap().unwrap();
+    c.submit(common::signed(workload("after"))).await.unwrap().unwrap();
     c.shutdown().await;
 }

@@ -43,7 +43,14 @@ struct Client {
 impl Client {
     fn req(&mut self, actor: Actor, command: Command) -> Request {
         self.serial += 1;
-        Request { client: self.id, serial: self.serial, actor, time_ms: 1_000, command }
+        Request {
+            client: self.id,
+            serial: self.serial,
+            actor,
+            time_ms: 1_000,
+            command,
+            proof: None,
+        }
     }
 }
 

@@ -74,6 +74,7 @@ impl Api {
             actor: Actor::Node(caller.clone()),
             time_ms: now_ms(),
             command: command.clone(),
+            proof: None,
         };
         match self.facts.consensus.read(Consistency::Stale, |s| s.precheck(&check)).await {
             Ok(Err(e)) => return Err(e.into()),

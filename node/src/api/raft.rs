@@ -60,8 +60,13 @@ async fn handle(facts: &Facts, inbound: InboundRequest) {
         ));
         return;
     }
-    let answer = facts.consensus.handle(message).await;
-    inbound.respond::<RaftService>(&answer);
+    match facts.consensus.handle(&caller, message).await {
+        Ok(answer) => inbound.respond::<RaftService>(&answer),
+        Err(e) => {
+            debug!(peer = %caller, error = %e, "raft message refused");
+            inbound.fail(RemoteError::new(RemoteErrorKind::Unauthorized, e.to_string()));
+        }
+    }
 }
 
 /// Serves raft messages until `cancel`; then lets the ones in progress finish.

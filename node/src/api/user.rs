@@ -155,6 +155,8 @@ impl Api {
             actor: Actor::User(signed.key),
             time_ms: now_ms(),
             command,
+            // The leader believes the user only with what the user signed.
+            proof: Some(Box::new(signed.clone())),
         };
         match self.facts.consensus.submit(request).await {
             Ok(Ok(reply)) => Ok(reply),

@@ -90,6 +90,7 @@ pub async fn run(
                         actor: Actor::System,
                         time_ms: cloudless_types::now_ms(),
                         command: c.clone(),
+                        proof: None,
                     };
                     s.precheck(&req).err()
                 });

@@ -61,7 +61,8 @@ impl Pool {
 
     fn apply(&mut self, actor: Actor, command: Command) {
         self.serial += 1;
-        let req = Request { client: 1, serial: self.serial, actor, time_ms: 1_000, command };
+        let req =
+            Request { client: 1, serial: self.serial, actor, time_ms: 1_000, command, proof: None };
         self.state.apply(&req).unwrap();
     }
 
@@ -436,7 +437,14 @@ proptest! {
             let r = round(&p.state, view, &sched, p.now);
             if let Some(c) = r.command.clone() {
                 p.serial += 1;
-                let req = Request { client: 1, serial: p.serial, actor: Actor::System, time_ms: 1_000, command: c };
+                let req = Request {
+                    client: 1,
+                    serial: p.serial,
+                    actor: Actor::System,
+                    time_ms: 1_000,
+                    command: c,
+                    proof: None,
+                };
                 let applied = p.state.apply(&req);
                 assert!(applied.is_ok(), "the round's command was refused: {applied:?}\n{:?}", req.command);
             }

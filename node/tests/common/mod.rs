@@ -6,13 +6,38 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cloudless_consensus::state::{Settings, State};
+use cloudless_api::{SignedRequest, UserRequest};
+use cloudless_consensus::state::{Actor, Command, Request, Settings, State};
 use cloudless_consensus::voters::Candidate;
 use cloudless_consensus::{Candidates, Config, Consensus, Member, RaftService, node_id};
 use cloudless_mesh::identity;
 use cloudless_node::transport::MeshTransport;
 use cloudless_testnet::Testnet;
-use cloudless_types::{NodeName, Rpc};
+use cloudless_types::{NodeName, Rpc, now_ms};
+use ed25519_dalek::SigningKey;
+
+/// The groups' admin (its public half is bootstrapped as the first user).
+pub fn admin() -> SigningKey {
+    SigningKey::from_bytes(&[1; 32])
+}
+
+/// `command` as the CLI sends it: signed by the admin, with the signature travelling along so
+/// a follower may forward it.
+pub fn signed(command: Command) -> Request {
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    let (client, time_ms, user) = (7, now_ms(), admin());
+    let proof =
+        SignedRequest::sign(&user, client, serial, time_ms, UserRequest::Command(command.clone()));
+    Request {
+        client,
+        serial,
+        actor: Actor::User(user.verifying_key().to_bytes()),
+        time_ms,
+        command,
+        proof: Some(Box::new(proof)),
+    }
+}
 
 /// Serves raft messages for `consensus` on `mesh` (every caller admitted: these groups have
 /// no enrollment; the node's own service checks callers against its access table).
@@ -22,11 +47,15 @@ async fn serve_raft(mesh: &cloudless_mesh::Handle, consensus: Consensus<MeshTran
         while let Some(req) = requests.recv().await {
             let consensus = consensus.clone();
             tokio::spawn(async move {
+                let caller = identity::node_name(&req.peer);
                 match req.decode::<RaftService>() {
-                    Ok(m) => {
-                        let answer = consensus.handle(m).await;
-                        req.respond::<RaftService>(&answer);
-                    }
+                    Ok(m) => match consensus.handle(&caller, m).await {
+                        Ok(answer) => req.respond::<RaftService>(&answer),
+                        Err(e) => req.fail(cloudless_mesh::rpc::RemoteError::new(
+                            cloudless_mesh::rpc::RemoteErrorKind::Unauthorized,
+                            e.to_string(),
+                        )),
+                    },
                     Err(e) => req.fail(e),
                 }
             });
@@ -84,7 +113,7 @@ impl Group {
             voter_target: None,
             phones_may_vote: false,
         };
-        g.node(0).bootstrap(settings, [1; 32]).await.unwrap().unwrap();
+        g.node(0).bootstrap(settings, admin().verifying_key().to_bytes()).await.unwrap().unwrap();
         let want = if n >= 3 { 3 } else { 1 };
         let start = Instant::now();
         while g.leader().is_none_or(|l| g.node(l).voters().len() != want) {
