@@ -19,6 +19,7 @@
 //! sees the other side vanish, as with a real network split. Dropping every node's task when
 //! the testnet is dropped leaves no task or socket behind.
 
+pub mod hostile;
 pub mod procs;
 pub mod report;
 

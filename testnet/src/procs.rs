@@ -357,13 +357,27 @@ impl Procs {
         }
     }
 
+    /// Whether node `i`'s process has exited (crashed) since it was started.
+    pub fn exited(&mut self, i: usize) -> bool {
+        self.nodes[i].child.as_mut().is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
     /// Resident memory of node `i`, in KiB (Linux).
     pub fn rss_kib(&self, i: usize) -> Option<u64> {
+        self.status_kib(i, "VmRSS:")
+    }
+
+    /// The most resident memory node `i` has had since it started, in KiB (Linux).
+    pub fn peak_rss_kib(&self, i: usize) -> Option<u64> {
+        self.status_kib(i, "VmHWM:")
+    }
+
+    fn status_kib(&self, i: usize, field: &str) -> Option<u64> {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.nodes[i].pid()?)).ok()?;
         status
             .lines()
-            .find(|l| l.starts_with("VmRSS:"))
+            .find(|l| l.starts_with(field))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse().ok())
     }
