@@ -237,12 +237,17 @@ impl Chunks {
     }
 }
 
-/// Whether member `caller` may forward `req`: for itself, or for a user whose signed request
-/// travels with it and checks out; never as the system (only the leader proposes that).
+/// Whether member `caller` may forward `req`: for itself, for a user whose signed request
+/// travels with it and checks out, or an enrollment (its token is the credential); never as
+/// the system (only the leader proposes that) and never another node's own command (a node
+/// sends those to the leader, which takes the actor from the connection).
 fn forwarded_for(caller: &NodeName, req: &Request, now_ms: u64) -> Result<(), String> {
     match &req.actor {
         Actor::System => Err("only the leader proposes as the system".into()),
         Actor::Node(n) if n == caller => Ok(()),
+        // An enrollment's credential is its root-signed token (the state machine checks it,
+        // and that the actor is the device or an enrolled node relaying for it).
+        Actor::Node(_) if matches!(req.command, Command::Enroll { .. }) => Ok(()),
         Actor::Node(n) => Err(format!("it may not speak for node {n}")),
         Actor::User(key) => {
             let Some(p) = &req.proof else {

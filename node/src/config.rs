@@ -204,6 +204,14 @@ fn addrs(key: &str, v: &[String]) -> Result<Vec<Multiaddr>, ConfigError> {
         .collect()
 }
 
+/// The peer an address names (its `/p2p/<id>`), if it names one.
+pub fn peer_in(addr: &Multiaddr) -> Option<libp2p::PeerId> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
 impl NodeConfig {
     /// Resolves `file` (already overlaid with environment and flags) for `data_dir`.
     pub fn resolve(data_dir: &Path, file: &FileConfig) -> Result<NodeConfig, ConfigError> {
@@ -218,6 +226,14 @@ impl NodeConfig {
             )?,
         };
         let bootstrap = addrs("bootstrap", file.bootstrap.as_deref().unwrap_or_default())?;
+        // A bootstrap peer is believed about the cluster until this node learns its members,
+        // so it must be named, not just addressed.
+        if let Some(i) = bootstrap.iter().position(|a| peer_in(a).is_none()) {
+            return Err(invalid(
+                &format!("bootstrap[{i}]"),
+                format!("{} must end in /p2p/<peer id> (the peer this node trusts)", bootstrap[i]),
+            ));
+        }
         let relay = match file.relay.as_deref().unwrap_or("auto") {
             "auto" => RelayMode::Auto,
             "always" => RelayMode::Always,

@@ -169,7 +169,15 @@ impl Daemon {
         wasi_config.max_memory_mib = config.offer.memory_mib.clamp(16, 4096);
         let wasi = WasiDriver::new(wasi_config)?;
         let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
-        let (group_tx, group_rx) = watch::channel(Arc::new(Group::default()));
+        let group_file = data_dir.join(crate::facts::GROUP_FILE);
+        let (group_tx, group_rx) = watch::channel(Arc::new(Group::load(&group_file)));
+        let bootstrap = config
+            .mesh
+            .bootstrap
+            .iter()
+            .filter_map(crate::config::peer_in)
+            .map(|p| identity::node_name(&p))
+            .collect();
         let (why_tx, why_rx) = watch::channel(Arc::new(Unschedulable::new()));
         let facts = Arc::new(Facts {
             me,
@@ -184,6 +192,7 @@ impl Daemon {
             gate,
             view: view_rx.clone(),
             group: group_rx,
+            bootstrap,
             unschedulable: why_rx,
         });
         consensus.start_controller(Arc::new(Voters(view_rx))).await;
@@ -208,7 +217,13 @@ impl Daemon {
         };
         spawn(Box::pin(loops::view::run(facts.clone(), events, view_tx, cancel.clone())));
         spawn(Box::pin(loops::view::gauges(facts.clone(), cancel.clone())));
-        spawn(Box::pin(loops::gatekeeper::run(api.clone(), gate_writer, group_tx, cancel.clone())));
+        spawn(Box::pin(loops::gatekeeper::run(
+            api.clone(),
+            gate_writer,
+            group_tx,
+            group_file,
+            cancel.clone(),
+        )));
         spawn(Box::pin(loops::placer::run(api.clone(), why_tx, cancel.clone())));
         let (runs_tx, runs_rx) = watch::channel(Arc::new(loops::worker::Runs::new()));
         spawn(Box::pin(loops::worker::agent(api.clone(), agent, nudges, runs_tx, cancel.clone())));

@@ -7,7 +7,14 @@
 //!   gate (EnrollGate)           loops::gatekeeper (GateWriter)    mesh, api
 //!   unschedulable               loops::placer                     api reads
 //!   raft state                  consensus (raft)                  everyone, through read()
+//!   bootstrap                   the settings (invite, operator)   peers (whom to believe)
 //! ```
+//!
+//! Whom this node believes about the cluster (its members, who is enrolled, what to run):
+//! the raft members it learned from a member (persisted in `group` so a restart keeps them),
+//! its own raft membership while it trusts its state, and its bootstrap peers (the addresses
+//! sealed into its invite by the root key, or given by the operator). Nobody else: a peer
+//! that merely connects (mDNS, an inbound dial) is never asked.
 //!
 //! Everything else here (the mesh handle, the raft member, the drivers, the scheduler, the
 //! metrics) is a handle whose own type arbitrates access.
@@ -33,12 +40,42 @@ use crate::view::View;
 pub type Unschedulable = BTreeMap<WorkloadName, String>;
 
 /// The raft group as this node last learned it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Group {
     /// The voters (whom to ask).
     pub voters: Vec<NodeName>,
     /// The learners (members too).
     pub learners: Vec<NodeName>,
+}
+
+/// The file in the data dir that keeps the last learned group.
+pub const GROUP_FILE: &str = "group";
+/// Most members kept per kind: a group has five voters and a few learners; more in the file
+/// means it is not ours.
+const MAX_GROUP: usize = 64;
+/// Largest group file read.
+const MAX_GROUP_FILE: u64 = 64 * 1024;
+
+impl Group {
+    /// The group saved in `path`, or an empty one when there is none or it is unreadable (it
+    /// is learned again from a bootstrap peer).
+    pub fn load(path: &std::path::Path) -> Group {
+        let read = || -> Option<Group> {
+            let f = std::fs::File::open(path).ok()?;
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_GROUP_FILE), &mut bytes)
+                .ok()?;
+            let g: Group = postcard::from_bytes(&bytes).ok()?;
+            (g.voters.len() <= MAX_GROUP && g.learners.len() <= MAX_GROUP).then_some(g)
+        };
+        read().unwrap_or_default()
+    }
+
+    /// Saves the group in `path` (written aside, synced, then renamed over the old one).
+    pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let bytes = postcard::to_allocvec(self).map_err(std::io::Error::other)?;
+        crate::files::write_synced(path, &bytes)
+    }
 }
 
 /// What every part of the node may read.
@@ -67,6 +104,9 @@ pub struct Facts {
     pub view: watch::Receiver<Arc<View>>,
     /// The raft group as last learned (the gatekeeper publishes it).
     pub group: watch::Receiver<Arc<Group>>,
+    /// The peers this node was told to join through (sealed into its invite, or given by the
+    /// operator): believed about the cluster like members, after the members it learned.
+    pub bootstrap: Vec<NodeName>,
     /// Why workloads are not placed (the placer publishes it while it leads).
     pub unschedulable: watch::Receiver<Arc<Unschedulable>>,
 }
@@ -112,6 +152,19 @@ impl Facts {
             }
         }
         out.retain(|m| *m != self.name);
+        out
+    }
+
+    /// The peers whose answers about the cluster this node believes, best first: the members
+    /// it knows, then its bootstrap peers (unless committed state revoked them).
+    pub fn trusted_to_ask(&self) -> Vec<NodeName> {
+        let mut out = self.members_to_ask();
+        for b in &self.bootstrap {
+            let revoked = self.gate.is_revoked(&cloudless_mesh::identity::peer_id(b));
+            if *b != self.name && !revoked && !out.contains(b) {
+                out.push(b.clone());
+            }
+        }
         out
     }
 }

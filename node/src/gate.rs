@@ -60,6 +60,11 @@ impl EnrollGate {
         self.known.read().is_ok_and(|k| k.enrolled.contains(peer))
     }
 
+    /// Whether committed state (as last learned) lists `peer` as revoked.
+    pub fn is_revoked(&self, peer: &PeerId) -> bool {
+        self.known.read().is_ok_and(|k| k.revoked.contains(peer))
+    }
+
     /// Whether `peer` is an enrolled, unrevoked node.
     pub fn is_enrolled(&self, peer: &PeerId) -> bool {
         *peer == self.me || self.known.read().is_ok_and(|k| k.enrolled.contains(peer))

@@ -20,6 +20,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod facts;
+pub mod files;
 pub mod gate;
 pub mod http;
 pub mod local;

@@ -297,6 +297,8 @@ async fn join(invite: &str, args: NodeArgs) -> Result<()> {
     }
     let config = NodeConfig::resolve(&args.data_dir, &settings_file).context("invalid settings")?;
     let (node, http) = start(config).await?;
+    // Where it listens is known before it is let in (an operator, or a test, may look).
+    write_addresses(&args.data_dir, &listen_addrs(&node).await)?;
     let started = Instant::now();
     loop {
         match node.enroll(invite.token.clone(), invite.signature.clone()).await {
@@ -389,6 +391,13 @@ fn dialable(addrs: &[Multiaddr]) -> Option<String> {
         .map(|a| a.to_string())
 }
 
+/// Writes where the node listens into its data dir (`addresses`, one per line).
+fn write_addresses(data_dir: &Path, addrs: &[Multiaddr]) -> Result<()> {
+    let list: String = addrs.iter().map(|a| format!("{a}\n")).collect();
+    std::fs::write(data_dir.join(ADDRESSES_FILE), list)
+        .with_context(|| format!("cannot write {}", data_dir.join(ADDRESSES_FILE).display()))
+}
+
 /// Serves until SIGINT or SIGTERM, then leaves the cluster cleanly.
 async fn serve(
     node: Daemon,
@@ -396,9 +405,7 @@ async fn serve(
     data_dir: &Path,
     addrs: &[Multiaddr],
 ) -> Result<()> {
-    let list: String = addrs.iter().map(|a| format!("{a}\n")).collect();
-    std::fs::write(data_dir.join(ADDRESSES_FILE), list)
-        .with_context(|| format!("cannot write {}", data_dir.join(ADDRESSES_FILE).display()))?;
+    write_addresses(data_dir, addrs)?;
     for a in addrs {
         info!(addr = %a, "reachable at");
     }

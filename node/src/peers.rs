@@ -1,12 +1,16 @@
 //! Calls to other nodes' `api` service, typed per call, and the walk to a raft member that
-//! can answer: the voters learned, then the live peers of the view, then whoever this node is
-//! connected to (a device that has just joined knows nobody else), following redirects.
+//! can answer: only peers this node believes (the members it learned, then its bootstrap
+//! peers), following the redirects they give.
 //!
 //! ```text
 //!   call::<C>(peer, request) ──mesh::Handle::call::<api::Service<C>>──▶ peer ──▶ Answer<C>
-//!   ask_member::<C>(request): voters ▸ live peers ▸ connected peers
-//!        each: Ok │ Err(kind) ──redirect──▶ its members first ──▶ next
+//!   ask_member::<C>(request): members learned ▸ bootstrap peers (Facts::trusted_to_ask)
+//!        each: Ok │ Err(kind) ──redirect──▶ the members it names first ──▶ next
 //! ```
+//!
+//! A peer that merely connected (an mDNS neighbour, an inbound dial, a live peer of the
+//! membership) is never asked: its answers (enrolled lists, assignments, "you are enrolled")
+//! would be believed.
 //!
 //! This node never asks itself through here: a node answers its own requests by calling the
 //! handler (`api`), which the loops do when it trusts its own raft state.
@@ -36,6 +40,9 @@ pub const ASK_DEADLINE: Duration = Duration::from_secs(15);
 #[derive(Clone)]
 pub struct Peers {
     facts: Arc<Facts>,
+    /// The believed peer that answered last: asked first next time (it is usually the
+    /// leader, which every kind of request reaches without a redirect).
+    last: Arc<std::sync::Mutex<Option<NodeName>>>,
 }
 
 /// What a transport failure means to a caller of the api.
@@ -65,7 +72,7 @@ pub fn rpc_error(peer: &NodeName, e: RpcError) -> ApiError {
 impl Peers {
     /// Calls through the node's mesh.
     pub fn new(facts: Arc<Facts>) -> Self {
-        Peers { facts }
+        Peers { facts, last: Arc::default() }
     }
 
     fn mesh(&self) -> &Handle {
@@ -96,20 +103,20 @@ impl Peers {
         self.call::<C>(peer, &Request::Node(c.into()), timeout).await
     }
 
-    /// Sends `request` (call `C`) to a raft member: the members this node knows, else any
-    /// live or connected peer (which redirects or relays). Retries nothing that a member
-    /// answered, except redirects.
+    /// Sends `request` (call `C`) to a raft member this node believes (the members it knows,
+    /// then its bootstrap peers, which redirect or relay). Retries nothing that one of them
+    /// answered, except redirects, which only they give.
     pub async fn ask_member<C: Call>(&self, request: &Request) -> Answer<C> {
         let me = &self.facts.name;
         let mut tried: BTreeSet<NodeName> = BTreeSet::new();
-        let mut queue: VecDeque<NodeName> = self.facts.members_to_ask().into();
-        let view = self.facts.view();
-        queue.extend(view.alive_except(me).cloned());
-        // A device that has just joined knows nobody through the membership yet: its bootstrap
-        // connections are the way in.
-        let connected = self.mesh().connected_peers().await.unwrap_or_default();
-        queue.extend(connected.iter().map(identity::node_name));
-        let mut last = ApiError::unavailable("no raft member is reachable");
+        let trusted = self.facts.trusted_to_ask();
+        let last = self.last.lock().ok().and_then(|l| l.clone());
+        let mut queue: VecDeque<NodeName> =
+            last.filter(|l| trusted.contains(l)).into_iter().chain(trusted).collect();
+        let mut last = ApiError::unavailable(
+            "no raft member this node knows is reachable (neither the members it learned nor \
+             its bootstrap peers answer)",
+        );
         let deadline = tokio::time::Instant::now() + ASK_DEADLINE;
         while let Some(peer) = queue.pop_front() {
             if peer == *me || !tried.insert(peer.clone()) {
@@ -127,8 +134,8 @@ impl Peers {
             }
             match self.call::<C>(&peer, request, left.min(CALL_TIMEOUT)).await {
                 Err(e) if e.kind == ErrorKind::Redirect => {
-                    // However long the list a peer sends, a handful of members is all a
-                    // group has.
+                    // Only believed peers are asked, so the members a redirect names come from
+                    // one of them. However long its list, a handful is all a group has.
                     let bound = cloudless_api::error::MAX_REDIRECT;
                     for p in e.redirect.into_iter().take(bound).rev() {
                         queue.push_front(p);
@@ -139,7 +146,12 @@ impl Peers {
                     debug!(%peer, error = %e, "asking the next peer");
                     last = e;
                 }
-                answer => return answer,
+                answer => {
+                    if let Ok(mut l) = self.last.lock() {
+                        *l = Some(peer);
+                    }
+                    return answer;
+                }
             }
         }
         Err(last)

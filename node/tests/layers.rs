@@ -13,6 +13,7 @@ use std::path::Path;
 const LAYERS: &[(&str, u32)] = &[
     ("access", 0),
     ("config", 0),
+    ("files", 0),
     ("gate", 0),
     ("http", 0),
     ("transport", 0),

@@ -123,10 +123,59 @@ impl Hostile {
         self.mesh.handle.request(peer, service, body, CALL_TIMEOUT).await
     }
 
+    /// Serves the `api` service with `answer`, which sees each request and returns the raw
+    /// answer bytes (`None`: refuse it). Returns the count of requests received, by kind
+    /// ([`cloudless_api::Request::kind`]; "undecodable" for bytes that are none).
+    pub async fn serve_api(
+        &self,
+        answer: impl Fn(&Request) -> Option<Vec<u8>> + Send + 'static,
+    ) -> Result<Asked> {
+        let mut requests = self.mesh.handle.serve(cloudless_api::SERVICE, 64).await?;
+        let asked = Asked::default();
+        let seen = asked.clone();
+        tokio::spawn(async move {
+            while let Some(req) = requests.recv().await {
+                let decoded: Option<Request> = postcard::from_bytes(&req.body).ok();
+                let kind = decoded.as_ref().map_or("undecodable", Request::kind);
+                seen.add(kind);
+                match decoded.and_then(|d| answer(&d)) {
+                    Some(bytes) => req.respond_bytes(bytes),
+                    None => req.fail(cloudless_mesh::rpc::RemoteError::new(
+                        cloudless_mesh::rpc::RemoteErrorKind::Failed,
+                        "no".to_string(),
+                    )),
+                }
+            }
+        });
+        Ok(asked)
+    }
+
     /// Stops the peer.
     pub async fn stop(self) {
         let _ = self.mesh.handle.shutdown().await;
         self.mesh.task.abort();
+    }
+}
+
+/// What a hostile peer was asked, by request kind.
+#[derive(Clone, Default)]
+pub struct Asked(Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, usize>>>);
+
+impl Asked {
+    fn add(&self, kind: &'static str) {
+        if let Ok(mut m) = self.0.lock() {
+            *m.entry(kind).or_default() += 1;
+        }
+    }
+
+    /// Requests received, by kind.
+    pub fn counts(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        self.0.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Requests received in all.
+    pub fn total(&self) -> usize {
+        self.counts().values().sum()
     }
 }
 

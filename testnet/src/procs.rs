@@ -167,6 +167,12 @@ impl Procs {
 
     /// Starts `cloudless <args>` as node `i` (a new one, or one that stopped).
     fn spawn_as(&mut self, i: usize, args: &[&str]) -> Result<usize> {
+        self.spawn_waiting(i, args, true)
+    }
+
+    /// Starts `cloudless <args>` as node `i`; waits until it listens and, with `serving`,
+    /// until it serves HTTP (which a node does once it is in the cluster).
+    fn spawn_waiting(&mut self, i: usize, args: &[&str], serving: bool) -> Result<usize> {
         let data_dir = self.dir.join(format!("node-{i}"));
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -198,7 +204,11 @@ impl Procs {
         }
         let (addr, http) = until("the node listens", START_TIMEOUT, || {
             let addr = std::fs::read_to_string(data_dir.join("addresses")).ok()?;
-            let http = std::fs::read_to_string(data_dir.join("http")).ok()?;
+            let http = if serving {
+                std::fs::read_to_string(data_dir.join("http")).ok()?
+            } else {
+                String::new()
+            };
             let addr = addr.lines().next()?.to_string();
             Some((addr, http.trim().to_string()))
         })
@@ -250,6 +260,28 @@ impl Procs {
         })
         .with_context(|| format!("node {i}: see {}", self.log(i).display()))?;
         Ok(i)
+    }
+
+    /// Starts `cloudless join <invite>` as a new node and returns as soon as it listens (it
+    /// may never enroll: the hostile suite's joiners).
+    pub fn start_join(&mut self, invite: &str) -> Result<usize> {
+        self.spawn_waiting(self.nodes.len(), &["join", invite], false)
+    }
+
+    /// Freezes node `i` (SIGSTOP): it holds its address and state but answers nothing.
+    pub fn freeze(&self, i: usize) {
+        self.signal(i, "-STOP");
+    }
+
+    /// Lets a frozen node `i` go on (SIGCONT).
+    pub fn thaw(&self, i: usize) {
+        self.signal(i, "-CONT");
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        if let Some(pid) = self.nodes[i].pid() {
+            let _ = Command::new("kill").arg(signal).arg(pid.to_string()).status();
+        }
     }
 
     /// Starts a node that never enrolled (`cloudless run` pointed at node 0).

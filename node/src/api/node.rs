@@ -84,10 +84,22 @@ impl Api {
         self.propose(caller, command).await
     }
 
-    /// Status changes of replicas `caller` runs.
+    /// Status changes of replicas `caller` runs. Another node's report is proposed by the
+    /// leader only (the actor comes from the caller's authenticated connection, and a
+    /// follower's word for it is not taken); others send it there.
     pub async fn report(&self, caller: &NodeName, r: Report) -> Answer<Report> {
         if !self.facts.trusts_own_state() {
             return Err(self.redirect());
+        }
+        if *caller != self.facts.name && !self.facts.consensus.is_leader() {
+            return Err(match self.facts.consensus.leader() {
+                Some((_, leader)) => ApiError {
+                    kind: cloudless_api::ErrorKind::Redirect,
+                    message: "only the raft leader takes another node's report".into(),
+                    redirect: vec![leader.peer],
+                },
+                None => ApiError::unavailable("no raft leader to take the report now"),
+            });
         }
         self.propose(caller, Command::Report(r.0)).await
     }

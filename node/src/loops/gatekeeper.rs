@@ -6,7 +6,7 @@
 //!                └─ else (every 2 s; every 500 ms while it knows nobody):
 //!                   NodeRequest::Enrolled to a member ──────────────┴▶ GateWriter::set,
 //!                   voters ──▶ watch (peers, api, readiness)        ▶ newly revoked: the mesh
-//!                                                                     closes their connections
+//!                          └─▶ <data>/group (whom to believe after a restart)   closes their connections
 //! ```
 //!
 //! A voter the group replaced while it was down holds off standing for election once the
@@ -39,6 +39,7 @@ pub async fn run(
     api: Arc<Api>,
     gate: GateWriter,
     group: watch::Sender<Arc<Group>>,
+    group_file: std::path::PathBuf,
     cancel: CancellationToken,
 ) {
     let facts = api.facts().clone();
@@ -79,6 +80,10 @@ pub async fn run(
         if let Some(EnrolledList { nodes, revoked, voters, learners }) = lists {
             let learned = Group { voters, learners };
             if !learned.voters.is_empty() && **group.borrow() != learned {
+                // Kept for the next start: whom to believe before anyone answers.
+                if let Err(e) = learned.save(&group_file) {
+                    warn!(file = %group_file.display(), error = %e, "cannot save the raft group");
+                }
                 group.send_replace(Arc::new(learned));
             }
             if gate.set(&nodes, &revoked) {
