@@ -49,7 +49,15 @@ pub fn save(path: &Path, key: &SigningKey) -> Result<(), KeyError> {
             io(e)
         }
     })?;
-    f.write_all(format!("{}\n", hex(&key.to_bytes())).as_bytes()).map_err(io)
+    f.write_all(format!("{}\n", hex(&key.to_bytes())).as_bytes()).map_err(io)?;
+    // Durable before anyone is told it exists (a root key lost in a crash is a lost cluster).
+    f.sync_all().map_err(io)?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Reads the key in `path`.

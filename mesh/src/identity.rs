@@ -61,7 +61,7 @@ pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
             Ok(key)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            fs::create_dir_all(data_dir).map_err(io)?;
+            create_private_dir(data_dir).map_err(io)?;
             let key = Keypair::generate_ed25519();
             let bytes = key.to_protobuf_encoding().map_err(|e| IdentityError::Invalid {
                 path: path.clone(),
@@ -93,7 +93,18 @@ fn check_permissions(_: &Path) -> Result<(), IdentityError> {
     Ok(())
 }
 
-/// Writes `bytes` to a new file readable by the owner only, atomically (temp file + rename).
+/// Creates `dir` (and its parents) if missing, readable by the owner only (0700): it holds the
+/// node's key, its raft log and its workloads' files.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
+}
+
+/// Writes `bytes` to a new file readable by the owner only, atomically (temp file, synced,
+/// renamed, and the directory synced: a crash leaves no key or the whole key).
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut opts = fs::OpenOptions::new();
@@ -106,7 +117,11 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut f = opts.open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
-    fs::rename(&tmp, path)
+    fs::rename(&tmp, path)?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => fs::File::open(dir)?.sync_all(),
+        _ => Ok(()),
+    }
 }
 
 /// The node name of `peer`. `NodeName` accepts exactly the multihashes libp2p accepts as

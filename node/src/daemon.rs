@@ -118,6 +118,10 @@ impl Daemon {
             .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
         let keypair =
             identity::load_or_create(&data_dir).map_err(|e| DaemonError::Mesh(e.into()))?;
+        // The key, the raft log and the workloads' files are the owner's alone.
+        if let Err(e) = crate::files::make_private(&data_dir) {
+            warn!(data_dir = %data_dir.display(), error = %e, "cannot make the data dir private");
+        }
         let me = keypair.public().to_peer_id();
         let (gate, gate_writer) = EnrollGate::new(me);
         // Containers only where an engine answers; WASI everywhere.

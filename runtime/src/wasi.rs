@@ -366,10 +366,21 @@ impl WasiDriver {
         let hash = ModuleHash::of(bytes);
         let path = self.module_path(&hash);
         if !path.exists() {
+            // Synced before it is renamed into place: a module counts as present (and is
+            // served to peers) only whole, also after a crash.
             let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, bytes)
-                .and_then(|()| std::fs::rename(&tmp, &path))
-                .map_err(|e| engine_error(format!("{}: {e}", path.display())))?;
+            let write = || -> std::io::Result<()> {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(bytes)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                match path.parent() {
+                    Some(dir) => std::fs::File::open(dir)?.sync_all(),
+                    None => Ok(()),
+                }
+            };
+            write().map_err(|e| engine_error(format!("{}: {e}", path.display())))?;
         }
         Ok(hash)
     }

@@ -295,3 +295,41 @@ fn a_container_workload_runs_on_a_node_with_an_engine() {
     })
     .unwrap();
 }
+
+/// Copies directory `from` into `to`, recursively.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// A data dir copied elsewhere would be a second node with the first one's identity: it is
+/// refused with what to do instead, while the original starts again where it was; the data
+/// dir and its key are the owner's alone.
+#[test]
+fn a_copied_data_dir_is_refused_and_the_original_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Procs::init(dir.path(), &[]).unwrap();
+    let data = c.nodes[0].data_dir.clone();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data), 0o700, "the data dir is private");
+        assert_eq!(mode(&data.join("identity.key")), 0o600, "the key is private");
+    }
+    c.kill(0);
+    let copy = dir.path().join("copy");
+    copy_dir(&data, &copy);
+    let out = c.cloudless(&["run"], &copy);
+    assert!(!out.ok, "the copy ran: {out:?}");
+    assert!(out.stderr.contains("last ran at") && out.stderr.contains("--moved"), "{out:?}");
+    c.restart(0).unwrap();
+}
