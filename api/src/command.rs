@@ -346,6 +346,12 @@ pub enum CommandError {
         /// When.
         expired_ms: u64,
     },
+    /// The node is enrolled already (enrolling again would reset its roles and cordon).
+    #[error("node {peer} is enrolled already")]
+    AlreadyEnrolled {
+        /// The node.
+        peer: String,
+    },
     /// The token has been used up.
     #[error("the enrollment token has been used {uses} time(s), its limit")]
     TokenUsed {

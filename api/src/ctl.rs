@@ -45,6 +45,11 @@ pub struct CtlConfig {
     pub key: Option<PathBuf>,
     /// The cluster root key, for `token create` (default: `root.key` beside this file).
     pub root_key: Option<PathBuf>,
+    /// The cluster's root public key, hex: what requests are signed for (so they cannot be
+    /// replayed in another cluster). `cloudless init` writes it; otherwise the first contact
+    /// asks the peer and keeps the answer here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
 }
 
 impl CtlConfig {

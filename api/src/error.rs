@@ -188,6 +188,7 @@ impl From<CommandError> for ApiError {
             CommandError::NotFound { .. } => ErrorKind::NotFound,
             CommandError::AlreadyBootstrapped
             | CommandError::TokenUsed { .. }
+            | CommandError::AlreadyEnrolled { .. }
             | CommandError::StaleEpoch { .. }
             | CommandError::TooMany { .. } => ErrorKind::Conflict,
         };

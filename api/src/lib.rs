@@ -59,6 +59,8 @@ pub enum Request {
     User(SignedRequest),
     /// From the calling node itself.
     Node(NodeRequest),
+    /// Which cluster this is (unsigned: a CLI asks it once, to know what to sign for).
+    Cluster(ClusterInfo),
 }
 
 impl Request {
@@ -67,8 +69,26 @@ impl Request {
         match self {
             Request::User(s) => s.request.kind(),
             Request::Node(n) => n.kind(),
+            Request::Cluster(_) => "cluster",
         }
     }
+}
+
+/// [`Request::Cluster`]: which cluster a node belongs to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo;
+
+/// The answer to [`ClusterInfo`]: what every invite already tells (public).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterId {
+    /// The cluster's name.
+    pub name: String,
+    /// Its root public key: what user requests are signed for.
+    pub root_key: UserKey,
+}
+
+impl Call for ClusterInfo {
+    type Reply = ClusterId;
 }
 
 /// One call of the api: a request type and the type of its successful answer.

@@ -152,6 +152,10 @@ pub struct Whoami;
 pub struct SignedRequest {
     /// The user's public key.
     pub key: UserKey,
+    /// The cluster it is meant for: the cluster's root public key. A person keeps one key
+    /// across clusters, so without this a request captured in one could be replayed in
+    /// another; a raft member refuses requests meant for another cluster.
+    pub cluster: UserKey,
     /// The client's session (random per CLI process) and request number: a retry reuses
     /// both, so a command is applied once.
     pub client: u64,
@@ -171,6 +175,11 @@ pub enum SignatureError {
     /// The signature does not match.
     #[error("the request's signature does not match its key and contents")]
     Bad,
+    /// The request was signed for another cluster.
+    #[error(
+        "the request was signed for another cluster (root key {0}…); check the cluster key in ctl.toml"
+    )]
+    OtherCluster(String),
     /// The signer's clock is too far from ours.
     #[error(
         "the request was signed {0} s away from this node's clock (at most {max} s); check the clock",
@@ -181,35 +190,54 @@ pub enum SignatureError {
 
 fn signed_bytes(
     key: &UserKey,
+    cluster: &UserKey,
     client: u64,
     serial: u64,
     time_ms: u64,
     request: &UserRequest,
 ) -> Vec<u8> {
-    postcard::to_allocvec(&(b"cloudless-api-3", key, client, serial, time_ms, request))
+    postcard::to_allocvec(&(b"cloudless-api-4", key, cluster, client, serial, time_ms, request))
         .unwrap_or_default()
 }
 
 impl SignedRequest {
-    /// Signs `request` with `user`.
+    /// Signs `request` with `user`, for the cluster whose root public key is `cluster`.
     pub fn sign(
         user: &SigningKey,
+        cluster: UserKey,
         client: u64,
         serial: u64,
         time_ms: u64,
         request: UserRequest,
     ) -> Self {
         let key = user.verifying_key().to_bytes();
-        let signature =
-            user.sign(&signed_bytes(&key, client, serial, time_ms, &request)).to_bytes().to_vec();
-        SignedRequest { key, client, serial, time_ms, request, signature }
+        let bytes = signed_bytes(&key, &cluster, client, serial, time_ms, &request);
+        let signature = user.sign(&bytes).to_bytes().to_vec();
+        SignedRequest { key, cluster, client, serial, time_ms, request, signature }
     }
 
-    /// Checks the signature and the clock against `now_ms`.
+    /// Checks that the request is meant for the cluster with root public key `root`.
+    pub fn check_cluster(&self, root: &UserKey) -> Result<(), SignatureError> {
+        if self.cluster == *root {
+            Ok(())
+        } else {
+            Err(SignatureError::OtherCluster(cloudless_types::hex(&self.cluster[..8])))
+        }
+    }
+
+    /// Checks the signature and the clock against `now_ms` (not the cluster: see
+    /// [`check_cluster`](Self::check_cluster)).
     pub fn verify(&self, now_ms: u64) -> Result<(), SignatureError> {
         let key = VerifyingKey::from_bytes(&self.key).map_err(|_| SignatureError::Bad)?;
         let sig = Signature::from_slice(&self.signature).map_err(|_| SignatureError::Bad)?;
-        let bytes = signed_bytes(&self.key, self.client, self.serial, self.time_ms, &self.request);
+        let bytes = signed_bytes(
+            &self.key,
+            &self.cluster,
+            self.client,
+            self.serial,
+            self.time_ms,
+            &self.request,
+        );
         key.verify(&bytes, &sig).map_err(|_| SignatureError::Bad)?;
         let skew = now_ms.abs_diff(self.time_ms);
         if skew > CLOCK_SKEW_MS {
@@ -340,7 +368,12 @@ mod tests {
         let user = SigningKey::from_bytes(&[3; 32]);
         let web = WorkloadName::new("web").unwrap();
         let cmd = UserRequest::Command(Command::DeleteWorkload { name: web });
-        let s = SignedRequest::sign(&user, 9, 1, 1_000_000, cmd);
+        let s = SignedRequest::sign(&user, [8; 32], 9, 1, 1_000_000, cmd);
+        s.check_cluster(&[8; 32]).unwrap();
+        assert!(matches!(s.check_cluster(&[9; 32]), Err(SignatureError::OtherCluster(_))));
+        let mut moved = s.clone();
+        moved.cluster = [9; 32];
+        assert_eq!(moved.verify(1_000_000), Err(SignatureError::Bad), "the cluster is signed");
         s.verify(1_000_000).unwrap();
         s.verify(1_000_000 + CLOCK_SKEW_MS).unwrap();
         assert_eq!(s.verify(1_000_000 + CLOCK_SKEW_MS + 1_000), Err(SignatureError::Skew(301)));

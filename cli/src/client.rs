@@ -17,8 +17,8 @@ use cloudless_api::user::{
     WorkloadInfo, Workloads,
 };
 use cloudless_api::{
-    ApiError, CHUNK, Call, Command, ErrorKind, MAX_MODULE, Reply, Request, Role, Schedulable,
-    Service, SignedRequest, UserKey, UserRequest,
+    ApiError, CHUNK, Call, ClusterInfo, Command, ErrorKind, MAX_MODULE, Reply, Request, Role,
+    Schedulable, Service, SignedRequest, UserKey, UserRequest,
 };
 use cloudless_mesh::rpc::{RemoteErrorKind, RpcError};
 use cloudless_mesh::{Handle, Mesh, OpenGate, RelayMode, Role as MeshRole};
@@ -108,13 +108,21 @@ pub struct Client {
     task: tokio::task::JoinHandle<()>,
     peer: PeerId,
     key: SigningKey,
+    /// The cluster's root public key: what requests are signed for.
+    cluster: UserKey,
     session: u64,
     serial: Arc<AtomicU64>,
 }
 
 impl Client {
-    /// Connects to `addr` (which must end in `/p2p/<peer id>`) as the holder of `key`.
-    pub async fn connect(addr: &str, key: SigningKey) -> Result<Client, ClientError> {
+    /// Connects to `addr` (which must end in `/p2p/<peer id>`) as the holder of `key`, to the
+    /// cluster with root public key `cluster` (`None`: whichever the peer says it belongs to;
+    /// [`Client::cluster`] tells which, for the caller to keep).
+    pub async fn connect(
+        addr: &str,
+        key: SigningKey,
+        cluster: Option<UserKey>,
+    ) -> Result<Client, ClientError> {
         let bad = |reason: String| ClientError::Address { addr: addr.to_string(), reason };
         let multiaddr: Multiaddr = addr.parse().map_err(|e| bad(format!("{e}")))?;
         let peer = multiaddr
@@ -152,14 +160,41 @@ impl Client {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let cluster = match cluster {
+            Some(c) => c,
+            None => {
+                let request = Request::Cluster(ClusterInfo);
+                let answer = handle
+                    .call_with_timeout::<Service<ClusterInfo>>(peer, &request, REQUEST_TIMEOUT)
+                    .await
+                    .map_err(|e| transport(&peer, e));
+                match answer {
+                    Ok(Ok(id)) => id.root_key,
+                    Ok(Err(e)) => {
+                        task.abort();
+                        return Err(e.into());
+                    }
+                    Err(e) => {
+                        task.abort();
+                        return Err(e);
+                    }
+                }
+            }
+        };
         Ok(Client {
             mesh: handle,
             task,
             peer,
             key,
+            cluster,
             session: rand::random(),
             serial: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// The root public key of the cluster this client signs for.
+    pub fn cluster(&self) -> UserKey {
+        self.cluster
     }
 
     /// The user's public key.
@@ -170,7 +205,8 @@ impl Client {
     /// Signs and sends call `c`; its answer, typed.
     pub async fn call<C: Call + Into<UserRequest>>(&self, c: C) -> Result<C::Reply, ClientError> {
         let serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
-        let signed = SignedRequest::sign(&self.key, self.session, serial, now_ms(), c.into());
+        let signed =
+            SignedRequest::sign(&self.key, self.cluster, self.session, serial, now_ms(), c.into());
         let request = Request::User(signed);
         let answer = self
             .mesh

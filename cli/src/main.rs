@@ -260,7 +260,26 @@ impl Ctx {
         let key = keys::load(&self.key).context(
             "no user key (create one with `cloudlessctl key create`, then ask an admin to add it)",
         )?;
-        Ok(Client::connect(&peer, key).await?)
+        let cluster = match &self.settings.cluster {
+            Some(hex) => Some(parse_key(hex).with_context(|| {
+                format!(
+                    "cluster in {} is not a root public key",
+                    self.dir.join(config::FILE).display()
+                )
+            })?),
+            None => None,
+        };
+        let client = Client::connect(&peer, key, cluster).await?;
+        if cluster.is_none() {
+            // First contact: keep the cluster this peer belongs to, so requests are signed for
+            // it from now on (a request signed for one cluster is refused by every other).
+            let settings =
+                CtlConfig { cluster: Some(keys::hex(&client.cluster())), ..self.settings.clone() };
+            if let Err(e) = settings.save(&self.dir) {
+                eprintln!("note: cannot keep the cluster key in ctl.toml: {e}");
+            }
+        }
+        Ok(client)
     }
 
     fn print<T: Serialize>(&self, value: &T, table: impl FnOnce(&T) -> String) -> Result<()> {

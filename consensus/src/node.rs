@@ -241,7 +241,12 @@ impl Chunks {
 /// travels with it and checks out, or an enrollment (its token is the credential); never as
 /// the system (only the leader proposes that) and never another node's own command (a node
 /// sends those to the leader, which takes the actor from the connection).
-fn forwarded_for(caller: &NodeName, req: &Request, now_ms: u64) -> Result<(), String> {
+fn forwarded_for(
+    caller: &NodeName,
+    req: &Request,
+    root: Option<&cloudless_api::UserKey>,
+    now_ms: u64,
+) -> Result<(), String> {
     match &req.actor {
         Actor::System => Err("only the leader proposes as the system".into()),
         Actor::Node(n) if n == caller => Ok(()),
@@ -260,6 +265,8 @@ fn forwarded_for(caller: &NodeName, req: &Request, now_ms: u64) -> Result<(), St
             if !matches {
                 return Err("the signed request does not match the forwarded one".into());
             }
+            let root = root.ok_or("the cluster is not bootstrapped")?;
+            p.check_cluster(root).map_err(|e| e.to_string())?;
             p.verify(now_ms).map_err(|e| e.to_string())
         }
     }
@@ -576,10 +583,11 @@ impl<T: Transport> Consensus<T> {
     /// one (and cost no session), the rest applied together.
     async fn forwarded(&self, caller: &NodeName, batch: Batch) -> Answer {
         let now = now_ms();
+        let root = self.inner.sm.read(|s| s.settings().map(|s| s.root_key));
         let mut answers: Vec<Option<Response>> = Vec::with_capacity(batch.0.len());
         let mut allowed = Vec::new();
         for r in batch.0 {
-            match forwarded_for(caller, &r, now) {
+            match forwarded_for(caller, &r, root.as_ref(), now) {
                 Ok(()) => {
                     answers.push(None);
                     allowed.push(r);

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 /// Who makes a request. The node that accepts it establishes this (by checking the request's
 /// signature); the state machine checks what the actor may do.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Actor {
     /// A CLI user, by public key.
     User(UserKey),
@@ -135,8 +135,21 @@ fn invalid(e: InvalidInput) -> CommandError {
     }
 }
 
+/// Longest reason in a refusal: reasons quote what they refuse, and a refusal goes back over
+/// the wire (refusals are not stored: sessions keep only what was applied).
+const MAX_REASON: usize = 512;
+
 fn bad(field: &str, reason: impl Into<String>) -> CommandError {
-    CommandError::Invalid { field: field.into(), reason: reason.into() }
+    let mut reason = reason.into();
+    if reason.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push('…');
+    }
+    CommandError::Invalid { field: field.chars().take(64).collect(), reason }
 }
 
 /// Client sessions remembered for de-duplication; the least recently used is forgotten.
@@ -144,6 +157,10 @@ fn bad(field: &str, reason: impl Into<String>) -> CommandError {
 /// epoch-checked assignments, nonce-checked enrollments); for the others the window below
 /// covers any retry a client makes within its write deadline.
 pub const MAX_SESSIONS: usize = 4096;
+/// Sessions one actor keeps: a session is one CLI process (or one node process), and a person
+/// runs a handful at once. An actor's further sessions push out its own oldest, never
+/// another's, so nobody can flood the table to make someone else's retry apply twice.
+pub const MAX_SESSIONS_PER_ACTOR: usize = 16;
 /// Responses remembered per client, so the requests a client may have in flight at once: a
 /// client must keep fewer than this outstanding (the consensus member does).
 pub const SESSION_WINDOW: usize = 256;
@@ -181,8 +198,10 @@ pub struct State {
     /// Token nonces: uses so far and expiry (expired ones are dropped).
     nonces: BTreeMap<[u8; 16], (u32, u64)>,
     epoch: u64,
-    sessions: BTreeMap<u64, Session>,
-    session_lru: BTreeMap<u64, u64>,
+    /// Sessions by signer and client id: a client id is the signer's own, so another actor
+    /// choosing the same id reaches a different session.
+    sessions: BTreeMap<(Actor, u64), Session>,
+    session_lru: BTreeMap<u64, (Actor, u64)>,
     applied: u64,
 }
 
@@ -195,7 +214,8 @@ impl State {
     /// Applies one request. Never panics and never half-applies.
     pub fn apply(&mut self, req: &Request) -> Response {
         self.applied += 1;
-        if let Some(s) = self.sessions.get(&req.client) {
+        let key = (req.actor.clone(), req.client);
+        if let Some(s) = self.sessions.get(&key) {
             // A retry of something already applied: the same answer, nothing done again.
             if let Some(r) = s.recent.get(&req.serial) {
                 return r.clone();
@@ -211,13 +231,20 @@ impl State {
             }
         }
         let response = self.check(req).map(|()| self.mutate(req));
-        self.remember(req.client, req.serial, response.clone());
+        // A refusal changed nothing, so a retry may be checked afresh: only what was applied
+        // is remembered (refused requests cost no session).
+        if response.is_ok() {
+            self.remember(key, req.serial, response.clone());
+        }
         response
     }
 
-    fn remember(&mut self, client: u64, serial: u64, response: Response) {
+    fn remember(&mut self, key: (Actor, u64), serial: u64, response: Response) {
         let used = self.applied;
-        let session = self.sessions.entry(client).or_insert_with(|| Session {
+        if !self.sessions.contains_key(&key) {
+            self.forget_oldest_of(&key.0);
+        }
+        let session = self.sessions.entry(key.clone()).or_insert_with(|| Session {
             recent: BTreeMap::new(),
             forgotten: 0,
             used,
@@ -231,11 +258,31 @@ impl State {
                 session.forgotten = session.forgotten.max(oldest);
             }
         }
-        self.session_lru.insert(used, client);
+        self.session_lru.insert(used, key);
         while self.sessions.len() > MAX_SESSIONS {
-            let Some((&oldest, &c)) = self.session_lru.iter().next() else { break };
-            self.session_lru.remove(&oldest);
-            self.sessions.remove(&c);
+            let Some((&oldest, _)) = self.session_lru.iter().next() else { break };
+            if let Some(k) = self.session_lru.remove(&oldest) {
+                self.sessions.remove(&k);
+            }
+        }
+    }
+
+    /// Makes room for one more session of `actor`: forgets its least recently used one when
+    /// it has [`MAX_SESSIONS_PER_ACTOR`].
+    fn forget_oldest_of(&mut self, actor: &Actor) {
+        let mine = self.sessions.range((actor.clone(), 0)..=(actor.clone(), u64::MAX));
+        let (count, oldest) = mine.fold((0usize, None::<(u64, u64)>), |(n, o), ((_, c), s)| {
+            let o = match o {
+                Some((used, _)) if used <= s.used => o,
+                _ => Some((s.used, *c)),
+            };
+            (n + 1, o)
+        });
+        if count >= MAX_SESSIONS_PER_ACTOR
+            && let Some((used, client)) = oldest
+        {
+            self.session_lru.remove(&used);
+            self.sessions.remove(&(actor.clone(), client));
         }
     }
 
@@ -331,6 +378,8 @@ impl State {
                     if n.revoked {
                         return Err(unauthorized());
                     }
+                    // Its roles, labels and cordon stay what the admins made them.
+                    return Err(CommandError::AlreadyEnrolled { peer: peer.to_string() });
                 } else if self.nodes.len() >= MAX_NODES {
                     return Err(CommandError::TooMany { what: "nodes".into(), max: MAX_NODES });
                 }

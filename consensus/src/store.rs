@@ -82,7 +82,8 @@ fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, AnyError> {
 /// self-describing, so a store written with another encoding would be misread: it is refused
 /// instead. 2: the api crate's commands, vocabulary newtypes, placement changes with handoffs.
 /// 3: requests carry the user's signed request (the proof a forwarding member must show).
-pub const FORMAT: u32 = 3;
+/// 4: sessions are keyed by signer and client id.
+pub const FORMAT: u32 = 4;
 
 /// Why the raft database could not be opened.
 #[derive(Debug, thiserror::Error)]

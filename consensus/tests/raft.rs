@@ -21,6 +21,9 @@ use cloudless_consensus::{Candidates, Config, Consensus, Consistency, Member, no
 use cloudless_types::{Image, NodeName, Resources, WorkloadName, WorkloadSpec, now_ms};
 use ed25519_dalek::SigningKey;
 
+/// The cluster's root public key (what users sign their requests for).
+const ROOT: [u8; 32] = [9; 32];
+
 /// The bootstrap admin's key (the public half goes to `bootstrap`).
 fn admin() -> SigningKey {
     SigningKey::from_bytes(&[1; 32])
@@ -32,8 +35,14 @@ fn signed(user: &SigningKey, command: Command) -> Request {
     static SERIAL: AtomicU64 = AtomicU64::new(0);
     let serial = SERIAL.fetch_add(1, Ordering::SeqCst) + 1;
     let (client, time_ms) = (7, now_ms());
-    let proof =
-        SignedRequest::sign(user, client, serial, time_ms, UserRequest::Command(command.clone()));
+    let proof = SignedRequest::sign(
+        user,
+        ROOT,
+        client,
+        serial,
+        time_ms,
+        UserRequest::Command(command.clone()),
+    );
     Request {
         client,
         serial,
@@ -134,7 +143,7 @@ impl Cluster {
         }
         let settings = Settings {
             name: "test".into(),
-            root_key: [9; 32],
+            root_key: ROOT,
             voter_target: None,
             phones_may_vote: false,
         };

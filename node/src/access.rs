@@ -8,7 +8,8 @@
 //!        ──check against the caller (authenticated PeerId; signed user key)──▶ handler
 //! ```
 //!
-//! - **Anyone**: nothing today (kept for requests whose own contents are the credential).
+//! - **Anyone**: which cluster this is (its name and root public key, public like an invite),
+//!   so that a CLI knows what to sign its requests for.
 //! - **ItselfOrEnrolled**: the node the request is about, or an enrolled node relaying for it
 //!   (a device enrolls with a token, which is the credential, perhaps through a neighbour).
 //! - **Enrolled**: a node committed state lists as enrolled and not revoked.
@@ -57,6 +58,7 @@ pub enum Incoming<'a> {
 pub fn access(request: Incoming<'_>) -> Access {
     match request {
         Incoming::Api(Request::User(signed)) => user(&signed.request),
+        Incoming::Api(Request::Cluster(_)) => Access::Anyone,
         Incoming::Api(Request::Node(n)) => match n {
             NodeRequest::Enroll(e) => Access::ItselfOrEnrolled { peer: e.peer.clone() },
             NodeRequest::Report(_)
@@ -252,7 +254,7 @@ mod tests {
     }
 
     fn signed(r: UserRequest) -> Request {
-        Request::User(SignedRequest::sign(&SigningKey::from_bytes(&[3; 32]), 1, 1, 1, r))
+        Request::User(SignedRequest::sign(&SigningKey::from_bytes(&[3; 32]), [7; 32], 1, 1, 1, r))
     }
 
     /// Every request kind of every service, with who may send it.
@@ -299,6 +301,7 @@ mod tests {
             signed(UserRequest::Logs(logs)),
             signed(UserRequest::Explain(Explain { name: name() })),
             signed(UserRequest::Whoami(Whoami)),
+            Request::Cluster(cloudless_api::ClusterInfo),
         ];
         api.extend(every_command().into_iter().map(|c| signed(UserRequest::Command(c))));
         // The match makes a new request kind fail to compile until it is listed above.
@@ -324,6 +327,7 @@ mod tests {
                     | UserRequest::Explain(_)
                     | UserRequest::Whoami(_) => {}
                 },
+                Request::Cluster(_) => {}
             }
         }
         let vote = openraft::Vote::new(1, 1);
@@ -370,6 +374,7 @@ mod tests {
                         other => format!("user {}", other.kind()),
                     },
                     Request::Node(n) => format!("node {}", n.kind()),
+                    Request::Cluster(_) => "cluster".to_string(),
                 };
                 (label, access(Incoming::Api(r)))
             })
@@ -397,6 +402,7 @@ mod tests {
             ("user logs", User(Role::Viewer)),
             ("user explain", User(Role::Viewer)),
             ("user whoami", User(Role::Viewer)),
+            ("cluster", Anyone),
             ("user command bootstrap", Nobody),
             ("user command set settings", User(Role::Admin)),
             ("user command enroll", Nobody),

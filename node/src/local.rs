@@ -156,6 +156,7 @@ impl LocalCluster {
         self.serial += 1;
         let signed = SignedRequest::sign(
             &self.admin,
+            self.root.verifying_key().to_bytes(),
             self.client,
             self.serial,
             now_ms(),

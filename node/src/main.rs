@@ -82,6 +82,11 @@ enum Command_ {
     },
     /// Run the node in a data directory.
     Run {
+        /// The data dir was moved here on purpose (the node no longer runs where it was):
+        /// accept its new place. Without it, a data dir that last ran elsewhere is refused,
+        /// since a copy would be a second node with the same identity.
+        #[arg(long)]
+        moved: bool,
         #[command(flatten)]
         node: NodeArgs,
     },
@@ -217,7 +222,7 @@ async fn main() -> Result<()> {
     match cli.command {
         Command_::Init { name, admin_dir, node } => init(name, admin_dir, node.absolute()?).await,
         Command_::Join { invite, node } => join(&invite, node.absolute()?).await,
-        Command_::Run { node } => run(node.absolute()?).await,
+        Command_::Run { moved, node } => run(node.absolute()?, moved).await,
         Command_::Dev { nodes } => dev(nodes).await,
         Command_::Recover { data_dir, majority_is_lost } => recover(&data_dir, majority_is_lost),
     }
@@ -234,8 +239,32 @@ fn fresh(data_dir: &Path) -> Result<()> {
             data_dir.display()
         );
     }
-    std::fs::create_dir_all(data_dir)
+    cloudless_mesh::identity::create_private_dir(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))
+}
+
+/// Refuses a data dir that last ran somewhere else (unless `moved`), and records where it
+/// runs now.
+fn check_place(data_dir: &Path, moved: bool) -> Result<()> {
+    use cloudless_node::files::{Place, Whereabouts};
+    cloudless_mesh::identity::create_private_dir(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let here = Place::here(data_dir);
+    if let Whereabouts::Elsewhere(was) = here.compare(data_dir)
+        && !moved
+    {
+        bail!(
+            "{} last ran at {} on machine {}: a copied data dir is a second node with the \
+             first one's identity, which the pool cannot tell apart from it. If the node no \
+             longer runs there (you moved it), start it with `cloudless run --moved`; to add \
+             another node here, create an invite (`cloudlessctl token create`) and `cloudless \
+             join` it into a fresh data dir",
+            data_dir.display(),
+            was.path.display(),
+            was.machine
+        );
+    }
+    here.record(data_dir).with_context(|| format!("cannot write to {}", data_dir.display()))
 }
 
 async fn init(name: String, admin_dir: Option<PathBuf>, args: NodeArgs) -> Result<()> {
@@ -277,9 +306,11 @@ async fn init(name: String, admin_dir: Option<PathBuf>, args: NodeArgs) -> Resul
     }
     settings_file.save(&args.data_dir.join(FILE))?;
     std::fs::write(args.data_dir.join(CLUSTER_FILE), &name)?;
+    check_place(&args.data_dir, false)?;
     let addrs = listen_addrs(&node).await;
     let peer = dialable(&addrs).with_context(|| "the node listens on no usable address")?;
-    CtlConfig { peer: Some(peer.clone()), key: None, root_key: None }.save(&admin_dir)?;
+    let cluster = Some(keys::hex(&root.verifying_key().to_bytes()));
+    CtlConfig { peer: Some(peer.clone()), key: None, root_key: None, cluster }.save(&admin_dir)?;
     println!("Cluster {name:?} created; this node ({}) is its first voter.", node.peer_id());
     println!("cloudlessctl settings and keys: {} (keep root.key safe)", admin_dir.display());
     println!("  cloudlessctl cluster status");
@@ -323,12 +354,14 @@ async fn join(invite: &str, args: NodeArgs) -> Result<()> {
     }
     settings_file.save(&args.data_dir.join(FILE))?;
     std::fs::write(args.data_dir.join(CLUSTER_FILE), &invite.token.cluster)?;
+    check_place(&args.data_dir, false)?;
     println!("Enrolled in cluster {:?} as {}.", invite.token.cluster, node.peer_id());
     let addrs = listen_addrs(&node).await;
     serve(node, http, &args.data_dir, &addrs).await
 }
 
-async fn run(args: NodeArgs) -> Result<()> {
+async fn run(args: NodeArgs, moved: bool) -> Result<()> {
+    check_place(&args.data_dir, moved)?;
     if !args.data_dir.join(CLUSTER_FILE).exists() {
         warn!(
             data_dir = %args.data_dir.display(),
@@ -495,7 +528,8 @@ async fn dev(n: usize) -> Result<()> {
         .await
         .context("the dev cluster did not form")?;
     let peer = dialable(&listen_addrs(&cluster.nodes[0]).await);
-    CtlConfig { peer, key: None, root_key: None }.save(&ctl)?;
+    let root_key = Some(keys::hex(&cluster.root.verifying_key().to_bytes()));
+    CtlConfig { peer, key: None, root_key: None, cluster: root_key }.save(&ctl)?;
     println!("{n} nodes enrolled and voting after {:.2?}:", started.elapsed());
     for (i, node) in cluster.nodes.iter().enumerate() {
         let role = if node.consensus().is_leader() { "raft leader" } else { "" };

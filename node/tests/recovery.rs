@@ -74,7 +74,7 @@ async fn recover_refuses_what_is_not_a_stopped_voter_and_rebuilds_from_a_survivo
     }
     let settings = Settings {
         name: "t".into(),
-        root_key: [9; 32],
+        root_key: common::ROOT,
         voter_target: None,
         phones_may_vote: false,
     };

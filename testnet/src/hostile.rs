@@ -246,6 +246,18 @@ impl Pool {
         self.procs.index(peer).context("the leader is not one of the pool's nodes")
     }
 
+    /// The cluster's root public key (what user requests are signed for).
+    pub fn root_key(&self) -> Result<[u8; 32]> {
+        let s = self.status()?;
+        let hex = s["root_key"].as_str().context("no root key in the status")?;
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
+            .collect::<Result<_, _>>()
+            .context("the root key is not hex")?;
+        bytes.try_into().map_err(|_| anyhow::anyhow!("the root key is not 32 bytes"))
+    }
+
     /// The current raft term.
     pub fn term(&self) -> Result<u64> {
         self.status()?["term"].as_u64().context("no term in the status")

@@ -115,7 +115,7 @@ pub async fn run(plan: &Plan, module: &[u8], mut out: impl FnMut(String)) -> Res
         Ok(p)
     })?;
     let key = keys::load(&procs.ctl_dir().join("user.key"))?;
-    let client = Client::connect(&procs.nodes[0].addr, key).await?;
+    let client = Client::connect(&procs.nodes[0].addr, key, None).await?;
     let first = NodeName::new(procs.nodes[0].peer.clone())?;
     client.set_schedulable(&first, Schedulable::Cordoned).await?;
     let hash = client.upload(module).await?;

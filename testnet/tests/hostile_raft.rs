@@ -50,8 +50,8 @@ fn eve() -> (SigningKey, Command) {
 }
 
 /// Asserts that `eve` holds no role: the target does not know the key.
-async fn is_no_user(h: &Hostile, target: libp2p::PeerId, eve: &SigningKey) {
-    let who = SignedRequest::sign(eve, 5, 1, now_ms(), UserRequest::Whoami(Whoami));
+async fn is_no_user(h: &Hostile, root: [u8; 32], target: libp2p::PeerId, eve: &SigningKey) {
+    let who = SignedRequest::sign(eve, root, 5, 1, now_ms(), UserRequest::Whoami(Whoami));
     let r = h.api::<Whoami>(target, &cloudless_api::Request::User(who)).await;
     match r {
         Ok(Err(e)) => assert_eq!(e.kind, ErrorKind::Unauthorized, "{e:?}"),
@@ -98,7 +98,7 @@ async fn raft_worker_becomes_admin() {
     });
     assert!(unauthorized(&h.raft(target, &append).await));
 
-    is_no_user(&h, target, &eve).await;
+    is_no_user(&h, p.root_key().unwrap(), target, &eve).await;
     assert_eq!(p.term().unwrap(), term);
     p.keeps_serving().unwrap();
     assert!(p.rss_mib(l).unwrap() < before + RSS_GROWTH_MIB);
@@ -122,6 +122,7 @@ async fn raft_member_speaks_for_others() {
     // A signature by eve, over the command: eve is no user, so the state machine refuses it.
     forged.proof = Some(Box::new(SignedRequest::sign(
         &eve,
+        p.root_key().unwrap(),
         forged.client,
         forged.serial,
         forged.time_ms,
@@ -140,7 +141,7 @@ async fn raft_member_speaks_for_others() {
         assert!(matches!(reply, Err(CommandError::Unauthorized { .. })), "{reply:?}");
     }
 
-    is_no_user(&h, target, &eve).await;
+    is_no_user(&h, p.root_key().unwrap(), target, &eve).await;
     p.keeps_serving().unwrap();
     p.report("raft_member_speaks_for_others", l);
     h.stop().await;

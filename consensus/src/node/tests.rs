@@ -13,6 +13,8 @@ fn n(label: u8) -> NodeName {
 }
 
 const MIB: usize = 1024 * 1024;
+/// The cluster's root public key.
+const ROOT: [u8; 32] = [7; 32];
 
 #[test]
 fn chunks_must_follow_each_other() {
@@ -56,8 +58,14 @@ fn put_user() -> Command {
 
 fn signed_by(user: &SigningKey, command: Command) -> Request {
     let mut r = request(Actor::User(user.verifying_key().to_bytes()), command.clone());
-    let proof =
-        SignedRequest::sign(user, r.client, r.serial, r.time_ms, UserRequest::Command(command));
+    let proof = SignedRequest::sign(
+        user,
+        ROOT,
+        r.client,
+        r.serial,
+        r.time_ms,
+        UserRequest::Command(command),
+    );
     r.proof = Some(Box::new(proof));
     r
 }
@@ -67,17 +75,20 @@ fn a_member_forwards_for_itself_and_signed_users_only() {
     let me = n(1);
     let now = 1_000_000;
     let system = request(Actor::System, put_user());
-    assert!(forwarded_for(&me, &system, now).is_err(), "never as the system");
+    assert!(forwarded_for(&me, &system, Some(&ROOT), now).is_err(), "never as the system");
     let other = request(Actor::Node(n(2)), Command::Report(Vec::new()));
-    assert!(forwarded_for(&me, &other, now).is_err(), "never for another node");
+    assert!(forwarded_for(&me, &other, Some(&ROOT), now).is_err(), "never for another node");
     let itself = request(Actor::Node(me.clone()), Command::Report(Vec::new()));
-    forwarded_for(&me, &itself, now).unwrap();
+    forwarded_for(&me, &itself, Some(&ROOT), now).unwrap();
 
     let alice = SigningKey::from_bytes(&[3; 32]);
     let unsigned = request(Actor::User(alice.verifying_key().to_bytes()), put_user());
-    assert!(forwarded_for(&me, &unsigned, now).is_err(), "a user's command needs its proof");
+    assert!(
+        forwarded_for(&me, &unsigned, Some(&ROOT), now).is_err(),
+        "a user's command needs its proof"
+    );
     let good = signed_by(&alice, put_user());
-    forwarded_for(&me, &good, now).unwrap();
+    forwarded_for(&me, &good, Some(&ROOT), now).unwrap();
 }
 
 #[test]
@@ -89,25 +100,28 @@ fn a_proof_must_be_the_forwarded_request() {
     // The proof of one command cannot carry another.
     let mut swapped = good.clone();
     swapped.command = put_user();
-    assert!(forwarded_for(&me, &swapped, now).is_err());
+    assert!(forwarded_for(&me, &swapped, Some(&ROOT), now).is_err());
     // Nor another session or request number (a replay into someone's session).
     let mut moved = good.clone();
     moved.client = 6;
-    assert!(forwarded_for(&me, &moved, now).is_err());
+    assert!(forwarded_for(&me, &moved, Some(&ROOT), now).is_err());
     let mut renumbered = good.clone();
     renumbered.serial = 10;
-    assert!(forwarded_for(&me, &renumbered, now).is_err());
+    assert!(forwarded_for(&me, &renumbered, Some(&ROOT), now).is_err());
     // Nor another actor.
     let mut borrowed = good.clone();
     borrowed.actor = Actor::User([8; 32]);
-    assert!(forwarded_for(&me, &borrowed, now).is_err());
+    assert!(forwarded_for(&me, &borrowed, Some(&ROOT), now).is_err());
     // A proof whose key was swapped for the actor's no longer verifies.
     let mut forged = good.clone();
     if let Some(p) = forged.proof.as_mut() {
         p.key = [8; 32];
     }
     forged.actor = Actor::User([8; 32]);
-    assert!(forwarded_for(&me, &forged, now).is_err());
+    assert!(forwarded_for(&me, &forged, Some(&ROOT), now).is_err());
+    // A proof signed for another cluster is refused (a replay from there).
+    assert!(forwarded_for(&me, &good, Some(&[9; 32]), now).is_err());
+    assert!(forwarded_for(&me, &good, None, now).is_err());
     // A proof signed long ago is refused (a replay).
-    assert!(forwarded_for(&me, &good, now + 24 * 3600 * 1000).is_err());
+    assert!(forwarded_for(&me, &good, Some(&ROOT), now + 24 * 3600 * 1000).is_err());
 }

@@ -224,6 +224,18 @@ fn enrollment_tokens_are_checked_inside_apply() {
     // Good, twice (max 4... we use 2 of them).
     assert_eq!(s.apply(&enroll(&mut c, t.clone(), sig.clone(), "node-c")), Ok(Reply::Done));
     assert!(s.is_member(&n("node-c")));
+    // Enrolling again (another token, more roles) changes nothing: cordons and roles stay.
+    s.apply(&c.req(
+        Actor::User(ADMIN),
+        Command::SetSchedulable { peer: n("node-c"), schedulable: Schedulable::Draining },
+    ))
+    .unwrap();
+    let before = visible(&s);
+    assert!(matches!(
+        s.apply(&enroll(&mut c, t.clone(), sig.clone(), "node-c")),
+        Err(CommandError::AlreadyEnrolled { .. })
+    ));
+    assert_eq!(visible(&s), before);
     // A revoked node cannot come back with a fresh token.
     s.apply(&c.req(Actor::User(ADMIN), Command::Revoke { peer: n("node-c") })).unwrap();
     assert!(!s.is_member(&n("node-c")));
@@ -446,4 +458,44 @@ proptest! {
             prop_assert!(s.users().values().any(|u| u.role == Role::Admin));
         }
     }
+}
+
+#[test]
+fn sessions_belong_to_their_signer_and_refusals_cost_none() {
+    let (mut s, _) = ready();
+    // The deployer applies a command in its session 42.
+    let put = Command::PutWorkload(Box::new(spec("web", 1)));
+    let mine = Request {
+        client: 42,
+        serial: 1,
+        actor: Actor::User(DEPLOYER),
+        time_ms: 1_000,
+        command: put.clone(),
+        proof: None,
+    };
+    assert_eq!(s.apply(&mine), Ok(Reply::Version(1)));
+    // A viewer floods refused commands, in the same session id and in thousands of others.
+    for client in 0..(MAX_SESSIONS as u64 + 10) {
+        let r = Request { client, serial: 1, actor: Actor::User(VIEWER), ..mine.clone() };
+        assert!(s.apply(&r).is_err());
+    }
+    assert!(!s.sessions.keys().any(|(a, _)| *a == Actor::User(VIEWER)), "refusals cost nothing");
+    // The deployer's retry is still recognised: applied once, same answer.
+    assert_eq!(s.apply(&mine), Ok(Reply::Version(1)));
+    assert_eq!(s.workloads()[&w("web")].version, 1);
+    // The admin's own many sessions push out only its own oldest.
+    for client in 0..(MAX_SESSIONS_PER_ACTOR as u64 * 3) {
+        let r = Request {
+            client: 1_000 + client,
+            serial: 1,
+            actor: Actor::User(ADMIN),
+            command: Command::Scale { name: w("web"), replicas: 1 },
+            ..mine.clone()
+        };
+        s.apply(&r).unwrap();
+    }
+    let admin = s.sessions.keys().filter(|(a, _)| *a == Actor::User(ADMIN)).count();
+    assert_eq!(admin, MAX_SESSIONS_PER_ACTOR);
+    assert!(s.sessions.contains_key(&(Actor::User(DEPLOYER), 42)));
+    assert_eq!(s.apply(&mine), Ok(Reply::Version(1)), "still the same answer");
 }

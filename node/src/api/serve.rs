@@ -5,6 +5,7 @@
 //!   mesh "api" ──InboundRequest──▶ serve (≤ CONCURRENT at once) ──▶ handle
 //!        Request::Node ── caller enrolled / a member (the table) ──▶ node::*
 //!        Request::User ── (signature, role: user::*) ──────────────▶ user::*
+//!        Request::Cluster ── anyone ──▶ the cluster's name and root public key
 //! ```
 
 use std::sync::Arc;
@@ -59,6 +60,9 @@ impl Api {
                 let forwarded =
                     inbound.peer != self.facts.me && self.facts.gate.is_enrolled(&inbound.peer);
                 self.user_request(forwarded, need, signed, inbound).await;
+            }
+            Request::Cluster(c) => {
+                super::reply::<cloudless_api::ClusterInfo>(inbound, self.cluster_id(c).await);
             }
         }
     }

@@ -34,6 +34,22 @@ enum Route {
     Relay,
 }
 
+/// What a workload's environment values read as to a role that may not change the workload.
+pub const HIDDEN: &str = "(hidden: needs the deployer role)";
+
+/// `list` as a user with `role` may see it: environment values (where secrets are passed
+/// today) only for those who may write the workload anyway.
+fn redacted(mut list: Vec<WorkloadInfo>, role: Option<Role>) -> Vec<WorkloadInfo> {
+    if role.is_none_or(|r| r < Role::Deployer) {
+        for w in &mut list {
+            for v in w.spec.env.values_mut() {
+                HIDDEN.clone_into(v);
+            }
+        }
+    }
+    list
+}
+
 /// The first bytes of a user key, to name it in messages.
 fn who(key: &[u8; 32]) -> String {
     format!("{}…", cloudless_types::hex(&key[..8]))
@@ -53,12 +69,17 @@ impl Api {
             // the members, so leaderless members cannot pass a request around in circles.
             return if forwarded { Err(self.redirect()) } else { Ok(Route::Relay) };
         }
-        let role = self
+        let (role, root) = self
             .facts
             .consensus
-            .read(Consistency::Stale, |s| s.user_role(&signed.key))
+            .read(Consistency::Stale, |s| {
+                (s.user_role(&signed.key), s.settings().map(|s| s.root_key))
+            })
             .await
             .map_err(read_error)?;
+        // Signed for this cluster, not replayed from another where the key is known too.
+        let root = root.ok_or_else(|| ApiError::unavailable("the cluster is not bootstrapped"))?;
+        signed.check_cluster(&root).map_err(|e| ApiError::unauthorized(e.to_string()))?;
         match check(need, Caller { role, ..Caller::default() }) {
             Ok(()) => Ok(Route::Here(role)),
             Err(Refusal::Unknown) => Err(ApiError::unauthorized(format!(
@@ -94,9 +115,13 @@ impl Api {
             UserRequest::Upload(u) => reply::<Upload>(inbound, self.upload(key, u)),
             UserRequest::Status(_) => reply::<Status>(inbound, self.status().await),
             UserRequest::Nodes(_) => reply::<Nodes>(inbound, self.nodes().await),
-            UserRequest::Workloads(_) => reply::<Workloads>(inbound, self.workloads(None).await),
+            UserRequest::Workloads(_) => {
+                let list = self.workloads(None).await.map(|l| redacted(l, role));
+                reply::<Workloads>(inbound, list)
+            }
             UserRequest::Workload(g) => {
-                let one = self.workloads(Some(&g.name)).await.and_then(|list| {
+                let list = self.workloads(Some(&g.name)).await.map(|l| redacted(l, role));
+                let one = list.and_then(|list| {
                     list.into_iter()
                         .next()
                         .ok_or_else(|| ApiError::not_found(format!("no workload named {}", g.name)))
@@ -110,6 +135,24 @@ impl Api {
                 role.ok_or_else(|| ApiError::unauthorized("unknown user key")),
             ),
         }
+    }
+
+    /// Which cluster this is: from this node's state, or a member's.
+    pub async fn cluster_id(
+        &self,
+        c: cloudless_api::ClusterInfo,
+    ) -> Answer<cloudless_api::ClusterInfo> {
+        if !self.facts.trusts_own_state() {
+            return self.peers.ask_member::<cloudless_api::ClusterInfo>(&Request::Cluster(c)).await;
+        }
+        let settings = self
+            .facts
+            .consensus
+            .read(Consistency::Stale, |s| s.settings().cloned())
+            .await
+            .map_err(read_error)?;
+        let s = settings.ok_or_else(|| ApiError::unavailable("the cluster is not bootstrapped"))?;
+        Ok(cloudless_api::ClusterId { name: s.name, root_key: s.root_key })
     }
 
     /// Relays `signed` to a raft member and answers with what it answers.
@@ -273,5 +316,40 @@ impl Api {
             .node(&host, l, CALL_TIMEOUT)
             .await
             .map_err(|e| ApiError { message: format!("{host}: {}", e.message), ..e })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use cloudless_types::{Image, Resources, WorkloadSpec};
+
+    use super::*;
+
+    #[test]
+    fn only_deployers_and_admins_read_environment_values() {
+        let mut spec = WorkloadSpec::new(
+            WorkloadName::new("web").unwrap(),
+            Image::Container("busybox:1".into()),
+            Resources { cpu_millis: 1, memory_mib: 1, disk_mib: 0, gpus: 0 },
+            1,
+        );
+        spec.env.insert("TOKEN".into(), "s3cret".into());
+        let info = WorkloadInfo {
+            spec,
+            version: 1,
+            running: 0,
+            replicas: Vec::new(),
+            unschedulable: None,
+        };
+        for role in [None, Some(Role::Viewer)] {
+            let seen = redacted(vec![info.clone()], role);
+            assert_eq!(seen[0].spec.env["TOKEN"], HIDDEN, "{role:?}");
+        }
+        for role in [Role::Deployer, Role::Admin] {
+            let seen = redacted(vec![info.clone()], Some(role));
+            assert_eq!(seen[0].spec.env["TOKEN"], "s3cret");
+        }
     }
 }

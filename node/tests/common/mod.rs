@@ -16,6 +16,9 @@ use cloudless_testnet::Testnet;
 use cloudless_types::{NodeName, Rpc, now_ms};
 use ed25519_dalek::SigningKey;
 
+/// The groups' cluster root public key (what users sign for).
+pub const ROOT: [u8; 32] = [9; 32];
+
 /// The groups' admin (its public half is bootstrapped as the first user).
 pub fn admin() -> SigningKey {
     SigningKey::from_bytes(&[1; 32])
@@ -27,8 +30,14 @@ pub fn signed(command: Command) -> Request {
     static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
     let (client, time_ms, user) = (7, now_ms(), admin());
-    let proof =
-        SignedRequest::sign(&user, client, serial, time_ms, UserRequest::Command(command.clone()));
+    let proof = SignedRequest::sign(
+        &user,
+        ROOT,
+        client,
+        serial,
+        time_ms,
+        UserRequest::Command(command.clone()),
+    );
     Request {
         client,
         serial,
@@ -109,7 +118,7 @@ impl Group {
         }
         let settings = Settings {
             name: "bench".into(),
-            root_key: [9; 32],
+            root_key: ROOT,
             voter_target: None,
             phones_may_vote: false,
         };
