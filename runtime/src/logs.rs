@@ -32,6 +32,9 @@ pub const FILES: usize = 2;
 /// Longest line kept; longer ones are cut (a guest printing without newlines cannot grow the
 /// buffer).
 pub const MAX_LINE: usize = 16 * 1024;
+/// What a line costs in the ring besides its text (the line's own struct, which an empty line
+/// costs too): a guest printing empty lines fills the ring's bytes as fast as any other.
+const LINE_COST: usize = std::mem::size_of::<LogLine>();
 /// Lines a follower may fall behind before it skips ahead.
 const FOLLOW_BUFFER: usize = 1024;
 
@@ -87,13 +90,19 @@ impl LogBook {
         {
             inner.file_bytes += record.len() as u64;
         }
-        inner.ring_bytes += line.text.len();
+        inner.ring_bytes += line.text.len() + LINE_COST;
         inner.ring.push_back(line.clone());
         while inner.ring_bytes > RING_BYTES {
             match inner.ring.pop_front() {
-                Some(old) => inner.ring_bytes -= old.text.len(),
+                Some(old) => {
+                    inner.ring_bytes = inner.ring_bytes.saturating_sub(old.text.len() + LINE_COST)
+                }
                 None => break,
             }
+        }
+        // A VecDeque keeps its largest capacity: give back what a burst of lines left behind.
+        if inner.ring.capacity() > 4 * inner.ring.len().max(64) {
+            inner.ring.shrink_to_fit();
         }
         drop(inner);
         let _ = self.feed.send(line);
@@ -202,6 +211,21 @@ mod tests {
     use super::*;
     use futures::StreamExt;
     use tokio::io::AsyncWriteExt;
+
+    /// Empty lines cost the ring what their struct costs: a million of them keep it within
+    /// its bytes (they used to count as nothing and grow it without bound).
+    #[test]
+    fn empty_lines_cannot_grow_the_ring() {
+        let dir = tempfile::tempdir().unwrap();
+        let book = LogBook::open(&dir.path().join("r.log"));
+        for _ in 0..1_000_000 {
+            book.push(Stream::Stdout, "");
+        }
+        let inner = book.inner.lock().unwrap();
+        assert!(inner.ring_bytes <= RING_BYTES, "{} bytes", inner.ring_bytes);
+        assert!(inner.ring.len() <= RING_BYTES / LINE_COST, "{} lines", inner.ring.len());
+        assert!(inner.ring.capacity() <= 4 * RING_BYTES / LINE_COST, "{}", inner.ring.capacity());
+    }
 
     #[tokio::test]
     async fn lines_are_split_kept_bounded_and_followed() {
