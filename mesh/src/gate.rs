@@ -11,7 +11,13 @@
 //!
 //! After the gate's answers change (a revocation, a test partition), call
 //! `Handle::recheck_gate` so that live connections to peers no longer admitted are closed.
+//!
+//! Strangers (admitted peers that may not use membership: joiners, `cloudlessctl`, anyone)
+//! hold at most [`MAX_STRANGER_CONNECTIONS`] connections together; beyond, a new stranger's
+//! connection is let in and a random older stranger's closed, so a flood of strangers can
+//! neither grow the node nor keep a newcomer out for long. Members are not counted.
 
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -19,8 +25,8 @@ use std::task::{Context, Poll};
 use libp2p::core::Endpoint;
 use libp2p::core::transport::PortUse;
 use libp2p::swarm::{
-    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
-    THandlerOutEvent, ToSwarm, dummy,
+    CloseConnection, ConnectionClosed, ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour,
+    THandler, THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
 };
 use libp2p::{Multiaddr, PeerId};
 
@@ -60,19 +66,49 @@ impl Gate for OpenGate {
     }
 }
 
-/// Enforces [`Gate::admits`] on every connection.
+/// Connections all strangers together may hold. Each costs about half a MiB once every
+/// protocol has set up on it (QUIC state, identify, kad, gossipsub and the stream handlers;
+/// measured by `mesh_stranger_connections`), so 64 stay around 32 MiB; a pool's joiners and
+/// users at one moment are far fewer.
+pub const MAX_STRANGER_CONNECTIONS: usize = 64;
+
+/// Enforces [`Gate::admits`] on every connection, and caps strangers' connections.
 pub struct Behaviour {
     gate: Arc<dyn Gate>,
+    strangers: HashMap<ConnectionId, PeerId>,
+    closing: VecDeque<(PeerId, ConnectionId)>,
 }
 
 impl Behaviour {
     /// A behaviour consulting `gate`.
     pub fn new(gate: Arc<dyn Gate>) -> Self {
-        Behaviour { gate }
+        Behaviour { gate, strangers: HashMap::new(), closing: VecDeque::new() }
     }
 
     fn check(&self, peer: &PeerId) -> Result<(), ConnectionDenied> {
         if self.gate.admits(peer) { Ok(()) } else { Err(ConnectionDenied::new(NotAdmitted(*peer))) }
+    }
+
+    /// Counts a new connection; when strangers hold too many, picks one of theirs to close.
+    fn established(&mut self, id: ConnectionId, peer: PeerId) {
+        if self.gate.allows(&peer, Protocol::Membership) {
+            return;
+        }
+        // Peers enrolled since they connected are members now: no longer counted.
+        let gate = self.gate.clone();
+        self.strangers.retain(|_, p| !gate.allows(p, Protocol::Membership));
+        while self.strangers.len() >= MAX_STRANGER_CONNECTIONS {
+            let pick = rand::random::<u64>() as usize % self.strangers.len();
+            let Some((&victim, &who)) = self.strangers.iter().nth(pick) else { break };
+            self.strangers.remove(&victim);
+            self.closing.push_back((who, victim));
+        }
+        self.strangers.insert(id, peer);
+    }
+
+    /// Stranger connections counted now.
+    pub fn strangers(&self) -> usize {
+        self.strangers.len()
     }
 }
 
@@ -87,12 +123,13 @@ impl NetworkBehaviour for Behaviour {
 
     fn handle_established_inbound_connection(
         &mut self,
-        _: ConnectionId,
+        id: ConnectionId,
         peer: PeerId,
         _: &Multiaddr,
         _: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
         self.check(&peer)?;
+        self.established(id, peer);
         Ok(dummy::ConnectionHandler)
     }
 
@@ -111,17 +148,22 @@ impl NetworkBehaviour for Behaviour {
 
     fn handle_established_outbound_connection(
         &mut self,
-        _: ConnectionId,
+        id: ConnectionId,
         peer: PeerId,
         _: &Multiaddr,
         _: Endpoint,
         _: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
         self.check(&peer)?;
+        self.established(id, peer);
         Ok(dummy::ConnectionHandler)
     }
 
-    fn on_swarm_event(&mut self, _: FromSwarm) {}
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        if let FromSwarm::ConnectionClosed(ConnectionClosed { connection_id, .. }) = event {
+            self.strangers.remove(&connection_id);
+        }
+    }
 
     fn on_connection_handler_event(
         &mut self,
@@ -133,6 +175,12 @@ impl NetworkBehaviour for Behaviour {
     }
 
     fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        Poll::Pending
+        match self.closing.pop_front() {
+            Some((peer_id, id)) => Poll::Ready(ToSwarm::CloseConnection {
+                peer_id,
+                connection: CloseConnection::One(id),
+            }),
+            None => Poll::Pending,
+        }
     }
 }

@@ -26,6 +26,9 @@ use cloudless_mesh::{Mesh, OpenGate};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 
+mod raw;
+pub use raw::{RawPeer, Sent};
+
 /// How long a hostile peer waits for its connection to the target.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// The deadline of one hostile call: generous, since a refusal is what is expected.
@@ -210,8 +213,13 @@ pub const SERVE_DEADLINE: Duration = Duration::from_secs(30);
 impl Pool {
     /// Starts the pool and waits until every node is listed alive.
     pub fn start(voters: usize, workers: usize) -> Result<Pool> {
+        Self::start_with(voters, workers, &[])
+    }
+
+    /// As [`Pool::start`], with `extra` flags for every node (`--relay always`, say).
+    pub fn start_with(voters: usize, workers: usize, extra: &[&str]) -> Result<Pool> {
         let dir = tempfile::tempdir().context("cannot create the pool's dir")?;
-        let mut procs = crate::procs::Procs::init(dir.path(), &[])?;
+        let mut procs = crate::procs::Procs::init(dir.path(), extra)?;
         for _ in 1..voters {
             procs.join()?;
         }
@@ -232,6 +240,12 @@ impl Pool {
         })?;
         let pids = procs.nodes.iter().map(crate::procs::Proc::pid).collect();
         Ok(Pool { procs, pids, dir })
+    }
+
+    /// Node `i`'s address (`/ip4/…/quic-v1/p2p/<id>`) and peer id.
+    pub fn addr(&self, i: usize) -> Result<(Multiaddr, PeerId)> {
+        let addr = &self.procs.nodes.get(i).context("no such node")?.addr;
+        Ok((addr.parse().with_context(|| format!("bad address {addr}"))?, peer_of(addr)?))
     }
 
     /// The cluster status, as `cloudlessctl cluster status` prints it.

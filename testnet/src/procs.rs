@@ -182,7 +182,13 @@ impl Procs {
         cmd.args(args)
             .arg("--data-dir")
             .arg(&data_dir)
-            .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--no-mdns", "--relay", "never"])
+            .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--no-mdns"])
+            // No relay unless the test asks for one (`extra` then says which).
+            .args(if self.extra.iter().any(|a| a == "--relay") {
+                &[][..]
+            } else {
+                &["--relay", "never"]
+            })
             .args(["--http", "127.0.0.1:0", "--zone", &format!("zone-{}", i % 2)])
             .args(&self.extra)
             .env("RUST_BACKTRACE", "0")

@@ -113,7 +113,9 @@ async fn user_session_eviction_replay() {
     // Refused commands from more sessions than the cluster keeps, then valid ones from many.
     let flood = cloudless_consensus::state::MAX_SESSIONS + 100;
     let bad = Command::PutWorkload(Box::new(spec("bad", 50_000)));
-    for chunk in (0..flood).collect::<Vec<_>>().chunks(64) {
+    // In chunks a node takes from one peer at once (more are answered "busy").
+    let at_once = cloudless_mesh::node::MAX_STREAMS_PER_STRANGER;
+    for chunk in (0..flood).collect::<Vec<_>>().chunks(at_once) {
         let sent = chunk.iter().map(|_| {
             let s = signed(&deployer, root, bad.clone());
             let h = &h;

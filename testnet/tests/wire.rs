@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use cloudless_mesh::membership::State;
 use cloudless_mesh::node::{DATAGRAM_PROTOCOL, RPC_PROTOCOL};
+use cloudless_mesh::rpc::{RemoteErrorKind, Reply};
 use cloudless_testnet::{Echo, Testnet, serve_echo};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::request_response::{self, ProtocolSupport};
@@ -114,6 +115,13 @@ async fn send_raw(
     }
 }
 
+/// The kind of the typed refusal in a raw RPC answer, if it is one.
+fn refusal(r: &Result<Vec<u8>, String>) -> Option<RemoteErrorKind> {
+    let bytes = r.as_ref().ok()?;
+    let reply: Reply = postcard::from_bytes(bytes.get(4..)?).ok()?;
+    reply.err().map(|e| e.kind)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_and_malformed_frames_are_refused_without_harm() {
     let net = Testnet::start(2).await.unwrap();
@@ -143,12 +151,12 @@ async fn oversize_and_malformed_frames_are_refused_without_harm() {
     raw.dial(quic).unwrap();
     let peer = b.peer_id();
 
-    // 1 GiB announced, nothing sent: refused on the header.
+    // 1 GiB announced, nothing sent: refused on the header, with a typed answer.
     let r = send_raw(&mut raw, peer, RPC_PROTOCOL, frame(1 << 30, b"x")).await;
-    assert!(r.is_err(), "oversize rpc answered: {r:?}");
-    // Valid length, garbage body.
+    assert_eq!(refusal(&r), Some(RemoteErrorKind::BadRequest), "oversize rpc: {r:?}");
+    // Valid length, garbage body (a service name 255 bytes long).
     let r = send_raw(&mut raw, peer, RPC_PROTOCOL, frame(6, &[0xff; 6])).await;
-    assert!(r.is_err(), "malformed rpc answered: {r:?}");
+    assert_eq!(refusal(&r), Some(RemoteErrorKind::BadRequest), "malformed rpc: {r:?}");
     // A frame whose body is a valid envelope length but truncated.
     let r = send_raw(&mut raw, peer, RPC_PROTOCOL, frame(100, &[1, 2, 3])).await;
     assert!(r.is_err(), "truncated rpc answered: {r:?}");

@@ -279,9 +279,11 @@ impl<I: Id> Membership<I> {
         match input {
             Input::Tick => self.tick(now),
             Input::Message { from, message } => self.on_message(from, message, now),
-            Input::Broadcast { updates } => {
+            Input::Broadcast { updates, author } => {
                 for u in updates.into_iter().take(MAX_UPDATES_PER_MESSAGE) {
-                    self.apply(u, Via::Flood, now);
+                    let via =
+                        if author.as_ref() == Some(&u.id) { Via::OwnFlood } else { Via::Flood };
+                    self.apply(u, via, now);
                 }
             }
             Input::Contact { peer } => self.on_contact(peer, now),

@@ -37,22 +37,33 @@ impl<I: Id> Membership<I> {
             return self.apply_capacity(u.id, u.incarnation, version, capacity);
         }
         let existing = self.members.get(&u.id).map(|m| (m.state, m.incarnation));
+        // What a member says about itself outranks anyone's word; a third party may move a
+        // member's incarnation by one step at most (a refutation it relays), so nobody can
+        // push it to `u32::MAX`, where the member could no longer refute anything.
+        let own = via.is_own_word();
+        let step = |inc: u32| own || u.incarnation <= inc.saturating_add(1);
         let accept = match (&u.kind, existing) {
             (UpdateKind::Alive, None) => true,
-            (UpdateKind::Alive, Some((_, inc))) => u.incarnation > inc,
+            (UpdateKind::Alive, Some((_, inc))) => u.incarnation > inc && step(inc),
             // Bad news about a stranger is ignored (it may be about a member we already
             // forgot), except in the member list a joiner receives.
             (UpdateKind::Suspect { .. } | UpdateKind::Dead | UpdateKind::Left, None) => {
                 via == Via::Sync
             }
             (UpdateKind::Suspect { .. }, Some((state, inc))) => {
-                u.incarnation > inc || (u.incarnation == inc && state == State::Alive)
+                step(inc)
+                    && (u.incarnation > inc || (u.incarnation == inc && state == State::Alive))
             }
             (UpdateKind::Dead, Some((state, inc))) => {
-                u.incarnation > inc
-                    || (u.incarnation == inc && matches!(state, State::Alive | State::Suspect))
+                step(inc)
+                    && (u.incarnation > inc
+                        || (u.incarnation == inc && matches!(state, State::Alive | State::Suspect)))
             }
-            (UpdateKind::Left, Some((state, inc))) => u.incarnation >= inc && state != State::Left,
+            // Only a member can say it left (its rescheduling skips the grace a death gets),
+            // or the member list a joiner receives.
+            (UpdateKind::Left, Some((state, inc))) => {
+                (own || via == Via::Sync) && u.incarnation >= inc && state != State::Left
+            }
             (UpdateKind::Capacity { .. }, _) => false,
         };
         if !accept {
@@ -233,8 +244,17 @@ pub(super) enum Via {
     Implied,
     /// Learned from a flood.
     Flood,
+    /// Learned from a flood published by the member the news is about.
+    OwnFlood,
     /// Learned from the member list sent to us as a joiner.
     Sync,
+}
+
+impl Via {
+    /// Whether the news is the member's own word (or ours about ourselves).
+    fn is_own_word(self) -> bool {
+        matches!(self, Via::Local | Via::FirstHand | Via::Implied | Via::OwnFlood)
+    }
 }
 
 pub(super) fn liveness_kind<I: Clone>(state: State, me: &I) -> UpdateKind<I> {

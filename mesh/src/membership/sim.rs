@@ -45,10 +45,11 @@ use super::{
     Config, Event, Input, MESSAGE_OVERHEAD, Membership, Message, Output, State, Update, encoded_len,
 };
 
-/// Bytes gossipsub adds to each flooded copy in anonymous mode (the mesh publishes membership
-/// floods unsigned; every hop is an authenticated, gated connection): the topic name (~24) and
-/// protobuf framing (~6).
-pub const FLOOD_ENVELOPE: usize = 30;
+/// Bytes gossipsub adds to each flooded copy in signed mode (the mesh signs membership floods
+/// so that a member's claims about itself are known to be its own): the topic name (~24),
+/// protobuf framing (~6), the author's peer id (~40), a sequence number (~10) and the ed25519
+/// signature (~66).
+pub const FLOOD_ENVELOPE: usize = 146;
 /// Bytes of IHAVE gossip each node sends per flood: a 20-byte message id to each of six lazy
 /// peers.
 pub const FLOOD_IHAVE: usize = 120;
@@ -323,6 +324,7 @@ struct Tracker {
 
 struct FloodMsg {
     updates: Vec<Update<SimId>>,
+    author: u32,
     seen: Vec<bool>,
     copy_bytes: usize,
 }
@@ -636,9 +638,9 @@ impl Sim {
                     return;
                 }
                 f.seen[to as usize] = true;
-                let updates = f.updates.clone();
+                let (updates, author) = (f.updates.clone(), f.author);
                 self.forward(to, from, flood);
-                self.feed(to, Input::Broadcast { updates });
+                self.feed(to, Input::Broadcast { updates, author: Some(SimId(author)) });
             }
             Ev::Crash => {
                 if self.live.len() > 2 {
@@ -697,7 +699,7 @@ impl Sim {
                     let flood = u32::try_from(self.floods.len()).unwrap_or(u32::MAX);
                     let mut seen = vec![false; self.nodes.len()];
                     seen[id as usize] = true;
-                    self.floods.push(FloodMsg { updates, seen, copy_bytes });
+                    self.floods.push(FloodMsg { updates, author: id, seen, copy_bytes });
                     self.forward(id, id, flood);
                 }
                 Output::Event(e) => self.observe(id, e),

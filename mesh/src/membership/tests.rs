@@ -110,6 +110,7 @@ fn a_live_node_refutes_a_suspicion_about_itself() {
                 incarnation: 0,
                 kind: UpdateKind::Suspect { by: 2, witnesses: 1 },
             }],
+            author: None,
         },
         now,
     );
@@ -120,6 +121,7 @@ fn a_live_node_refutes_a_suspicion_about_itself() {
     let out = m.handle(
         Input::Broadcast {
             updates: vec![Update { id: 1, incarnation: 0, kind: UpdateKind::Dead }],
+            author: None,
         },
         now,
     );
@@ -136,11 +138,16 @@ fn suspect_becomes_dead_after_its_timeout_unless_refuted() {
         incarnation: 0,
         kind: UpdateKind::Suspect { by: 4, witnesses },
     };
-    let _ = m.handle(Input::Broadcast { updates: vec![suspect(2, 5), suspect(3, 5)] }, now);
+    let _ = m.handle(
+        Input::Broadcast { updates: vec![suspect(2, 5), suspect(3, 5)], author: None },
+        now,
+    );
     assert_eq!(state_of(&m, 2), Some(State::Suspect));
     // 3 refutes in time.
-    let _ =
-        m.handle(Input::Broadcast { updates: vec![alive(3, 1)] }, now + Duration::from_millis(100));
+    let _ = m.handle(
+        Input::Broadcast { updates: vec![alive(3, 1)], author: None },
+        now + Duration::from_millis(100),
+    );
     let min = Config::default().suspicion_min;
     let _ = m.handle(Input::Tick, now + min - Duration::from_millis(1));
     assert_eq!(state_of(&m, 2), Some(State::Suspect), "not before the timeout");
@@ -152,9 +159,9 @@ fn suspect_becomes_dead_after_its_timeout_unless_refuted() {
             .any(|o| matches!(o, Output::Event(Event::State { id: 2, state: State::Dead, .. })))
     );
     // A dead member is not revived by its old incarnation, only by a newer one.
-    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 0)] }, now + min);
+    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 0)], author: None }, now + min);
     assert_eq!(state_of(&m, 2), Some(State::Dead));
-    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 1)] }, now + min);
+    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 1)], author: None }, now + min);
     assert_eq!(state_of(&m, 2), Some(State::Alive));
 }
 
@@ -243,18 +250,19 @@ fn a_leave_is_announced_final_and_never_a_failure() {
     );
 
     let mut b = node_with(2, &[1, 3, 4], now);
-    let _ = b.handle(Input::Broadcast { updates: vec![left] }, now);
+    let _ = b.handle(Input::Broadcast { updates: vec![left], author: Some(1) }, now);
     assert_eq!(state_of(&b, 1), Some(State::Left));
     let _ = b.handle(
         Input::Broadcast {
             updates: vec![Update { id: 1, incarnation: 0, kind: UpdateKind::Dead }],
+            author: None,
         },
         now,
     );
     assert_eq!(state_of(&b, 1), Some(State::Left), "a leave is not turned into a death");
-    let _ = b.handle(Input::Broadcast { updates: vec![alive(1, 0)] }, now);
+    let _ = b.handle(Input::Broadcast { updates: vec![alive(1, 0)], author: None }, now);
     assert_eq!(state_of(&b, 1), Some(State::Left));
-    let _ = b.handle(Input::Broadcast { updates: vec![alive(1, 1)] }, now);
+    let _ = b.handle(Input::Broadcast { updates: vec![alive(1, 1)], author: None }, now);
     assert_eq!(state_of(&b, 1), Some(State::Alive), "a rejoin at a higher incarnation counts");
 }
 
@@ -355,6 +363,7 @@ fn a_ping_from_a_stranger_adds_it_quietly_and_news_from_strangers_is_ignored() {
     let _ = m.handle(
         Input::Broadcast {
             updates: vec![Update { id: 77, incarnation: 0, kind: UpdateKind::Dead }],
+            author: None,
         },
         now,
     );
@@ -367,7 +376,7 @@ fn the_member_table_is_bounded() {
     let config = Config { max_members: 5, ..Config::default() };
     let mut m = Membership::new(1, config, cap(1000), 0, 1, now);
     let updates = (2..100).map(|i| alive(i, 0)).collect();
-    let _ = m.handle(Input::Broadcast { updates }, now);
+    let _ = m.handle(Input::Broadcast { updates, author: None }, now);
     assert_eq!(m.members().count(), 5);
 }
 
@@ -380,12 +389,14 @@ fn a_partitioned_side_merges_back_through_reconnect_probes() {
     let _ = a.handle(
         Input::Broadcast {
             updates: vec![Update { id: 2, incarnation: 0, kind: UpdateKind::Dead }],
+            author: None,
         },
         now,
     );
     let _ = b.handle(
         Input::Broadcast {
             updates: vec![Update { id: 1, incarnation: 0, kind: UpdateKind::Dead }],
+            author: None,
         },
         now,
     );
@@ -503,7 +514,7 @@ proptest! {
                     m.handle(Input::Tick, now)
                 }
                 Step::Message(from, message) => m.handle(Input::Message { from, message }, now),
-                Step::Broadcast(updates) => m.handle(Input::Broadcast { updates }, now),
+                Step::Broadcast(updates) => m.handle(Input::Broadcast { updates, author: None }, now),
                 Step::Contact(peer) => m.handle(Input::Contact { peer }, now),
                 Step::SetCapacity(free) => m.handle(Input::SetCapacity(cap(free)), now),
             };
@@ -576,13 +587,53 @@ fn news_at_the_last_incarnation_does_not_overflow() {
     let now = Instant::now();
     let mut m = node_with(1, &[2], now);
     let dead = Update { id: 1, incarnation: u32::MAX, kind: UpdateKind::Dead };
-    let _ = m.handle(Input::Broadcast { updates: vec![dead] }, now);
+    let _ = m.handle(Input::Broadcast { updates: vec![dead], author: None }, now);
     assert_eq!(m.incarnation(), u32::MAX);
     let capacity = Update {
         id: 1,
         incarnation: u32::MAX,
         kind: UpdateKind::Capacity { version: u32::MAX, capacity: cap(10) },
     };
-    let _ = m.handle(Input::Broadcast { updates: vec![capacity] }, now);
+    let _ = m.handle(Input::Broadcast { updates: vec![capacity], author: None }, now);
     assert_eq!(m.incarnation(), u32::MAX);
+}
+
+/// What others say about a member cannot push its incarnation out of its reach: a third
+/// party moves it one step at most, bad news at `u32::MAX` is ignored, and only the member
+/// itself says it left.
+#[test]
+fn third_parties_cannot_inflate_incarnations_or_say_others_left() {
+    let now = Instant::now();
+    let mut m = node_with(1, &[2, 3], now);
+    let forged = |kind| Update { id: 2, incarnation: u32::MAX, kind };
+    for kind in [UpdateKind::Dead, UpdateKind::Alive, UpdateKind::Suspect { by: 3, witnesses: 1 }] {
+        let _ = m
+            .handle(Input::Broadcast { updates: vec![forged(kind.clone())], author: Some(3) }, now);
+        let _ = m.handle(
+            Input::Message {
+                from: 3,
+                message: Message::Ping { seq: 9, incarnation: 0, updates: vec![forged(kind)] },
+            },
+            now,
+        );
+        assert_eq!(state_of(&m, 2), Some(State::Alive));
+    }
+    let left = Update { id: 2, incarnation: 0, kind: UpdateKind::Left };
+    let _ = m.handle(Input::Broadcast { updates: vec![left.clone()], author: Some(3) }, now);
+    let _ = m.handle(
+        Input::Message {
+            from: 3,
+            message: Message::Ping { seq: 10, incarnation: 0, updates: vec![left.clone()] },
+        },
+        now,
+    );
+    assert_eq!(state_of(&m, 2), Some(State::Alive), "3 cannot say that 2 left");
+    // A relayed refutation (one step) still counts, and 2's own word at any incarnation.
+    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 1)], author: Some(3) }, now);
+    assert_eq!(m.members().find(|v| v.id == 2).map(|v| v.incarnation), Some(1));
+    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 40)], author: Some(2) }, now);
+    assert_eq!(m.members().find(|v| v.id == 2).map(|v| v.incarnation), Some(40));
+    let left = Update { id: 2, incarnation: 40, kind: UpdateKind::Left };
+    let _ = m.handle(Input::Broadcast { updates: vec![left], author: Some(2) }, now);
+    assert_eq!(state_of(&m, 2), Some(State::Left), "2 may say it left");
 }

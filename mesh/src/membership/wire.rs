@@ -136,10 +136,14 @@ pub enum Input<I> {
         /// The message.
         message: Message<I>,
     },
-    /// A flooded message arrived. Floods carry no author: each update says whom it is about.
+    /// A flooded message arrived. Each update says whom it is about; `author` is who
+    /// published the flood (signed by the transport), when known: a member's claims about
+    /// itself (it left, it is alive at a new incarnation) count only from itself.
     Broadcast {
         /// Its news.
         updates: Vec<Update<I>>,
+        /// Who published it.
+        author: Option<I>,
     },
     /// The transport found a peer (bootstrap, LAN discovery, a new connection).
     Contact {

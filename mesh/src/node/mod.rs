@@ -5,21 +5,26 @@
 //!        ▲                                │ select! { biased;                    │
 //!        └──────── oneshot replies ◀──────│   commands, swarm events,            │──Event (bounded)──▶ node
 //!                                         │   membership deadline, housekeeping }│
-//!   Handle::serve ◀──InboundRequest───────│ Swarm<Behaviour>  Membership<PeerId> │
+//!                                         │ Swarm<Behaviour>  Membership<PeerId> │
 //!                                         │ Directory  pending RPCs  gate        │
 //!                                         └──────────────────────────────────────┘
+//!   inbound streams (peer, protocol) ──▶ acceptor task: gate, budgets, then read
+//!        ├─ datagrams (members only) ──(bounded)──▶ swarm task
+//!        └─ RPC requests ──InboundRequest──▶ Handle::serve ──answer──▶ written back
 //! ```
 //!
 //! Wire protocols (besides libp2p's identify, ping, kad, autonat, relay and dcutr):
 //!
 //! * `/cloudless/datagram/1`: one-way membership messages and directory sync messages,
 //!   request-response with an empty answer, at most `datagram_max_bytes` each;
-//! * gossipsub topic `cloudless/membership/1`: membership floods, unsigned (anonymous mode,
-//!   content-addressed ids), validated before they are forwarded;
+//! * gossipsub topic `cloudless/membership/1`: membership floods, signed by their author (ids
+//!   hash the author and the data), from members only, validated before they are forwarded;
 //! * `/cloudless/rpc/1`: typed RPC for the other crates, at most `rpc_max_bytes` each way.
 
 mod handle;
+mod inbound;
 mod nat;
+mod streams;
 mod swarm;
 mod task;
 mod unroutable;
@@ -29,7 +34,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cloudless_types::{Capacity, NodeDescriptor};
-use futures::stream::FuturesUnordered;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol as Proto;
 use libp2p::{Multiaddr, PeerId, StreamProtocol, gossipsub};
@@ -38,6 +42,11 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 pub use handle::Handle;
+pub use inbound::{
+    HANDLER_DEADLINE, HEADER_DEADLINE, MAX_STRANGER_STREAMS, MAX_STREAMS, MAX_STREAMS_PER_MEMBER,
+    MAX_STREAMS_PER_STRANGER, MEMBER_BUDGET, MIN_RATE, STRANGER_BUDGET,
+};
+pub use swarm::Datagram;
 use swarm::build_swarm;
 use task::{Task, next_incarnation};
 
@@ -214,7 +223,7 @@ async fn launch(
     config.validate()?;
     let me = keypair.public().to_peer_id();
     let member = config.role == Role::Member;
-    let mut swarm = build_swarm(&config, keypair, gate.clone())?;
+    let (mut swarm, incoming) = build_swarm(&config, keypair, gate.clone())?;
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())
@@ -251,6 +260,17 @@ async fn launch(
             warn!(%addr, error = %e, "cannot dial bootstrap peer");
         }
     }
+    // Inbound streams are read off the swarm task, gate first (see `inbound`).
+    let services = inbound::Services::default();
+    let (datagram_tx, datagrams) = mpsc::channel(inbound::DATAGRAM_QUEUE);
+    let acceptor = inbound::Acceptor::new(
+        gate.clone(),
+        services.clone(),
+        datagram_tx,
+        incoming,
+        config.rpc_max_bytes,
+        config.datagram_max_bytes,
+    );
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (event_tx, events) = mpsc::channel(EVENT_QUEUE);
     let handle = Handle {
@@ -273,8 +293,8 @@ async fn launch(
         directory,
         own: config.descriptor.clone(),
         listen: Vec::new(),
-        services: HashMap::new(),
-        inbound: FuturesUnordered::new(),
+        services,
+        datagrams,
         pending: HashMap::new(),
         parked: HashMap::new(),
         lookups: HashMap::new(),
@@ -287,6 +307,7 @@ async fn launch(
         config,
     };
     let span = tracing::info_span!("mesh", peer = %me);
+    tokio::spawn(tracing::Instrument::instrument(acceptor.run(), span.clone()));
     let task = tokio::spawn(tracing::Instrument::instrument(task.run(), span));
     Ok(Mesh { handle, events, task })
 }

@@ -11,10 +11,11 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    PeerId, Swarm, SwarmBuilder, autonat, dcutr, gossipsub, identify, mdns, noise, ping, relay,
-    tcp, yamux,
+    PeerId, Swarm, SwarmBuilder, autonat, connection_limits, dcutr, gossipsub, identify, mdns,
+    memory_connection_limits, noise, ping, relay, tcp, yamux,
 };
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
 use super::{
     DATAGRAM_PROTOCOL, IDENTIFY_VERSION, KAD_PROTOCOL, MEMBERSHIP_TOPIC, MeshError, RPC_PROTOCOL,
@@ -26,16 +27,21 @@ use crate::gate::{self, Gate};
 use crate::membership;
 use crate::rpc::{Envelope, Reply};
 
-/// Messages of the datagram protocol.
+/// Messages of the datagram protocol (public for tests that speak the wire format).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub(super) enum Datagram {
+pub enum Datagram {
+    /// A membership message.
     Membership(membership::Message<PeerId>),
+    /// A directory sync message (automerge).
     Directory(Vec<u8>),
 }
 
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
+    pub(super) limits: connection_limits::Behaviour,
+    pub(super) memory: memory_connection_limits::Behaviour,
     pub(super) gate: gate::Behaviour,
+    pub(super) streams: super::streams::Behaviour,
     pub(super) unroutable: unroutable::Behaviour,
     pub(super) identify: identify::Behaviour,
     pub(super) ping: ping::Behaviour,
@@ -50,14 +56,17 @@ pub(super) struct Behaviour {
     pub(super) dcutr: dcutr::Behaviour,
 }
 
+/// Builds the swarm; also returns the queue of inbound streams (for the acceptor).
 pub(super) fn build_swarm(
     config: &Config,
     keypair: Keypair,
     gate: Arc<dyn Gate>,
-) -> Result<Swarm<Behaviour>, MeshError> {
+) -> Result<(Swarm<Behaviour>, mpsc::Receiver<super::streams::Incoming>), MeshError> {
     let member = config.role == Role::Member;
     let me = keypair.public().to_peer_id();
     let transport = |e: &dyn std::fmt::Display| MeshError::Transport(e.to_string());
+    // Request-response carries our outbound requests only: inbound streams are read by the
+    // acceptor (`inbound`), which knows who sends them before it reads a byte.
     let rr_config = request_response::Config::default()
         // Callers enforce their own deadlines; this only reclaims abandoned streams.
         .with_request_timeout(Duration::from_secs(300))
@@ -73,32 +82,43 @@ pub(super) fn build_swarm(
     let relay_server = match (config.relay, member) {
         (RelayMode::Never, _) | (_, false) => None,
         (mode, true) => {
-            let mut r = relay::Behaviour::new(me, relay_config());
+            let mut r = relay::Behaviour::new(me, relay_config(gate.clone()));
             if mode == RelayMode::Always {
                 r.set_status(Some(relay::Status::Enable));
             }
             Some(r)
         }
     };
+    // Floods are signed by their author (`Strict`): a member's claims about itself count only
+    // from itself, and ids include the author, so nobody can pre-empt a member's flood with a
+    // copy of it (a message seen first is a duplicate afterwards).
     let gossip = if member {
         let cfg = gossipsub::ConfigBuilder::default()
-            .validation_mode(gossipsub::ValidationMode::Anonymous)
+            .validation_mode(gossipsub::ValidationMode::Strict)
             .validate_messages()
             .message_id_fn(|m: &gossipsub::Message| {
                 use sha2::Digest;
-                gossipsub::MessageId::from(sha2::Sha256::digest(&m.data)[..20].to_vec())
+                let mut h = sha2::Sha256::new();
+                h.update(m.source.map(|p| p.to_bytes()).unwrap_or_default());
+                h.update(&m.data);
+                gossipsub::MessageId::from(h.finalize()[..20].to_vec())
             })
             .max_transmit_size(64 * 1024)
             .heartbeat_interval(Duration::from_millis(500))
             .build()
             .map_err(|e| transport(&e))?;
-        let mut g = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, cfg)
-            .map_err(|e| transport(&e))?;
+        let mut g =
+            gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(keypair.clone()), cfg)
+                .map_err(|e| transport(&e))?;
         g.subscribe(&gossipsub::IdentTopic::new(MEMBERSHIP_TOPIC)).map_err(|e| transport(&e))?;
         Some(g)
     } else {
         None
     };
+    // Members take datagrams; everyone takes RPC (the gate decides per call).
+    let inbound = if member { vec![RPC_PROTOCOL, DATAGRAM_PROTOCOL] } else { vec![RPC_PROTOCOL] };
+    let (streams, incoming) = super::streams::Behaviour::new(inbound);
+    let mut streams = Some(streams);
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
@@ -109,11 +129,11 @@ pub(super) fn build_swarm(
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| transport(&e))?
         .with_behaviour(|key, relay_client| {
-            let mut kad = kad::Behaviour::with_config(
-                me,
-                MemoryStore::new(me),
-                kad::Config::new(KAD_PROTOCOL),
-            );
+            // The routing table holds members only: the swarm task adds their addresses
+            // itself, so a stranger cannot poison it by connecting.
+            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+            kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
+            let mut kad = kad::Behaviour::with_config(me, MemoryStore::new(me), kad_config);
             kad.set_mode(Some(if member { kad::Mode::Server } else { kad::Mode::Client }));
             let mdns = if mdns_on {
                 mdns::tokio::Behaviour::new(mdns::Config::default(), me).ok()
@@ -121,7 +141,12 @@ pub(super) fn build_swarm(
                 None
             };
             Behaviour {
+                limits: connection_limits::Behaviour::new(connection_limits()),
+                memory: memory_connection_limits::Behaviour::with_max_percentage(
+                    MEMORY_CONNECTION_LIMIT,
+                ),
                 gate: gate::Behaviour::new(gate),
+                streams: streams.take().unwrap_or_else(|| super::streams::Behaviour::new(vec![]).0),
                 unroutable: unroutable::Behaviour::default(),
                 identify: identify::Behaviour::new(
                     identify::Config::new(IDENTIFY_VERSION.into(), key.public())
@@ -133,18 +158,20 @@ pub(super) fn build_swarm(
                 gossipsub: Toggle::from(gossip),
                 rpc: request_response::Behaviour::with_codec(
                     Codec::new(rpc_max, rpc_max),
-                    [(RPC_PROTOCOL, ProtocolSupport::Full)],
+                    [(RPC_PROTOCOL, ProtocolSupport::Outbound)],
                     rr_config,
                 ),
                 datagram: request_response::Behaviour::with_codec(
                     Codec::new(dg_max, 16),
-                    [(
-                        DATAGRAM_PROTOCOL,
-                        if member { ProtocolSupport::Full } else { ProtocolSupport::Outbound },
-                    )],
+                    [(DATAGRAM_PROTOCOL, ProtocolSupport::Outbound)],
                     datagram_config,
                 ),
-                autonat: autonat::Behaviour::new(me, autonat::Config::default()),
+                // Only members are asked whether we are reachable (the swarm task adds them
+                // as servers): a stranger's verdict would make a NATed node a relay candidate.
+                autonat: autonat::Behaviour::new(
+                    me,
+                    autonat::Config { use_connected: false, ..autonat::Config::default() },
+                ),
                 relay_client,
                 relay_server: Toggle::from(relay_server),
                 dcutr: dcutr::Behaviour::new(me),
@@ -153,7 +180,7 @@ pub(super) fn build_swarm(
         .map_err(|e| transport(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
         .build();
-    Ok(swarm)
+    Ok((swarm, incoming))
 }
 
 /// Feeds libp2p's metrics with one swarm event.
@@ -171,14 +198,49 @@ pub(super) fn record(m: &libp2p::metrics::Metrics, event: &SwarmEvent<BehaviourE
     }
 }
 
+/// Past this share of the machine's memory in use by this process, new connections are
+/// refused (libp2p's `memory_connection_limits`): the node keeps the connections it has and
+/// serves them rather than grow until the kernel kills it. Guests run in the process, so the
+/// bar is high.
+const MEMORY_CONNECTION_LIMIT: f64 = 0.8;
+/// Connections being set up (before we know who is on the other end) at once: handshakes
+/// cost CPU and memory, and a flood of them must not starve the established ones.
+const MAX_PENDING_INCOMING: u32 = 32;
+/// Connections one peer may hold at once: QUIC and TCP, each way, and a relayed one while a
+/// direct one is punched, with room to spare.
+const MAX_PER_PEER: u32 = 8;
+
+/// libp2p's connection limits. Strangers are further capped by the gate
+/// ([`gate::MAX_STRANGER_CONNECTIONS`]), members are not: a pool's size is bounded by its
+/// membership.
+fn connection_limits() -> connection_limits::ConnectionLimits {
+    connection_limits::ConnectionLimits::default()
+        .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+        .with_max_established_per_peer(Some(MAX_PER_PEER))
+}
+
 /// Relay server limits. libp2p's defaults (2 minutes, 128 KiB per circuit) suit hole-punch
 /// coordination only; a community relay also carries the membership probes and RPCs of
 /// devices whose NAT defeats hole punching, so circuits may last 10 minutes and carry 16 MiB
-/// before they are re-established.
-fn relay_config() -> relay::Config {
-    relay::Config {
+/// before they are re-established. Reservations and circuits are for members only: a
+/// stranger can neither hold a slot nor relay through us (a circuit *to* a member is asked
+/// for by its source, which must be a member too).
+fn relay_config(gate: Arc<dyn Gate>) -> relay::Config {
+    let reserve_gate = gate.clone();
+    let mut config = relay::Config {
         max_circuit_duration: Duration::from_secs(600),
         max_circuit_bytes: 16 * 1024 * 1024,
         ..relay::Config::default()
-    }
+    };
+    config.reservation_rate_limiters.push(Box::new(
+        move |peer: PeerId, _: &libp2p::Multiaddr, _: std::time::Instant| {
+            reserve_gate.allows(&peer, gate::Protocol::Membership)
+        },
+    ));
+    config.circuit_src_rate_limiters.push(Box::new(
+        move |peer: PeerId, _: &libp2p::Multiaddr, _: std::time::Instant| {
+            gate.allows(&peer, gate::Protocol::Membership)
+        },
+    ));
+    config
 }

@@ -10,11 +10,9 @@ use std::time::{Duration, Instant};
 
 use cloudless_types::NodeDescriptor;
 use futures::StreamExt;
-use futures::future::BoxFuture;
-use futures::stream::FuturesUnordered;
 use libp2p::kad;
 use libp2p::multiaddr::Protocol as Proto;
-use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, autonat, gossipsub, identify, mdns};
 use rand::seq::IteratorRandom;
@@ -28,12 +26,8 @@ use crate::config::{Config, RelayMode, Role};
 use crate::directory::Directory;
 use crate::gate::{Gate, Protocol};
 use crate::membership::{self, Input, Membership, Output, State};
-use crate::rpc::{
-    Envelope, InboundRequest, MAX_SERVICE_NAME, RemoteError, RemoteErrorKind, Reply, RpcError,
-};
+use crate::rpc::{Envelope, Reply, RpcError};
 
-/// Inbound RPCs awaiting their handler's answer, across all services.
-const MAX_INBOUND_PENDING: usize = 1024;
 /// RPC requests parked while a DHT lookup finds the peer.
 const MAX_PARKED: usize = 256;
 /// Directory peers sent our own change at once, beyond periodic reconciliation.
@@ -53,9 +47,6 @@ pub(super) fn next_incarnation(data_dir: &Path) -> u32 {
         .and_then(|s| s.trim().parse::<u32>().ok())
         .map_or(0, |i| i.saturating_add(1))
 }
-
-pub(super) type InboundFuture =
-    BoxFuture<'static, (Result<Reply, oneshot::error::RecvError>, ResponseChannel<Reply>)>;
 
 pub(super) struct PendingRpc {
     peer: PeerId,
@@ -87,8 +78,9 @@ pub(super) struct Task {
     pub(super) directory: Option<Directory>,
     pub(super) own: NodeDescriptor,
     pub(super) listen: Vec<Multiaddr>,
-    pub(super) services: HashMap<String, mpsc::Sender<InboundRequest>>,
-    pub(super) inbound: FuturesUnordered<InboundFuture>,
+    pub(super) services: super::inbound::Services,
+    /// Datagrams the acceptor read and decoded (from members only).
+    pub(super) datagrams: mpsc::Receiver<(PeerId, Datagram)>,
     pub(super) pending: HashMap<OutboundRequestId, PendingRpc>,
     pub(super) parked: HashMap<kad::QueryId, Vec<PendingRpc>>,
     /// DHT lookups started for members we could not dial.
@@ -133,10 +125,7 @@ impl Task {
                     None => stop = Some((Instant::now(), None)),
                 },
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
-                Some((reply, channel)) = self.inbound.next(), if !self.inbound.is_empty() => {
-                    let reply = reply.unwrap_or_else(|_| Err(RemoteError::new(RemoteErrorKind::Failed, "the handler dropped the request")));
-                    let _ = self.swarm.behaviour_mut().rpc.send_response(channel, reply);
-                }
+                Some((peer, datagram)) = self.datagrams.recv() => self.on_datagram(peer, datagram),
                 _ = tokio::time::sleep_until(deadline.into()), if self.membership.is_some() => self.drive(Input::Tick),
                 _ = directory_tick.tick() => self.reconcile_directory(1),
                 _ = housekeeping.tick() => self.housekeeping(),
@@ -237,11 +226,16 @@ impl Task {
                 self.send_rpc(peer, envelope, retry, reply);
             }
             Command::Serve { service, sender, reply } => {
-                let res = if self.services.get(&service).is_some_and(|s| !s.is_closed()) {
-                    Err(MeshError::Serve { service, reason: "already served".into() })
-                } else {
-                    self.services.insert(service, sender);
-                    Ok(())
+                let res = match self.services.lock() {
+                    Ok(mut services) => {
+                        if services.get(&service).is_some_and(|s| !s.is_closed()) {
+                            Err(MeshError::Serve { service, reason: "already served".into() })
+                        } else {
+                            services.insert(service, sender);
+                            Ok(())
+                        }
+                    }
+                    Err(_) => Err(MeshError::Serve { service, reason: "registry poisoned".into() }),
                 };
                 let _ = reply.send(res);
             }
@@ -255,6 +249,7 @@ impl Task {
                 for p in denied {
                     let _ = self.swarm.disconnect_peer_id(p);
                 }
+                self.recheck_members();
                 let _ = r.send(());
             }
             Command::Leave(_) | Command::Shutdown(_) => {}
@@ -277,9 +272,8 @@ impl Task {
     fn on_rpc_event(&mut self, event: request_response::Event<Envelope, Reply>) {
         use request_response::{Event as E, Message as M, OutboundFailure};
         match event {
-            E::Message { peer, message: M::Request { request, channel, .. }, .. } => {
-                self.on_rpc_request(peer, request, channel)
-            }
+            // Outbound only: inbound streams are read by the acceptor (`inbound`).
+            E::Message { message: M::Request { .. }, .. } => {}
             E::Message { peer, message: M::Response { request_id, response }, .. } => {
                 if let Some(p) = self.pending.remove(&request_id) {
                     let _ =
@@ -309,55 +303,6 @@ impl Task {
         }
     }
 
-    fn on_rpc_request(&mut self, peer: PeerId, request: Envelope, channel: ResponseChannel<Reply>) {
-        let service = request.service.clone();
-        let refusal = if service.is_empty() || service.len() > MAX_SERVICE_NAME {
-            Some((RemoteErrorKind::BadRequest, "service name must be 1 to 64 bytes".to_string()))
-        } else if !self.gate.allows(&peer, Protocol::Rpc { service: &service }) {
-            warn!(%peer, %service, "rpc refused by the gate");
-            Some((RemoteErrorKind::Unauthorized, format!("not allowed to use {service}")))
-        } else if self.inbound.len() >= MAX_INBOUND_PENDING {
-            Some((RemoteErrorKind::Busy, "too many requests in progress".to_string()))
-        } else {
-            match self.services.get(&service) {
-                None => {
-                    Some((RemoteErrorKind::UnknownService, format!("no service named {service}")))
-                }
-                Some(sender) => {
-                    let (tx, rx) = oneshot::channel();
-                    match sender.try_send(InboundRequest {
-                        peer,
-                        service: request.service,
-                        body: request.body,
-                        reply: tx,
-                    }) {
-                        Ok(()) => {
-                            self.inbound.push(Box::pin(async move { (rx.await, channel) }));
-                            return;
-                        }
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            Some((RemoteErrorKind::Busy, format!("{service} is overloaded")))
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
-                            self.services.remove(&service);
-                            Some((
-                                RemoteErrorKind::UnknownService,
-                                format!("no service named {service}"),
-                            ))
-                        }
-                    }
-                }
-            }
-        };
-        if let Some((kind, message)) = refusal {
-            let _ = self
-                .swarm
-                .behaviour_mut()
-                .rpc
-                .send_response(channel, Err(RemoteError::new(kind, message)));
-        }
-    }
-
     // ---- datagrams: membership and directory -----------------------------------------------
 
     fn send_datagram(&mut self, to: PeerId, d: Datagram) {
@@ -369,22 +314,7 @@ impl Task {
     fn on_datagram_event(&mut self, event: request_response::Event<Datagram, ()>) {
         use request_response::{Event as E, Message as M};
         match event {
-            E::Message { peer, message: M::Request { request, channel, .. }, .. } => {
-                let _ = self.swarm.behaviour_mut().datagram.send_response(channel, ());
-                match request {
-                    Datagram::Membership(message) => {
-                        tracing::trace!(%peer, kind = message_kind(&message), "membership recv");
-                        if self.gate.allows(&peer, Protocol::Membership) {
-                            self.drive(Input::Message { from: peer, message });
-                        }
-                    }
-                    Datagram::Directory(bytes) => {
-                        if self.gate.allows(&peer, Protocol::Directory) {
-                            self.on_directory(peer, &bytes);
-                        }
-                    }
-                }
-            }
+            E::Message { message: M::Request { .. }, .. } => {}
             E::OutboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "datagram not delivered");
                 if matches!(error, request_response::OutboundFailure::DialFailure) {
@@ -393,6 +323,69 @@ impl Task {
             }
             E::InboundFailure { peer, error, .. } => debug!(%peer, %error, "datagram refused"),
             E::Message { message: M::Response { .. }, .. } | E::ResponseSent { .. } => {}
+        }
+    }
+
+    /// A datagram the acceptor read from `peer` (a member when it was read; asked again).
+    fn on_datagram(&mut self, peer: PeerId, datagram: Datagram) {
+        match datagram {
+            Datagram::Membership(message) => {
+                tracing::trace!(%peer, kind = message_kind(&message), "membership recv");
+                if self.gate.allows(&peer, Protocol::Membership) {
+                    let mut message = message;
+                    match &mut message {
+                        membership::Message::Ping { updates, .. }
+                        | membership::Message::Ack { updates, .. }
+                        | membership::Message::PingReq { updates, .. }
+                        | membership::Message::Join { updates, .. }
+                        | membership::Message::Sync { updates, .. } => self.members_only(updates),
+                        membership::Message::Nack { .. } => {}
+                    }
+                    self.drive(Input::Message { from: peer, message });
+                }
+            }
+            Datagram::Directory(bytes) => {
+                if self.gate.allows(&peer, Protocol::Directory) {
+                    self.on_directory(peer, &bytes);
+                }
+            }
+        }
+    }
+
+    /// Drops news about peers that are not enrolled: the member table holds members only, so
+    /// made-up ids cannot fill it (and keep real devices out once it is full).
+    fn members_only(&self, updates: &mut Vec<membership::Update<PeerId>>) {
+        let before = updates.len();
+        updates.retain(|u| u.id == self.me || self.gate.allows(&u.id, Protocol::Membership));
+        if updates.len() < before {
+            debug!(dropped = before - updates.len(), "membership news about non-members dropped");
+        }
+    }
+
+    /// Gives the connected peers what their standing allows: members are AutoNAT servers and
+    /// gossip with us; strangers are blacklisted in gossipsub (their messages are dropped
+    /// before they could be marked as seen, and they are never in our mesh).
+    fn recheck_members(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for p in peers {
+            self.classify(p);
+        }
+    }
+
+    fn classify(&mut self, peer: PeerId) {
+        let member = self.gate.allows(&peer, Protocol::Membership);
+        let b = self.swarm.behaviour_mut();
+        if let Some(g) = b.gossipsub.as_mut() {
+            if member {
+                g.remove_blacklisted_peer(&peer);
+            } else {
+                g.blacklist_peer(&peer);
+            }
+        }
+        if member {
+            b.autonat.add_server(peer, None);
+        } else {
+            b.autonat.remove_server(&peer);
         }
     }
 
@@ -620,6 +613,7 @@ impl Task {
                     Link::Accepted
                 };
                 self.emit(Event::Connected { peer: peer_id, link });
+                self.classify(peer_id);
                 if self.gate.allows(&peer_id, Protocol::Membership) {
                     self.drive(Input::Contact { peer: peer_id });
                 }
@@ -631,8 +625,16 @@ impl Task {
                     self.send_datagram(peer_id, Datagram::Directory(msg));
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
+            SwarmEvent::ConnectionClosed { peer_id, cause, num_established, .. } => {
                 debug!(peer = %peer_id, ?cause, "connection closed");
+                if num_established == 0 {
+                    // Bounds gossipsub's blacklist and AutoNAT's servers by who is connected.
+                    let b = self.swarm.behaviour_mut();
+                    if let Some(g) = b.gossipsub.as_mut() {
+                        g.remove_blacklisted_peer(&peer_id);
+                    }
+                    b.autonat.remove_server(&peer_id);
+                }
                 if self.relays.remove(&peer_id) {
                     self.ensure_relays();
                 }
@@ -663,12 +665,16 @@ impl Task {
                 message_id,
                 message,
             }) => {
-                let verdict = if !self.gate.allows(&propagation_source, Protocol::Membership) {
+                let author = message.source;
+                let verdict = if !self.gate.allows(&propagation_source, Protocol::Membership)
+                    || !author.is_some_and(|a| self.gate.allows(&a, Protocol::Membership))
+                {
                     gossipsub::MessageAcceptance::Reject
                 } else {
                     match postcard::from_bytes::<Vec<membership::Update<PeerId>>>(&message.data) {
-                        Ok(updates) if updates.len() <= membership::MAX_UPDATES_PER_MESSAGE => {
-                            self.drive(Input::Broadcast { updates });
+                        Ok(mut updates) if updates.len() <= membership::MAX_UPDATES_PER_MESSAGE => {
+                            self.members_only(&mut updates);
+                            self.drive(Input::Broadcast { updates, author });
                             gossipsub::MessageAcceptance::Accept
                         }
                         Ok(_) | Err(_) => {
@@ -697,7 +703,9 @@ impl Task {
                     .into_iter()
                     .filter(|a| !a.iter().any(|p| matches!(p, Proto::P2pCircuit)))
                     .collect();
-                if info.protocols.contains(&KAD_PROTOCOL) {
+                if info.protocols.contains(&KAD_PROTOCOL)
+                    && self.gate.allows(&peer_id, Protocol::Membership)
+                {
                     for a in &routable {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, a.clone());
                     }
@@ -734,7 +742,9 @@ impl Task {
                         continue;
                     }
                     self.swarm.add_peer_address(peer, addr.clone());
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+                    if self.gate.allows(&peer, Protocol::Membership) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+                    }
                     if !self.swarm.is_connected(&peer) {
                         let _ = self.swarm.dial(peer);
                     }
@@ -750,6 +760,9 @@ impl Task {
             | BehaviourEvent::RelayServer(_)
             | BehaviourEvent::Dcutr(_) => {}
             BehaviourEvent::Gate(never) => match never {},
+            BehaviourEvent::Limits(never)
+            | BehaviourEvent::Memory(never)
+            | BehaviourEvent::Streams(never) => match never {},
             BehaviourEvent::Unroutable(unroutable::NoAddress(peer)) => {
                 self.drive(Input::Unreachable { peer });
                 self.look_up(peer);

@@ -1,0 +1,124 @@
+//! An enrolled device that lies in the membership protocol, against a pool of real
+//! `cloudless` processes: what it says about others is refused, the victim stays alive in
+//! everyone's view, and the member table holds members only.
+//!
+//! - `membership_forged_news_at_max`: a worker-only device tells a voter, point to point, that
+//!   another worker is dead, suspect, left and alive, all at incarnation `u32::MAX` (where the
+//!   victim could never refute again): refused, the victim stays alive.
+//! - `membership_fake_member_flood`: the same device sends 100,000 made-up members (25
+//!   messages used to fill the 100,000-member table, after which no real device could join):
+//!   none is admitted.
+
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+use std::time::Duration;
+
+use cloudless_mesh::membership::{Message, Update, UpdateKind};
+use cloudless_mesh::node::{DATAGRAM_PROTOCOL, Datagram};
+use cloudless_testnet::hostile::{Pool, RawPeer};
+use cloudless_testnet::procs::until;
+use libp2p::PeerId;
+
+/// One pool at a time (a lock that works across the tests' runtimes).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A datagram frame carrying `updates` piggybacked on a ping.
+fn ping(seq: u32, updates: Vec<Update<PeerId>>) -> Vec<u8> {
+    let body = postcard::to_allocvec(&Datagram::Membership(Message::Ping {
+        seq,
+        incarnation: 0,
+        updates,
+    }))
+    .unwrap();
+    let mut frame = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+    frame.extend(body);
+    frame
+}
+
+/// Members of each state in node `i`'s table, from its /metrics.
+fn members(p: &Pool, i: usize) -> f64 {
+    ["alive", "suspect", "dead", "left"]
+        .iter()
+        .filter_map(|s| {
+            p.procs.metric(i, &format!("cloudless_membership_members{{state=\"{s}\"}}"))
+        })
+        .sum()
+}
+
+/// Starts a pool of three voters and two workers, takes over worker 3, and connects a raw
+/// peer with its key to node 0.
+async fn attacker() -> (Pool, RawPeer, PeerId) {
+    let mut p = Pool::start(3, 2).unwrap();
+    let (addr, target) = p.addr(0).unwrap();
+    let key = p.take_over(3).unwrap();
+    let raw = RawPeer::start(key).unwrap();
+    raw.dial(target, &addr, 1).await.unwrap();
+    until("the attacker is connected", Duration::from_secs(20), || {
+        (raw.connections() > 0).then_some(())
+    })
+    .unwrap();
+    (p, raw, target)
+}
+
+/// Whether node `i` lists node `victim` alive.
+fn listed_alive(p: &Pool, i: usize, victim: &str) -> bool {
+    let out = p.procs.ctl_via(i, &["-o", "json", "node", "list"]);
+    let Ok(nodes) = serde_json::from_str::<serde_json::Value>(&out.stdout) else { return false };
+    nodes.as_array().is_some_and(|a| a.iter().any(|n| n["peer"] == victim && n["state"] == "alive"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_forged_news_at_max() {
+    let _one = SERIAL.lock().await;
+    let (mut p, raw, target) = attacker().await;
+    let victim: PeerId = p.procs.nodes[4].peer.parse().unwrap();
+    let kinds = [
+        UpdateKind::Dead,
+        UpdateKind::Suspect { by: raw.peer_id(), witnesses: 8 },
+        UpdateKind::Left,
+        UpdateKind::Alive,
+        UpdateKind::Dead,
+    ];
+    for (seq, kind) in kinds.into_iter().enumerate() {
+        let forged = Update { id: victim, incarnation: u32::MAX, kind };
+        let seq = u32::try_from(seq).unwrap();
+        let answer = raw
+            .ask(target, DATAGRAM_PROTOCOL, &ping(seq, vec![forged]), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(answer, [0, 0, 0, 0], "the datagram was not taken");
+    }
+    // Long enough for a suspicion to have run out (and for the victim to have been unable
+    // to refute one at u32::MAX).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let name = p.procs.nodes[4].peer.clone();
+    assert!(listed_alive(&p, 0, &name), "the victim is not listed alive");
+    p.keeps_serving().unwrap();
+    p.report("membership_forged_news_at_max", 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_fake_member_flood() {
+    let _one = SERIAL.lock().await;
+    let (mut p, raw, target) = attacker().await;
+    let before = members(&p, 0);
+    for seq in 0..25u32 {
+        let fakes: Vec<Update<PeerId>> = (0..4000)
+            .map(|_| Update { id: PeerId::random(), incarnation: 0, kind: UpdateKind::Alive })
+            .collect();
+        let answer = raw
+            .ask(target, DATAGRAM_PROTOCOL, &ping(seq, fakes), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(answer, [0, 0, 0, 0], "the datagram was not taken");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = members(&p, 0);
+    eprintln!("fake member flood: 100,000 made-up members sent; node 0 holds {before} -> {after}");
+    // The five real devices at most (the gauges may still be catching up with the last
+    // joiner when `before` is read).
+    let real = p.procs.nodes.len() as f64;
+    assert!(after <= real, "made-up members were admitted: {before} -> {after} (pool of {real})");
+    p.keeps_serving().unwrap();
+    p.report("membership_fake_member_flood", 0);
+}
