@@ -112,6 +112,21 @@ pub struct Request {
     pub proof: Option<Box<SignedRequest>>,
 }
 
+impl Request {
+    /// A user's `command`, in the session and as the actor of the request `signed`, which
+    /// travels along as the proof; `time_ms` is the proposer's clock.
+    pub fn from_signed(signed: SignedRequest, command: Command, time_ms: u64) -> Request {
+        Request {
+            client: signed.client,
+            serial: signed.serial,
+            actor: Actor::User(signed.key),
+            time_ms,
+            command,
+            proof: Some(Box::new(signed)),
+        }
+    }
+}
+
 /// Largest encoded request: a raft entry holds its requests, and an append carries at most
 /// `MAX_PAYLOAD_ENTRIES` entries inside the mesh's 4 MiB message limit.
 pub const MAX_ENTRY_BYTES: usize = 1024 * 1024;

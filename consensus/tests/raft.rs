@@ -43,14 +43,7 @@ fn signed(user: &SigningKey, command: Command) -> Request {
         time_ms,
         UserRequest::Command(command.clone()),
     );
-    Request {
-        client,
-        serial,
-        actor: Actor::User(user.verifying_key().to_bytes()),
-        time_ms,
-        command,
-        proof: Some(Box::new(proof)),
-    }
+    Request::from_signed(proof, command, time_ms)
 }
 
 fn config() -> Config {

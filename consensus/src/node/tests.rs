@@ -57,17 +57,16 @@ fn put_user() -> Command {
 }
 
 fn signed_by(user: &SigningKey, command: Command) -> Request {
-    let mut r = request(Actor::User(user.verifying_key().to_bytes()), command.clone());
+    let r = request(Actor::User(user.verifying_key().to_bytes()), command.clone());
     let proof = SignedRequest::sign(
         user,
         ROOT,
         r.client,
         r.serial,
         r.time_ms,
-        UserRequest::Command(command),
+        UserRequest::Command(command.clone()),
     );
-    r.proof = Some(Box::new(proof));
-    r
+    Request::from_signed(proof, command, r.time_ms)
 }
 
 #[test]

@@ -28,7 +28,9 @@ use cloudless_api::{Answer, ApiError, Call, Request, Service};
 use cloudless_consensus::{ReadError, WriteError};
 use cloudless_mesh::rpc::InboundRequest;
 use cloudless_types::NodeName;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::facts::Facts;
 use crate::peers::Peers;
@@ -61,6 +63,45 @@ impl cloudless_types::Rpc for Inbound {
     const SERVICE: &'static str = cloudless_api::SERVICE;
     type Request = Request;
     type Response = Answer<cloudless_api::node::Nudge>;
+}
+
+/// Runs `handle` on each request until `cancel`, at most `concurrency` at once (a request
+/// waits in the mesh's bounded queue until a slot frees); then lets the ones in progress
+/// finish. Both services (`api`, `raft`) are served this way.
+async fn serve_bounded<F, Fut>(
+    mut requests: mpsc::Receiver<InboundRequest>,
+    cancel: CancellationToken,
+    concurrency: usize,
+    handle: F,
+) where
+    F: Fn(InboundRequest) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            () = cancel.cancelled() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let req = tokio::select! {
+            () = cancel.cancelled() => break,
+            r = requests.recv() => match r {
+                Some(r) => r,
+                None => break,
+            },
+        };
+        let work = handle(req);
+        tasks.spawn(async move {
+            let _permit = permit;
+            work.await;
+        });
+    }
+    while tasks.join_next().await.is_some() {}
 }
 
 /// Answers call `C`.

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use cloudless_consensus::RaftService;
 use cloudless_mesh::identity;
 use cloudless_mesh::rpc::{InboundRequest, RemoteError, RemoteErrorKind};
-use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -72,32 +71,12 @@ async fn handle(facts: &Facts, inbound: InboundRequest) {
 /// Serves raft messages until `cancel`; then lets the ones in progress finish.
 pub async fn serve(
     facts: Arc<Facts>,
-    mut requests: mpsc::Receiver<InboundRequest>,
+    requests: mpsc::Receiver<InboundRequest>,
     cancel: CancellationToken,
 ) {
-    let limit = Arc::new(Semaphore::new(CONCURRENCY));
-    let mut tasks = JoinSet::new();
-    loop {
-        let permit = tokio::select! {
-            () = cancel.cancelled() => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let req = tokio::select! {
-            () = cancel.cancelled() => break,
-            r = requests.recv() => match r {
-                Some(r) => r,
-                None => break,
-            },
-        };
+    super::serve_bounded(requests, cancel, CONCURRENCY, move |req| {
         let facts = facts.clone();
-        tasks.spawn(async move {
-            let _permit = permit;
-            handle(&facts, req).await;
-        });
-    }
-    while tasks.join_next().await.is_some() {}
+        async move { handle(&facts, req).await }
+    })
+    .await;
 }

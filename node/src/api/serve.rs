@@ -13,8 +13,7 @@ use std::sync::Arc;
 use cloudless_api::{ApiError, Request};
 use cloudless_mesh::identity;
 use cloudless_mesh::rpc::{InboundRequest, RemoteError, RemoteErrorKind};
-use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Api, Inbound, refuse};
@@ -71,32 +70,12 @@ impl Api {
 /// Serves the `api` service until `cancel`; then lets the requests in progress finish.
 pub async fn serve(
     api: Arc<Api>,
-    mut requests: mpsc::Receiver<InboundRequest>,
+    requests: mpsc::Receiver<InboundRequest>,
     cancel: CancellationToken,
 ) {
-    let limit = Arc::new(Semaphore::new(CONCURRENT));
-    let mut tasks = JoinSet::new();
-    loop {
-        let permit = tokio::select! {
-            () = cancel.cancelled() => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let req = tokio::select! {
-            () = cancel.cancelled() => break,
-            r = requests.recv() => match r {
-                Some(r) => r,
-                None => break,
-            },
-        };
+    super::serve_bounded(requests, cancel, CONCURRENT, move |req| {
         let api = api.clone();
-        tasks.spawn(async move {
-            let _permit = permit;
-            api.handle(req).await;
-        });
-    }
-    while tasks.join_next().await.is_some() {}
+        async move { api.handle(req).await }
+    })
+    .await;
 }

@@ -17,7 +17,7 @@ use cloudless_api::user::{
 };
 use cloudless_api::{Answer, ApiError, Call, Command, Request, Role, SignedRequest, UserRequest};
 use cloudless_consensus::Consistency;
-use cloudless_consensus::state::{Actor, Request as RaftRequest};
+use cloudless_consensus::state::Request as RaftRequest;
 use cloudless_mesh::rpc::InboundRequest;
 use cloudless_types::{WorkloadName, now_ms};
 
@@ -192,15 +192,8 @@ impl Api {
     /// Submits a user's command with the signer's `(client, serial)`, so a retry through
     /// another node applies once; the state machine checks what the role allows.
     async fn submit(&self, signed: &SignedRequest, command: Command) -> Answer<Command> {
-        let request = RaftRequest {
-            client: signed.client,
-            serial: signed.serial,
-            actor: Actor::User(signed.key),
-            time_ms: now_ms(),
-            command,
-            // The leader believes the user only with what the user signed.
-            proof: Some(Box::new(signed.clone())),
-        };
+        // The leader believes the user only with what the user signed.
+        let request = RaftRequest::from_signed(signed.clone(), command, now_ms());
         match self.facts.consensus.submit(request).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => Err(e.into()),

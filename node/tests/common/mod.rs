@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cloudless_api::{SignedRequest, UserRequest};
-use cloudless_consensus::state::{Actor, Command, Request, Settings, State};
+use cloudless_consensus::state::{Command, Request, Settings, State};
 use cloudless_consensus::voters::Candidate;
 use cloudless_consensus::{Candidates, Config, Consensus, Member, RaftService, node_id};
 use cloudless_mesh::identity;
@@ -38,14 +38,7 @@ pub fn signed(command: Command) -> Request {
         time_ms,
         UserRequest::Command(command.clone()),
     );
-    Request {
-        client,
-        serial,
-        actor: Actor::User(user.verifying_key().to_bytes()),
-        time_ms,
-        command,
-        proof: Some(Box::new(proof)),
-    }
+    Request::from_signed(proof, command, time_ms)
 }
 
 /// Serves raft messages for `consensus` on `mesh` (every caller admitted: these groups have
