@@ -9,8 +9,9 @@
 //! * by the swarm task on every membership message, flood, directory sync and RPC request, per
 //!   [`Protocol`]: a refused RPC gets an "unauthorized" answer, anything else is dropped.
 //!
-//! After the gate's answers change (a revocation, a test partition), call
-//! `Handle::recheck_gate` so that live connections to peers no longer admitted are closed.
+//! After the gate's answers change (an enrollment, a revocation, a test partition), call
+//! `Handle::recheck_gate` so that live connections to peers no longer admitted are closed and
+//! peers that became members on a live connection are treated as members on it.
 //!
 //! Strangers (admitted peers that may not use membership: joiners, `cloudlessctl`, anyone)
 //! hold at most [`MAX_STRANGER_CONNECTIONS`] connections together; beyond, a new stranger's
@@ -104,11 +105,6 @@ impl Behaviour {
             self.closing.push_back((who, victim));
         }
         self.strangers.insert(id, peer);
-    }
-
-    /// Stranger connections counted now.
-    pub fn strangers(&self) -> usize {
-        self.strangers.len()
     }
 }
 

@@ -72,18 +72,19 @@ impl EnrollGate {
 }
 
 impl GateWriter {
-    /// Replaces what the gate knows; returns whether anything was revoked since the last call
-    /// (the caller then asks the mesh to close their connections).
+    /// Replaces what the gate knows; returns whether anything changed since the last call
+    /// (the caller then asks the mesh to recheck its connections: close the revoked ones, and
+    /// give newly enrolled peers what members get on a connection they opened as strangers).
     pub fn set(&self, enrolled: &[NodeName], revoked: &[NodeName]) -> bool {
         let peers =
             |v: &[NodeName]| -> HashSet<PeerId> { v.iter().map(identity::peer_id).collect() };
         let next = Known { enrolled: peers(enrolled), revoked: peers(revoked) };
         let Ok(mut k) = self.known.write() else { return false };
-        let newly_revoked = next.revoked.iter().any(|p| !k.revoked.contains(p));
-        if *k != next {
+        let changed = *k != next;
+        if changed {
             *k = next;
         }
-        newly_revoked
+        changed
     }
 }
 
@@ -114,7 +115,7 @@ mod tests {
         let api = Protocol::Rpc { service: SERVICE };
         assert!(g.allows(&me, Protocol::Membership), "itself, always");
         assert!(!g.allows(&friend, Protocol::Membership), "nobody before the list is known");
-        assert!(!w.set(&[name(&friend)], &[]));
+        assert!(w.set(&[name(&friend)], &[]), "the list changed");
         for p in [Protocol::Membership, Protocol::Directory, raft, api] {
             assert!(g.allows(&friend, p), "{p:?}");
         }
@@ -125,6 +126,6 @@ mod tests {
         }
         assert!(w.set(&[name(&friend)], &[name(&bad)]));
         assert!(!g.admits(&bad));
-        assert!(!w.set(&[name(&friend)], &[name(&bad)]), "nothing newly revoked");
+        assert!(!w.set(&[name(&friend)], &[name(&bad)]), "nothing changed");
     }
 }

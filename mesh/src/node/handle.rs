@@ -170,7 +170,9 @@ impl Handle {
         Ok(rx)
     }
 
-    /// Closes connections to peers the gate no longer admits.
+    /// Rechecks live connections after the gate's answers changed: closes those of peers it
+    /// no longer admits, and gives peers enrolled since they connected what members get
+    /// (gossip, AutoNAT) and takes it from those no longer members.
     pub async fn recheck_gate(&self) -> Result<(), MeshError> {
         self.ask(Command::RecheckGate).await
     }
