@@ -118,7 +118,6 @@ pub(super) fn build_swarm(
     // Members take datagrams; everyone takes RPC (the gate decides per call).
     let inbound = if member { vec![RPC_PROTOCOL, DATAGRAM_PROTOCOL] } else { vec![RPC_PROTOCOL] };
     let (streams, incoming) = super::streams::Behaviour::new(inbound);
-    let mut streams = Some(streams);
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
@@ -146,7 +145,7 @@ pub(super) fn build_swarm(
                     MEMORY_CONNECTION_LIMIT,
                 ),
                 gate: gate::Behaviour::new(gate),
-                streams: streams.take().unwrap_or_else(|| super::streams::Behaviour::new(vec![]).0),
+                streams,
                 unroutable: unroutable::Behaviour::default(),
                 identify: identify::Behaviour::new(
                     identify::Config::new(IDENTIFY_VERSION.into(), key.public())
