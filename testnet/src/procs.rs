@@ -113,6 +113,21 @@ pub fn until<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>
     }
 }
 
+/// Checks that `f` holds for the whole of `window` (every 250 ms): what an attack must not
+/// make happen, watched for long enough that it would have.
+pub fn throughout(what: &str, window: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if !f() {
+            bail!("{what} stopped holding after {:?}", start.elapsed());
+        }
+        if start.elapsed() >= window {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// A cluster of node processes.
 pub struct Procs {
     dir: PathBuf,

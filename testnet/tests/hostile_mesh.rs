@@ -21,7 +21,7 @@
 use std::time::Duration;
 
 use cloudless_mesh::node::{DATAGRAM_PROTOCOL, RPC_PROTOCOL};
-use cloudless_mesh::rpc::{RemoteErrorKind, Reply};
+use cloudless_mesh::rpc::{Envelope, RemoteErrorKind, Reply};
 use cloudless_testnet::hostile::{Pool, RawPeer};
 use cloudless_testnet::procs::until;
 use libp2p::identity::Keypair;
@@ -42,27 +42,14 @@ fn header(len: u32) -> Vec<u8> {
     len.to_be_bytes().to_vec()
 }
 
-/// A request frame for `service` with a body of `body` bytes: the header and the service
-/// name (what precedes the body on the wire), and the body's length.
+/// A request frame for `service` with a body of `body` bytes: the header and what precedes
+/// the body on the wire (the envelope's encoding up to the body's bytes), and the body's
+/// length.
 fn request_head(service: &str, body: usize) -> (Vec<u8>, usize) {
-    // Envelope { service, body }: postcard's string (length byte, bytes), then the body as a
-    // byte vector (a varint length, the bytes).
-    let mut varint = Vec::new();
-    let mut n = body;
-    loop {
-        let b = (n & 0x7f) as u8;
-        n >>= 7;
-        if n == 0 {
-            varint.push(b);
-            break;
-        }
-        varint.push(b | 0x80);
-    }
-    let total = 1 + service.len() + varint.len() + body;
-    let mut head = header(u32::try_from(total).unwrap());
-    head.push(u8::try_from(service.len()).unwrap());
-    head.extend_from_slice(service.as_bytes());
-    head.extend_from_slice(&varint);
+    let envelope = Envelope { service: service.into(), body: vec![0; body] };
+    let encoded = postcard::to_allocvec(&envelope).unwrap();
+    let mut head = header(u32::try_from(encoded.len()).unwrap());
+    head.extend_from_slice(&encoded[..encoded.len() - body]);
     (head, body)
 }
 
@@ -73,12 +60,7 @@ async fn mesh_stranger_datagram_bomb() {
     let t = (0..3).find(|i| *i != p.leader().unwrap()).unwrap();
     let (addr, target) = p.addr(t).unwrap();
     let before = p.rss_mib(t).unwrap();
-    let raw = RawPeer::start(Keypair::generate_ed25519()).unwrap();
-    raw.dial(target, &addr, 1).await.unwrap();
-    until("the stranger is connected", Duration::from_secs(20), || {
-        (raw.connections() > 0).then_some(())
-    })
-    .unwrap();
+    let raw = RawPeer::connected(Keypair::generate_ed25519(), target, &addr).await.unwrap();
 
     const BODY: usize = 8 * 1024 * 1024;
     let mut written = 0;
@@ -88,6 +70,7 @@ async fn mesh_stranger_datagram_bomb() {
         assert!(sent.answers.is_empty(), "a stranger's datagram was read: {:?}", sent.answers);
         written += sent.written;
     }
+    assert!(written > 0, "no stream was opened: the attack did not happen");
     let peak = p.peak_rss_mib(t).unwrap();
     eprintln!(
         "stranger datagram bomb: 256 x 8 MiB announced, {:.1} MiB taken by the transport \
@@ -106,12 +89,7 @@ async fn mesh_stranger_rpc_bomb() {
     let t = (0..3).find(|i| *i != p.leader().unwrap()).unwrap();
     let (addr, target) = p.addr(t).unwrap();
     let before = p.rss_mib(t).unwrap();
-    let raw = RawPeer::start(Keypair::generate_ed25519()).unwrap();
-    raw.dial(target, &addr, 1).await.unwrap();
-    until("the stranger is connected", Duration::from_secs(20), || {
-        (raw.connections() > 0).then_some(())
-    })
-    .unwrap();
+    let raw = RawPeer::connected(Keypair::generate_ed25519(), target, &addr).await.unwrap();
 
     // One request to a members-only service: refused by name, with a typed answer, before
     // the 4 MiB body is read.
@@ -133,7 +111,7 @@ async fn mesh_stranger_rpc_bomb() {
             .collect();
         if service == "raft" {
             assert!(
-                kinds.iter().all(|k| *k == RemoteErrorKind::Unauthorized),
+                !kinds.is_empty() && kinds.iter().all(|k| *k == RemoteErrorKind::Unauthorized),
                 "a stranger's raft request was not refused: {kinds:?}"
             );
         }
@@ -187,7 +165,8 @@ async fn mesh_stranger_connections() {
 
     let first = flood(target, &addr).await;
     let held = settled(&first);
-    assert!(held <= cap, "strangers hold {held} connections");
+    // Enough connections got through to show the cap at work, and no more than it.
+    assert!(held >= cap / 2 && held <= cap, "strangers hold {held} connections");
     let after_first = p.rss_mib(t).unwrap();
     // A second wave of strangers: what a node keeps per stranger must not add up.
     let second = flood(target, &addr).await;

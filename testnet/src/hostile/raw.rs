@@ -125,6 +125,21 @@ impl RawPeer {
         Ok(RawPeer { peer_id, control, cmds, connections, reservations, task })
     }
 
+    /// Starts a raw peer with `key` and waits (up to 20 s) until it is connected to `peer`
+    /// at `addr`.
+    pub async fn connected(key: Keypair, peer: PeerId, addr: &Multiaddr) -> Result<RawPeer> {
+        let raw = Self::start(key)?;
+        raw.dial(peer, addr, 1).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while raw.connections() == 0 {
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("the raw peer could not connect to {peer} at {addr} within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(raw)
+    }
+
     /// Its PeerId.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
