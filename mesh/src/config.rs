@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::membership;
 
+/// Smallest datagram limit: a directory message (at most `directory::MAX_BATCH_BYTES` of
+/// entries, or `directory::MAX_VERSIONS` versions) must fit with room to spare.
+pub const MIN_DATAGRAM_BYTES: usize = 128 * 1024;
+
 /// Whether this node runs a relay server for peers behind NATs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -136,11 +140,12 @@ impl Config {
             return err("rpc_max_bytes", "must be between 1 KiB and 64 MiB");
         }
         if self.datagram_max_bytes < self.membership.sync_chunk_bytes * 2
+            || self.datagram_max_bytes < MIN_DATAGRAM_BYTES
             || self.datagram_max_bytes > 64 * 1024 * 1024
         {
             return err(
                 "datagram_max_bytes",
-                "must hold two membership sync pages and be at most 64 MiB",
+                "must hold two membership sync pages, be at least 128 KiB and at most 64 MiB",
             );
         }
         if self.rpc_timeout.is_zero()

@@ -1,39 +1,78 @@
 //! The node directory: every node's slowly changing [`NodeDescriptor`], replicated to every node
-//! as one automerge document.
+//! as a map of entries that each node signs for itself.
 //!
 //! ```text
-//!   set_own(descriptor) ──▶ write root[<own peer id>] ──▶ persist ──▶ sync messages to peers
-//!   receive(peer, msg) ──▶ trial-apply on a copy ──▶ check authorship ──▶ adopt ──▶ changed ids
+//!   set_own(descriptor) ──▶ sign (version = max(now, last + 1)) ──▶ push to a few peers
+//!   tick ──▶ Summary{digest} to a random peer
+//!   receive(peer, message, is_member, now) ──▶ bounded, verified, members only ──▶ Outcome
+//!        Summary (differs)  ──▶ our Versions, range by range          (rate-limited per peer)
+//!        Versions           ──▶ the Entries they lack; our Versions if we lack some
+//!        Entries            ──▶ verify each signature ──▶ keep the newer ──▶ changed ids
 //! ```
 //!
-//! Each node writes only the key named after its own PeerId at the document root. Keys are
-//! distinct per node, so concurrent edits by different nodes never conflict, and after a
-//! partition heals or a phone returns from hours offline every copy converges to the same state.
-//! Peers exchange automerge sync messages, which carry only the changes the other side lacks.
+//! Only a node writes its own entry, so the directory is a map of single-writer registers: an
+//! entry replaces another for the same node when its `(version, hash)` is greater, which makes
+//! every copy converge to the same map after a partition heals or a phone returns from hours
+//! offline, whatever order the messages came in (a state-based CRDT, as Serf and Cassandra
+//! gossip node metadata). Every entry is a libp2p [`SignedEnvelope`] over the entry's payload:
+//! the signing key *is* the node the entry describes, so no node can write another's entry,
+//! and a relayed entry is believed because of its signature, not because of who relayed it.
 //!
-//! Every change is checked before it is adopted: its actor id embeds the author's PeerId, and
-//! every operation must touch the author's own key or objects the author created. A sync
-//! message with a forged change is refused whole and leaves the document untouched.
+//! Bounds, because any member may be malicious: an entry is at most [`MAX_ENTRY_BYTES`] and
+//! its descriptor is validated; entries describe enrolled nodes only (the caller's
+//! `is_member`), at most [`MAX_ENTRIES`] of them; a message carries at most
+//! [`MAX_BATCH_ENTRIES`] entries or [`MAX_VERSIONS`] versions; nothing is ever decompressed;
+//! and what a peer can make us send back is limited by a per-peer byte budget
+//! ([`ANSWER_BYTES_PER_SECOND`]). The directory holds only the newest entry per node: its
+//! size does not grow with how often a node changes (an automerge document, which this
+//! replaced, keeps every change forever).
 //!
-//! Actor ids are `[len][peer id bytes][8 random bytes]`, fresh at every start, so that a node
-//! that lost its copy of the document never reuses a sequence number of an earlier life.
+//! A node that lost its copy (a reinstall with the same key) signs versions from its wall
+//! clock; if an earlier life's entry comes back with a higher version, it signs its current
+//! descriptor again above it, so its own entry always wins.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::Write;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-use automerge::sync::{self, SyncDoc};
-use automerge::transaction::Transactable;
-use automerge::{ActorId, Automerge, AutomergeError, ObjType, ROOT, ReadDoc, ScalarValue, Value};
-use cloudless_types::{DeviceClass, NodeDescriptor, Runtime};
+use cloudless_types::NodeDescriptor;
 use libp2p::PeerId;
-use rand::RngCore;
+use libp2p::core::SignedEnvelope;
+use libp2p::identity::Keypair;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
-/// Largest number of peers whose sync state is kept at once (each is a few hundred bytes).
-pub const MAX_SYNC_PEERS: usize = 4096;
-/// Name of the document file inside the data dir.
-pub const FILE: &str = "directory.automerge";
+/// Largest entry on the wire, in bytes. A valid descriptor at every bound (64 labels of 63 +
+/// 253 bytes, 16 addresses of 256) encodes to about 25 KiB; the envelope adds ~100 bytes.
+pub const MAX_ENTRY_BYTES: usize = 32 * 1024;
+/// Most entries held: as many as the membership holds members.
+pub const MAX_ENTRIES: usize = 100_000;
+/// Most entries in one message, and their bytes together ([`MAX_BATCH_BYTES`]): a message
+/// stays well inside the smallest datagram limit the config allows (128 KiB).
+pub const MAX_BATCH_ENTRIES: usize = 256;
+/// Bytes of entries in one message.
+pub const MAX_BATCH_BYTES: usize = 96 * 1024;
+/// Versions in one message (~56 bytes each: ~56 KiB).
+pub const MAX_VERSIONS: usize = 1024;
+/// Largest number of peers whose answer budget is kept at once.
+pub const MAX_PEERS: usize = 4096;
+/// What a peer can make us send in answers, per second (bytes). A full directory of a
+/// thousand ordinary entries (~1 KiB each) is one second's worth; a member that asks again
+/// and again gets its share and no more.
+pub const ANSWER_BYTES_PER_SECOND: u64 = 1024 * 1024;
+/// The burst a peer may ask for at once (a joiner's first full exchange).
+pub const ANSWER_BURST_BYTES: u64 = 4 * 1024 * 1024;
+/// Name of the directory file inside the data dir.
+pub const FILE: &str = "directory.entries";
+/// The file of the automerge directory this one replaced; removed on open.
+const OLD_FILE: &str = "directory.automerge";
+/// Domain separation of the entry signatures.
+pub const DOMAIN: &str = "cloudless-directory";
+/// Payload type of the entry envelopes.
+pub const PAYLOAD_TYPE: &[u8] = b"/cloudless/directory-entry/1";
 
 /// Why a directory operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,26 +80,18 @@ pub enum DirectoryError {
     /// The descriptor breaks a bound.
     #[error("invalid descriptor: {0}")]
     Invalid(#[from] cloudless_types::InvalidInput),
-    /// A sync message could not be decoded.
-    #[error("malformed directory sync message from {peer}: {reason}")]
+    /// A message breaks the protocol's bounds or order.
+    #[error("malformed directory message from {peer}: {reason}")]
     Malformed {
         /// The sender.
         peer: PeerId,
         /// What is wrong.
         reason: String,
     },
-    /// A sync message carried a change that writes another node's entry.
-    #[error("directory sync message from {peer} refused: {reason}")]
-    Forged {
-        /// The sender.
-        peer: PeerId,
-        /// Which change and why.
-        reason: String,
-    },
-    /// Automerge refused an operation.
-    #[error("directory document: {0}")]
-    Document(#[from] AutomergeError),
-    /// The document file could not be read or written.
+    /// This node's entry could not be signed.
+    #[error("cannot sign this node's directory entry: {0}")]
+    Sign(String),
+    /// The directory file could not be read or written.
     #[error("directory file {path}: {source}")]
     Io {
         /// The file.
@@ -70,497 +101,540 @@ pub enum DirectoryError {
     },
 }
 
+/// A directory protocol message (carried in a datagram).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// What the sender holds, in one hash: equal digests mean equal directories.
+    Summary {
+        /// [`Directory::digest`] of the sender.
+        digest: [u8; 32],
+    },
+    /// The versions the sender holds for the nodes in `(after, upto]` (`None`: unbounded).
+    Versions {
+        /// Exclusive lower end of the range.
+        after: Option<PeerId>,
+        /// Inclusive upper end of the range.
+        upto: Option<PeerId>,
+        /// Strictly ascending by node, all inside the range.
+        versions: Vec<Version>,
+        /// Whether the receiver should send its versions of the range back if it lacks some.
+        reply: bool,
+    },
+    /// Signed entries (each a [`SignedEnvelope`] encoding).
+    Entries(Vec<Vec<u8>>),
+}
+
+/// Which entry of a node the sender holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    /// The node.
+    pub peer: PeerId,
+    /// Its entry's version.
+    pub version: u64,
+    /// The first 8 bytes of the entry's hash (orders entries with equal versions).
+    pub hash: u64,
+}
+
+/// What a directory holds, in brief.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stats {
+    /// [`Directory::digest`], hex-encoded: equal on two nodes means equal directories.
+    pub digest: String,
+    /// Entries held.
+    pub entries: usize,
+}
+
+/// What a received message did, and what to send back to its sender.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Nodes whose entries changed.
+    pub changed: BTreeSet<PeerId>,
+    /// Messages for the sender.
+    pub replies: Vec<Message>,
+    /// Entries that were refused, and why (for the log).
+    pub refused: Vec<String>,
+}
+
+/// The payload of an entry: what the node signs.
+#[derive(Serialize, Deserialize)]
+struct Payload {
+    version: u64,
+    descriptor: NodeDescriptor,
+}
+
+/// An entry as held: its wire bytes and what they say.
+#[derive(Clone)]
+struct Entry {
+    bytes: Vec<u8>,
+    hash: [u8; 32],
+    version: u64,
+    descriptor: NodeDescriptor,
+}
+
+impl Entry {
+    fn rank(&self) -> (u64, u64) {
+        (self.version, short(&self.hash))
+    }
+}
+
+/// A per-peer token bucket of answer bytes.
+#[derive(Clone, Copy)]
+struct Budget {
+    tokens: u64,
+    at: Instant,
+}
+
 /// The replicated directory of one node.
 pub struct Directory {
     me: PeerId,
-    key: String,
-    doc: Automerge,
-    /// Sync state per peer; bounded by the number of members the caller keeps.
-    peers: HashMap<PeerId, sync::State>,
+    key: Keypair,
+    entries: BTreeMap<PeerId, Entry>,
+    /// Our descriptor, kept to sign again above an earlier life's entry.
     own: Option<NodeDescriptor>,
-    /// Our entry was written by an earlier life of this node concurrently with this one.
-    rewrite_own: bool,
+    budgets: HashMap<PeerId, Budget>,
+    digest: Option<[u8; 32]>,
     dirty: bool,
 }
 
 impl Directory {
-    /// An empty directory for node `me`.
-    pub fn new(me: PeerId) -> Self {
-        Self::with_doc(me, Automerge::new())
-    }
-
-    fn with_doc(me: PeerId, mut doc: Automerge) -> Self {
-        doc.set_actor(fresh_actor(&me));
+    /// An empty directory for the node whose key is `key`.
+    pub fn new(key: Keypair) -> Self {
         Directory {
-            key: me.to_base58(),
-            me,
-            doc,
-            peers: HashMap::new(),
+            me: key.public().to_peer_id(),
+            key,
+            entries: BTreeMap::new(),
             own: None,
-            rewrite_own: false,
+            budgets: HashMap::new(),
+            digest: None,
             dirty: false,
         }
     }
 
     /// Loads the directory persisted in `data_dir`, or starts an empty one. A file that cannot
-    /// be parsed is moved aside (`.corrupt`) and the directory starts empty: every entry in it
-    /// is a replica that peers will send again.
-    pub fn open(me: PeerId, data_dir: &Path) -> Result<(Self, Option<String>), DirectoryError> {
-        let path = data_dir.join(FILE);
-        match fs::read(&path) {
-            Ok(bytes) => match Automerge::load(&bytes) {
-                Ok(doc) => Ok((Self::with_doc(me, doc), None)),
-                Err(e) => {
-                    let aside = path.with_extension("corrupt");
-                    fs::rename(&path, &aside)
-                        .map_err(|source| DirectoryError::Io { path: path.clone(), source })?;
-                    let warning = format!(
-                        "directory file {} is corrupt ({e}); moved to {}",
-                        path.display(),
-                        aside.display()
-                    );
-                    Ok((Self::new(me), Some(warning)))
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((Self::new(me), None)),
-            Err(source) => Err(DirectoryError::Io { path, source }),
+    /// be parsed is moved aside (`.corrupt`) and entries that do not verify are dropped: every
+    /// entry is a replica that peers will send again. Returns a warning to log, if any.
+    pub fn open(key: Keypair, data_dir: &Path) -> Result<(Self, Option<String>), DirectoryError> {
+        let mut dir = Self::new(key);
+        let old = data_dir.join(OLD_FILE);
+        if old.exists() {
+            fs::remove_file(&old).map_err(|source| DirectoryError::Io { path: old, source })?;
         }
+        let path = data_dir.join(FILE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((dir, None)),
+            Err(source) => return Err(DirectoryError::Io { path, source }),
+        };
+        let Ok(list) = postcard::from_bytes::<Vec<Vec<u8>>>(&bytes) else {
+            let aside = path.with_extension("corrupt");
+            fs::rename(&path, &aside)
+                .map_err(|source| DirectoryError::Io { path: path.clone(), source })?;
+            let warning = format!(
+                "directory file {} is corrupt; moved to {}",
+                path.display(),
+                aside.display()
+            );
+            return Ok((dir, Some(warning)));
+        };
+        let mut bad = 0usize;
+        for bytes in list.into_iter().take(MAX_ENTRIES) {
+            match verify(&bytes) {
+                Ok((peer, entry)) => {
+                    if peer == dir.me {
+                        dir.own = Some(entry.descriptor.clone());
+                    }
+                    dir.entries.insert(peer, entry);
+                }
+                Err(_) => bad += 1,
+            }
+        }
+        let warning = (bad > 0)
+            .then(|| format!("{bad} entries of directory file {} did not verify", path.display()));
+        Ok((dir, warning))
     }
 
-    /// Writes the document to `data_dir` atomically and durably.
+    /// Writes the directory to `data_dir` atomically and durably.
     pub fn persist(&mut self, data_dir: &Path) -> Result<(), DirectoryError> {
         let path = data_dir.join(FILE);
         let io = |source| DirectoryError::Io { path: path.clone(), source };
+        let list: Vec<&[u8]> = self.entries.values().map(|e| e.bytes.as_slice()).collect();
+        let bytes =
+            postcard::to_allocvec(&list).map_err(|e| io(std::io::Error::other(e.to_string())))?;
         let tmp = path.with_extension("tmp");
         let mut f = fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&self.doc.save()).map_err(io)?;
+        f.write_all(&bytes).map_err(io)?;
         f.sync_all().map_err(io)?;
         fs::rename(&tmp, &path).map_err(io)?;
+        fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(io)?;
         self.dirty = false;
         Ok(())
     }
 
-    /// Whether changes arrived since the last [`persist`](Self::persist).
+    /// Whether entries changed since the last [`persist`](Self::persist).
     pub fn is_dirty(&self) -> bool {
         self.dirty
     }
 
-    /// The document heads, hex-encoded and sorted: equal heads mean equal documents.
-    pub fn heads(&self) -> Vec<String> {
-        let mut heads: Vec<String> = self.doc.get_heads().iter().map(|h| h.to_string()).collect();
-        heads.sort();
-        heads
-    }
-
-    /// Sets this node's own entry. Returns whether anything changed.
-    pub fn set_own(&mut self, descriptor: &NodeDescriptor) -> Result<bool, DirectoryError> {
-        descriptor.validate()?;
-        if !self.rewrite_own
-            && self.own.as_ref() == Some(descriptor)
-            && self.entry(&self.key).as_ref() == Some(descriptor)
-        {
-            return Ok(false);
+    /// The digest of every entry held (node, version and hash, in node order): equal on two
+    /// nodes means equal directories.
+    pub fn digest(&mut self) -> [u8; 32] {
+        if let Some(d) = self.digest {
+            return d;
         }
-        let key = self.key.clone();
-        let recreate = self.rewrite_own || self.doc.get_all(ROOT, key.as_str())?.len() != 1;
-        let result = self.doc.transact::<_, _, AutomergeError>(|tx| {
-            let entry = match tx.get(ROOT, key.as_str())? {
-                Some((Value::Object(ObjType::Map), id)) if !recreate => id,
-                _ => tx.put_object(ROOT, key.as_str(), ObjType::Map)?,
-            };
-            write_entry(tx, &entry, descriptor)
-        });
-        result.map_err(|f| f.error)?;
-        self.own = Some(descriptor.clone());
-        self.rewrite_own = false;
-        self.dirty = true;
-        Ok(true)
-    }
-
-    /// Every valid entry, by node.
-    pub fn entries(&self) -> BTreeMap<PeerId, NodeDescriptor> {
-        self.doc
-            .keys(ROOT)
-            .filter_map(|k| {
-                let peer: PeerId = k.parse().ok()?;
-                Some((peer, self.entry(&k)?))
-            })
-            .collect()
-    }
-
-    /// One node's entry, if present and valid.
-    pub fn get(&self, peer: &PeerId) -> Option<NodeDescriptor> {
-        self.entry(&peer.to_base58())
-    }
-
-    fn entry(&self, key: &str) -> Option<NodeDescriptor> {
-        let (value, obj) = self.doc.get(ROOT, key).ok()??;
-        if !matches!(value, Value::Object(ObjType::Map)) {
-            return None;
+        let mut h = Sha256::new();
+        for (peer, e) in &self.entries {
+            h.update(peer.to_bytes());
+            h.update(e.version.to_be_bytes());
+            h.update(e.hash);
         }
-        let d = read_entry(&self.doc, &obj)?;
-        d.validate().ok()?;
-        Some(d)
-    }
-
-    /// The next sync message for `peer`, if it lacks anything we know of.
-    pub fn generate(&mut self, peer: PeerId) -> Option<Vec<u8>> {
-        self.make_room(&peer);
-        let state = self.peers.entry(peer).or_default();
-        self.doc.generate_sync_message(state).map(|m| m.encode())
-    }
-
-    /// Keeps the per-peer sync states within [`MAX_SYNC_PEERS`]: a forgotten peer only costs
-    /// one extra round trip the next time (its state starts afresh).
-    fn make_room(&mut self, peer: &PeerId) {
-        if self.peers.len() >= MAX_SYNC_PEERS
-            && !self.peers.contains_key(peer)
-            && let Some(victim) = self.peers.keys().next().copied()
-        {
-            self.peers.remove(&victim);
-        }
-    }
-
-    /// Forgets the sync state of a peer that left or died.
-    pub fn forget(&mut self, peer: &PeerId) {
-        self.peers.remove(peer);
-    }
-
-    /// Starts the exchange with `peer` afresh (after a reconnection).
-    pub fn reset(&mut self, peer: &PeerId) {
-        self.peers.insert(*peer, sync::State::new());
-    }
-
-    /// Applies a sync message from `peer`. Returns the nodes whose entries changed.
-    pub fn receive(
-        &mut self,
-        peer: PeerId,
-        bytes: &[u8],
-    ) -> Result<BTreeSet<PeerId>, DirectoryError> {
-        let message = sync::Message::decode(bytes)
-            .map_err(|e| DirectoryError::Malformed { peer, reason: e.to_string() })?;
-        let before = self.doc.get_heads();
-        let mut trial = self.doc.clone();
-        let mut state = self.peers.get(&peer).cloned().unwrap_or_default();
-        trial
-            .receive_sync_message(&mut state, message)
-            .map_err(|e| DirectoryError::Malformed { peer, reason: e.to_string() })?;
-        let mut changed = BTreeSet::new();
-        let own_actor = self.doc.get_actor().clone();
-        for change in trial.get_changes(&before) {
-            let author =
-                check_change(&change).map_err(|reason| DirectoryError::Forged { peer, reason })?;
-            if author == self.me && *change.actor_id() != own_actor {
-                // An earlier life of ours wrote our entry; make ours win again.
-                self.rewrite_own = true;
-            }
-            changed.insert(author);
-        }
-        self.doc = trial;
-        self.make_room(&peer);
-        self.peers.insert(peer, state);
-        if !changed.is_empty() {
-            self.dirty = true;
-        }
-        if self.rewrite_own
-            && let Some(own) = self.own.clone()
-        {
-            self.set_own(&own)?;
-        }
-        changed.remove(&self.me);
-        Ok(changed)
-    }
-}
-
-fn fresh_actor(me: &PeerId) -> ActorId {
-    let peer = me.to_bytes();
-    let mut bytes = Vec::with_capacity(1 + peer.len() + 8);
-    bytes.push(u8::try_from(peer.len()).unwrap_or(u8::MAX));
-    bytes.extend_from_slice(&peer);
-    let mut nonce = [0u8; 8];
-    rand::thread_rng().fill_bytes(&mut nonce);
-    bytes.extend_from_slice(&nonce);
-    ActorId::from(bytes)
-}
-
-/// The PeerId embedded in an actor id.
-fn author_of(actor: &ActorId) -> Option<PeerId> {
-    let bytes = actor.to_bytes();
-    let len = usize::from(*bytes.first()?);
-    PeerId::from_bytes(bytes.get(1..1 + len)?).ok()
-}
-
-/// Checks that every operation of `change` stays inside its author's entry; returns the author.
-fn check_change(change: &automerge::Change) -> Result<PeerId, String> {
-    let hash = change.hash();
-    let author = author_of(change.actor_id())
-        .ok_or_else(|| format!("change {hash} has an actor id that names no peer"))?;
-    let key = author.to_base58();
-    for op in change.decode().operations {
-        let ok = match &op.obj {
-            automerge::legacy::ObjectId::Root => {
-                matches!(&op.key, automerge::legacy::Key::Map(k) if k.as_str() == key)
-            }
-            automerge::legacy::ObjectId::Id(id) => author_of(id.actor()) == Some(author),
-        };
-        if !ok {
-            return Err(format!("change {hash} by {author} writes outside its own entry"));
-        }
-    }
-    Ok(author)
-}
-
-fn write_entry(
-    tx: &mut automerge::transaction::Transaction<'_>,
-    entry: &automerge::ObjId,
-    d: &NodeDescriptor,
-) -> Result<(), AutomergeError> {
-    let put_opt = |tx: &mut automerge::transaction::Transaction<'_>,
-                   k: &str,
-                   v: Option<&str>|
-     -> Result<(), AutomergeError> {
-        match v {
-            Some(v) => tx.put(entry, k, v),
-            None => {
-                if tx.get(entry, k)?.is_some() {
-                    tx.delete(entry, k)?;
-                }
-                Ok(())
-            }
-        }
-    };
-    put_opt(tx, "zone", d.zone.as_deref())?;
-    put_opt(tx, "region", d.region.as_deref())?;
-    put_opt(tx, "class", d.device_class.map(|c| c.as_str()))?;
-    tx.put(entry, "cpu", ScalarValue::Uint(u64::from(d.cpu_millis)))?;
-    tx.put(entry, "memory", ScalarValue::Uint(u64::from(d.memory_mib)))?;
-    tx.put(entry, "disk", ScalarValue::Uint(u64::from(d.disk_mib)))?;
-    tx.put(entry, "gpus", ScalarValue::Uint(u64::from(d.gpus)))?;
-    let lists: [(&str, Vec<&str>); 2] = [
-        ("addrs", d.addrs.iter().map(String::as_str).collect()),
-        ("runtimes", d.runtimes.iter().map(|r| r.as_str()).collect()),
-    ];
-    for (name, items) in lists {
-        let current = match tx.get(entry, name)? {
-            Some((Value::Object(ObjType::List), id)) => Some(read_list(tx, &id)),
-            _ => None,
-        };
-        if current.as_deref().map(|c| c.iter().map(String::as_str).collect::<Vec<_>>())
-            != Some(items.clone())
-        {
-            let list = tx.put_object(entry, name, ObjType::List)?;
-            for (i, item) in items.iter().enumerate() {
-                tx.insert(&list, i, *item)?;
-            }
-        }
-    }
-    let labels = match tx.get(entry, "labels")? {
-        Some((Value::Object(ObjType::Map), id)) => id,
-        _ => tx.put_object(entry, "labels", ObjType::Map)?,
-    };
-    let existing: Vec<String> = tx.keys(&labels).collect();
-    for k in existing {
-        if !d.labels.contains_key(&k) {
-            tx.delete(&labels, k.as_str())?;
-        }
-    }
-    for (k, v) in &d.labels {
-        let same = tx
-            .get(&labels, k.as_str())?
-            .and_then(|(v, _)| v.as_str().map(str::to_owned))
-            .as_deref()
-            == Some(v.as_str());
-        if !same {
-            tx.put(&labels, k.as_str(), v.as_str())?;
-        }
-    }
-    Ok(())
-}
-
-fn read_list<D: ReadDoc>(doc: &D, list: &automerge::ObjId) -> Vec<String> {
-    doc.list_range(list, ..)
-        .filter_map(|item| Value::from(item.value).as_str().map(str::to_owned))
-        .collect()
-}
-
-fn read_entry<D: ReadDoc>(doc: &D, entry: &automerge::ObjId) -> Option<NodeDescriptor> {
-    let str_of = |k: &str| -> Option<String> {
-        doc.get(entry, k).ok()?.and_then(|(v, _)| v.as_str().map(str::to_owned))
-    };
-    let num_of = |k: &str| -> u64 {
-        doc.get(entry, k).ok().flatten().and_then(|(v, _)| v.as_u64()).unwrap_or(0)
-    };
-    let list_of = |k: &str| -> Vec<String> {
-        match doc.get(entry, k).ok().flatten() {
-            Some((Value::Object(ObjType::List), id)) => read_list(doc, &id),
-            _ => Vec::new(),
-        }
-    };
-    let mut labels = BTreeMap::new();
-    if let Some((Value::Object(ObjType::Map), id)) = doc.get(entry, "labels").ok().flatten() {
-        for k in doc.keys(&id) {
-            if let Some(v) = doc
-                .get(&id, k.as_str())
-                .ok()
-                .flatten()
-                .and_then(|(v, _)| v.as_str().map(str::to_owned))
-            {
-                labels.insert(k, v);
-            }
-        }
-    }
-    let device_class = match str_of("class") {
-        Some(c) => Some(DeviceClass::parse(&c)?),
-        None => None,
-    };
-    let runtimes =
-        list_of("runtimes").iter().map(|r| Runtime::parse(r)).collect::<Option<Vec<_>>>()?;
-    Some(NodeDescriptor {
-        addrs: list_of("addrs"),
-        labels,
-        zone: str_of("zone"),
-        region: str_of("region"),
-        device_class,
-        runtimes,
-        cpu_millis: u32::try_from(num_of("cpu")).ok()?,
-        memory_mib: u32::try_from(num_of("memory")).ok()?,
-        disk_mib: u32::try_from(num_of("disk")).ok()?,
-        gpus: u16::try_from(num_of("gpus")).ok()?,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use libp2p::identity::Keypair;
-
-    use super::*;
-
-    fn peer() -> PeerId {
-        Keypair::generate_ed25519().public().to_peer_id()
-    }
-
-    fn desc(zone: &str) -> NodeDescriptor {
-        let mut d = NodeDescriptor {
-            addrs: vec!["/ip4/127.0.0.1/udp/1/quic-v1".into()],
-            zone: Some(zone.into()),
-            device_class: Some(DeviceClass::Laptop),
-            runtimes: vec![Runtime::Wasi],
-            cpu_millis: 4000,
-            memory_mib: 8192,
-            ..Default::default()
-        };
-        d.labels.insert("owner".into(), "alice".into());
+        let d: [u8; 32] = h.finalize().into();
+        self.digest = Some(d);
         d
     }
 
-    /// Runs the sync protocol between two directories until neither has anything to send.
-    fn sync_pair(a: &mut Directory, b: &mut Directory) {
-        for _ in 0..20 {
-            let mut quiet = true;
-            if let Some(m) = a.generate(b.me) {
-                b.receive(a.me, &m).unwrap();
-                quiet = false;
-            }
-            if let Some(m) = b.generate(a.me) {
-                a.receive(b.me, &m).unwrap();
-                quiet = false;
-            }
-            if quiet {
-                return;
-            }
+    /// The digest (hex) and the number of entries.
+    pub fn stats(&mut self) -> Stats {
+        Stats {
+            digest: self.digest().iter().map(|b| format!("{b:02x}")).collect(),
+            entries: self.entries.len(),
         }
-        panic!("sync did not settle");
     }
 
-    #[test]
-    fn entries_replicate_and_converge_after_concurrent_edits() {
-        let (pa, pb, pc) = (peer(), peer(), peer());
-        let (mut a, mut b, mut c) = (Directory::new(pa), Directory::new(pb), Directory::new(pc));
-        a.set_own(&desc("a")).unwrap();
-        b.set_own(&desc("b")).unwrap();
-        sync_pair(&mut a, &mut b);
-        sync_pair(&mut b, &mut c);
-        assert_eq!(c.get(&pa), Some(desc("a")));
-        // "Partition": a and c edit concurrently, then heal through b.
-        a.set_own(&desc("a2")).unwrap();
-        let mut d = desc("c2");
-        d.labels.insert("gpu".into(), "true".into());
-        c.set_own(&d).unwrap();
-        sync_pair(&mut a, &mut b);
-        sync_pair(&mut b, &mut c);
-        sync_pair(&mut a, &mut b);
-        assert_eq!(a.heads(), c.heads());
-        assert_eq!(a.entries(), c.entries());
-        assert_eq!(a.get(&pc), Some(d));
-        assert_eq!(c.get(&pa).unwrap().zone.as_deref(), Some("a2"));
+    /// Sets this node's own entry, signed with a version above every earlier one (`unix_ms`:
+    /// the wall clock, in milliseconds). Returns whether anything changed.
+    pub fn set_own(
+        &mut self,
+        descriptor: &NodeDescriptor,
+        unix_ms: u64,
+    ) -> Result<bool, DirectoryError> {
+        descriptor.validate()?;
+        if self.own.as_ref() == Some(descriptor)
+            && self.entries.get(&self.me).map(|e| &e.descriptor) == Some(descriptor)
+        {
+            return Ok(false);
+        }
+        let floor = self.entries.get(&self.me).map_or(0, |e| e.version.saturating_add(1));
+        self.sign_own(descriptor.clone(), unix_ms.max(floor))?;
+        Ok(true)
     }
 
-    #[test]
-    fn forged_changes_are_refused_and_change_nothing() {
-        let (pa, pb) = (peer(), peer());
-        let mut victim = Directory::new(pb);
-        victim.set_own(&desc("b")).unwrap();
-        // A node whose actor claims to be pa writes pb's key.
-        let mut forger = Directory::new(pa);
-        let key = pb.to_base58();
-        forger
-            .doc
-            .transact::<_, _, AutomergeError>(|tx| {
-                let e = tx.put_object(ROOT, key.as_str(), ObjType::Map)?;
-                tx.put(&e, "zone", "evil")
-            })
-            .map_err(|f| f.error)
-            .unwrap();
-        let before = victim.heads();
-        let mut err = None;
-        for _ in 0..5 {
-            let Some(m) = forger.generate(pb) else { break };
-            match victim.receive(pa, &m) {
-                Ok(_) => {}
-                Err(e) => {
-                    err = Some(e);
-                    break;
+    fn sign_own(&mut self, descriptor: NodeDescriptor, version: u64) -> Result<(), DirectoryError> {
+        let payload = postcard::to_allocvec(&Payload { version, descriptor: descriptor.clone() })
+            .map_err(|e| DirectoryError::Sign(e.to_string()))?;
+        let envelope =
+            SignedEnvelope::new(&self.key, DOMAIN.to_owned(), PAYLOAD_TYPE.to_vec(), payload)
+                .map_err(|e| DirectoryError::Sign(e.to_string()))?;
+        let bytes = envelope.into_protobuf_encoding();
+        if bytes.len() > MAX_ENTRY_BYTES {
+            return Err(DirectoryError::Sign(format!(
+                "the entry is {} bytes, at most {MAX_ENTRY_BYTES}",
+                bytes.len()
+            )));
+        }
+        let hash = Sha256::digest(&bytes).into();
+        self.entries
+            .insert(self.me, Entry { bytes, hash, version, descriptor: descriptor.clone() });
+        self.own = Some(descriptor);
+        self.touch();
+        Ok(())
+    }
+
+    fn touch(&mut self) {
+        self.digest = None;
+        self.dirty = true;
+    }
+
+    /// Every entry, by node.
+    pub fn entries(&self) -> BTreeMap<PeerId, NodeDescriptor> {
+        self.entries.iter().map(|(p, e)| (*p, e.descriptor.clone())).collect()
+    }
+
+    /// Number of entries held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// One node's entry, if present.
+    pub fn get(&self, peer: &PeerId) -> Option<NodeDescriptor> {
+        self.entries.get(peer).map(|e| e.descriptor.clone())
+    }
+
+    /// The message that starts an exchange with a peer.
+    pub fn summary(&mut self) -> Message {
+        Message::Summary { digest: self.digest() }
+    }
+
+    /// Our own entry, to push to a few peers after it changed.
+    pub fn own_entry(&self) -> Option<Message> {
+        self.entries.get(&self.me).map(|e| Message::Entries(vec![e.bytes.clone()]))
+    }
+
+    /// Drops the entries of nodes that are no longer members; returns them.
+    pub fn retain(&mut self, is_member: impl Fn(&PeerId) -> bool) -> Vec<PeerId> {
+        let gone: Vec<PeerId> =
+            self.entries.keys().filter(|p| **p != self.me && !is_member(p)).copied().collect();
+        for p in &gone {
+            self.entries.remove(p);
+            self.budgets.remove(p);
+        }
+        if !gone.is_empty() {
+            self.touch();
+        }
+        gone
+    }
+
+    /// Forgets what is kept about a peer that left or died (its entry stays).
+    pub fn forget(&mut self, peer: &PeerId) {
+        self.budgets.remove(peer);
+    }
+
+    /// Applies a message from member `peer`. `is_member` says which nodes may have entries;
+    /// `now` meters what the peer can make us send back. A message that breaks the protocol
+    /// changes nothing.
+    pub fn receive(
+        &mut self,
+        peer: PeerId,
+        message: Message,
+        is_member: impl Fn(&PeerId) -> bool,
+        now: Instant,
+    ) -> Result<Outcome, DirectoryError> {
+        let mut out = Outcome::default();
+        match message {
+            Message::Summary { digest } => {
+                if digest != self.digest() {
+                    out.replies = self.versions(true);
                 }
             }
-            if let Some(m) = victim.generate(pa) {
-                forger.receive(pb, &m).ok();
+            Message::Versions { after, upto, versions, reply } => {
+                let theirs = check_versions(peer, after.as_ref(), upto.as_ref(), &versions)?;
+                let range = (
+                    after.map_or(Bound::Unbounded, Bound::Excluded),
+                    upto.map_or(Bound::Unbounded, Bound::Included),
+                );
+                let mut send = Vec::new();
+                for (p, e) in self.entries.range(range) {
+                    if theirs.get(p).is_none_or(|r| e.rank() > *r) {
+                        send.push(e.bytes.clone());
+                    }
+                }
+                out.replies = batches(send);
+                let lack = theirs.iter().any(|(p, r)| {
+                    is_member(p) && self.entries.get(p).is_none_or(|e| *r > e.rank())
+                });
+                if lack && reply {
+                    let mine: Vec<Version> =
+                        self.entries.range(range).map(|(p, e)| version_of(p, e)).collect();
+                    out.replies.extend(version_messages(mine, after, upto, false));
+                }
+            }
+            Message::Entries(list) => {
+                if list.len() > MAX_BATCH_ENTRIES {
+                    return Err(DirectoryError::Malformed {
+                        peer,
+                        reason: format!("{} entries, at most {MAX_BATCH_ENTRIES}", list.len()),
+                    });
+                }
+                for bytes in list {
+                    match self.accept(&bytes, &is_member) {
+                        Ok(Some(p)) => {
+                            out.changed.insert(p);
+                        }
+                        Ok(None) => {}
+                        Err(reason) => out.refused.push(reason),
+                    }
+                }
             }
         }
-        let err = err.expect("the forged change must be refused");
-        assert!(err.to_string().contains("writes outside its own entry"), "{err}");
-        assert_eq!(victim.heads(), before);
-        assert_eq!(victim.get(&pb), Some(desc("b")));
+        let cost: u64 = out.replies.iter().map(message_cost).sum();
+        if cost > 0 && !self.charge(peer, cost, now) {
+            out.replies.clear();
+            out.refused.push(format!("{peer} asked for more than its answer budget"));
+        }
+        Ok(out)
     }
 
-    #[test]
-    fn garbage_is_malformed_and_persistence_round_trips() {
-        let pa = peer();
-        let dir = tempfile::tempdir().unwrap();
-        let (mut a, warning) = Directory::open(pa, dir.path()).unwrap();
-        assert!(warning.is_none());
-        let err = a.receive(peer(), b"\x42garbage").unwrap_err();
-        assert!(err.to_string().starts_with("malformed directory sync message"), "{err}");
-        a.set_own(&desc("a")).unwrap();
-        a.persist(dir.path()).unwrap();
-        let (b, _) = Directory::open(pa, dir.path()).unwrap();
-        assert_eq!(b.get(&pa), Some(desc("a")));
-        fs::write(dir.path().join(FILE), b"corrupt").unwrap();
-        let (c, warning) = Directory::open(pa, dir.path()).unwrap();
-        assert!(warning.unwrap().contains("is corrupt"));
-        assert!(c.entries().is_empty());
+    /// Verifies one entry and keeps it if it is newer; returns the node whose entry changed.
+    fn accept(
+        &mut self,
+        bytes: &[u8],
+        is_member: &impl Fn(&PeerId) -> bool,
+    ) -> Result<Option<PeerId>, String> {
+        let (peer, entry) = verify(bytes)?;
+        if peer == self.me {
+            // An earlier life of ours signed this: if it outranks ours, sign ours above it.
+            // Before this life set its entry, keep the newest earlier one (set_own signs
+            // above it).
+            let ours = self.entries.get(&self.me).map(Entry::rank);
+            if ours.is_none_or(|r| entry.rank() > r) {
+                match self.own.clone() {
+                    Some(own) => self
+                        .sign_own(own, entry.version.saturating_add(1))
+                        .map_err(|e| e.to_string())?,
+                    None => {
+                        self.entries.insert(peer, entry);
+                        self.touch();
+                    }
+                }
+            }
+            return Ok(None);
+        }
+        if !is_member(&peer) {
+            return Err(format!("entry of {peer}, which is not a member"));
+        }
+        match self.entries.get(&peer) {
+            Some(old) if old.rank() >= entry.rank() => return Ok(None),
+            None if self.entries.len() >= MAX_ENTRIES => {
+                return Err(format!("entry of {peer}: the directory holds {MAX_ENTRIES}"));
+            }
+            _ => {}
+        }
+        self.entries.insert(peer, entry);
+        self.touch();
+        Ok(Some(peer))
     }
 
-    #[test]
-    fn a_restarted_node_without_its_copy_wins_its_own_entry_back() {
-        let (pa, pb) = (peer(), peer());
-        let (mut a, mut b) = (Directory::new(pa), Directory::new(pb));
-        a.set_own(&desc("old")).unwrap();
-        sync_pair(&mut a, &mut b);
-        // a loses its document and comes back with a new actor, writing before syncing.
-        let mut a2 = Directory::new(pa);
-        a2.set_own(&desc("new")).unwrap();
-        sync_pair(&mut a2, &mut b);
-        assert_eq!(b.get(&pa).unwrap().zone.as_deref(), Some("new"));
-        assert_eq!(a2.get(&pa).unwrap().zone.as_deref(), Some("new"));
+    /// Our versions, range by range, covering every node.
+    fn versions(&self, reply: bool) -> Vec<Message> {
+        let all: Vec<Version> = self.entries.iter().map(|(p, e)| version_of(p, e)).collect();
+        version_messages(all, None, None, reply)
+    }
+
+    /// Takes `cost` bytes from `peer`'s answer budget; false when it has not enough.
+    fn charge(&mut self, peer: PeerId, cost: u64, now: Instant) -> bool {
+        if !self.budgets.contains_key(&peer)
+            && self.budgets.len() >= MAX_PEERS
+            && let Some(victim) = self.budgets.keys().next().copied()
+        {
+            self.budgets.remove(&victim);
+        }
+        let b = self.budgets.entry(peer).or_insert(Budget { tokens: ANSWER_BURST_BYTES, at: now });
+        let elapsed = now.saturating_duration_since(b.at);
+        let refill = u64::try_from(
+            elapsed.as_millis().saturating_mul(u128::from(ANSWER_BYTES_PER_SECOND)) / 1000,
+        )
+        .unwrap_or(u64::MAX);
+        b.tokens = b.tokens.saturating_add(refill).min(ANSWER_BURST_BYTES);
+        b.at = now;
+        if b.tokens < cost {
+            return false;
+        }
+        b.tokens -= cost;
+        true
     }
 }
+
+/// Decodes and verifies one entry: the node it describes (its signer) and the entry.
+fn verify(bytes: &[u8]) -> Result<(PeerId, Entry), String> {
+    if bytes.len() > MAX_ENTRY_BYTES {
+        return Err(format!("entry of {} bytes, at most {MAX_ENTRY_BYTES}", bytes.len()));
+    }
+    let envelope = SignedEnvelope::from_protobuf_encoding(bytes)
+        .map_err(|e| format!("entry is not a signed envelope: {e}"))?;
+    let (payload, key) = envelope
+        .payload_and_signing_key(DOMAIN.to_owned(), PAYLOAD_TYPE)
+        .map_err(|e| format!("entry does not verify: {e}"))?;
+    let peer = key.to_peer_id();
+    let p: Payload =
+        postcard::from_bytes(payload).map_err(|e| format!("entry of {peer} is malformed: {e}"))?;
+    p.descriptor.validate().map_err(|e| format!("entry of {peer}: {e}"))?;
+    let hash = Sha256::digest(bytes).into();
+    Ok((peer, Entry { bytes: bytes.to_vec(), hash, version: p.version, descriptor: p.descriptor }))
+}
+
+/// Checks a versions message: bounded, strictly ascending, inside its range.
+fn check_versions(
+    peer: PeerId,
+    after: Option<&PeerId>,
+    upto: Option<&PeerId>,
+    versions: &[Version],
+) -> Result<BTreeMap<PeerId, (u64, u64)>, DirectoryError> {
+    let bad = |reason: String| DirectoryError::Malformed { peer, reason };
+    if versions.len() > MAX_VERSIONS {
+        return Err(bad(format!("{} versions, at most {MAX_VERSIONS}", versions.len())));
+    }
+    if let (Some(a), Some(u)) = (after, upto)
+        && a >= u
+    {
+        return Err(bad("an empty range".into()));
+    }
+    let mut last = after.copied();
+    let mut map = BTreeMap::new();
+    for v in versions {
+        if last.is_some_and(|l| v.peer <= l) || upto.is_some_and(|u| v.peer > *u) {
+            return Err(bad(format!("version of {} out of order or outside the range", v.peer)));
+        }
+        last = Some(v.peer);
+        map.insert(v.peer, (v.version, v.hash));
+    }
+    Ok(map)
+}
+
+fn version_of(peer: &PeerId, e: &Entry) -> Version {
+    Version { peer: *peer, version: e.version, hash: short(&e.hash) }
+}
+
+/// Splits versions covering `(after, upto]` into messages of at most [`MAX_VERSIONS`], each
+/// covering its own sub-range (the ranges together cover exactly `(after, upto]`).
+fn version_messages(
+    versions: Vec<Version>,
+    after: Option<PeerId>,
+    upto: Option<PeerId>,
+    reply: bool,
+) -> Vec<Message> {
+    let chunks: Vec<Vec<Version>> = versions.chunks(MAX_VERSIONS).map(<[_]>::to_vec).collect();
+    if chunks.is_empty() {
+        return vec![Message::Versions { after, upto, versions: Vec::new(), reply }];
+    }
+    let n = chunks.len();
+    let mut lower = after;
+    let mut out = Vec::with_capacity(n);
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let end = if i + 1 == n { upto } else { chunk.last().map(|v| v.peer) };
+        out.push(Message::Versions { after: lower, upto: end, versions: chunk, reply });
+        lower = end;
+    }
+    out
+}
+
+/// Packs entries into messages within [`MAX_BATCH_ENTRIES`] and [`MAX_BATCH_BYTES`].
+fn batches(entries: Vec<Vec<u8>>) -> Vec<Message> {
+    let mut out = Vec::new();
+    let mut cur: Vec<Vec<u8>> = Vec::new();
+    let mut size = 0usize;
+    for e in entries {
+        if !cur.is_empty() && (cur.len() >= MAX_BATCH_ENTRIES || size + e.len() > MAX_BATCH_BYTES) {
+            out.push(Message::Entries(std::mem::take(&mut cur)));
+            size = 0;
+        }
+        size += e.len();
+        cur.push(e);
+    }
+    if !cur.is_empty() {
+        out.push(Message::Entries(cur));
+    }
+    out
+}
+
+/// About how many bytes a message takes on the wire.
+fn message_cost(m: &Message) -> u64 {
+    let n = match m {
+        Message::Summary { .. } => 40,
+        Message::Versions { versions, .. } => 100 + versions.len() * 56,
+        Message::Entries(list) => list.iter().map(|e| e.len() + 4).sum(),
+    };
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+fn short(hash: &[u8; 32]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&hash[..8]);
+    u64::from_be_bytes(b)
+}
+
+#[cfg(test)]
+mod tests;

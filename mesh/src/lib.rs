@@ -14,8 +14,8 @@
 //! * **membership** ([`membership`]): a sans-I/O SWIM + Lifeguard state machine with
 //!   capacity summaries, and a seeded simulator that runs it for ten thousand nodes (behind
 //!   the `test-utils` feature, so the node binary leaves it out);
-//! * **the node directory** ([`directory`]): every node's descriptor in one automerge
-//!   document, synced with automerge's sync protocol and checked change by change;
+//! * **the node directory** ([`directory`]): every node's descriptor as an entry signed by
+//!   that node, synced by push-pull anti-entropy (summary, versions, entries);
 //! * **typed RPC** ([`rpc`]) for the other crates, over [`codec`]'s size-limited frames.
 //!
 //! ```text
@@ -23,7 +23,7 @@
 //!  Handle ───▶│ commands ─▶ Membership core ─▶ Send ─▶ /cloudless/datagram/1 ───│──▶ peers
 //!  (clone)    │                    │        └▶ Broadcast ─▶ gossipsub topic ────│──▶ mesh
 //!             │                    └▶ Event ──────────────────────────────────▶│──▶ events
-//!             │ Directory ◀─▶ automerge sync messages (datagram)               │
+//!             │ Directory ◀─▶ signed entries, summaries (datagram)             │
 //!             │ RPC: Handle::call ─▶ /cloudless/rpc/1 ─▶ Handle::serve queues   │
 //!             │ gate: every connection, every message                          │
 //!             └─────────────────────────────────────────────────────────────────┘

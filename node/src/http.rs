@@ -96,6 +96,7 @@ struct Inner {
     placement_latency: Histogram,
     cpu_utilization: Gauge<f64, AtomicU64>,
     members: Family<StateLabels, Gauge>,
+    directory_entries: Gauge<u64, AtomicU64>,
     raft_term: Gauge<u64, AtomicU64>,
     raft_applied: Gauge<u64, AtomicU64>,
     raft_is_leader: Gauge<i64, AtomicI64>,
@@ -115,6 +116,7 @@ struct Inner {
 /// | `cloudless_workload_placement_latency_seconds` | histogram | |
 /// | `cloudless_node_cpu_utilization` | gauge | |
 /// | `cloudless_membership_members` | gauge | `state` |
+/// | `cloudless_directory_entries` | gauge | |
 /// | `cloudless_raft_term`, `cloudless_raft_applied_index`, `cloudless_raft_is_leader`, `cloudless_raft_voters` | gauge | |
 /// | `cloudless_replicas` | gauge | `phase` |
 /// | `cloudless_api_requests_total` | counter | `kind` |
@@ -164,6 +166,12 @@ impl Metrics {
             "Members of the mesh as seen by this node, by membership state",
             members.clone(),
         );
+        let directory_entries = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "cloudless_directory_entries",
+            "Node directory entries held by this node (members' signed descriptors)",
+            directory_entries.clone(),
+        );
         let raft_term = Gauge::<u64, AtomicU64>::default();
         registry.register(
             "cloudless_raft_term",
@@ -208,6 +216,7 @@ impl Metrics {
                 placement_latency,
                 cpu_utilization,
                 members,
+                directory_entries,
                 raft_term,
                 raft_applied,
                 raft_is_leader,
@@ -245,6 +254,11 @@ impl Metrics {
     /// so the series stay bounded.
     pub fn set_members(&self, state: &str, n: i64) {
         self.inner.members.get_or_create(&StateLabels { state: state.to_owned() }).set(n);
+    }
+
+    /// Sets how many directory entries this node holds.
+    pub fn set_directory_entries(&self, n: usize) {
+        self.inner.directory_entries.set(u64::try_from(n).unwrap_or(u64::MAX));
     }
 
     /// Sets the raft gauges: the current term, the last applied log index, whether this node

@@ -134,10 +134,10 @@ async fn partition_and_heal_converge_the_directory() {
         .unwrap();
     eprintln!("membership merged {took:?} after the heal");
     net.wait_until("all directories are identical and hold both edits", CONVERGE, || async {
-        let first = net.handle(0).unwrap().directory_heads().await.unwrap();
+        let first = net.handle(0).unwrap().directory_stats().await.unwrap();
         for i in 0..6 {
             let h = net.handle(i).unwrap();
-            if h.directory_heads().await.unwrap() != first {
+            if h.directory_stats().await.unwrap() != first {
                 return false;
             }
             let dir = h.directory().await.unwrap();

@@ -10,7 +10,7 @@
 //!
 //! ```text
 //!  runtime ──(measures)──▶ Capacity ──(mesh gossips)──▶ every node ──▶ sched (placement)
-//!  node config ──▶ NodeDescriptor ──(mesh directory, automerge)──▶ every node
+//!  node config ──▶ NodeDescriptor ──(mesh directory, signed entries)──▶ every node
 //!  cloudlessctl ──▶ WorkloadSpec (WorkloadName, Image::Wasi(ModuleHash)) ──▶ raft ──▶
 //!       ReplicaId ──▶ runtime ──▶ ReplicaPhase ──▶ raft ──▶ reads
 //! ```

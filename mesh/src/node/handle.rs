@@ -20,7 +20,7 @@ pub(super) enum Command {
     SetCapacity(Capacity),
     SetDescriptor(NodeDescriptor, oneshot::Sender<Result<(), MeshError>>),
     Directory(oneshot::Sender<Result<BTreeMap<PeerId, NodeDescriptor>, MeshError>>),
-    DirectoryHeads(oneshot::Sender<Result<Vec<String>, MeshError>>),
+    DirectoryStats(oneshot::Sender<Result<crate::directory::Stats, MeshError>>),
     Request {
         peer: PeerId,
         envelope: Envelope,
@@ -96,9 +96,9 @@ impl Handle {
         self.ask(Command::Directory).await?
     }
 
-    /// The directory document's heads; equal on two nodes means equal directories.
-    pub async fn directory_heads(&self) -> Result<Vec<String>, MeshError> {
-        self.ask(Command::DirectoryHeads).await?
+    /// The directory's digest and size; equal digests on two nodes mean equal directories.
+    pub async fn directory_stats(&self) -> Result<crate::directory::Stats, MeshError> {
+        self.ask(Command::DirectoryStats).await?
     }
 
     /// Sends raw `body` to `service` on `peer` and waits for the answer, at most `timeout`.

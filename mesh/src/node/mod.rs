@@ -223,14 +223,14 @@ async fn launch(
     config.validate()?;
     let me = keypair.public().to_peer_id();
     let member = config.role == Role::Member;
-    let (mut swarm, incoming) = build_swarm(&config, keypair, gate.clone())?;
+    let (mut swarm, incoming) = build_swarm(&config, keypair.clone(), gate.clone())?;
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())
             .map_err(|e| MeshError::Listen { addr: addr.clone(), reason: e.to_string() })?;
     }
     let (directory, membership) = if member {
-        let (dir, warning) = Directory::open(me, &config.data_dir)?;
+        let (dir, warning) = Directory::open(keypair, &config.data_dir)?;
         if let Some(w) = warning {
             warn!("{w}");
         }

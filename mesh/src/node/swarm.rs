@@ -32,8 +32,8 @@ use crate::rpc::{Envelope, Reply};
 pub enum Datagram {
     /// A membership message.
     Membership(membership::Message<PeerId>),
-    /// A directory sync message (automerge).
-    Directory(Vec<u8>),
+    /// A directory message (signed entries, or what the sender holds).
+    Directory(crate::directory::Message),
 }
 
 #[derive(NetworkBehaviour)]

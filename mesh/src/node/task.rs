@@ -207,11 +207,11 @@ impl Task {
                     .ok_or(MeshError::NotAMember("directory"));
                 let _ = r.send(res);
             }
-            Command::DirectoryHeads(r) => {
+            Command::DirectoryStats(r) => {
                 let res = self
                     .directory
-                    .as_ref()
-                    .map(Directory::heads)
+                    .as_mut()
+                    .map(Directory::stats)
                     .ok_or(MeshError::NotAMember("directory"));
                 let _ = r.send(res);
             }
@@ -250,6 +250,7 @@ impl Task {
                     let _ = self.swarm.disconnect_peer_id(p);
                 }
                 self.recheck_members();
+                self.retain_members();
                 let _ = r.send(());
             }
             Command::Leave(_) | Command::Shutdown(_) => {}
@@ -344,9 +345,9 @@ impl Task {
                     self.drive(Input::Message { from: peer, message });
                 }
             }
-            Datagram::Directory(bytes) => {
+            Datagram::Directory(message) => {
                 if self.gate.allows(&peer, Protocol::Directory) {
-                    self.on_directory(peer, &bytes);
+                    self.on_directory(peer, message);
                 }
             }
         }
@@ -442,13 +443,11 @@ impl Task {
             match state {
                 State::Alive if !was_live && *id != self.me => {
                     if let Some(dir) = self.directory.as_mut() {
-                        dir.reset(id);
                         if let Some(d) = dir.get(id) {
                             add_addresses(&mut self.swarm, id, &d.addrs);
                         }
-                        if let Some(msg) = dir.generate(*id) {
-                            self.send_datagram(*id, Datagram::Directory(msg));
-                        }
+                        let summary = dir.summary();
+                        self.send_datagram(*id, Datagram::Directory(summary));
                     }
                 }
                 State::Dead | State::Left => {
@@ -496,55 +495,78 @@ impl Task {
                 .map(|a| a.to_string())
                 .collect();
         }
-        if dir.set_own(&d)? {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        if dir.set_own(&d, unix_ms)? {
             if let Err(e) = dir.persist(&self.config.data_dir) {
                 warn!(error = %e, "cannot persist the directory");
             }
-            self.reconcile_directory(DIRECTORY_PUSH);
+            // Pushed to a few peers at once; the periodic exchange carries it on from there.
+            if let (Some(own), Some(core)) = (dir.own_entry(), self.membership.as_ref()) {
+                let peers: Vec<PeerId> = core
+                    .live_peers()
+                    .copied()
+                    .choose_multiple(&mut rand::thread_rng(), DIRECTORY_PUSH);
+                for p in peers {
+                    self.send_datagram(p, Datagram::Directory(own.clone()));
+                }
+            }
         }
         Ok(())
     }
 
+    /// Starts an exchange with `fanout` random live peers: our summary, which they answer
+    /// only if their directory differs.
     fn reconcile_directory(&mut self, fanout: usize) {
         let (Some(dir), Some(core)) = (self.directory.as_mut(), self.membership.as_ref()) else {
             return;
         };
         let peers: Vec<PeerId> =
             core.live_peers().copied().choose_multiple(&mut rand::thread_rng(), fanout);
-        let mut out = Vec::new();
+        let summary = dir.summary();
         for p in peers {
-            if let Some(msg) = dir.generate(p) {
-                out.push((p, msg));
-            }
-        }
-        for (p, msg) in out {
-            self.send_datagram(p, Datagram::Directory(msg));
+            self.send_datagram(p, Datagram::Directory(summary.clone()));
         }
     }
 
-    fn on_directory(&mut self, peer: PeerId, bytes: &[u8]) {
+    fn on_directory(&mut self, peer: PeerId, message: crate::directory::Message) {
         let Some(dir) = self.directory.as_mut() else {
             return;
         };
-        match dir.receive(peer, bytes) {
-            Ok(changed) => {
+        let gate = self.gate.clone();
+        let is_member = move |p: &PeerId| gate.allows(p, Protocol::Directory);
+        match dir.receive(peer, message, is_member, Instant::now()) {
+            Ok(out) => {
+                if let Some(first) = out.refused.first() {
+                    // Not a warning: a member could fill the owner's disk with them.
+                    debug!(%peer, refused = out.refused.len(), %first, "directory entries refused");
+                }
                 let updates: Vec<(PeerId, Option<NodeDescriptor>)> =
-                    changed.into_iter().map(|p| (p, dir.get(&p))).collect();
-                let reply = dir.generate(peer);
+                    out.changed.into_iter().map(|p| (p, dir.get(&p))).collect();
+                for r in out.replies {
+                    self.send_datagram(peer, Datagram::Directory(r));
+                }
                 for (p, d) in updates {
                     if let Some(d) = &d {
                         add_addresses(&mut self.swarm, &p, &d.addrs);
                     }
                     self.emit(Event::Directory { peer: p, descriptor: d });
                 }
-                if let Some(msg) = reply {
-                    self.send_datagram(peer, Datagram::Directory(msg));
-                }
             }
-            Err(e) => {
-                warn!(%peer, error = %e, "directory sync refused");
-                dir.reset(&peer);
-            }
+            Err(e) => debug!(%peer, error = %e, "directory message refused"),
+        }
+    }
+
+    /// Drops the directory entries of nodes that are no longer members.
+    fn retain_members(&mut self) {
+        let Some(dir) = self.directory.as_mut() else {
+            return;
+        };
+        let gate = self.gate.clone();
+        let gone = dir.retain(move |p| gate.allows(p, Protocol::Directory));
+        for p in gone {
+            self.emit(Event::Directory { peer: p, descriptor: None });
         }
     }
 
@@ -620,9 +642,9 @@ impl Task {
                 // A new connection is the cheapest moment to reconcile directories: a joiner
                 // learns every member's addresses from its first peer at once.
                 if self.gate.allows(&peer_id, Protocol::Directory)
-                    && let Some(msg) = self.directory.as_mut().and_then(|d| d.generate(peer_id))
+                    && let Some(summary) = self.directory.as_mut().map(Directory::summary)
                 {
-                    self.send_datagram(peer_id, Datagram::Directory(msg));
+                    self.send_datagram(peer_id, Datagram::Directory(summary));
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, cause, num_established, .. } => {

@@ -131,6 +131,9 @@ async fn set_gauges(facts: &Facts, view: &View) {
         let n = i64::try_from(view.count(state)).unwrap_or(i64::MAX);
         facts.metrics.set_members(state_word(state), n);
     }
+    if let Ok(stats) = facts.mesh.directory_stats().await {
+        facts.metrics.set_directory_entries(stats.entries);
+    }
     let mut held = facts.wasi.list().await.unwrap_or_default();
     if let Some(c) = &facts.containers {
         held.extend(c.list().await.unwrap_or_default());
