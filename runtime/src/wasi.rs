@@ -30,8 +30,8 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
 use wasmtime::{
-    Cache, CacheConfig, CallHook, Config, Engine, InstanceAllocationStrategy, InstancePre, Linker,
-    Module, PoolingAllocationConfig, ResourceLimiter, Store, StoreContextMut, UpdateDeadline,
+    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    PoolingAllocationConfig, ResourceLimiter, Store, UpdateDeadline,
 };
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -92,12 +92,65 @@ enum Compiled {
 /// What the host shares with a running guest's callbacks.
 #[derive(Default)]
 struct Control {
-    /// CPU time spent in WebAssembly so far (host calls excluded).
+    /// CPU time the guest's task has used so far: every poll of it, in WebAssembly and in
+    /// host calls alike (a host call that waits, such as a sleep, returns to the runtime and
+    /// is not counted). Finished polls only; see [`Control::busy`].
     cpu_nanos: AtomicU64,
+    /// When the poll in progress began, if one is.
+    polling_since: Mutex<Option<Instant>>,
     /// Linear memory in use.
     memory_bytes: AtomicU64,
     /// The limiter refused a growth: the run ends as out of memory.
     oom: AtomicBool,
+}
+
+impl Control {
+    /// CPU time used so far, the poll in progress included.
+    fn busy(&self, now: Instant) -> Duration {
+        let done = Duration::from_nanos(self.cpu_nanos.load(Ordering::Relaxed));
+        let current = self
+            .polling_since
+            .lock()
+            .ok()
+            .and_then(|s| *s)
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        done + current
+    }
+
+    fn begin_poll(&self, now: Instant) {
+        if let Ok(mut s) = self.polling_since.lock() {
+            *s = Some(now);
+        }
+    }
+
+    fn end_poll(&self, now: Instant) {
+        let started = self.polling_since.lock().ok().and_then(|mut s| s.take());
+        if let Some(t) = started {
+            let nanos = u64::try_from(now.saturating_duration_since(t).as_nanos()).unwrap_or(0);
+            self.cpu_nanos.fetch_add(nanos, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A guest's run, timed poll by poll: a poll is the guest on a thread, in WebAssembly or in
+/// the host (a log write, a file call, hashing a large `random_get`); between polls it waits.
+struct Timed<F: ?Sized> {
+    run: std::pin::Pin<Box<F>>,
+    control: Arc<Control>,
+}
+
+impl<F: std::future::Future + ?Sized> std::future::Future for Timed<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        self.control.begin_poll(Instant::now());
+        let r = self.run.as_mut().poll(cx);
+        self.control.end_poll(Instant::now());
+        r
+    }
 }
 
 /// Per-store accounting: the limiter and the CPU throttle.
@@ -105,12 +158,8 @@ struct Meter {
     control: Arc<Control>,
     memory_limit: usize,
     memory: usize,
-    /// When the guest last entered WebAssembly code (None while in the host).
-    in_wasm_since: Option<Instant>,
-    /// Time in WebAssembly since the last tick.
-    slice: Duration,
-    /// The end of the pause the last tick imposed: time before it is not the guest's.
-    resume_at: Option<Instant>,
+    /// [`Control::busy`] at the last tick.
+    busy_at_tick: Duration,
     /// The CPU share, in millicores.
     cpu_millis: u32,
 }
@@ -121,48 +170,23 @@ impl Meter {
             control,
             memory_limit: (memory_mib as usize) << 20,
             memory: 0,
-            in_wasm_since: None,
-            slice: Duration::ZERO,
-            resume_at: None,
+            busy_at_tick: Duration::ZERO,
             cpu_millis,
         }
     }
 
-    /// Counts the time since the guest entered WebAssembly.
-    fn account(&mut self, now: Instant) {
-        if let Some(t) = self.in_wasm_since.take() {
-            let ran = now.saturating_duration_since(t);
-            self.slice += ran;
-            let nanos = u64::try_from(ran.as_nanos()).unwrap_or(u64::MAX);
-            self.control.cpu_nanos.fetch_add(nanos, Ordering::Relaxed);
-        }
-    }
-
-    /// Host transitions. The epoch callback itself is entered as a host call, so the time in
-    /// WebAssembly up to a tick is counted here.
-    fn hook(&mut self, hook: CallHook) {
-        let now = Instant::now();
-        match hook {
-            CallHook::CallingWasm | CallHook::ReturningFromHost => {
-                let from = self.resume_at.take().map_or(now, |r| r.max(now));
-                self.in_wasm_since = Some(from);
-            }
-            CallHook::CallingHost | CallHook::ReturningFromWasm => self.account(now),
-        }
-    }
-
-    /// At an epoch tick: yield, and sleep off the CPU used beyond the share, so that over
-    /// any few ticks the guest runs `cpu_millis / 1000` of the time.
+    /// At an epoch tick: yield, and sleep off the CPU used beyond the share since the last
+    /// tick (host calls included), so that over any few ticks the guest runs
+    /// `cpu_millis / 1000` of the time. The pause itself is a wait: it is not counted.
     fn tick(&mut self) -> UpdateDeadline {
-        let now = Instant::now();
-        self.account(now);
-        let ran = std::mem::take(&mut self.slice);
+        let busy = self.control.busy(Instant::now());
+        let ran = busy.saturating_sub(self.busy_at_tick);
+        self.busy_at_tick = busy;
         let millis = self.cpu_millis.clamp(1, 1000);
         let pause = ran.mul_f64(f64::from(1000 - millis) / f64::from(millis));
         if pause.is_zero() {
             UpdateDeadline::Yield(1)
         } else {
-            self.resume_at = Some(now + pause);
             UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep(pause)))
         }
     }
@@ -505,7 +529,11 @@ impl WasiDriver {
         let outcome = match compiled {
             Compiled::Core(pre) => {
                 let data = P1Guest { wasi: WasiCtxBuilder::new().build_p1(), meter: meter() };
-                run_core(pre, new_store(engine, data)).await
+                Timed {
+                    run: Box::pin(run_core(pre, new_store(engine, data))),
+                    control: control.clone(),
+                }
+                .await
             }
             Compiled::Component(pre) => {
                 let data = P2Guest {
@@ -513,7 +541,11 @@ impl WasiDriver {
                     table: ResourceTable::new(),
                     meter: meter(),
                 };
-                run_component(pre, new_store(engine, data)).await
+                Timed {
+                    run: Box::pin(run_component(pre, new_store(engine, data))),
+                    control: control.clone(),
+                }
+                .await
             }
         };
         Ok(classify(outcome, &control))
@@ -561,10 +593,6 @@ fn is_component(bytes: &[u8]) -> bool {
 fn new_store<T: Metered + Send + 'static>(engine: &Engine, data: T) -> Store<T> {
     let mut store = Store::new(engine, data);
     store.limiter(|g| g.meter() as &mut dyn ResourceLimiter);
-    store.call_hook(|mut ctx: StoreContextMut<'_, T>, hook| {
-        ctx.data_mut().meter().hook(hook);
-        Ok(())
-    });
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(|mut ctx| Ok(ctx.data_mut().meter().tick()));
     store
@@ -681,6 +709,7 @@ impl Driver for WasiDriver {
                     None => std::future::pending().await,
                 }
             };
+            let run = Timed { run, control: ctl.clone() };
             let exit = tokio::select! {
                 outcome = run => classify(outcome, &ctl),
                 () = k.notified() => Exit { code: None, reason: ExitReason::Stopped, at: SystemTime::now() },

@@ -32,7 +32,12 @@ const PRELUDE: &str = r#"
 "#;
 
 fn module(body: &str) -> Vec<u8> {
-    wat::parse_str(format!("(module {PRELUDE} {body})")).unwrap()
+    module_with("", body)
+}
+
+/// A module with more imports (they must come before the prelude's definitions).
+fn module_with(imports: &str, body: &str) -> Vec<u8> {
+    wat::parse_str(format!("(module {imports} {PRELUDE} {body})")).unwrap()
 }
 
 /// Prints "hello from wasi" and "a warning" (stderr), then exits with `code`.
@@ -87,6 +92,15 @@ pub fn escape() -> Vec<u8> {
 /// Spins forever.
 pub fn spin() -> Vec<u8> {
     module(r#"(func (export "_start") (loop $l (br $l)))"#)
+}
+
+/// Spins in the host: asks for 60,000 random bytes, forever (almost no time in WebAssembly).
+pub fn host_spin() -> Vec<u8> {
+    module_with(
+        r#"(import "wasi_snapshot_preview1" "random_get" (func $random_get (param i32 i32) (result i32)))"#,
+        r#"(func (export "_start")
+             (loop $l (drop (call $random_get (i32.const 1024) (i32.const 60000))) (br $l)))"#,
+    )
 }
 
 /// Grows its memory 1 MiB at a time, forever.

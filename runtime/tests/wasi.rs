@@ -115,6 +115,40 @@ async fn an_endless_loop_is_held_to_its_cpu_share_and_stopped_at_its_deadline() 
     assert!(cpu > Duration::from_millis(200) && cpu < Duration::from_millis(700), "used {cpu:?}");
 }
 
+/// CPU time this process has used, every thread together (from /proc, in nanoseconds).
+fn process_cpu() -> Duration {
+    let mut nanos = 0u64;
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
+            nanos += s.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    Duration::from_nanos(nanos)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_in_host_calls_counts_in_the_cpu_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = driver(&dir);
+    let hash = d.store_module(&guests::host_spin()).unwrap();
+    let mut spec = job("host-spin", &hash);
+    spec.cpu_millis = 100;
+    spec.timeout = Some(Duration::from_secs(3));
+    d.start(&spec).await.unwrap();
+    let before = process_cpu();
+    let exit = wait(&d, &spec.id).await;
+    let used = process_cpu().saturating_sub(before);
+    assert_eq!(exit.reason, ExitReason::Timeout, "{exit:?}");
+    let counted = Duration::from_nanos(d.stats(&spec.id).await.unwrap().cpu_nanos);
+    eprintln!(
+        "host-call spinner at 100m for 3 s: the process used {used:?}, the guest {counted:?}"
+    );
+    // 100 millicores for 3 s is 0.3 s. A meter that counted only WebAssembly let this guest
+    // take a whole core (about 3 s): nearly all its time is in `random_get`.
+    assert!(used < Duration::from_millis(1200), "the process used {used:?}");
+    assert!(counted > Duration::from_millis(100), "the guest barely ran: {counted:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_bomb_is_stopped_at_its_limit_and_reported() {
     let dir = tempfile::tempdir().unwrap();
