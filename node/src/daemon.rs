@@ -171,6 +171,8 @@ impl Daemon {
         let mut wasi_config = WasiConfig::new(&data_dir.join("wasi"));
         wasi_config.allow_network = config.allow_network;
         wasi_config.max_memory_mib = config.offer.memory_mib.clamp(16, 4096);
+        wasi_config.max_disk_mib =
+            config.offer.disk_mib.max(cloudless_runtime::wasi::DEFAULT_DISK_MIB);
         let wasi = WasiDriver::new(wasi_config)?;
         let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
         let group_file = data_dir.join(crate::facts::GROUP_FILE);

@@ -32,8 +32,9 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
-    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
-    StatsOptionsBuilder, StopContainerOptionsBuilder, WaitContainerOptions,
+    InspectContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, StatsOptionsBuilder, StopContainerOptionsBuilder,
+    WaitContainerOptions,
 };
 use futures::StreamExt;
 use tracing::{debug, info, warn};
@@ -55,8 +56,12 @@ pub const LABEL_FINGERPRINT: &str = "cloudless.fingerprint";
 /// Processes one container may have: stops a fork bomb from taking the device down, and is
 /// far above what a normal service runs.
 const PIDS_LIMIT: i64 = 1024;
-/// Size of the writable `/tmp` a read-only container gets.
-const TMPFS: &str = "rw,nosuid,nodev,size=64m";
+/// Mount options of the writable `/tmp` a read-only container gets; its size is the replica's
+/// disk limit, which the kernel enforces (a write past it fails with "no space left").
+const TMPFS: &str = "rw,nosuid,nodev";
+/// How often a container with a writable root file system is measured against its disk
+/// limit (the engine walks its writable layer to answer, so not often).
+const DISK_CHECK: Duration = Duration::from_secs(2);
 
 /// Settings of the container driver.
 #[derive(Clone, Debug, Default)]
@@ -186,8 +191,10 @@ impl ContainerDriver {
             memory_swap: Some(memory),
             pids_limit: Some(PIDS_LIMIT),
             readonly_rootfs: Some(!self.config.writable_rootfs),
-            tmpfs: (!self.config.writable_rootfs)
-                .then(|| HashMap::from([("/tmp".to_string(), TMPFS.to_string())])),
+            tmpfs: (!self.config.writable_rootfs).then(|| {
+                let options = format!("{TMPFS},size={}m", spec.disk_limit_mib());
+                HashMap::from([("/tmp".to_string(), options)])
+            }),
             cap_drop: Some(vec!["ALL".into()]),
             privileged: Some(false),
             security_opt: Some(vec!["no-new-privileges".into()]),
@@ -256,6 +263,35 @@ impl ContainerDriver {
             }
             m.insert(container.to_string(), reason);
         }
+    }
+
+    /// Stops a container with a writable root file system whose writable layer grows past
+    /// `limit_mib`, as out of disk; ends when the container does.
+    fn disk_watch(&self, container: String, limit_mib: u32) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let limit = i64::from(limit_mib) << 20;
+            loop {
+                tokio::time::sleep(DISK_CHECK).await;
+                let options = InspectContainerOptionsBuilder::new().size(true).build();
+                let Ok(c) = this.docker.inspect_container(&container, Some(options)).await else {
+                    return;
+                };
+                if c.state.as_ref().and_then(|s| s.running) != Some(true) {
+                    return;
+                }
+                let used = c.size_rw.unwrap_or(0);
+                if used > limit {
+                    let used_mib = u64::try_from(used >> 20).unwrap_or(0);
+                    this.remember(&container, ExitReason::OutOfDisk { used_mib, limit_mib });
+                    let stop = StopContainerOptionsBuilder::new().t(0).build();
+                    if let Err(e) = this.docker.stop_container(&container, Some(stop)).await {
+                        warn!(container, error = %e, "cannot stop a container out of disk");
+                    }
+                    return;
+                }
+            }
+        });
     }
 
     /// Kills the container at its wall-clock limit, unless it was replaced or ended before.
@@ -364,6 +400,9 @@ impl Driver for ContainerDriver {
                 id: spec.id.clone(),
                 reason: format!("it did not start: {e}"),
             });
+        }
+        if self.config.writable_rootfs {
+            self.disk_watch(created.id.clone(), spec.disk_limit_mib());
         }
         if let Some(t) = spec.timeout {
             self.watchdog(created.id, t);

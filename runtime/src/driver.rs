@@ -18,6 +18,13 @@ pub enum ExitReason {
     Exited,
     /// It used more memory than its limit and was stopped (containers: OOM-killed).
     OutOfMemory,
+    /// Its files grew past its disk limit and it was stopped.
+    OutOfDisk {
+        /// What its directory held when it was measured, in MiB.
+        used_mib: u64,
+        /// Its limit, in MiB.
+        limit_mib: u32,
+    },
     /// It ran past its wall-clock limit.
     Timeout,
     /// We stopped it.
@@ -51,6 +58,9 @@ impl Exit {
             (ExitReason::Exited, Some(c)) => format!("exit code {c}"),
             (ExitReason::Exited, None) => "exited".into(),
             (ExitReason::OutOfMemory, _) => "out of memory".into(),
+            (ExitReason::OutOfDisk { used_mib, limit_mib }, _) => {
+                format!("out of disk: its files took {used_mib} MiB, limit {limit_mib} MiB")
+            }
             (ExitReason::Timeout, _) => "timed out".into(),
             (ExitReason::Stopped, _) => "stopped".into(),
             (ExitReason::Trap(t), _) => format!("trap: {t}"),

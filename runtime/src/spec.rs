@@ -10,6 +10,10 @@ use sha2::{Digest, Sha256};
 
 pub use cloudless_types::ReplicaId;
 
+/// Scratch space of a replica whose spec asks for no disk, in MiB: enough for a program's
+/// temporary files, small enough that 64 of them fit on a phone.
+pub const DEFAULT_DISK_MIB: u32 = 64;
+
 /// When and how often a replica that stopped is started again.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RestartPolicy {
@@ -66,6 +70,8 @@ pub struct ReplicaSpec {
     pub cpu_millis: u32,
     /// Memory the replica may use, in MiB.
     pub memory_mib: u32,
+    /// Disk its files may take, in MiB (0: the node's default scratch space).
+    pub disk_mib: u32,
     /// Ports it listens on.
     pub ports: Vec<Port>,
     /// May open network connections.
@@ -94,6 +100,7 @@ impl ReplicaSpec {
             env: spec.env.clone(),
             cpu_millis: limits.cpu_millis,
             memory_mib: limits.memory_mib,
+            disk_mib: limits.disk_mib,
             ports: spec.ports.clone(),
             network: spec.network,
             timeout: spec.timeout_secs.map(|s| Duration::from_secs(s.into())),
@@ -101,6 +108,11 @@ impl ReplicaSpec {
             liveness: spec.liveness.clone(),
             readiness: spec.readiness.clone(),
         }
+    }
+
+    /// The disk its files may take, in MiB: its limit, or [`DEFAULT_DISK_MIB`] without one.
+    pub fn disk_limit_mib(&self) -> u32 {
+        if self.disk_mib == 0 { DEFAULT_DISK_MIB } else { self.disk_mib }
     }
 
     /// A digest of everything that shapes a run (not the restart policy or probes, which the
@@ -115,6 +127,7 @@ impl ReplicaSpec {
             &self.env,
             self.cpu_millis,
             self.memory_mib,
+            self.disk_mib,
             &self.ports,
             self.network,
             self.timeout,

@@ -8,6 +8,8 @@
 //!               ──▶ Store { WASI ctx: args, env, stdin closed, stdout/stderr ─▶ LogBook,
 //!                            preopened <data>/replicas/<id>/work as "/", sockets only if
 //!                            allowed; limiter: memory; epoch callback: CPU share, stop }
+//!               ──▶ disk watch: the work dir measured every 250 ms against the disk limit
+//!                  (over it: stopped, its files removed)
 //!               ──▶ task on the guest runtime ──▶ Exit (code, or why it was stopped)
 //! ```
 //!
@@ -65,11 +67,16 @@ pub struct WasiConfig {
     pub compiled_cache: usize,
     /// Threads running guests: at most the cores the owner gives to Cloudless.
     pub guest_threads: usize,
+    /// Disk a replica's files may take when its spec asks for none, in MiB.
+    pub default_disk_mib: u32,
+    /// The largest disk limit a replica may have, in MiB (what the node offers).
+    pub max_disk_mib: u32,
 }
 
 impl WasiConfig {
     /// Defaults for a node whose data lives in `data_dir`: no network, replicas up to 1 GiB,
-    /// 64 at once, 32 compiled modules cached, one guest thread per core.
+    /// 64 at once, 32 compiled modules cached, one guest thread per core, 64 MiB of scratch
+    /// files for a replica that asks for no disk and at most 1 GiB for one that does.
     pub fn new(data_dir: &Path) -> Self {
         WasiConfig {
             data_dir: data_dir.to_path_buf(),
@@ -78,7 +85,73 @@ impl WasiConfig {
             max_replicas: 64,
             compiled_cache: 32,
             guest_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            default_disk_mib: DEFAULT_DISK_MIB,
+            max_disk_mib: 1024,
         }
+    }
+}
+
+pub use crate::spec::DEFAULT_DISK_MIB;
+/// The longest wait between two measures of a running replica's files against its disk limit
+/// (Kubernetes measures ephemeral storage the same way, far less often). The wait shrinks as
+/// the files near the limit: see [`over_disk`].
+const DISK_CHECK: Duration = Duration::from_millis(250);
+/// The shortest wait between two measures.
+const DISK_CHECK_MIN: Duration = Duration::from_millis(10);
+/// How fast a guest with a whole core can write, in bytes per second: writes into the page
+/// cache, on a fast machine. A guest writes at most its CPU share of this (file calls count
+/// in the share), so a wait of `room / (share × rate)` cannot be overrun by more than what it
+/// writes in [`DISK_CHECK_MIN`].
+const WRITE_RATE: f64 = 2.0 * 1024.0 * 1024.0 * 1024.0;
+/// Files and directories a replica's directory may hold: each costs an inode and time in the
+/// measuring walk, so a million empty files cannot fill a file system's inodes.
+const MAX_FILES: u64 = 10_000;
+/// What an entry costs at least, whatever its length (an inode and a directory slot).
+const ENTRY_COST: u64 = 4096;
+
+/// What `dir` takes on disk: allocated blocks (a sparse file costs what it wrote), every entry
+/// at least [`ENTRY_COST`]; and how many entries. Stops counting past [`MAX_FILES`]. Symlinks
+/// are not followed.
+fn disk_usage(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let (mut bytes, mut files) = (0u64, 0u64);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            files += 1;
+            if files > MAX_FILES {
+                return (bytes, files);
+            }
+            let Ok(m) = std::fs::symlink_metadata(e.path()) else { continue };
+            bytes = bytes.saturating_add(m.blocks().saturating_mul(512).max(ENTRY_COST));
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    (bytes, files)
+}
+
+/// Resolves when the files under `work` take more than `limit_mib` (or too many entries):
+/// with what they took, in MiB. Measures again after the time a guest with `cpu_millis`
+/// would need to fill the room left, within [`DISK_CHECK_MIN`]..[`DISK_CHECK`].
+async fn over_disk(work: PathBuf, limit_mib: u32, cpu_millis: u32) -> u64 {
+    let limit = u64::from(limit_mib) << 20;
+    let rate = WRITE_RATE * f64::from(cpu_millis.clamp(1, 1000)) / 1000.0;
+    loop {
+        let w = work.clone();
+        let Ok((bytes, files)) = tokio::task::spawn_blocking(move || disk_usage(&w)).await else {
+            tokio::time::sleep(DISK_CHECK).await;
+            continue;
+        };
+        if bytes > limit || files > MAX_FILES {
+            return bytes >> 20;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let room = (limit - bytes) as f64;
+        let wait = Duration::from_secs_f64(room / rate).clamp(DISK_CHECK_MIN, DISK_CHECK);
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -656,6 +729,12 @@ impl Driver for WasiDriver {
                 "it asks for network access, which this node does not allow".into(),
             ));
         }
+        if spec.disk_mib > self.inner.config.max_disk_mib {
+            return Err(refuse(format!(
+                "its disk limit of {} MiB is above this node's {} MiB",
+                spec.disk_mib, self.inner.config.max_disk_mib
+            )));
+        }
         if spec.memory_mib > self.inner.config.max_memory_mib {
             return Err(refuse(format!(
                 "its memory limit of {} MiB is above this node's {} MiB",
@@ -701,6 +780,10 @@ impl Driver for WasiDriver {
         let (tx, rx) = watch::channel(None);
         let kill = Arc::new(Notify::new());
         let timeout = spec.timeout;
+        let disk_limit =
+            if spec.disk_mib == 0 { self.inner.config.default_disk_mib } else { spec.disk_mib };
+        let disk = over_disk(work.clone(), disk_limit, spec.cpu_millis);
+        let work = work.clone();
         let (ctl, k, id) = (control.clone(), kill.clone(), spec.id.clone());
         let task = async move {
             let deadline = async {
@@ -714,8 +797,24 @@ impl Driver for WasiDriver {
                 outcome = run => classify(outcome, &ctl),
                 () = k.notified() => Exit { code: None, reason: ExitReason::Stopped, at: SystemTime::now() },
                 () = deadline => Exit { code: None, reason: ExitReason::Timeout, at: SystemTime::now() },
+                used_mib = disk => Exit {
+                    code: None,
+                    reason: ExitReason::OutOfDisk { used_mib, limit_mib: disk_limit },
+                    at: SystemTime::now(),
+                },
             };
             info!(replica = %id, exit = %exit.describe(), "wasi replica ended");
+            if matches!(exit.reason, ExitReason::OutOfDisk { .. }) {
+                // The owner's disk comes first: what the guest wrote past its limit goes, as
+                // an evicted pod's scratch volume does.
+                let w = work.clone();
+                let cleared = tokio::task::spawn_blocking(move || {
+                    std::fs::remove_dir_all(&w).and_then(|()| std::fs::create_dir_all(&w))
+                });
+                if let Ok(Err(e)) = cleared.await {
+                    warn!(replica = %id, error = %e, "cannot remove the files of a replica out of disk");
+                }
+            }
             let _ = tx.send(Some(exit));
         };
         let run = Arc::new(Run {

@@ -70,6 +70,40 @@ async fn busybox_output_and_exit_code() {
 }
 
 #[tokio::test]
+async fn the_disk_limit_holds_on_tmp_and_on_a_writable_root() {
+    let Some(d) = engine("disk").await else { return };
+    // Read-only root: /tmp is a tmpfs of the replica's disk limit.
+    let mut s = spec("disk-tmp", "dd if=/dev/zero of=/tmp/fill bs=1M count=20 2>&1; exit 7");
+    s.disk_mib = 4;
+    d.start(&s).await.unwrap();
+    let exit = wait(&d, &s).await;
+    assert_eq!(exit.code, Some(7), "{exit:?}");
+    let logs: Vec<String> = d.logs(&s.id, 10).await.unwrap().into_iter().map(|l| l.text).collect();
+    assert!(logs.iter().any(|l| l.contains("No space left")), "{logs:?}");
+    clean(&d).await;
+
+    // A writable root (the operator's choice): measured, and stopped past the limit.
+    let config = ContainerConfig {
+        scope: format!("disk-rw-{}", std::process::id()),
+        writable_rootfs: true,
+        ..ContainerConfig::default()
+    };
+    let rw = ContainerDriver::connect(config).await.unwrap();
+    let mut s = spec("disk-rw", "dd if=/dev/zero of=/fill bs=1M count=20; sleep 60");
+    s.disk_mib = 4;
+    rw.start(&s).await.unwrap();
+    let exit = wait(&rw, &s).await;
+    match exit.reason {
+        ExitReason::OutOfDisk { used_mib, limit_mib } => {
+            assert_eq!(limit_mib, 4);
+            assert!(used_mib >= 4, "{exit:?}");
+        }
+        r => panic!("{r:?}"),
+    }
+    clean(&rw).await;
+}
+
+#[tokio::test]
 async fn the_memory_limit_is_enforced_and_reported_as_oom() {
     let Some(d) = engine("oom").await else { return };
     // dd allocates its whole block: 100 MiB against a 32 MiB limit.

@@ -89,6 +89,20 @@ pub fn escape() -> Vec<u8> {
     )
 }
 
+/// Creates `fill` in its directory and writes 60,000 bytes to it at a time, forever.
+pub fn disk_fill() -> Vec<u8> {
+    module(
+        r#"(data (i32.const 100) "fill")
+           (func (export "_start") (local $fd i32)
+             ;; fd 3 is the preopen; O_CREAT = 1; rights: read + write; the new fd at 16.
+             (if (call $path_open (i32.const 3) (i32.const 0) (i32.const 100) (i32.const 4)
+                   (i32.const 1) (i64.const 0x42) (i64.const 0x42) (i32.const 0) (i32.const 16))
+               (then (call $proc_exit (i32.const 100))))
+             (local.set $fd (i32.load (i32.const 16)))
+             (loop $l (call $write (local.get $fd) (i32.const 1024) (i32.const 60000)) (br $l)))"#,
+    )
+}
+
 /// Spins forever.
 pub fn spin() -> Vec<u8> {
     module(r#"(func (export "_start") (loop $l (br $l)))"#)

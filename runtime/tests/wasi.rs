@@ -150,6 +150,44 @@ async fn time_in_host_calls_counts_in_the_cpu_share() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_filling_the_disk_is_stopped_at_its_limit_and_its_files_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = driver(&dir);
+    let hash = d.store_module(&guests::disk_fill()).unwrap();
+    let mut spec = job("fill", &hash);
+    spec.disk_mib = 4;
+    spec.cpu_millis = 250;
+    d.start(&spec).await.unwrap();
+    let exit = wait(&d, &spec.id).await;
+    let ExitReason::OutOfDisk { used_mib, limit_mib } = exit.reason else {
+        panic!("{exit:?}");
+    };
+    eprintln!("disk fill at 250m, limit 4 MiB: stopped at {used_mib} MiB");
+    assert_eq!(limit_mib, 4);
+    // Measured again as the files near the limit: little is written past it.
+    assert!(used_mib <= 4 + 4, "it wrote {used_mib} MiB");
+    assert!(exit.describe().starts_with("out of disk"), "{}", exit.describe());
+    let work = dir.path().join("replicas/fill.0/work");
+    let left = std::fs::read_dir(&work).map(|r| r.count()).unwrap_or(0);
+    assert_eq!(left, 0, "its files were not removed");
+
+    // A limit above the node's largest is refused up front; no limit gets the default.
+    let mut big = job("big-disk", &hash);
+    big.disk_mib = 4096;
+    assert!(d.start(&big).await.unwrap_err().to_string().contains("disk limit"));
+    let mut scratch = job("scratch", &hash);
+    scratch.cpu_millis = 1000;
+    d.start(&scratch).await.unwrap();
+    let exit = wait(&d, &scratch.id).await;
+    match exit.reason {
+        ExitReason::OutOfDisk { limit_mib, .. } => {
+            assert_eq!(limit_mib, cloudless_runtime::wasi::DEFAULT_DISK_MIB)
+        }
+        r => panic!("{r:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_bomb_is_stopped_at_its_limit_and_reported() {
     let dir = tempfile::tempdir().unwrap();
     let d = driver(&dir);
