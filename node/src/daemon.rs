@@ -312,6 +312,27 @@ impl Daemon {
         Arc::new(Ready { facts: Arc::downgrade(&self.facts), loops: self.loops.clone() })
     }
 
+    /// Resolves when the node can no longer work, with what failed: raft stopped on an error
+    /// (its storage failed: a full disk, an I/O error) or the mesh's swarm task ended. The
+    /// binary exits on it rather than run on as a node that answers but cannot commit.
+    pub async fn failed(&self) -> String {
+        let mut metrics = self.facts.consensus.raft().metrics();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            if let Some(why) = failure(&self.facts) {
+                return why;
+            }
+            tokio::select! {
+                changed = metrics.changed() => {
+                    if changed.is_err() {
+                        return "raft stopped".into();
+                    }
+                }
+                _ = tick.tick() => {}
+            }
+        }
+    }
+
     /// The handlers of the node's services (what a request over the network would reach).
     pub fn api(&self) -> &Api {
         &self.api
@@ -359,7 +380,19 @@ impl Daemon {
     }
 }
 
-/// /health: the loops run. /ready: enrolled, and the raft group is reachable.
+/// Why a node can no longer work: raft stopped on an error, or the mesh's swarm task ended.
+fn failure(facts: &Facts) -> Option<String> {
+    if !facts.mesh.is_running() {
+        return Some("the mesh's swarm task stopped".into());
+    }
+    match &facts.consensus.raft().metrics().borrow().running_state {
+        Ok(()) => None,
+        Err(f) => Some(format!("raft stopped: {f}")),
+    }
+}
+
+/// /health: the swarm task and raft run (raft stops on a storage error) and so do the loops.
+/// /ready: healthy, enrolled, and the raft group is reachable.
 struct Ready {
     facts: std::sync::Weak<Facts>,
     loops: (usize, Arc<AtomicUsize>),
@@ -368,8 +401,14 @@ struct Ready {
 impl Readiness for Ready {
     fn health(&self) -> Result<(), String> {
         let (started, alive) = (self.loops.0, self.loops.1.load(Ordering::SeqCst));
-        if self.facts.upgrade().is_none() || alive == 0 {
+        let Some(facts) = self.facts.upgrade() else {
             return Err("the node is stopping".into());
+        };
+        if alive == 0 {
+            return Err("the node is stopping".into());
+        }
+        if let Some(why) = failure(&facts) {
+            return Err(why);
         }
         match started.saturating_sub(alive) {
             0 => Ok(()),

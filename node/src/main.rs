@@ -34,7 +34,7 @@ use cloudless_types::{Image, ModuleHash, Resources, WorkloadName, WorkloadSpec, 
 use ed25519_dalek::SigningKey;
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// The file in the data dir that marks it as part of a cluster (holds the cluster's name).
 const CLUSTER_FILE: &str = "cluster";
@@ -459,6 +459,18 @@ async fn serve(
     tokio::select! {
         r = tokio::signal::ctrl_c() => r.context("cannot wait for Ctrl-C")?,
         _ = term.recv() => {}
+        why = node.failed() => {
+            error!(reason = %why, "the node cannot go on");
+            node.kill().await;
+            if let Some(t) = http_task {
+                t.abort();
+            }
+            bail!(
+                "{why}; the node stopped. Check that {} is on a disk with free space and \
+                 without I/O errors, then run it again",
+                data_dir.display()
+            );
+        }
     }
     info!("stopping: leaving the cluster");
     node.shutdown().await;

@@ -46,6 +46,11 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// Whether the swarm task still runs (it owns the other end of every command).
+    pub fn is_running(&self) -> bool {
+        !self.tx.is_closed()
+    }
+
     /// This node's PeerId.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
