@@ -123,6 +123,11 @@ pub struct Token {
     pub roles: BTreeSet<NodeRole>,
     /// Labels granted.
     pub labels: BTreeMap<String, String>,
+    /// The public half of the invite's claim key. The private half is only in the invite
+    /// string: an enrolling device signs its own PeerId with it ([`Token::claim_bytes`]), so
+    /// a node that relays the enrollment (and sees the token) cannot use it for another
+    /// identity.
+    pub claim_key: UserKey,
 }
 
 impl Token {
@@ -130,6 +135,23 @@ impl Token {
     pub fn to_bytes(&self) -> Vec<u8> {
         // Encoding a struct of plain fields into a Vec cannot fail.
         postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// What the claim key signs for device `peer`: this token (by its nonce and cluster) and
+    /// that device.
+    pub fn claim_bytes(&self, peer: &NodeName) -> Vec<u8> {
+        postcard::to_allocvec(&("cloudless-enroll-1", &self.cluster, self.nonce, peer))
+            .unwrap_or_default()
+    }
+
+    /// Whether `proof` is the claim key's signature for device `peer`.
+    pub fn verify_claim(&self, peer: &NodeName, proof: &[u8]) -> bool {
+        use ed25519_dalek::Verifier;
+        let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&self.claim_key) else {
+            return false;
+        };
+        let Ok(sig) = ed25519_dalek::Signature::from_slice(proof) else { return false };
+        key.verify(&self.claim_bytes(peer), &sig).is_ok()
     }
 }
 
@@ -212,6 +234,9 @@ pub enum Command {
         token: Token,
         /// The root key's signature over `token.to_bytes()`.
         signature: Vec<u8>,
+        /// The invite's claim key's signature over `token.claim_bytes(peer)`: the device
+        /// holds the invite, not only the token.
+        proof: Vec<u8>,
         /// The node enrolling.
         peer: NodeName,
     },

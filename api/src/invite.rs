@@ -4,10 +4,16 @@
 //! the `Enroll` command.
 //!
 //! ```text
-//!   admin: Token { cluster, nonce, expiry, max uses, roles, labels } ──sign(root key)──▶
-//!   "cloudless-invite-1." + base64url(postcard(Invite)) ──(chat, mail, QR)──▶ new device:
-//!   decode (size, prefix, shape, signature) ──▶ dial bootstrap ──▶ Enroll through the mesh
+//!   admin: Token { cluster, nonce, expiry, max uses, roles, labels, claim key }
+//!          ──sign(root key)──▶ "cloudless-invite-2." + base64url(postcard(Invite + claim
+//!          secret)) ──(chat, mail, QR)──▶ new device: decode (size, prefix, shape,
+//!          signature, claim) ──▶ dial bootstrap ──▶ Enroll { token, proof: claim secret's
+//!          signature over (token, own PeerId) } through the mesh
 //! ```
+//!
+//! The claim secret makes the invite, not the token, the credential: the nodes an
+//! enrollment passes through see the token and the proof for one PeerId, and neither lets
+//! them enroll another identity.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -20,7 +26,9 @@ use serde::{Deserialize, Serialize};
 use crate::command::{NodeRole, Token, UserKey};
 
 /// Prefix of every invite; the number is the format version.
-pub const PREFIX: &str = "cloudless-invite-1.";
+pub const PREFIX: &str = "cloudless-invite-2.";
+/// Prefix of the earlier format (tokens without a claim key), refused with a clear message.
+const OLD_PREFIX: &str = "cloudless-invite-1.";
 /// Longest invite accepted, in characters: room for a dozen addresses and labels, small
 /// enough to paste anywhere.
 pub const MAX_INVITE: usize = 8 * 1024;
@@ -42,6 +50,9 @@ pub struct Invite {
     /// The root key's signature over everything above (what the joining device checks, so
     /// the bootstrap addresses cannot be swapped for an impostor's either).
     pub seal: Vec<u8>,
+    /// The private half of `token.claim_key` (an ed25519 seed): what proves that an
+    /// enrolling device holds this invite.
+    pub claim: [u8; 32],
 }
 
 /// The bytes the seal signs.
@@ -72,6 +83,9 @@ pub enum InviteError {
     /// Past its expiry.
     #[error("the invite expired {0} s ago; ask for a new one")]
     Expired(u64),
+    /// Made by an earlier version, whose tokens any relaying node could use.
+    #[error("the invite is of an earlier format (cloudless-invite-1); ask for a new one")]
+    OldFormat,
 }
 
 /// What to grant in a new invite.
@@ -97,6 +111,15 @@ impl Invite {
         grant: Grant,
         nonce: [u8; 16],
     ) -> Invite {
+        // Secret as the root key is, and one per invite: derived from both.
+        let claim: [u8; 32] = {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            h.update(b"cloudless-invite-claim-1");
+            h.update(root.to_bytes());
+            h.update(nonce);
+            h.finalize().into()
+        };
         let token = Token {
             cluster: cluster.to_string(),
             nonce,
@@ -104,11 +127,17 @@ impl Invite {
             max_uses: grant.max_uses,
             roles: grant.roles,
             labels: grant.labels,
+            claim_key: SigningKey::from_bytes(&claim).verifying_key().to_bytes(),
         };
         let signature = root.sign(&token.to_bytes()).to_bytes().to_vec();
         let root_key = root.verifying_key().to_bytes();
         let seal = root.sign(&sealed_bytes(&root_key, &bootstrap, &token, &signature));
-        Invite { root_key, bootstrap, token, signature, seal: seal.to_bytes().to_vec() }
+        Invite { root_key, bootstrap, token, signature, seal: seal.to_bytes().to_vec(), claim }
+    }
+
+    /// The proof that device `peer` holds this invite, for its `Enroll`.
+    pub fn claim_proof(&self, peer: &cloudless_types::NodeName) -> Vec<u8> {
+        SigningKey::from_bytes(&self.claim).sign(&self.token.claim_bytes(peer)).to_bytes().to_vec()
     }
 
     /// The copy-pasteable form.
@@ -124,6 +153,9 @@ impl Invite {
         let text = text.trim();
         if text.len() > MAX_INVITE {
             return Err(InviteError::TooLong(text.len()));
+        }
+        if text.starts_with(OLD_PREFIX) {
+            return Err(InviteError::OldFormat);
         }
         let body = text.strip_prefix(PREFIX).ok_or(InviteError::NotAnInvite)?;
         let bytes =
@@ -145,6 +177,11 @@ impl Invite {
         let sealed =
             sealed_bytes(&invite.root_key, &invite.bootstrap, &invite.token, &invite.signature);
         key.verify(&sealed, &seal).map_err(|_| InviteError::BadSignature)?;
+        if SigningKey::from_bytes(&invite.claim).verifying_key().to_bytes()
+            != invite.token.claim_key
+        {
+            return Err(InviteError::Damaged("its claim secret does not match its token".into()));
+        }
         Ok(invite)
     }
 
@@ -164,6 +201,10 @@ mod tests {
     use super::*;
 
     fn invite() -> (SigningKey, Invite) {
+        invite_with_nonce([1; 16])
+    }
+
+    fn invite_with_nonce(nonce: [u8; 16]) -> (SigningKey, Invite) {
         let root = SigningKey::from_bytes(&[7; 32]);
         let grant = Grant {
             roles: [NodeRole::Worker].into(),
@@ -172,15 +213,31 @@ mod tests {
             expires_ms: 2_000_000,
         };
         let boot = vec!["/ip4/127.0.0.1/udp/4001/quic-v1/p2p/12D3KooW".to_string()];
-        let i = Invite::create(&root, "pool", boot, grant, [1; 16]);
+        let i = Invite::create(&root, "pool", boot, grant, nonce);
         (root, i)
+    }
+
+    #[test]
+    fn a_claim_proves_the_invite_for_one_device_only() {
+        let (_, i) = invite();
+        let (a, b) = (
+            cloudless_types::NodeName::from_ed25519([1; 32]),
+            cloudless_types::NodeName::from_ed25519([2; 32]),
+        );
+        let proof = i.claim_proof(&a);
+        assert!(i.token.verify_claim(&a, &proof));
+        assert!(!i.token.verify_claim(&b, &proof), "a relay reused the proof for another id");
+        assert!(!i.token.verify_claim(&a, b"junk"));
+        // The token alone (what a relay sees) does not give the claim secret.
+        let (_, other) = invite_with_nonce([9; 16]);
+        assert!(!i.token.verify_claim(&a, &other.claim_proof(&a)));
     }
 
     #[test]
     fn round_trips_and_checks_signature_and_expiry() {
         let (root, i) = invite();
         let text = i.encode();
-        assert!(text.starts_with(PREFIX) && text.len() < 400, "{text}");
+        assert!(text.starts_with(PREFIX) && text.len() < 500, "{text}");
         let back = Invite::decode(&format!("  {text}\n")).unwrap();
         assert_eq!(back, i);
         assert_eq!(back.root_key, root.verifying_key().to_bytes());
@@ -216,6 +273,11 @@ mod tests {
         forged.root_key = good.root_key;
         assert_eq!(Invite::decode(&forged.encode()), Err(InviteError::BadSignature));
         assert_eq!(Invite::decode("hello"), Err(InviteError::NotAnInvite));
+        assert_eq!(Invite::decode("cloudless-invite-1.AAAA"), Err(InviteError::OldFormat));
+        // Another invite's claim secret.
+        let (_, mut i) = invite();
+        i.claim = [3; 32];
+        assert!(matches!(Invite::decode(&i.encode()), Err(InviteError::Damaged(_))));
         let text = invite().1.encode();
         assert!(matches!(Invite::decode(&text[..text.len() - 10]), Err(InviteError::Damaged(_))));
         assert!(matches!(

@@ -89,6 +89,8 @@ pub struct Enroll {
     pub token: Token,
     /// The root key's signature over it.
     pub signature: Vec<u8>,
+    /// The invite's claim key's signature for `peer` ([`crate::Token::claim_bytes`]).
+    pub proof: Vec<u8>,
     /// The device enrolling: the caller itself, unless an enrolled node relays.
     pub peer: NodeName,
 }

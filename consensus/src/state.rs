@@ -360,7 +360,7 @@ impl State {
                 }
                 Ok(())
             }
-            Command::Enroll { token, signature, peer } => {
+            Command::Enroll { token, signature, proof, peer } => {
                 // The device itself, or an enrolled node relaying for a device that cannot
                 // reach a raft member yet (the token's signature is what admits it).
                 let relayed = self.is_live_node(&req.actor).is_some();
@@ -382,6 +382,12 @@ impl State {
                 let sig =
                     Signature::from_slice(signature).map_err(|_| CommandError::BadSignature)?;
                 key.verify(&token.to_bytes(), &sig).map_err(|_| CommandError::BadSignature)?;
+                if !token.verify_claim(peer, proof) {
+                    return Err(bad(
+                        "proof",
+                        format!("not the invite's claim for {peer}: the token alone admits no one"),
+                    ));
+                }
                 if req.time_ms > token.expires_ms {
                     return Err(CommandError::TokenExpired { expired_ms: token.expires_ms });
                 }

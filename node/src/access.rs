@@ -218,7 +218,12 @@ mod tests {
         let all = vec![
             Command::Bootstrap { settings: settings(), admin: [1; 32], node: peer() },
             Command::SetSettings(settings()),
-            Command::Enroll { token: invite.token, signature: invite.signature, peer: peer() },
+            Command::Enroll {
+                proof: invite.claim_proof(&peer()),
+                token: invite.token,
+                signature: invite.signature,
+                peer: peer(),
+            },
             Command::Revoke { peer: peer() },
             Command::SetSchedulable { peer: peer(), schedulable: Schedulable::Draining },
             Command::SetNodeLabels { peer: peer(), labels: BTreeMap::new() },
@@ -275,6 +280,7 @@ mod tests {
         );
         let mut api: Vec<Request> = vec![
             Request::Node(NodeRequest::Enroll(Enroll {
+                proof: invite.claim_proof(&peer()),
                 token: invite.token,
                 signature: invite.signature,
                 peer: peer(),

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cloudless_api::node::{Enroll, EnrolledList};
-use cloudless_api::{ApiError, Reply, Settings, SignedRequest, Token, UserKey};
+use cloudless_api::{ApiError, Reply, Settings, SignedRequest, UserKey};
 use cloudless_consensus::{Candidates, Consensus, Member, voters::Candidate};
 use cloudless_mesh::{Mesh, identity};
 use cloudless_runtime::container::ContainerDriver;
@@ -257,9 +257,16 @@ impl Daemon {
         }
     }
 
-    /// Enrolls this node with an invite's token (through a member, or relayed).
-    pub async fn enroll(&self, token: Token, signature: Vec<u8>) -> Result<Reply, ApiError> {
-        let e = Enroll { token, signature, peer: self.facts.name.clone() };
+    /// Enrolls this node with an invite (through a member, or relayed): its token, and the
+    /// proof that this device holds the invite.
+    pub async fn enroll(&self, invite: &cloudless_api::invite::Invite) -> Result<Reply, ApiError> {
+        let peer = self.facts.name.clone();
+        let e = Enroll {
+            token: invite.token.clone(),
+            signature: invite.signature.clone(),
+            proof: invite.claim_proof(&peer),
+            peer,
+        };
         self.api.enroll(&self.facts.name, e).await
     }
 

@@ -134,10 +134,7 @@ impl LocalCluster {
                 };
                 let nonce = (index as u128 ^ u128::from(now_ms())).to_le_bytes();
                 let invite = Invite::create(&root, "local", vec![], grant, nonce);
-                wait("enrollment", async || {
-                    node.enroll(invite.token.clone(), invite.signature.clone()).await.is_ok()
-                })
-                .await?;
+                wait("enrollment", async || node.enroll(&invite).await.is_ok()).await?;
             }
             nodes.push(node);
         }

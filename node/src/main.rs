@@ -332,7 +332,7 @@ async fn join(invite: &str, args: NodeArgs) -> Result<()> {
     write_addresses(&args.data_dir, &listen_addrs(&node).await)?;
     let started = Instant::now();
     loop {
-        match node.enroll(invite.token.clone(), invite.signature.clone()).await {
+        match node.enroll(&invite).await {
             Ok(_) => break,
             // An earlier attempt may have been committed with its answer lost: then this
             // device is enrolled already and the token's use was its own.

@@ -10,12 +10,17 @@
 //!   invite's bootstrap peer does not answer (as an mDNS neighbour would), and answers
 //!   whatever it is asked ("enrolled", fake lists): the joiner asks it nothing, and enrolls for
 //!   real once its bootstrap peer answers.
+//! - `trust_invite_front_run`: a node that relayed a device's enrollment (and so saw its
+//!   token, signature and proof) enrolls an identity of its own with them first, the token
+//!   being single-use (the old tokens were bearer credentials): refused, the use is not
+//!   spent, and the device the invite was for joins.
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 use std::time::{Duration, Instant};
 
-use cloudless_api::node::{Assignment, EnrolledList, Nudge};
+use cloudless_api::invite::Invite;
+use cloudless_api::node::{Assignment, Enroll, EnrolledList, Nudge};
 use cloudless_api::{ApiError, NodeRequest, Reply, Request};
 use cloudless_mesh::identity;
 use cloudless_testnet::hostile::{Asked, Hostile, Pool, peer_of, unauthorized};
@@ -145,4 +150,49 @@ async fn trust_joiner_hijack() {
     p.keeps_serving().unwrap();
     p.report("trust_joiner_hijack", joiner);
     h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_invite_front_run() {
+    let _one = SERIAL.lock().await;
+    let mut p = Pool::start(3, 0).unwrap();
+    let text = p.procs.invite(&[]).unwrap();
+    let invite = Invite::decode(&text).unwrap();
+    assert_eq!(invite.token.max_uses, 1, "the invite must be single-use for the race to matter");
+    // What a relaying node sees of a device's enrollment: the token, the root's signature,
+    // and the device's proof for its own PeerId.
+    let device = NodeName::from_ed25519(rand::random());
+    let seen = Enroll {
+        token: invite.token.clone(),
+        signature: invite.signature.clone(),
+        proof: invite.claim_proof(&device),
+        peer: device,
+    };
+    let h = Hostile::stranger(&p.procs.nodes[0].addr).await.unwrap();
+    let me = identity::node_name(&h.peer_id());
+    let target = peer_of(&p.procs.nodes[p.leader().unwrap()].addr).unwrap();
+    h.connect(target, p.procs.nodes[p.leader().unwrap()].addr.parse().unwrap()).await.unwrap();
+    let front_run = Enroll { peer: me.clone(), ..seen.clone() };
+    let answer = h.api::<Enroll>(target, &Request::Node(NodeRequest::Enroll(front_run))).await;
+    let err = match answer {
+        Ok(Err(e)) => e,
+        other => panic!("the front-run was not refused: {other:?}"),
+    };
+    eprintln!("invite front-run: {err}");
+    assert!(err.to_string().contains("claim"), "{err}");
+    h.stop().await;
+
+    // The use was not spent: the device the invite was for joins with it.
+    let joiner = p.procs.join_with(&text).unwrap();
+    let peer = p.procs.nodes[joiner].peer.clone();
+    assert!(p.procs.index(&me.to_string()).is_none());
+    let out = p.procs.ctl(&["node", "list"]);
+    assert!(out.stdout.contains(&peer), "{out:?}");
+    assert!(
+        !out.stdout.contains(&me.to_string()),
+        "the front-runner was enrolled:\n{}",
+        out.stdout
+    );
+    p.keeps_serving().unwrap();
+    p.report("trust_invite_front_run", 0);
 }

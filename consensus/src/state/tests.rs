@@ -79,9 +79,10 @@ fn ready() -> (State, Client) {
         .unwrap();
     }
     let (token, signature) = token(1, 10_000);
-    s.apply(
-        &c.req(Actor::Node(n("node-b")), Command::Enroll { token, signature, peer: n("node-b") }),
-    )
+    s.apply(&c.req(
+        Actor::Node(n("node-b")),
+        Command::Enroll { proof: proof(&token, "node-b"), token, signature, peer: n("node-b") },
+    ))
     .unwrap();
     (s, c)
 }
@@ -94,9 +95,20 @@ fn token(max_uses: u32, expires_ms: u64) -> (Token, Vec<u8>) {
         max_uses,
         roles: [NodeRole::Worker].into_iter().collect(),
         labels: BTreeMap::new(),
+        claim_key: claim().verifying_key().to_bytes(),
     };
     let sig = root().sign(&token.to_bytes()).to_bytes().to_vec();
     (token, sig)
+}
+
+/// The invites' claim key (its private half is in the invite string only).
+fn claim() -> SigningKey {
+    SigningKey::from_bytes(&[5; 32])
+}
+
+/// The device's proof that it holds the invite of `token`.
+fn proof(token: &Token, peer: &str) -> Vec<u8> {
+    claim().sign(&token.claim_bytes(&n(peer))).to_bytes().to_vec()
 }
 
 /// The state without the bookkeeping a refused request still updates (sessions, counter).
@@ -196,7 +208,11 @@ fn a_retried_request_is_applied_once() {
 fn enrollment_tokens_are_checked_inside_apply() {
     let (mut s, mut c) = ready();
     let enroll = |c: &mut Client, t: Token, sig: Vec<u8>, peer: &str| {
-        c.req(Actor::Node(n(peer)), Command::Enroll { token: t, signature: sig, peer: n(peer) })
+        let proof = proof(&t, peer);
+        c.req(
+            Actor::Node(n(peer)),
+            Command::Enroll { token: t, signature: sig, proof, peer: n(peer) },
+        )
     };
     // Used once already (max 1).
     let (t, sig) = token(1, 10_000);
@@ -218,9 +234,28 @@ fn enrollment_tokens_are_checked_inside_apply() {
     let (t, sig) = token(4, 10_000);
     let req = c.req(
         Actor::Node(n("mallory")),
-        Command::Enroll { token: t.clone(), signature: sig.clone(), peer: n("node-c") },
+        Command::Enroll {
+            proof: proof(&t, "node-c"),
+            token: t.clone(),
+            signature: sig.clone(),
+            peer: n("node-c"),
+        },
     );
     assert!(matches!(s.apply(&req), Err(CommandError::Unauthorized { .. })));
+    // A relay that saw node-c's enrollment uses its token and proof for an identity of its
+    // own: the proof is node-c's.
+    let front_run = c.req(
+        Actor::Node(n("mallory")),
+        Command::Enroll {
+            proof: proof(&t, "node-c"),
+            token: t.clone(),
+            signature: sig.clone(),
+            peer: n("mallory"),
+        },
+    );
+    let err = s.apply(&front_run).unwrap_err();
+    assert!(err.to_string().contains("claim"), "{err}");
+    assert!(!s.is_member(&n("mallory")));
     // Good, twice (max 4... we use 2 of them).
     assert_eq!(s.apply(&enroll(&mut c, t.clone(), sig.clone(), "node-c")), Ok(Reply::Done));
     assert!(s.is_member(&n("node-c")));

@@ -66,7 +66,12 @@ impl Api {
             // enrolled node relaying a token-signed enrollment).
             return self.peers.node_to_member(e).await;
         }
-        let command = Command::Enroll { token: e.token, signature: e.signature, peer: e.peer };
+        let command = Command::Enroll {
+            token: e.token,
+            signature: e.signature,
+            proof: e.proof,
+            peer: e.peer,
+        };
         // A forged or used token is refused here, not after costing a raft entry.
         let check = RaftRequest {
             client: 0,

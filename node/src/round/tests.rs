@@ -53,7 +53,12 @@ impl Pool {
             let inv = Invite::create(&root, "pool", vec![], grant, [i as u8; 16]);
             p.apply(
                 Actor::Node(n(i)),
-                Command::Enroll { token: inv.token, signature: inv.signature, peer: n(i) },
+                Command::Enroll {
+                    proof: inv.claim_proof(&n(i)),
+                    token: inv.token,
+                    signature: inv.signature,
+                    peer: n(i),
+                },
             );
         }
         p
