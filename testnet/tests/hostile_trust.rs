@@ -185,7 +185,7 @@ async fn trust_invite_front_run() {
     // The use was not spent: the device the invite was for joins with it.
     let joiner = p.procs.join_with(&text).unwrap();
     let peer = p.procs.nodes[joiner].peer.clone();
-    assert!(p.procs.index(&me.to_string()).is_none());
+    assert!(p.procs.index(me.as_ref()).is_none());
     let out = p.procs.ctl(&["node", "list"]);
     assert!(out.stdout.contains(&peer), "{out:?}");
     assert!(
