@@ -83,7 +83,8 @@ fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, AnyError> {
 /// instead. 2: the api crate's commands, vocabulary newtypes, placement changes with handoffs.
 /// 3: requests carry the user's signed request (the proof a forwarding member must show).
 /// 4: sessions are keyed by signer and client id.
-pub const FORMAT: u32 = 4;
+/// 5: enrollments carry the invite's claim (tokens name a claim key).
+pub const FORMAT: u32 = 5;
 
 /// Why the raft database could not be opened.
 #[derive(Debug, thiserror::Error)]

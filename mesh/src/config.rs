@@ -66,6 +66,9 @@ pub struct Config {
     pub rpc_max_pending: usize,
     /// Largest membership or directory message, in bytes.
     pub datagram_max_bytes: usize,
+    /// The data dir was restored from a backup on purpose: an own directory entry newer than
+    /// it (signed by a later run) is signed above, not taken for a stale data dir.
+    pub restored: bool,
     /// How often the directory is reconciled with a random member.
     #[serde(with = "crate::membership::millis")]
     pub directory_interval: Duration,
@@ -110,6 +113,7 @@ impl Default for Config {
             descriptor: NodeDescriptor::default(),
             capacity: None,
             seed: None,
+            restored: false,
         }
     }
 }

@@ -8,7 +8,13 @@
 //!        Summary (differs)  ──▶ our Versions, range by range          (rate-limited per peer)
 //!        Versions           ──▶ the Entries they lack; our Versions if we lack some
 //!        Entries            ──▶ verify each signature ──▶ keep the newer ──▶ changed ids
+//!        Want(ids)          ──▶ those entries, whatever their rank
 //! ```
+//!
+//! A data dir restored from a backup is found out here: the data dir keeps this node's own
+//! entry durably before any peer gets it, so a peer holding an own entry newer than the one
+//! the data dir kept, which this run did not sign, shows the data dir went back in time
+//! ([`Directory::stale`]; the node then stops rather than vote with a stale raft log).
 //!
 //! Only a node writes its own entry, so the directory is a map of single-writer registers: an
 //! entry replaces another for the same node when its `(version, hash)` is greater, which makes
@@ -122,7 +128,13 @@ pub enum Message {
     },
     /// Signed entries (each a [`SignedEnvelope`] encoding).
     Entries(Vec<Vec<u8>>),
+    /// Asks for the entries of these nodes whatever their rank (at most [`MAX_WANTED`]): a
+    /// node asks for its own entry when a peer holds one it did not sign in this run.
+    Want(Vec<PeerId>),
 }
+
+/// Most nodes one [`Message::Want`] may name.
+pub const MAX_WANTED: usize = 16;
 
 /// Which entry of a node the sender holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +154,8 @@ pub struct Stats {
     pub digest: String,
     /// Entries held.
     pub entries: usize,
+    /// [`Directory::stale`].
+    pub stale: Option<Stale>,
 }
 
 /// What a received message did, and what to send back to its sender.
@@ -184,11 +198,29 @@ struct Budget {
     at: Instant,
 }
 
+/// Evidence that this node's data dir is older than its last run: a peer holds an entry this
+/// node signed after the newest one its data dir kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stale {
+    /// The version (unix milliseconds) of the newest own entry the data dir kept.
+    pub kept: u64,
+    /// The later version a peer holds.
+    pub seen: u64,
+}
+
 /// The replicated directory of one node.
 pub struct Directory {
     me: PeerId,
     key: Keypair,
     entries: BTreeMap<PeerId, Entry>,
+    /// The version of our own entry in the file this directory was opened from.
+    kept_own: Option<u64>,
+    /// The first version signed in this run.
+    first_signed: Option<u64>,
+    /// Whether an own entry newer than `kept_own` from an earlier run means a stale data dir
+    /// (false once the operator said the data dir was restored on purpose).
+    detect_stale: bool,
+    stale: Option<Stale>,
     /// Our descriptor, kept to sign again above an earlier life's entry.
     own: Option<NodeDescriptor>,
     budgets: HashMap<PeerId, Budget>,
@@ -203,6 +235,10 @@ impl Directory {
             me: key.public().to_peer_id(),
             key,
             entries: BTreeMap::new(),
+            kept_own: None,
+            first_signed: None,
+            detect_stale: true,
+            stale: None,
             own: None,
             budgets: HashMap::new(),
             digest: None,
@@ -242,6 +278,7 @@ impl Directory {
                 Ok((peer, entry)) => {
                     if peer == dir.me {
                         dir.own = Some(entry.descriptor.clone());
+                        dir.kept_own = Some(entry.version);
                     }
                     dir.entries.insert(peer, entry);
                 }
@@ -268,6 +305,20 @@ impl Directory {
         fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(io)?;
         self.dirty = false;
         Ok(())
+    }
+
+    /// Stops treating an own entry from a later run as a stale data dir (the operator
+    /// restored it on purpose): this node signs above it instead, as after a lost copy.
+    pub fn accept_restored(&mut self) {
+        self.detect_stale = false;
+    }
+
+    /// Evidence that the data dir is older than this node's last run, if any was seen. The
+    /// data dir keeps our own entry durably before any peer gets it, so a peer holding a
+    /// later one that this run did not sign means the data dir went back in time (restored
+    /// from a backup, or copied back). Only our key signs our entries, so no peer can fake it.
+    pub fn stale(&self) -> Option<Stale> {
+        self.stale
     }
 
     /// Whether entries changed since the last [`persist`](Self::persist).
@@ -297,6 +348,7 @@ impl Directory {
         Stats {
             digest: self.digest().iter().map(|b| format!("{b:02x}")).collect(),
             entries: self.entries.len(),
+            stale: self.stale,
         }
     }
 
@@ -332,6 +384,7 @@ impl Directory {
             )));
         }
         let hash = Sha256::digest(&bytes).into();
+        self.first_signed.get_or_insert(version);
         self.entries
             .insert(self.me, Entry { bytes, hash, version, descriptor: descriptor.clone() });
         self.own = Some(descriptor);
@@ -416,9 +469,13 @@ impl Directory {
                     after.map_or(Bound::Unbounded, Bound::Excluded),
                     upto.map_or(Bound::Unbounded, Bound::Included),
                 );
+                // An own entry from after what the data dir kept, which this run did not sign:
+                // the signed entry is the evidence, so ask for it (and hold ours back until
+                // it came, or the peer would answer with ours).
+                let evidence = theirs.get(&self.me).is_some_and(|(v, _)| self.would_be_stale(*v));
                 let mut send = Vec::new();
                 for (p, e) in self.entries.range(range) {
-                    if theirs.get(p).is_none_or(|r| e.rank() > *r) {
+                    if theirs.get(p).is_none_or(|r| e.rank() > *r) && !(evidence && *p == self.me) {
                         send.push(e.bytes.clone());
                     }
                 }
@@ -431,6 +488,23 @@ impl Directory {
                         self.entries.range(range).map(|(p, e)| version_of(p, e)).collect();
                     out.replies.extend(version_messages(mine, after, upto, false));
                 }
+                if evidence {
+                    out.replies.push(Message::Want(vec![self.me]));
+                }
+            }
+            Message::Want(peers) => {
+                if peers.len() > MAX_WANTED {
+                    return Err(DirectoryError::Malformed {
+                        peer,
+                        reason: format!("{} nodes wanted, at most {MAX_WANTED}", peers.len()),
+                    });
+                }
+                let send: Vec<Vec<u8>> = peers
+                    .iter()
+                    .filter_map(|p| self.entries.get(p))
+                    .map(|e| e.bytes.clone())
+                    .collect();
+                out.replies = batches(send);
             }
             Message::Entries(list) => {
                 if list.len() > MAX_BATCH_ENTRIES {
@@ -466,6 +540,16 @@ impl Directory {
     ) -> Result<Option<PeerId>, String> {
         let (peer, entry) = verify(bytes)?;
         if peer == self.me {
+            if self.would_be_stale(entry.version)
+                && let Some(kept) = self.kept_own
+            {
+                // Signed after what the data dir kept, and not in this run.
+                self.stale.get_or_insert(Stale { kept, seen: entry.version });
+                return Err(format!(
+                    "an own entry of version {} is newer than the data dir's {kept}",
+                    entry.version
+                ));
+            }
             // An earlier life of ours signed this: if it outranks ours, sign ours above it.
             // Before this life set its entry, keep the newest earlier one (set_own signs
             // above it).
@@ -496,6 +580,15 @@ impl Directory {
         self.entries.insert(peer, entry);
         self.touch();
         Ok(Some(peer))
+    }
+
+    /// Whether an own entry of `version` would show the data dir older than our last run:
+    /// after what it kept, and not signed in this run.
+    fn would_be_stale(&self, version: u64) -> bool {
+        self.detect_stale
+            && self.stale.is_none()
+            && self.kept_own.is_some_and(|kept| version > kept)
+            && self.first_signed.is_none_or(|first| version < first)
     }
 
     /// Our versions, range by range, covering every node.
@@ -626,6 +719,7 @@ fn message_cost(m: &Message) -> u64 {
         Message::Summary { .. } => 40,
         Message::Versions { versions, .. } => 100 + versions.len() * 56,
         Message::Entries(list) => list.iter().map(|e| e.len() + 4).sum(),
+        Message::Want(peers) => 8 + peers.len() * 40,
     };
     u64::try_from(n).unwrap_or(u64::MAX)
 }

@@ -320,19 +320,25 @@ impl Daemon {
     }
 
     /// Resolves when the node can no longer work, with what failed: raft stopped on an error
-    /// (its storage failed: a full disk, an I/O error) or the mesh's swarm task ended. The
-    /// binary exits on it rather than run on as a node that answers but cannot commit.
-    pub async fn failed(&self) -> String {
+    /// (its storage failed: a full disk, an I/O error), the mesh's swarm task ended, or the
+    /// data dir turned out older than the node's last run. The binary exits on it rather than
+    /// run on as a node that answers but cannot commit, or that votes with a stale log.
+    pub async fn failed(&self) -> Failure {
         let mut metrics = self.facts.consensus.raft().metrics();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             if let Some(why) = failure(&self.facts) {
                 return why;
             }
+            if let Ok(stats) = self.facts.mesh.directory_stats().await
+                && let Some(stale) = stats.stale
+            {
+                return Failure::Stale(stale);
+            }
             tokio::select! {
                 changed = metrics.changed() => {
                     if changed.is_err() {
-                        return "raft stopped".into();
+                        return Failure::Raft("its task ended".into());
                     }
                 }
                 _ = tick.tick() => {}
@@ -387,14 +393,62 @@ impl Daemon {
     }
 }
 
-/// Why a node can no longer work: raft stopped on an error, or the mesh's swarm task ended.
-fn failure(facts: &Facts) -> Option<String> {
+/// Why a node cannot go on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Raft stopped on an error (its storage failed: a full disk, an I/O error).
+    Raft(String),
+    /// The mesh's swarm task ended.
+    Mesh,
+    /// The data dir is older than this node's last run (restored from a backup, or copied
+    /// back): the pool holds an entry this node signed later than anything the data dir kept.
+    Stale(cloudless_mesh::directory::Stale),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Raft(e) => write!(f, "raft stopped: {e}"),
+            Failure::Mesh => write!(f, "the mesh's swarm task stopped"),
+            Failure::Stale(s) => write!(
+                f,
+                "this data dir is older than this node's last run: the pool holds an entry this \
+                 node signed {} s after the newest one the data dir kept",
+                s.seen.saturating_sub(s.kept) / 1000
+            ),
+        }
+    }
+}
+
+impl Failure {
+    /// What the operator should do about it, for data dir `data_dir`.
+    pub fn advice(&self, data_dir: &std::path::Path) -> String {
+        let dir = data_dir.display();
+        match self {
+            Failure::Raft(_) | Failure::Mesh => format!(
+                "Check that {dir} is on a disk with free space and without I/O errors, then run \
+                 it again"
+            ),
+            Failure::Stale(_) => format!(
+                "It was restored from a backup or copied back; running on with its raft state \
+                 could make it vote twice in one election. To rejoin: move {dir} away and join \
+                 again with a new invite (`cloudlessctl token create`, then `cloudless join`). \
+                 If you restored it on purpose and no other copy of it runs, start it with \
+                 `cloudless run --restored`"
+            ),
+        }
+    }
+}
+
+/// Why a node can no longer work, from what it can tell at once: raft stopped on an error,
+/// or the mesh's swarm task ended.
+fn failure(facts: &Facts) -> Option<Failure> {
     if !facts.mesh.is_running() {
-        return Some("the mesh's swarm task stopped".into());
+        return Some(Failure::Mesh);
     }
     match &facts.consensus.raft().metrics().borrow().running_state {
         Ok(()) => None,
-        Err(f) => Some(format!("raft stopped: {f}")),
+        Err(f) => Some(Failure::Raft(f.to_string())),
     }
 }
 
@@ -415,7 +469,7 @@ impl Readiness for Ready {
             return Err("the node is stopping".into());
         }
         if let Some(why) = failure(&facts) {
-            return Err(why);
+            return Err(why.to_string());
         }
         match started.saturating_sub(alive) {
             0 => Ok(()),

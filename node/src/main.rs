@@ -87,6 +87,11 @@ enum Command_ {
         /// since a copy would be a second node with the same identity.
         #[arg(long)]
         moved: bool,
+        /// The data dir was restored from a backup on purpose, and no other copy of it runs:
+        /// go on with it. Without it, a data dir older than the node's last run (the pool
+        /// holds later entries this node signed) is refused.
+        #[arg(long)]
+        restored: bool,
         #[command(flatten)]
         node: NodeArgs,
     },
@@ -222,7 +227,7 @@ async fn main() -> Result<()> {
     match cli.command {
         Command_::Init { name, admin_dir, node } => init(name, admin_dir, node.absolute()?).await,
         Command_::Join { invite, node } => join(&invite, node.absolute()?).await,
-        Command_::Run { moved, node } => run(node.absolute()?, moved).await,
+        Command_::Run { moved, restored, node } => run(node.absolute()?, moved, restored).await,
         Command_::Dev { nodes } => dev(nodes).await,
         Command_::Recover { data_dir, majority_is_lost } => recover(&data_dir, majority_is_lost),
     }
@@ -360,7 +365,7 @@ async fn join(invite: &str, args: NodeArgs) -> Result<()> {
     serve(node, http, &args.data_dir, &addrs).await
 }
 
-async fn run(args: NodeArgs, moved: bool) -> Result<()> {
+async fn run(args: NodeArgs, moved: bool, restored: bool) -> Result<()> {
     check_place(&args.data_dir, moved)?;
     if !args.data_dir.join(CLUSTER_FILE).exists() {
         warn!(
@@ -369,8 +374,9 @@ async fn run(args: NodeArgs, moved: bool) -> Result<()> {
              join <invite>` enrolls in one; until then the cluster will not let this node in"
         );
     }
-    let config =
+    let mut config =
         NodeConfig::resolve(&args.data_dir, &args.settings()?).context("invalid settings")?;
+    config.daemon.mesh.restored = restored;
     let (node, http) = start(config).await?;
     let addrs = listen_addrs(&node).await;
     serve(node, http, &args.data_dir, &addrs).await
@@ -465,11 +471,7 @@ async fn serve(
             if let Some(t) = http_task {
                 t.abort();
             }
-            bail!(
-                "{why}; the node stopped. Check that {} is on a disk with free space and \
-                 without I/O errors, then run it again",
-                data_dir.display()
-            );
+            bail!("{why}; the node stopped. {}", why.advice(data_dir));
         }
     }
     info!("stopping: leaving the cluster");

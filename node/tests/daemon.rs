@@ -386,6 +386,7 @@ async fn health_fails_when_raft_storage_fails() {
     assert!(c.command(0, user).await.is_err(), "a write on a full disk succeeded");
     let node = &c.nodes[0];
     let why = tokio::time::timeout(Duration::from_secs(10), node.failed()).await.unwrap();
+    let why = why.to_string();
     assert!(why.contains("raft stopped") && why.contains("No space left"), "{why}");
     let health = node.readiness().health().unwrap_err();
     assert!(health.contains("raft stopped"), "{health}");

@@ -167,11 +167,17 @@ impl Procs {
     /// Starts node `i` again from its data dir (`cloudless run`) after a kill or a stop;
     /// returns once the cluster lists it alive.
     pub fn restart(&mut self, i: usize) -> Result<()> {
+        self.restart_with(i, &[])
+    }
+
+    /// As [`Procs::restart`], with `cloudless run <extra>`.
+    pub fn restart_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
         self.kill(i);
         let data_dir = self.nodes[i].data_dir.clone();
         let _ = std::fs::remove_file(data_dir.join("addresses"));
         let _ = std::fs::remove_file(data_dir.join("http"));
-        self.spawn_as(i, &["run"])?;
+        let args: Vec<&str> = std::iter::once("run").chain(extra.iter().copied()).collect();
+        self.spawn_as(i, &args)?;
         let peer = self.nodes[i].peer.clone();
         until("the restarted node is listed alive", START_TIMEOUT, || {
             let out = self.ctl(&["node", "list"]);
@@ -185,9 +191,23 @@ impl Procs {
         self.spawn_waiting(i, args, true)
     }
 
-    /// Starts `cloudless <args>` as node `i`; waits until it listens and, with `serving`,
-    /// until it serves HTTP (which a node does once it is in the cluster).
-    fn spawn_waiting(&mut self, i: usize, args: &[&str], serving: bool) -> Result<usize> {
+    /// Starts node `i` again from its data dir with `cloudless run <extra>` after a kill or a
+    /// stop, without waiting for anything (for runs expected to be refused).
+    pub fn run_detached(&mut self, i: usize, extra: &[&str]) -> Result<()> {
+        self.kill(i);
+        let data_dir = self.nodes[i].data_dir.clone();
+        let _ = std::fs::remove_file(data_dir.join("addresses"));
+        let _ = std::fs::remove_file(data_dir.join("http"));
+        let args: Vec<&str> = std::iter::once("run").chain(extra.iter().copied()).collect();
+        let (peer, addr) = (self.nodes[i].peer.clone(), self.nodes[i].addr.clone());
+        self.spawn_child(i, &args)?;
+        (self.nodes[i].peer, self.nodes[i].addr) = (peer, addr);
+        Ok(())
+    }
+
+    /// Spawns `cloudless <args>` as node `i` (a new one, or one that stopped), logging to
+    /// `node-<i>.log`.
+    fn spawn_child(&mut self, i: usize, args: &[&str]) -> Result<()> {
         let data_dir = self.dir.join(format!("node-{i}"));
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -223,6 +243,14 @@ impl Procs {
         } else {
             self.nodes.push(proc);
         }
+        Ok(())
+    }
+
+    /// Starts `cloudless <args>` as node `i`; waits until it listens and, with `serving`,
+    /// until it serves HTTP (which a node does once it is in the cluster).
+    fn spawn_waiting(&mut self, i: usize, args: &[&str], serving: bool) -> Result<usize> {
+        self.spawn_child(i, args)?;
+        let data_dir = self.nodes[i].data_dir.clone();
         let (addr, http) = until("the node listens", START_TIMEOUT, || {
             let addr = std::fs::read_to_string(data_dir.join("addresses")).ok()?;
             let http = if serving {

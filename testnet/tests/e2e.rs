@@ -310,6 +310,36 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A data dir restored from a backup is older than the node's last run: with it, a voter
+/// could vote twice in one election. The pool holds an entry the node signed later than
+/// anything the backup kept, so the node finds out, stops, and says how to rejoin; the
+/// operator can say the restore was on purpose.
+#[test]
+fn a_stale_restored_data_dir_is_refused_and_says_how_to_rejoin() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Procs::init(dir.path(), &[]).unwrap();
+    c.join().unwrap();
+    let i = c.join().unwrap();
+    let data = c.nodes[i].data_dir.clone();
+    c.stop(i);
+    let backup = dir.path().join("backup");
+    copy_dir(&data, &backup);
+    // It runs again (on new ports: a later directory entry, kept in its data dir) and stops.
+    c.restart(i).unwrap();
+    c.stop(i);
+    // The backup comes back.
+    std::fs::remove_dir_all(&data).unwrap();
+    copy_dir(&backup, &data);
+    c.run_detached(i, &[]).unwrap();
+    until("the restored node stops", DEADLINE, || c.exited(i).then_some(())).unwrap();
+    let log = c.tail(i, 5);
+    eprintln!("restored data dir: {}", log.lines().last().unwrap_or_default());
+    assert!(log.contains("older than this node's last run"), "{log}");
+    assert!(log.contains("join again") && log.contains("cloudless run --restored"), "{log}");
+    // Restored on purpose: it runs, and the pool lists it alive.
+    c.restart_with(i, &["--restored"]).unwrap();
+}
+
 /// A data dir copied elsewhere would be a second node with the first one's identity: it is
 /// refused with what to do instead, while the original starts again where it was; the data
 /// dir and its key are the owner's alone.

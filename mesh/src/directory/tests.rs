@@ -304,3 +304,50 @@ proptest! {
         prop_assert!(d.is_empty());
     }
 }
+
+#[test]
+fn a_data_dir_older_than_the_last_run_is_found_out_and_only_then() {
+    let now = Instant::now();
+    let k = key();
+    let (backup, current) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut peer = Directory::new(key());
+    // First run: an entry, kept; the data dir is backed up.
+    let mut a = Directory::open(k.clone(), backup.path()).unwrap().0;
+    a.set_own(&desc("v1"), 1_000).unwrap();
+    a.persist(backup.path()).unwrap();
+    fs::copy(backup.path().join(FILE), current.path().join(FILE)).unwrap();
+    // Second run, from the current data dir: a later entry, which the peer gets.
+    let mut a = Directory::open(k.clone(), current.path()).unwrap().0;
+    a.set_own(&desc("v2"), 2_000).unwrap();
+    a.persist(current.path()).unwrap();
+    exchange(&mut a, &mut peer, now);
+    // A normal restart: nothing stale, whatever the peer echoes.
+    let mut again = Directory::open(k.clone(), current.path()).unwrap().0;
+    exchange(&mut peer, &mut again, now);
+    again.set_own(&desc("v3"), 3_000).unwrap();
+    exchange(&mut again, &mut peer, now);
+    assert_eq!(again.stale(), None);
+
+    // The backup is restored: the peer holds an entry signed after everything it kept.
+    let mut restored = Directory::open(k.clone(), backup.path()).unwrap().0;
+    restored.set_own(&desc("v4"), 4_000).unwrap();
+    let mut queue = VecDeque::from([(true, restored.summary())]);
+    while let Some((to_peer, m)) = queue.pop_front() {
+        let out = if to_peer {
+            peer.receive(restored.me, m, anyone, now).unwrap()
+        } else {
+            restored.receive(peer.me, m, anyone, now).unwrap()
+        };
+        queue.extend(out.replies.into_iter().map(|r| (!to_peer, r)));
+    }
+    assert_eq!(restored.stale(), Some(Stale { kept: 1_000, seen: 3_000 }));
+
+    // Restored on purpose: it signs above the later entry instead.
+    let mut ok = Directory::open(k, backup.path()).unwrap().0;
+    ok.accept_restored();
+    ok.set_own(&desc("v5"), 4_100).unwrap();
+    exchange(&mut ok, &mut peer, now);
+    exchange(&mut ok, &mut peer, now);
+    assert_eq!(ok.stale(), None);
+    assert_eq!(peer.get(&ok.me).unwrap().zone.as_deref(), Some("v5"));
+}

@@ -230,7 +230,10 @@ async fn launch(
             .map_err(|e| MeshError::Listen { addr: addr.clone(), reason: e.to_string() })?;
     }
     let (directory, membership) = if member {
-        let (dir, warning) = Directory::open(keypair, &config.data_dir)?;
+        let (mut dir, warning) = Directory::open(keypair, &config.data_dir)?;
+        if config.restored {
+            dir.accept_restored();
+        }
         if let Some(w) = warning {
             warn!("{w}");
         }
