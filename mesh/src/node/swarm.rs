@@ -118,14 +118,24 @@ pub(super) fn build_swarm(
     // Members take datagrams; everyone takes RPC (the gate decides per call).
     let inbound = if member { vec![RPC_PROTOCOL, DATAGRAM_PROTOCOL] } else { vec![RPC_PROTOCOL] };
     let (streams, incoming) = super::streams::Behaviour::new(inbound);
+    let yamux = || {
+        let mut c = yamux::Config::default();
+        c.set_max_num_streams(MAX_STREAMS_PER_CONNECTION);
+        c
+    };
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux)
         .map_err(|e| transport(&e))?
-        .with_quic()
+        .with_quic_config(|mut c| {
+            c.max_connection_data = QUIC_CONNECTION_WINDOW;
+            c.max_stream_data = QUIC_STREAM_WINDOW;
+            c.max_concurrent_stream_limit = MAX_STREAMS_PER_CONNECTION as u32;
+            c
+        })
         .with_dns()
         .map_err(|e| transport(&e))?
-        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .with_relay_client(noise::Config::new, yamux)
         .map_err(|e| transport(&e))?
         .with_behaviour(|key, relay_client| {
             // The routing table holds members only: the swarm task adds their addresses
@@ -202,6 +212,19 @@ pub(super) fn record(m: &libp2p::metrics::Metrics, event: &SwarmEvent<BehaviourE
 /// serves them rather than grow until the kernel kills it. Guests run in the process, so the
 /// bar is high.
 const MEMORY_CONNECTION_LIMIT: f64 = 0.8;
+
+/// Bytes a peer may have in flight on one QUIC connection before we read them (the
+/// connection's flow-control window). What is not read yet waits here, whoever sent it: at
+/// libp2p's default of 15 MB, 64 strangers writing into streams the acceptor has not taken
+/// yet could hold a GB. 4 MiB still fills a 40 MB/s link at 100 ms round trips.
+const QUIC_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// The same for one stream (libp2p's default: 10 MB).
+const QUIC_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// Streams one connection may have open (QUIC and yamux): the acceptor's cap per member
+/// (`inbound::MAX_PER_MEMBER`, 128) with room for our own outbound streams; yamux's default
+/// of 512 streams at 256 KiB of initial window each would let one TCP connection hold
+/// 128 MiB unread.
+const MAX_STREAMS_PER_CONNECTION: usize = 256;
 /// Connections being set up (before we know who is on the other end) at once: handshakes
 /// cost CPU and memory, and a flood of them must not starve the established ones.
 const MAX_PENDING_INCOMING: u32 = 32;

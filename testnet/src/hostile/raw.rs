@@ -187,25 +187,37 @@ impl RawPeer {
             let (protocol, header) = (protocol.clone(), header.clone());
             async move {
                 let open = control.open_stream(peer, protocol);
-                let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(10), open).await
-                else {
+                let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(10), open).await else {
                     return (0, None);
                 };
                 let piece = vec![0x5a_u8; 64 * 1024];
                 let mut sent = 0usize;
+                // The answer is read while the body is written: a target that refuses a
+                // request answers and stops the stream without reading the body.
+                let (mut r, mut w) = futures::AsyncReadExt::split(s);
                 let write = async {
-                    s.write_all(&header).await?;
+                    w.write_all(&header).await?;
                     while sent < body_len {
                         let n = piece.len().min(body_len - sent);
-                        s.write_all(&piece[..n]).await?;
+                        w.write_all(&piece[..n]).await?;
                         sent += n;
                     }
-                    s.flush().await?;
-                    let mut answer = Vec::new();
-                    s.read_to_end(&mut answer).await?;
-                    Ok::<_, std::io::Error>(answer)
+                    w.flush().await?;
+                    Ok::<_, std::io::Error>(())
                 };
-                let answer = match tokio::time::timeout(Duration::from_secs(60), write).await {
+                let read = async {
+                    let mut answer = Vec::new();
+                    r.read_to_end(&mut answer).await.map(|_| answer)
+                };
+                // Done once the answer is read (the rest of the body may never be taken).
+                let both = async {
+                    tokio::pin!(write, read);
+                    tokio::select! {
+                        answer = &mut read => answer,
+                        _ = &mut write => read.await,
+                    }
+                };
+                let answer = match tokio::time::timeout(Duration::from_secs(60), both).await {
                     Ok(Ok(answer)) if !answer.is_empty() => Some(answer),
                     _ => None,
                 };
