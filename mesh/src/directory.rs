@@ -221,6 +221,11 @@ pub struct Directory {
     /// (false once the operator said the data dir was restored on purpose).
     detect_stale: bool,
     stale: Option<Stale>,
+    /// Whether our own entry, as held, is in the data dir (it does not leave before).
+    own_saved: bool,
+    /// Whether this directory lives in a data dir ([`Directory::open`]); one made with
+    /// [`Directory::new`] keeps nothing, so its entry leaves at once.
+    durable: bool,
     /// Our descriptor, kept to sign again above an earlier life's entry.
     own: Option<NodeDescriptor>,
     budgets: HashMap<PeerId, Budget>,
@@ -239,6 +244,8 @@ impl Directory {
             first_signed: None,
             detect_stale: true,
             stale: None,
+            own_saved: true,
+            durable: false,
             own: None,
             budgets: HashMap::new(),
             digest: None,
@@ -251,6 +258,7 @@ impl Directory {
     /// entry is a replica that peers will send again. Returns a warning to log, if any.
     pub fn open(key: Keypair, data_dir: &Path) -> Result<(Self, Option<String>), DirectoryError> {
         let mut dir = Self::new(key);
+        dir.durable = true;
         let old = data_dir.join(OLD_FILE);
         if old.exists() {
             fs::remove_file(&old).map_err(|source| DirectoryError::Io { path: old, source })?;
@@ -304,6 +312,7 @@ impl Directory {
         fs::rename(&tmp, &path).map_err(io)?;
         fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(io)?;
         self.dirty = false;
+        self.own_saved = true;
         Ok(())
     }
 
@@ -385,6 +394,7 @@ impl Directory {
         }
         let hash = Sha256::digest(&bytes).into();
         self.first_signed.get_or_insert(version);
+        self.own_saved = false;
         self.entries
             .insert(self.me, Entry { bytes, hash, version, descriptor: descriptor.clone() });
         self.own = Some(descriptor);
@@ -422,8 +432,16 @@ impl Directory {
         Message::Summary { digest: self.digest() }
     }
 
-    /// Our own entry, to push to a few peers after it changed.
+    /// Whether our own entry changed and is not in the data dir yet (persist now).
+    pub fn own_unsaved(&self) -> bool {
+        self.durable && !self.own_saved
+    }
+
+    /// Our own entry, to push to a few peers after it changed, once the data dir keeps it.
     pub fn own_entry(&self) -> Option<Message> {
+        if !self.shareable(&self.me) {
+            return None;
+        }
         self.entries.get(&self.me).map(|e| Message::Entries(vec![e.bytes.clone()]))
     }
 
@@ -457,10 +475,20 @@ impl Directory {
         now: Instant,
     ) -> Result<Outcome, DirectoryError> {
         let mut out = Outcome::default();
+        // What the peer may make us send is known before anything is built: replies are
+        // built within it, and charged for what they cost.
+        let mut allowance = self.allowance(&peer, now);
         match message {
             Message::Summary { digest } => {
                 if digest != self.digest() {
-                    out.replies = self.versions(true);
+                    let all: Vec<Version> = self
+                        .entries
+                        .iter()
+                        .filter(|(p, _)| self.shareable(p))
+                        .map(|(p, e)| version_of(p, e))
+                        .collect();
+                    out.replies = version_messages(all, None, None, true);
+                    keep_within(&mut out.replies, &mut allowance);
                 }
             }
             Message::Versions { after, upto, versions, reply } => {
@@ -475,7 +503,13 @@ impl Directory {
                 let evidence = theirs.get(&self.me).is_some_and(|(v, _)| self.would_be_stale(*v));
                 let mut send = Vec::new();
                 for (p, e) in self.entries.range(range) {
-                    if theirs.get(p).is_none_or(|r| e.rank() > *r) && !(evidence && *p == self.me) {
+                    let newer = theirs.get(p).is_none_or(|r| e.rank() > *r);
+                    if newer && self.shareable(p) && !(evidence && *p == self.me) {
+                        let cost = entry_cost(&e.bytes);
+                        if cost > allowance {
+                            break;
+                        }
+                        allowance -= cost;
                         send.push(e.bytes.clone());
                     }
                 }
@@ -484,9 +518,15 @@ impl Directory {
                     is_member(p) && self.entries.get(p).is_none_or(|e| *r > e.rank())
                 });
                 if lack && reply {
-                    let mine: Vec<Version> =
-                        self.entries.range(range).map(|(p, e)| version_of(p, e)).collect();
-                    out.replies.extend(version_messages(mine, after, upto, false));
+                    let mine: Vec<Version> = self
+                        .entries
+                        .range(range)
+                        .filter(|(p, _)| self.shareable(p))
+                        .map(|(p, e)| version_of(p, e))
+                        .collect();
+                    let mut asks = version_messages(mine, after, upto, false);
+                    keep_within(&mut asks, &mut allowance);
+                    out.replies.extend(asks);
                 }
                 if evidence {
                     out.replies.push(Message::Want(vec![self.me]));
@@ -499,11 +539,17 @@ impl Directory {
                         reason: format!("{} nodes wanted, at most {MAX_WANTED}", peers.len()),
                     });
                 }
-                let send: Vec<Vec<u8>> = peers
-                    .iter()
-                    .filter_map(|p| self.entries.get(p))
-                    .map(|e| e.bytes.clone())
-                    .collect();
+                let mut send = Vec::new();
+                for e in
+                    peers.iter().filter(|p| self.shareable(p)).filter_map(|p| self.entries.get(p))
+                {
+                    let cost = entry_cost(&e.bytes);
+                    if cost > allowance {
+                        break;
+                    }
+                    allowance -= cost;
+                    send.push(e.bytes.clone());
+                }
                 out.replies = batches(send);
             }
             Message::Entries(list) => {
@@ -525,10 +571,7 @@ impl Directory {
             }
         }
         let cost: u64 = out.replies.iter().map(message_cost).sum();
-        if cost > 0 && !self.charge(peer, cost, now) {
-            out.replies.clear();
-            out.refused.push(format!("{peer} asked for more than its answer budget"));
-        }
+        self.spend(peer, cost, now);
         Ok(out)
     }
 
@@ -592,20 +635,21 @@ impl Directory {
     }
 
     /// Our versions, range by range, covering every node.
+    #[cfg(test)]
     fn versions(&self, reply: bool) -> Vec<Message> {
         let all: Vec<Version> = self.entries.iter().map(|(p, e)| version_of(p, e)).collect();
         version_messages(all, None, None, reply)
     }
 
-    /// Takes `cost` bytes from `peer`'s answer budget; false when it has not enough.
-    fn charge(&mut self, peer: PeerId, cost: u64, now: Instant) -> bool {
-        if !self.budgets.contains_key(&peer)
+    /// What `peer` may make us send now (its budget, refilled since it last asked).
+    fn allowance(&mut self, peer: &PeerId, now: Instant) -> u64 {
+        if !self.budgets.contains_key(peer)
             && self.budgets.len() >= MAX_PEERS
             && let Some(victim) = self.budgets.keys().next().copied()
         {
             self.budgets.remove(&victim);
         }
-        let b = self.budgets.entry(peer).or_insert(Budget { tokens: ANSWER_BURST_BYTES, at: now });
+        let b = self.budgets.entry(*peer).or_insert(Budget { tokens: ANSWER_BURST_BYTES, at: now });
         let elapsed = now.saturating_duration_since(b.at);
         let refill = u64::try_from(
             elapsed.as_millis().saturating_mul(u128::from(ANSWER_BYTES_PER_SECOND)) / 1000,
@@ -613,11 +657,21 @@ impl Directory {
         .unwrap_or(u64::MAX);
         b.tokens = b.tokens.saturating_add(refill).min(ANSWER_BURST_BYTES);
         b.at = now;
-        if b.tokens < cost {
-            return false;
+        b.tokens
+    }
+
+    /// Takes `cost` bytes from `peer`'s budget (what [`Directory::allowance`] allowed).
+    fn spend(&mut self, peer: PeerId, cost: u64, now: Instant) {
+        if let Some(b) = self.budgets.get_mut(&peer) {
+            b.tokens = b.tokens.saturating_sub(cost);
+            b.at = now;
         }
-        b.tokens -= cost;
-        true
+    }
+
+    /// Whether `peer`'s entry may leave this node: ours only once the data dir keeps it (a
+    /// peer holding an own entry the data dir lost would take this node for a restore).
+    fn shareable(&self, peer: &PeerId) -> bool {
+        *peer != self.me || self.own_saved || !self.durable
     }
 }
 
@@ -711,6 +765,25 @@ fn batches(entries: Vec<Vec<u8>>) -> Vec<Message> {
         out.push(Message::Entries(cur));
     }
     out
+}
+
+/// What sending one entry costs from a budget.
+fn entry_cost(bytes: &[u8]) -> u64 {
+    u64::try_from(bytes.len() + 4).unwrap_or(u64::MAX)
+}
+
+/// Keeps the leading messages that fit `allowance`, and takes their cost from it.
+fn keep_within(messages: &mut Vec<Message>, allowance: &mut u64) {
+    let mut kept = 0;
+    for m in messages.iter() {
+        let cost = message_cost(m);
+        if cost > *allowance {
+            break;
+        }
+        *allowance -= cost;
+        kept += 1;
+    }
+    messages.truncate(kept);
 }
 
 /// About how many bytes a message takes on the wire.

@@ -143,9 +143,12 @@ impl ContainerDriver {
         }
     }
 
-    async fn ensure_image(&self, image: &str) -> Result<(), DriverError> {
+    /// Pulls `image` if it is missing; returns the volumes it declares.
+    async fn ensure_image(&self, image: &str) -> Result<Vec<String>, DriverError> {
+        let volumes =
+            |i: bollard::models::ImageInspect| i.config.and_then(|c| c.volumes).unwrap_or_default();
         match self.docker.inspect_image(image).await {
-            Ok(_) => return Ok(()),
+            Ok(i) => return Ok(volumes(i)),
             Err(e) if not_found(&e) => {}
             Err(e) => return Err(engine(e)),
         }
@@ -162,10 +165,18 @@ impl ContainerDriver {
                 });
             }
         }
-        Ok(())
+        self.docker.inspect_image(image).await.map(volumes).map_err(engine)
     }
 
-    fn create_body(&self, spec: &ReplicaSpec, image: &str) -> ContainerCreateBody {
+    /// What the engine creates for `spec`. `volumes` are the paths the image declares: each
+    /// gets a tmpfs of the disk limit instead of an anonymous volume, which would be outside
+    /// every limit (and outlive the container).
+    fn create_body(
+        &self,
+        spec: &ReplicaSpec,
+        image: &str,
+        volumes: &[String],
+    ) -> ContainerCreateBody {
         let labels = HashMap::from([
             (LABEL_NODE.to_string(), self.config.scope.clone()),
             (LABEL_REPLICA.to_string(), spec.id.to_string()),
@@ -191,10 +202,16 @@ impl ContainerDriver {
             memory_swap: Some(memory),
             pids_limit: Some(PIDS_LIMIT),
             readonly_rootfs: Some(!self.config.writable_rootfs),
-            tmpfs: (!self.config.writable_rootfs).then(|| {
+            tmpfs: {
                 let options = format!("{TMPFS},size={}m", spec.disk_limit_mib());
-                HashMap::from([("/tmp".to_string(), options)])
-            }),
+                let tmp = (!self.config.writable_rootfs).then(|| "/tmp".to_string());
+                let paths: HashMap<String, String> = tmp
+                    .into_iter()
+                    .chain(volumes.iter().cloned())
+                    .map(|p| (p, options.clone()))
+                    .collect();
+                (!paths.is_empty()).then_some(paths)
+            },
             cap_drop: Some(vec!["ALL".into()]),
             privileged: Some(false),
             security_opt: Some(vec!["no-new-privileges".into()]),
@@ -371,18 +388,18 @@ impl Driver for ContainerDriver {
                 debug!(container = name, "adopted a running container");
                 return Ok(());
             }
-            let rm = RemoveContainerOptionsBuilder::new().force(true).build();
+            let rm = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
             match self.docker.remove_container(&name, Some(rm)).await {
                 Ok(()) => {}
                 Err(e) if not_found(&e) => {}
                 Err(e) => return Err(engine(e)),
             }
         }
-        self.ensure_image(image).await?;
+        let volumes = self.ensure_image(image).await?;
         let options = CreateContainerOptionsBuilder::new().name(&name).build();
         let created = self
             .docker
-            .create_container(Some(options), self.create_body(spec, image))
+            .create_container(Some(options), self.create_body(spec, image, &volumes))
             .await
             .map_err(|e| match e {
                 BollardError::DockerResponseServerError { status_code: 404, message } => {
@@ -394,7 +411,7 @@ impl Driver for ContainerDriver {
                 e => engine(e),
             })?;
         if let Err(e) = self.docker.start_container(&created.id, None).await {
-            let rm = RemoveContainerOptionsBuilder::new().force(true).build();
+            let rm = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
             let _ = self.docker.remove_container(&created.id, Some(rm)).await;
             return Err(DriverError::Refused {
                 id: spec.id.clone(),
@@ -427,7 +444,7 @@ impl Driver for ContainerDriver {
                 Err(e) => return Err(engine(e)),
             }
         }
-        let rm = RemoveContainerOptionsBuilder::new().force(true).build();
+        let rm = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
         match self.docker.remove_container(&name, Some(rm)).await {
             Ok(()) => Ok(()),
             Err(e) if not_found(&e) => Ok(()),

@@ -18,9 +18,10 @@ pub enum ExitReason {
     Exited,
     /// It used more memory than its limit and was stopped (containers: OOM-killed).
     OutOfMemory,
-    /// Its files grew past its disk limit and it was stopped.
+    /// Its files grew past its disk limit (or could not be measured) and it was stopped.
     OutOfDisk {
-        /// What its directory held when it was measured, in MiB.
+        /// What its directory held when it was measured, in MiB (`u64::MAX`: its files could
+        /// not be measured).
         used_mib: u64,
         /// Its limit, in MiB.
         limit_mib: u32,
@@ -58,6 +59,9 @@ impl Exit {
             (ExitReason::Exited, Some(c)) => format!("exit code {c}"),
             (ExitReason::Exited, None) => "exited".into(),
             (ExitReason::OutOfMemory, _) => "out of memory".into(),
+            (ExitReason::OutOfDisk { used_mib: u64::MAX, .. }, _) => {
+                "out of disk: its files cannot be measured (paths too deep?)".into()
+            }
             (ExitReason::OutOfDisk { used_mib, limit_mib }, _) => {
                 format!("out of disk: its files took {used_mib} MiB, limit {limit_mib} MiB")
             }

@@ -325,6 +325,10 @@ fn a_data_dir_older_than_the_last_run_is_found_out_and_only_then() {
     let mut again = Directory::open(k.clone(), current.path()).unwrap().0;
     exchange(&mut peer, &mut again, now);
     again.set_own(&desc("v3"), 3_000).unwrap();
+    // Not shared before the data dir keeps it.
+    exchange(&mut again, &mut peer, now);
+    assert_eq!(peer.get(&again.me).unwrap().zone.as_deref(), Some("v2"));
+    again.persist(current.path()).unwrap();
     exchange(&mut again, &mut peer, now);
     assert_eq!(again.stale(), None);
 
@@ -346,6 +350,7 @@ fn a_data_dir_older_than_the_last_run_is_found_out_and_only_then() {
     let mut ok = Directory::open(k, backup.path()).unwrap().0;
     ok.accept_restored();
     ok.set_own(&desc("v5"), 4_100).unwrap();
+    ok.persist(backup.path()).unwrap();
     exchange(&mut ok, &mut peer, now);
     exchange(&mut ok, &mut peer, now);
     assert_eq!(ok.stale(), None);

@@ -450,11 +450,8 @@ impl Task {
                         self.send_datagram(*id, Datagram::Directory(summary));
                     }
                 }
-                State::Dead | State::Left => {
-                    if let Some(dir) = self.directory.as_mut() {
-                        dir.forget(id);
-                    }
-                }
+                // A member's answer budget outlives its departures (a Left and a return must
+                // not buy it a fresh burst); it goes when the member is forgotten.
                 _ => {}
             }
         }
@@ -538,6 +535,12 @@ impl Task {
         let is_member = move |p: &PeerId| gate.allows(p, Protocol::Directory);
         match dir.receive(peer, message, is_member, Instant::now()) {
             Ok(out) => {
+                // Our entry was signed again (above an earlier run's): kept before it leaves.
+                if dir.own_unsaved()
+                    && let Err(e) = dir.persist(&self.config.data_dir)
+                {
+                    warn!(error = %e, "cannot persist the directory");
+                }
                 if let Some(first) = out.refused.first() {
                     // Not a warning: a member could fill the owner's disk with them.
                     debug!(%peer, refused = out.refused.len(), %first, "directory entries refused");
