@@ -165,8 +165,10 @@ async fn oversize_and_malformed_frames_are_refused_without_harm() {
     assert!(r.is_err(), "oversize datagram answered: {r:?}");
     let r = send_raw(&mut raw, peer, DATAGRAM_PROTOCOL, frame(4, &[9, 9, 9, 9])).await;
     assert!(r.is_err(), "malformed datagram answered: {r:?}");
-    // A well-formed directory datagram holding garbage instead of a sync message.
-    let r = send_raw(&mut raw, peer, DATAGRAM_PROTOCOL, frame(4, &[1, 2, 0x42, 0x00])).await;
+    // A well-formed directory datagram holding garbage instead of a signed entry (postcard:
+    // Directory, Entries, one entry of two bytes).
+    let garbage_entry = [1, 2, 1, 2, 0x42, 0x00];
+    let r = send_raw(&mut raw, peer, DATAGRAM_PROTOCOL, frame(6, &garbage_entry)).await;
     assert!(
         r.is_ok(),
         "a well-framed datagram is acknowledged even if its content is refused: {r:?}"
