@@ -34,12 +34,6 @@ impl<I: Id> Membership<I> {
             return false;
         }
         if let UpdateKind::Capacity { version, capacity } = u.kind {
-            // A member's capacity is its own word (first hand, or its own signed flood, which
-            // reaches everyone), or in the member list a joiner gets from the member it
-            // joins through; a third party relaying it could have made it up.
-            if !(via.is_own_word() || via == Via::Sync) {
-                return false;
-            }
             return self.apply_capacity(u.id, u.incarnation, version, capacity);
         }
         let existing = self.members.get(&u.id).map(|m| (m.state, m.incarnation));

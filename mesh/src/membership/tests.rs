@@ -637,30 +637,3 @@ fn third_parties_cannot_inflate_incarnations_or_say_others_left() {
     let _ = m.handle(Input::Broadcast { updates: vec![left], author: Some(2) }, now);
     assert_eq!(state_of(&m, 2), Some(State::Left), "2 may say it left");
 }
-
-/// A member's capacity counts only in its own word: a third party's piggyback or flood that
-/// says how much another member has free is ignored.
-#[test]
-fn only_a_member_says_what_capacity_it_has() {
-    let now = Instant::now();
-    let mut m = node_with(1, &[2, 3], now);
-    let claim = |free| Update {
-        id: 2,
-        incarnation: 0,
-        kind: UpdateKind::Capacity { version: 7, capacity: cap(free) },
-    };
-    let free_of = |m: &Membership<u32>| {
-        m.members().find(|v| v.id == 2).and_then(|v| v.capacity).map(|c| c.cpu_free_millis)
-    };
-    let _ = m.handle(Input::Broadcast { updates: vec![claim(4000)], author: Some(3) }, now);
-    let _ = m.handle(
-        Input::Message {
-            from: 3,
-            message: Message::Ping { seq: 1, incarnation: 0, updates: vec![claim(4000)] },
-        },
-        now,
-    );
-    assert_eq!(free_of(&m), None, "3 made up 2's capacity");
-    let _ = m.handle(Input::Broadcast { updates: vec![claim(1200)], author: Some(2) }, now);
-    assert_eq!(free_of(&m), Some(1200));
-}
