@@ -132,6 +132,8 @@ impl Daemon {
                     c.scope = me.to_string();
                 }
                 c.allow_network |= config.allow_network;
+                c.max_disk_mib =
+                    Some(config.offer.disk_mib.max(cloudless_runtime::spec::DEFAULT_DISK_MIB));
                 Some(ContainerDriver::connect(c).await?)
             }
             None => None,

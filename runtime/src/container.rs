@@ -79,6 +79,9 @@ pub struct ContainerConfig {
     pub allow_network: bool,
     /// Keep the root filesystem writable (off: read-only, with a small writable `/tmp`).
     pub writable_rootfs: bool,
+    /// The largest disk limit a replica may have, in MiB (what the node offers); `None`: no
+    /// cap beyond the spec's own.
+    pub max_disk_mib: Option<u32>,
 }
 
 /// Runs containers on a Docker Engine API. Cheap to clone.
@@ -377,6 +380,17 @@ impl Driver for ContainerDriver {
             return Err(DriverError::Refused {
                 id: spec.id.clone(),
                 reason: "it needs network access, which this node does not allow".into(),
+            });
+        }
+        if let Some(max) = self.config.max_disk_mib
+            && spec.disk_mib > max
+        {
+            return Err(DriverError::Refused {
+                id: spec.id.clone(),
+                reason: format!(
+                    "its disk limit of {} MiB is above this node's {max} MiB",
+                    spec.disk_mib
+                ),
             });
         }
         let name = self.container_name(&spec.id);

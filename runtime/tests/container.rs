@@ -82,13 +82,36 @@ async fn the_disk_limit_holds_on_tmp_and_on_a_writable_root() {
     assert!(logs.iter().any(|l| l.contains("No space left")), "{logs:?}");
     clean(&d).await;
 
-    // A writable root (the operator's choice): measured, and stopped past the limit.
+    // A path the image declares as a volume: a tmpfs of the limit, not an anonymous volume
+    // on the engine's disk.
+    let volume_image = std::env::var("CLOUDLESS_TEST_VOLUME_IMAGE")
+        .unwrap_or_else(|_| "cloudless/busybox-vol:test".into());
+    let mut s = spec("disk-vol", "dd if=/dev/zero of=/data/fill bs=1M count=20 2>&1; exit 7");
+    s.image = Image::Container(volume_image);
+    s.disk_mib = 4;
+    d.start(&s).await.unwrap();
+    let exit = wait(&d, &s).await;
+    assert_eq!(exit.code, Some(7), "{exit:?}");
+    let logs: Vec<String> = d.logs(&s.id, 10).await.unwrap().into_iter().map(|l| l.text).collect();
+    assert!(
+        logs.iter().any(|l| l.contains("No space left")),
+        "the volume was not bounded: {logs:?}"
+    );
+    clean(&d).await;
+
+    // A writable root (the operator's choice): measured, and stopped past the limit; a
+    // limit above what the node offers is refused up front.
     let config = ContainerConfig {
         scope: format!("disk-rw-{}", std::process::id()),
         writable_rootfs: true,
+        max_disk_mib: Some(64),
         ..ContainerConfig::default()
     };
     let rw = ContainerDriver::connect(config).await.unwrap();
+    let mut big = spec("disk-big", "true");
+    big.disk_mib = 65;
+    let err = rw.start(&big).await.unwrap_err().to_string();
+    assert!(err.contains("above this node's 64 MiB"), "{err}");
     let mut s = spec("disk-rw", "dd if=/dev/zero of=/fill bs=1M count=20; sleep 60");
     s.disk_mib = 4;
     rw.start(&s).await.unwrap();
