@@ -501,19 +501,12 @@ impl Directory {
                 // the signed entry is the evidence, so ask for it (and hold ours back until
                 // it came, or the peer would answer with ours).
                 let evidence = theirs.get(&self.me).is_some_and(|(v, _)| self.would_be_stale(*v));
-                let mut send = Vec::new();
-                for (p, e) in self.entries.range(range) {
-                    let newer = theirs.get(p).is_none_or(|r| e.rank() > *r);
-                    if newer && self.shareable(p) && !(evidence && *p == self.me) {
-                        let cost = entry_cost(&e.bytes);
-                        if cost > allowance {
-                            break;
-                        }
-                        allowance -= cost;
-                        send.push(e.bytes.clone());
-                    }
-                }
-                out.replies = batches(send);
+                let newer = self.entries.range(range).filter(|(p, e)| {
+                    theirs.get(*p).is_none_or(|r| e.rank() > *r)
+                        && self.shareable(p)
+                        && !(evidence && **p == self.me)
+                });
+                out.replies = batches(take_within(newer.map(|(_, e)| e), &mut allowance));
                 let lack = theirs.iter().any(|(p, r)| {
                     is_member(p) && self.entries.get(p).is_none_or(|e| *r > e.rank())
                 });
@@ -539,18 +532,9 @@ impl Directory {
                         reason: format!("{} nodes wanted, at most {MAX_WANTED}", peers.len()),
                     });
                 }
-                let mut send = Vec::new();
-                for e in
-                    peers.iter().filter(|p| self.shareable(p)).filter_map(|p| self.entries.get(p))
-                {
-                    let cost = entry_cost(&e.bytes);
-                    if cost > allowance {
-                        break;
-                    }
-                    allowance -= cost;
-                    send.push(e.bytes.clone());
-                }
-                out.replies = batches(send);
+                let wanted =
+                    peers.iter().filter(|p| self.shareable(p)).filter_map(|p| self.entries.get(p));
+                out.replies = batches(take_within(wanted, &mut allowance));
             }
             Message::Entries(list) => {
                 if list.len() > MAX_BATCH_ENTRIES {
@@ -767,9 +751,18 @@ fn batches(entries: Vec<Vec<u8>>) -> Vec<Message> {
     out
 }
 
-/// What sending one entry costs from a budget.
-fn entry_cost(bytes: &[u8]) -> u64 {
-    u64::try_from(bytes.len() + 4).unwrap_or(u64::MAX)
+/// The leading entries whose bytes fit `allowance` (taken from it), copied for sending.
+fn take_within<'a>(entries: impl Iterator<Item = &'a Entry>, allowance: &mut u64) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for e in entries {
+        let cost = u64::try_from(e.bytes.len() + 4).unwrap_or(u64::MAX);
+        if cost > *allowance {
+            break;
+        }
+        *allowance -= cost;
+        out.push(e.bytes.clone());
+    }
+    out
 }
 
 /// Keeps the leading messages that fit `allowance`, and takes their cost from it.
