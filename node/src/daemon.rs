@@ -124,6 +124,9 @@ impl Daemon {
         }
         let me = keypair.public().to_peer_id();
         let (gate, gate_writer) = EnrollGate::new(me);
+        // The largest disk limit a replica may have here: what the node offers, and at least
+        // the scratch space a replica without a limit gets.
+        let max_disk_mib = config.offer.disk_mib.max(cloudless_runtime::spec::DEFAULT_DISK_MIB);
         // Containers only where an engine answers; WASI everywhere.
         let containers = match &config.containers {
             Some(c) => {
@@ -132,8 +135,7 @@ impl Daemon {
                     c.scope = me.to_string();
                 }
                 c.allow_network |= config.allow_network;
-                c.max_disk_mib =
-                    Some(config.offer.disk_mib.max(cloudless_runtime::spec::DEFAULT_DISK_MIB));
+                c.max_disk_mib = Some(max_disk_mib);
                 Some(ContainerDriver::connect(c).await?)
             }
             None => None,
@@ -173,8 +175,7 @@ impl Daemon {
         let mut wasi_config = WasiConfig::new(&data_dir.join("wasi"));
         wasi_config.allow_network = config.allow_network;
         wasi_config.max_memory_mib = config.offer.memory_mib.clamp(16, 4096);
-        wasi_config.max_disk_mib =
-            config.offer.disk_mib.max(cloudless_runtime::wasi::DEFAULT_DISK_MIB);
+        wasi_config.max_disk_mib = max_disk_mib;
         let wasi = WasiDriver::new(wasi_config)?;
         let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
         let group_file = data_dir.join(crate::facts::GROUP_FILE);

@@ -67,8 +67,6 @@ pub struct WasiConfig {
     pub compiled_cache: usize,
     /// Threads running guests: at most the cores the owner gives to Cloudless.
     pub guest_threads: usize,
-    /// Disk a replica's files may take when its spec asks for none, in MiB.
-    pub default_disk_mib: u32,
     /// The largest disk limit a replica may have, in MiB (what the node offers).
     pub max_disk_mib: u32,
 }
@@ -85,13 +83,11 @@ impl WasiConfig {
             max_replicas: 64,
             compiled_cache: 32,
             guest_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            default_disk_mib: DEFAULT_DISK_MIB,
             max_disk_mib: 1024,
         }
     }
 }
 
-pub use crate::spec::DEFAULT_DISK_MIB;
 /// The longest wait between two measures of a running replica's files against its disk limit
 /// (Kubernetes measures ephemeral storage the same way, far less often). The wait shrinks as
 /// the files near the limit: see [`over_disk`].
@@ -827,8 +823,7 @@ impl Driver for WasiDriver {
         let (tx, rx) = watch::channel(None);
         let kill = Arc::new(Notify::new());
         let timeout = spec.timeout;
-        let disk_limit =
-            if spec.disk_mib == 0 { self.inner.config.default_disk_mib } else { spec.disk_mib };
+        let disk_limit = spec.disk_limit_mib();
         let disk = over_disk(work.clone(), disk_limit, spec.cpu_millis);
         let work = work.clone();
         let (ctl, k, id) = (control.clone(), kill.clone(), spec.id.clone());

@@ -183,7 +183,7 @@ async fn a_guest_filling_the_disk_is_stopped_at_its_limit_and_its_files_removed(
     let exit = wait(&d, &scratch.id).await;
     match exit.reason {
         ExitReason::OutOfDisk { limit_mib, .. } => {
-            assert_eq!(limit_mib, cloudless_runtime::wasi::DEFAULT_DISK_MIB)
+            assert_eq!(limit_mib, cloudless_runtime::spec::DEFAULT_DISK_MIB)
         }
         r => panic!("{r:?}"),
     }
