@@ -339,39 +339,11 @@ async fn a_drain_keeps_min_available_and_starts_replacements_first() {
     c.shutdown().await;
 }
 
-/// A tmpfs mounted for a test; unmounted when dropped.
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-/// Mounts a tmpfs of `mib` at `at`, or says why not (and fails when CLOUDLESS_REQUIRE_ROOT=1).
-fn tmpfs(at: &std::path::Path, mib: u32) -> Option<Mount> {
-    std::fs::create_dir_all(at).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "tmpfs"])
-        .arg(at)
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        return Some(Mount(at.to_path_buf()));
-    }
-    assert!(
-        std::env::var("CLOUDLESS_REQUIRE_ROOT").map_or(true, |v| v != "1"),
-        "cannot mount a tmpfs (root is needed), and CLOUDLESS_REQUIRE_ROOT=1"
-    );
-    eprintln!("skipped: cannot mount a tmpfs (needs root; CLOUDLESS_REQUIRE_ROOT=1 fails instead)");
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_fails_when_raft_storage_fails() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
-    let Some(_mount) = tmpfs(dir.path(), 64) else { return };
+    let Some(_mount) = cloudless_testnet::procs::tmpfs(dir.path(), 64).unwrap() else { return };
     let root = SigningKey::from_bytes(&[7; 32]);
     let admin = SigningKey::from_bytes(&[1; 32]);
     let mut c = LocalCluster::start(1, dir.path(), root, admin, |_, _| {}).await.unwrap();

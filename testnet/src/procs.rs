@@ -172,12 +172,8 @@ impl Procs {
 
     /// As [`Procs::restart`], with `cloudless run <extra>`.
     pub fn restart_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
-        self.kill(i);
-        let data_dir = self.nodes[i].data_dir.clone();
-        let _ = std::fs::remove_file(data_dir.join("addresses"));
-        let _ = std::fs::remove_file(data_dir.join("http"));
-        let args: Vec<&str> = std::iter::once("run").chain(extra.iter().copied()).collect();
-        self.spawn_as(i, &args)?;
+        self.run_detached(i, extra)?;
+        self.wait_listening(i, true)?;
         let peer = self.nodes[i].peer.clone();
         until("the restarted node is listed alive", START_TIMEOUT, || {
             let out = self.ctl(&["node", "list"]);
@@ -250,6 +246,12 @@ impl Procs {
     /// until it serves HTTP (which a node does once it is in the cluster).
     fn spawn_waiting(&mut self, i: usize, args: &[&str], serving: bool) -> Result<usize> {
         self.spawn_child(i, args)?;
+        self.wait_listening(i, serving)?;
+        Ok(i)
+    }
+
+    /// Waits until node `i` listens and, with `serving`, serves HTTP; records its addresses.
+    fn wait_listening(&mut self, i: usize, serving: bool) -> Result<()> {
         let data_dir = self.nodes[i].data_dir.clone();
         let (addr, http) = until("the node listens", START_TIMEOUT, || {
             let addr = std::fs::read_to_string(data_dir.join("addresses")).ok()?;
@@ -267,7 +269,7 @@ impl Procs {
         node.peer = peer;
         node.addr = addr;
         node.http = http;
-        Ok(i)
+        Ok(())
     }
 
     /// Node `i`'s log file.
@@ -470,4 +472,36 @@ impl Drop for Procs {
             self.kill(i);
         }
     }
+}
+
+/// A tmpfs mounted for a test (a small disk to fill); unmounted when dropped.
+pub struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Mounts a tmpfs of `mib` MiB at `at` (created if missing). Without root it says so and
+/// returns `None` (the test skips), unless `CLOUDLESS_REQUIRE_ROOT=1` (CI), which makes that a
+/// failure.
+pub fn tmpfs(at: &Path, mib: u32) -> Result<Option<Tmpfs>> {
+    std::fs::create_dir_all(at).with_context(|| format!("cannot create {}", at.display()))?;
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "tmpfs"])
+        .arg(at)
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Ok(Some(Tmpfs(at.to_path_buf())));
+    }
+    if std::env::var("CLOUDLESS_REQUIRE_ROOT").is_ok_and(|v| v == "1") {
+        bail!(
+            "cannot mount a tmpfs at {} (root is needed), and CLOUDLESS_REQUIRE_ROOT=1",
+            at.display()
+        );
+    }
+    eprintln!("skipped: cannot mount a tmpfs (needs root; CLOUDLESS_REQUIRE_ROOT=1 fails instead)");
+    Ok(None)
 }

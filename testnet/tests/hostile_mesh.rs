@@ -53,14 +53,21 @@ fn request_head(service: &str, body: usize) -> (Vec<u8>, usize) {
     (head, body)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mesh_stranger_datagram_bomb() {
-    let _one = SERIAL.lock().await;
-    let mut p = Pool::start(3, 0).unwrap();
+/// A pool of three voters and a stranger's raw peer connected to a follower: the pool, the
+/// peer, the follower's index and peer id, and its resident memory before the attack.
+async fn stranger_at_a_follower() -> (Pool, RawPeer, usize, libp2p::PeerId, f64) {
+    let p = Pool::start(3, 0).unwrap();
     let t = (0..3).find(|i| *i != p.leader().unwrap()).unwrap();
     let (addr, target) = p.addr(t).unwrap();
     let before = p.rss_mib(t).unwrap();
     let raw = RawPeer::connected(Keypair::generate_ed25519(), target, &addr).await.unwrap();
+    (p, raw, t, target, before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_stranger_datagram_bomb() {
+    let _one = SERIAL.lock().await;
+    let (mut p, raw, t, target, before) = stranger_at_a_follower().await;
 
     const BODY: usize = 8 * 1024 * 1024;
     let mut written = 0;
@@ -85,11 +92,7 @@ async fn mesh_stranger_datagram_bomb() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_stranger_rpc_bomb() {
     let _one = SERIAL.lock().await;
-    let mut p = Pool::start(3, 0).unwrap();
-    let t = (0..3).find(|i| *i != p.leader().unwrap()).unwrap();
-    let (addr, target) = p.addr(t).unwrap();
-    let before = p.rss_mib(t).unwrap();
-    let raw = RawPeer::connected(Keypair::generate_ed25519(), target, &addr).await.unwrap();
+    let (mut p, raw, t, target, before) = stranger_at_a_follower().await;
 
     // One request to a members-only service: refused by name, with a typed answer, before
     // the 4 MiB body is read.

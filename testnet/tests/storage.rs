@@ -9,45 +9,14 @@
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use cloudless_testnet::procs::{Procs, until};
-
-/// A tmpfs mounted for the test; unmounted when dropped.
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-/// Mounts a tmpfs of `mib` at `at`, or says why not (and fails when root is required).
-fn tmpfs(at: &Path, mib: u32) -> Option<Mount> {
-    std::fs::create_dir_all(at).unwrap();
-    let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "tmpfs"])
-        .arg(at)
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        return Some(Mount(at.to_path_buf()));
-    }
-    assert!(
-        std::env::var("CLOUDLESS_REQUIRE_ROOT").map_or(true, |v| v != "1"),
-        "cannot mount a tmpfs at {} (root is needed), and CLOUDLESS_REQUIRE_ROOT=1",
-        at.display()
-    );
-    eprintln!("skipped: cannot mount a tmpfs (needs root; CLOUDLESS_REQUIRE_ROOT=1 fails instead)");
-    None
-}
+use cloudless_testnet::procs::{Procs, tmpfs, until};
 
 #[test]
 fn a_full_disk_fails_health_and_stops_the_node() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(_mount) = tmpfs(&dir.path().join("node-0"), 64) else { return };
+    let Some(_mount) = tmpfs(&dir.path().join("node-0"), 64).unwrap() else { return };
     let mut c = Procs::init(dir.path(), &[]).unwrap();
     until("the node is healthy", Duration::from_secs(30), || {
         (c.get(0, "/health")?.0 == 200).then_some(())
