@@ -8,8 +8,9 @@
 //! - `directory_inflation_bomb`: 4,096 entries of the largest descriptor, signed by made-up
 //!   nodes, in datagrams of up to 8 MiB (the old directory inflated what automerge
 //!   decompressed and stored whatever keys a change wrote); messages with too many or too
-//!   large entries; and 2,000 requests for the whole directory: nothing is stored, the
-//!   answers stay within the asker's budget, and the target's memory stays within the bound.
+//!   large entries; 2,000 requests for the whole directory and 1,000 for every member's entry:
+//!   nothing is stored, the answers stay within the asker's budget, and the target's memory
+//!   stays within the bound.
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
@@ -198,6 +199,14 @@ async fn directory_inflation_bomb() {
         }
     }
 
+    // Every member's entry, whatever its rank, asked for 1,000 times (metered like the
+    // rest), and a request for more nodes than a Want may name (refused).
+    let members: Vec<PeerId> = p.procs.nodes.iter().map(|n| n.peer.parse().unwrap()).collect();
+    for _ in 0..1000 {
+        send(&raw, target, Message::Want(members.clone())).await;
+    }
+    let too_many: Vec<PeerId> = (0..=directory::MAX_WANTED).map(|_| PeerId::random()).collect();
+    send(&raw, target, Message::Want(too_many)).await;
     throughout("node 0 holds the five real entries only", Duration::from_secs(3), || {
         entries(&p, 0) == Some(5.0)
     })
@@ -205,7 +214,7 @@ async fn directory_inflation_bomb() {
     let peak = p.peak_rss_mib(0).unwrap();
     eprintln!(
         "directory inflation bomb: {} made-up entries of {size} bytes sent ({:.0} MiB), 2,000 \
-         full-directory requests; node 0 holds 5 entries; RSS {before:.1} -> peak {peak:.1} MiB",
+         full-directory and 1,000 every-member requests; node 0 holds 5 entries; RSS {before:.1} -> peak {peak:.1} MiB",
         16 * made_up.len(),
         (16 * made_up.len() * size) as f64 / 1048576.0
     );
