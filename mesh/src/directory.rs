@@ -459,7 +459,8 @@ impl Directory {
         gone
     }
 
-    /// Forgets what is kept about a peer that left or died (its entry stays).
+    /// Forgets what is kept about a peer the membership forgot (its answer budget; its entry
+    /// stays until it is no longer a member).
     pub fn forget(&mut self, peer: &PeerId) {
         self.budgets.remove(peer);
     }
