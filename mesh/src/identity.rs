@@ -138,6 +138,59 @@ pub fn peer_id(name: &NodeName) -> PeerId {
     PeerId::from_bytes(&name.to_bytes()).expect("every node name is a valid peer id")
 }
 
+/// The membership [`Seal`](crate::membership::Seal) of a node: its updates are signed with its
+/// libp2p ed25519 key, and an author's public key is read from its PeerId (an ed25519 PeerId
+/// is the identity multihash of the key), so no key travels with an update.
+pub struct KeySeal(Keypair);
+
+impl KeySeal {
+    /// A seal that signs with `keypair`.
+    pub fn new(keypair: Keypair) -> Self {
+        KeySeal(keypair)
+    }
+}
+
+impl crate::membership::Seal<PeerId> for KeySeal {
+    fn sign(&self, claim: &[u8]) -> crate::membership::Signature {
+        // Ed25519 signing cannot fail; a zero signature, should it ever, verifies nowhere.
+        self.0
+            .sign(claim)
+            .ok()
+            .and_then(|s| crate::membership::Signature::from_slice(&s))
+            .unwrap_or_else(|| crate::membership::Signature::new([0; 64]))
+    }
+
+    fn verify(
+        &self,
+        author: &PeerId,
+        claim: &[u8],
+        signature: &crate::membership::Signature,
+    ) -> bool {
+        verify(author, claim, signature)
+    }
+}
+
+fn verify(author: &PeerId, claim: &[u8], signature: &crate::membership::Signature) -> bool {
+    public_key(author).is_some_and(|k| k.verify(claim, signature.as_bytes()))
+}
+
+/// Whether a membership update carries its author's signature.
+pub fn verify_update(update: &crate::membership::Update<PeerId>) -> bool {
+    verify(update.author(), &update.claim(), &update.signature)
+}
+
+/// The public key inside an identity-multihash PeerId (every ed25519 PeerId); `None` for a
+/// hashed one (RSA and other long keys), which no Cloudless node has.
+pub fn public_key(peer: &PeerId) -> Option<libp2p::identity::PublicKey> {
+    let bytes = peer.to_bytes();
+    match bytes.as_slice() {
+        [0x00, len, key @ ..] if usize::from(*len) == key.len() => {
+            libp2p::identity::PublicKey::try_decode_protobuf(key).ok()
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +261,22 @@ mod tests {
                 Err(_) => proptest::prop_assert!(digest.len() > max),
             }
         }
+    }
+
+    #[test]
+    fn a_key_seal_verifies_its_own_signatures_only() {
+        use crate::membership::Seal;
+        let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let (pa, pb) = (a.public().to_peer_id(), b.public().to_peer_id());
+        assert_eq!(public_key(&pa), Some(a.public()));
+        let seal = KeySeal::new(a);
+        let sig = seal.sign(b"claim");
+        assert!(seal.verify(&pa, b"claim", &sig));
+        assert!(!seal.verify(&pb, b"claim", &sig), "another author");
+        assert!(!seal.verify(&pa, b"other", &sig), "another claim");
+        let mut bent = *sig.as_bytes();
+        bent[5] ^= 1;
+        let bent = crate::membership::Signature::from_slice(&bent).unwrap();
+        assert!(!seal.verify(&pa, b"claim", &bent), "a changed signature");
     }
 }

@@ -62,9 +62,10 @@ fn decoders() -> Vec<Decoder> {
 fn samples() -> Vec<Vec<u8>> {
     let key = libp2p::identity::Keypair::generate_ed25519();
     let peer = key.public().to_peer_id();
+    let seal = cloudless_mesh::identity::KeySeal::new(key.clone());
     let updates = vec![
-        Update { id: peer, incarnation: 3, kind: UpdateKind::Alive },
-        Update { id: peer, incarnation: 4, kind: UpdateKind::Suspect { by: peer, witnesses: 2 } },
+        Update::signed(peer, 3, UpdateKind::Alive, &seal),
+        Update::signed(peer, 4, UpdateKind::Suspect { by: peer, witnesses: 2 }, &seal),
     ];
     let entry = SignedEnvelope::new(&key, "d".into(), b"t".to_vec(), vec![7; 40])
         .unwrap()

@@ -8,11 +8,15 @@
 //! - `membership_fake_member_flood`: the same device sends 100,000 made-up members (25
 //!   messages used to fill the 100,000-member table, after which no real device could join):
 //!   none is admitted.
+//! - `membership_relayed_death_is_a_suspicion`: the device signs death notices about another
+//!   worker at its current incarnation (bad news nobody can disprove in advance): the voter
+//!   only suspects it, the victim refutes, and it is never listed dead.
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 use std::time::Duration;
 
+use cloudless_mesh::identity::KeySeal;
 use cloudless_mesh::membership::{Message, Update, UpdateKind};
 use cloudless_mesh::node::{DATAGRAM_PROTOCOL, Datagram};
 use cloudless_testnet::hostile::{Pool, RawPeer};
@@ -46,13 +50,25 @@ fn members(p: &Pool, i: usize) -> f64 {
 }
 
 /// Starts a pool of three voters and two workers, takes over worker 3, and connects a raw
-/// peer with its key to node 0.
-async fn attacker() -> (Pool, RawPeer, PeerId) {
+/// peer with its key to node 0; the seal signs with that key.
+async fn attacker() -> (Pool, RawPeer, PeerId, KeySeal) {
     let mut p = Pool::start(3, 2).unwrap();
     let (addr, target) = p.addr(0).unwrap();
     let key = p.take_over(3).unwrap();
+    let seal = KeySeal::new(key.clone());
     let raw = RawPeer::connected(key, target, &addr).await.unwrap();
-    (p, raw, target)
+    (p, raw, target, seal)
+}
+
+/// Node `victim`'s state in node `i`'s list, if listed.
+fn listed_state(p: &Pool, i: usize, victim: &str) -> Option<String> {
+    let out = p.procs.ctl_via(i, &["-o", "json", "node", "list"]);
+    let nodes = serde_json::from_str::<serde_json::Value>(&out.stdout).ok()?;
+    nodes
+        .as_array()?
+        .iter()
+        .find(|n| n["peer"] == victim)
+        .and_then(|n| n["state"].as_str().map(str::to_owned))
 }
 
 /// Whether node `i` lists node `victim` alive.
@@ -65,17 +81,18 @@ fn listed_alive(p: &Pool, i: usize, victim: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_forged_news_at_max() {
     let _one = SERIAL.lock().await;
-    let (mut p, raw, target) = attacker().await;
+    let (mut p, raw, target, seal) = attacker().await;
     let victim: PeerId = p.procs.nodes[4].peer.parse().unwrap();
+    // Bad news in the attacker's own name, and the victim's own news signed by the attacker.
     let kinds = [
-        UpdateKind::Dead,
+        UpdateKind::Dead { by: raw.peer_id() },
         UpdateKind::Suspect { by: raw.peer_id(), witnesses: 8 },
         UpdateKind::Left,
         UpdateKind::Alive,
-        UpdateKind::Dead,
+        UpdateKind::Dead { by: raw.peer_id() },
     ];
     for (seq, kind) in kinds.into_iter().enumerate() {
-        let forged = Update { id: victim, incarnation: u32::MAX, kind };
+        let forged = Update::signed(victim, u32::MAX, kind, &seal);
         let seq = u32::try_from(seq).unwrap();
         let answer = raw
             .ask(target, DATAGRAM_PROTOCOL, &ping(seq, vec![forged]), Duration::from_secs(10))
@@ -95,12 +112,12 @@ async fn membership_forged_news_at_max() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_fake_member_flood() {
     let _one = SERIAL.lock().await;
-    let (mut p, raw, target) = attacker().await;
+    let (mut p, raw, target, seal) = attacker().await;
     let before = members(&p, 0);
     assert!(before >= 3.0, "node 0's membership gauges are not read: {before}");
     for seq in 0..25u32 {
         let fakes: Vec<Update<PeerId>> = (0..4000)
-            .map(|_| Update { id: PeerId::random(), incarnation: 0, kind: UpdateKind::Alive })
+            .map(|_| Update::signed(PeerId::random(), 0, UpdateKind::Alive, &seal))
             .collect();
         let answer = raw
             .ask(target, DATAGRAM_PROTOCOL, &ping(seq, fakes), Duration::from_secs(10))
@@ -117,4 +134,37 @@ async fn membership_fake_member_flood() {
     eprintln!("fake member flood: 100,000 made-up members sent; node 0 holds {before} -> {after}");
     p.keeps_serving().unwrap();
     p.report("membership_fake_member_flood", 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_relayed_death_is_a_suspicion() {
+    let _one = SERIAL.lock().await;
+    let (mut p, raw, target, seal) = attacker().await;
+    let victim: PeerId = p.procs.nodes[4].peer.parse().unwrap();
+    let name = p.procs.nodes[4].peer.clone();
+    // The attacker does not know the victim's incarnation: one notice for each it could be
+    // (a fresh pool's nodes are at their first few), 64 in one message: each used to count,
+    // and each accepted one let the next name one incarnation more.
+    let notices = (0..64)
+        .map(|inc| Update::signed(victim, inc, UpdateKind::Dead { by: raw.peer_id() }, &seal));
+    let answer = raw
+        .ask(target, DATAGRAM_PROTOCOL, &ping(1, notices.collect()), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(answer, [0, 0, 0, 0], "the datagram was not taken: {}", p.procs.tail(0, 30));
+    // Before, the notice was believed at once: node 0 listed the victim dead. Now it is a
+    // suspicion the victim refutes within a few probe rounds, long before its timer ends.
+    let mut seen = std::collections::BTreeSet::new();
+    throughout("the victim is never listed dead", Duration::from_secs(6), || {
+        let state = listed_state(&p, 0, &name);
+        if let Some(s) = &state {
+            seen.insert(s.clone());
+        }
+        state.as_deref() != Some("dead")
+    })
+    .unwrap();
+    eprintln!("relayed death: node 0 listed the victim as {seen:?}");
+    assert!(listed_alive(&p, 0, &name), "the victim refuted: {seen:?}");
+    p.keeps_serving().unwrap();
+    p.report("membership_relayed_death_is_a_suspicion", 0);
 }

@@ -3,25 +3,28 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Id, MESSAGE_OVERHEAD, Membership, Output, Update, UpdateKind};
+use super::{
+    FLOOD_ENVELOPE, Id, MESSAGE_OVERHEAD, Membership, Output, Summary, Update, UpdateKind,
+    encoded_len,
+};
+
+/// A signed capacity update's encoded size (a 38-byte id, the summary, a 64-byte signature),
+/// used only if this node somehow held no summary of its own.
+const CAPACITY_UPDATE_BYTES: usize = 160;
 
 impl<I: Id> Membership<I> {
     /// The summary last announced, with the version it was announced under.
     pub(super) fn own_capacity_update(&self) -> Option<Update<I>> {
-        Some(Update {
-            id: self.me.clone(),
-            incarnation: self.incarnation,
-            kind: UpdateKind::Capacity {
-                version: self.capacity_version,
-                capacity: self.announced.0,
-            },
-        })
+        self.members.get(&self.me)?.capacity_update(&self.me)
     }
 
     /// Shortest interval between two of our capacity floods that keeps every node within
     /// `capacity_budget` bytes per second for all members' capacity floods together.
     pub(super) fn capacity_interval(&self) -> Duration {
-        let size = (MESSAGE_OVERHEAD + 64) as f64;
+        // What one flooded copy of our summary costs: the signed update, the transport's
+        // overhead and gossipsub's envelope.
+        let update = self.own_capacity_update().map_or(CAPACITY_UPDATE_BYTES, |u| encoded_len(&u));
+        let size = (update + MESSAGE_OVERHEAD + FLOOD_ENVELOPE) as f64;
         let per_node = size * f64::from(self.config.flood_degree) * self.alive_count as f64;
         let secs = per_node / f64::from(self.config.capacity_budget.max(1));
         Duration::from_secs_f64(secs.min(86_400.0)).max(self.config.capacity_min_interval)
@@ -46,11 +49,11 @@ impl<I: Id> Membership<I> {
         }
         self.capacity_version = self.capacity_version.wrapping_add(1);
         self.announced = (self.capacity, now);
+        let kind = UpdateKind::Capacity { version: self.capacity_version, capacity: self.capacity };
+        let u = Update::signed(self.me.clone(), self.incarnation, kind, &*self.seal);
         if let Some(m) = self.members.get_mut(&self.me) {
-            m.capacity = Some((self.incarnation, self.capacity_version, self.capacity));
+            m.capacity = Summary::of(&u);
         }
-        if let Some(u) = self.own_capacity_update() {
-            self.out.push(Output::Broadcast(vec![u]));
-        }
+        self.out.push(Output::Broadcast(vec![u]));
     }
 }

@@ -4,8 +4,8 @@
 use std::time::Instant;
 
 use super::{
-    Event, Id, MAX_UPDATES_PER_MESSAGE, Map, Membership, Message, Output, State, Update,
-    UpdateKind, Via, encoded_len, liveness_kind,
+    Event, Id, MAX_UPDATES_PER_MESSAGE, Map, Membership, Message, Output, Said, State, Update,
+    UpdateKind, Via, encoded_len,
 };
 
 #[derive(Clone, Debug)]
@@ -90,8 +90,10 @@ impl<I: Id> Membership<I> {
         updates: Vec<Update<I>>,
         now: Instant,
     ) {
-        // Only the peers we asked count towards a complete list; a single-page
-        // correction from anyone else does not end the join.
+        // Only the peers we asked count towards a complete list, and only their list is
+        // believed as a joiner's (bad news about members we do not know yet); a page from
+        // anyone else is news like any other.
+        let asked = self.join_pending.as_ref().is_some_and(|j| j.peers.contains(from));
         if let Some(j) = self.join_pending.as_mut().filter(|j| j.peers.contains(from)) {
             // Pages are arriving: wait for the rest before asking again.
             j.retry_at = now + self.config.join_retry;
@@ -106,8 +108,9 @@ impl<I: Id> Membership<I> {
                 self.join_pending = None;
             }
         }
+        let via = if asked { Via::Sync } else { Via::Direct };
         for u in updates.into_iter().take(MAX_UPDATES_PER_MESSAGE) {
-            self.apply(u, Via::Sync, now);
+            self.apply(u, via, now);
         }
     }
 
@@ -145,11 +148,7 @@ impl<I: Id> Membership<I> {
     }
 
     fn send_join(&mut self, peer: I, want_sync: bool, pages: Vec<u16>) {
-        let mut updates = vec![Update {
-            id: self.me.clone(),
-            incarnation: self.incarnation,
-            kind: UpdateKind::Alive,
-        }];
+        let mut updates: Vec<Update<I>> = self.liveness_update(&self.me).into_iter().collect();
         updates.extend(self.own_capacity_update());
         self.send(peer, Message::Join { updates, want_sync, pages });
     }
@@ -163,19 +162,12 @@ impl<I: Id> Membership<I> {
         let mut pages = Vec::new();
         for id in ids {
             let m = &self.members[id];
-            let mut news = vec![Update {
-                id: id.clone(),
-                incarnation: m.incarnation,
-                kind: liveness_kind(m.state, &self.me),
-            }];
-            if let Some((inc, version, capacity)) = m.capacity {
-                news.push(Update {
-                    id: id.clone(),
-                    incarnation: inc,
-                    kind: UpdateKind::Capacity { version, capacity },
-                });
-            }
-            for u in news {
+            // What we hold signed: its own news, then the bad news about it (which the
+            // joiner can only take after the own news it is bounded by), then its capacity.
+            // A member we know only from its pings is left out (the joiner hears from it when
+            // it probes).
+            let notice = self.notices.get(id).map(|n| n.update(id));
+            for u in m.own_update(id).into_iter().chain(notice).chain(m.capacity_update(id)) {
                 let s = encoded_len(&u);
                 let full = size + s > self.config.sync_chunk_bytes
                     || page.len() >= MAX_UPDATES_PER_MESSAGE;
@@ -205,9 +197,10 @@ impl<I: Id> Membership<I> {
         }
         self.leaving = true;
         let update =
-            Update { id: self.me.clone(), incarnation: self.incarnation, kind: UpdateKind::Left };
+            Update::signed(self.me.clone(), self.incarnation, UpdateKind::Left, &*self.seal);
         if let Some(m) = self.members.get_mut(&self.me) {
             m.state = State::Left;
+            m.own = Said::of(&update);
         }
         self.out.push(Output::Event(Event::State {
             id: self.me.clone(),

@@ -35,6 +35,18 @@
 //!   re-flooded, the transport already forwards it. Piggybacking on pings and acks stays as a
 //!   cheap repair path for the rare node that missed a flood, and a ping or ack itself tells
 //!   the receiver that its sender is alive.
+//! * **Signed news.** Every [`Update`] carries its author's signature ([`Seal`]): a member
+//!   signs its own alive, leave and capacity news, a suspector its suspicion, a node whose
+//!   timer ran out its death notice. Relays can carry news but not change it, so a member's
+//!   own word counts whoever relays it, at any incarnation above the one held. Bad news is
+//!   taken only about a known, live member, at most one incarnation above what the member
+//!   itself vouched for (nobody can push it to `u32::MAX`); a death notice from another node
+//!   counts as that node's suspicion, so the subject still gets its time to refute; a node
+//!   refutes once per input however much bad news about it the input held; and only the
+//!   member list a joiner asked for is believed as a joiner's. A ping or ack tells its
+//!   receiver, unsigned, that the sender lives (the transport authenticated it): believed,
+//!   never relayed. Signatures are checked only for news that would change the view, so
+//!   copies of known news cost nothing.
 //! * **Suspicion (Lifeguard).** A suspect is declared dead when its suspicion timer runs out.
 //!   The timer starts at `suspicion_max` and shrinks logarithmically towards `suspicion_min` as
 //!   independent witnesses confirm it: the helpers that nacked count as witnesses, and so does
@@ -101,13 +113,13 @@ use serde::de::DeserializeOwned;
 pub(crate) use config::millis;
 pub use config::{Config, ConfigError};
 use join::Joining;
-use news::{Via, liveness_kind, view};
+use news::{Via, view};
 use piggyback::Queued;
 use probing::{Probe, Relay};
 use suspicion::Suspicion;
 pub use wire::{
-    Event, Input, MAX_UPDATES_PER_MESSAGE, MESSAGE_OVERHEAD, MemberView, Message, Output, State,
-    Update, UpdateKind, encoded_len,
+    Event, FLOOD_ENVELOPE, Input, MAX_UPDATES_PER_MESSAGE, MESSAGE_OVERHEAD, MemberView, Message,
+    Output, Seal, Signature, State, Update, UpdateKind, encoded_len,
 };
 
 /// What a member identifier must support: a PeerId in production, a small integer in the
@@ -122,26 +134,136 @@ impl<T: Clone + Eq + Ord + Hash + Debug + Serialize + DeserializeOwned + Send + 
 type Map<K, V> = HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
 
 #[derive(Clone, Debug)]
-struct Member {
+struct Member<I> {
     state: State,
     incarnation: u32,
-    /// `(incarnation, version, summary)` of the newest capacity summary.
-    capacity: Option<(u32, u32, Capacity)>,
+    /// The highest incarnation the member itself vouched for (its signed news, its pings).
+    /// Bad news may name one more, never higher, and never moves this.
+    vouched: u32,
+    /// Its newest own signed liveness news (alive or left), the one we relay for it. It may
+    /// be older than `incarnation` when we know the newest only from its (unsigned) pings.
+    own: Option<Said<I>>,
+    /// Its newest signed capacity summary.
+    capacity: Option<Summary>,
+}
+
+/// Signed liveness news held for a member, without the id it is stored under (every node
+/// holds one per member: the simulator holds a hundred million).
+#[derive(Clone, Debug)]
+struct Said<I> {
+    incarnation: u32,
+    kind: Liveness<I>,
+    signature: Signature,
+}
+
+/// The liveness kinds of [`UpdateKind`].
+#[derive(Clone, Debug, PartialEq)]
+enum Liveness<I> {
+    Alive,
+    Left,
+    Suspect { by: I, witnesses: u8 },
+    Dead { by: I },
+}
+
+/// A signed capacity summary held for a member.
+#[derive(Clone, Debug)]
+struct Summary {
+    incarnation: u32,
+    version: u32,
+    capacity: Capacity,
+    signature: Signature,
+}
+
+impl<I: Clone> Said<I> {
+    /// The liveness news `u` holds, if it is liveness news.
+    fn of(u: &Update<I>) -> Option<Self> {
+        let kind = match &u.kind {
+            UpdateKind::Alive => Liveness::Alive,
+            UpdateKind::Left => Liveness::Left,
+            UpdateKind::Suspect { by, witnesses } => {
+                Liveness::Suspect { by: by.clone(), witnesses: *witnesses }
+            }
+            UpdateKind::Dead { by } => Liveness::Dead { by: by.clone() },
+            UpdateKind::Capacity { .. } => return None,
+        };
+        Some(Said { incarnation: u.incarnation, kind, signature: u.signature.clone() })
+    }
+
+    /// The update again, about `id`.
+    fn update(&self, id: &I) -> Update<I> {
+        let kind = match &self.kind {
+            Liveness::Alive => UpdateKind::Alive,
+            Liveness::Left => UpdateKind::Left,
+            Liveness::Suspect { by, witnesses } => {
+                UpdateKind::Suspect { by: by.clone(), witnesses: *witnesses }
+            }
+            Liveness::Dead { by } => UpdateKind::Dead { by: by.clone() },
+        };
+        Update {
+            id: id.clone(),
+            incarnation: self.incarnation,
+            kind,
+            signature: self.signature.clone(),
+        }
+    }
+}
+
+impl Summary {
+    /// The summary `u` holds, if it is a capacity update.
+    fn of<I>(u: &Update<I>) -> Option<Self> {
+        let (incarnation, version, capacity) = summary(u)?;
+        Some(Summary { incarnation, version, capacity, signature: u.signature.clone() })
+    }
+
+    /// The update again, about `id`.
+    fn update<I: Clone>(&self, id: &I) -> Update<I> {
+        Update {
+            id: id.clone(),
+            incarnation: self.incarnation,
+            kind: UpdateKind::Capacity { version: self.version, capacity: self.capacity },
+            signature: self.signature.clone(),
+        }
+    }
+}
+
+impl<I: Clone> Member<I> {
+    fn own_update(&self, id: &I) -> Option<Update<I>> {
+        self.own.as_ref().map(|p| p.update(id))
+    }
+
+    fn capacity_update(&self, id: &I) -> Option<Update<I>> {
+        self.capacity.as_ref().map(|c| c.update(id))
+    }
+}
+
+/// `(incarnation, version, summary)` of a capacity update.
+fn summary<I>(u: &Update<I>) -> Option<(u32, u32, Capacity)> {
+    match &u.kind {
+        UpdateKind::Capacity { version, capacity } => Some((u.incarnation, *version, *capacity)),
+        _ => None,
+    }
 }
 
 /// The membership state machine of one node. See the [module docs](self).
 pub struct Membership<I: Id> {
     me: I,
     config: Config,
+    seal: Box<dyn Seal<I>>,
     rng: ChaCha8Rng,
     incarnation: u32,
     leaving: bool,
-    members: Map<I, Member>,
+    members: Map<I, Member<I>>,
     /// Round-robin probe order; holds every non-left member, stale entries are skipped.
     probe_order: Vec<I>,
     probe_index: usize,
     /// Members currently dead, for reconnect probes and reaping.
     gone: Map<I, Instant>,
+    /// The signed bad news (suspicion or death notice) behind each suspect and dead member,
+    /// the one we relay about it.
+    notices: Map<I, Said<I>>,
+    /// Bad news about this node heard in the current input, at the highest incarnation:
+    /// refuted once, when the input is done (a message full of it costs one refutation).
+    refute_above: Option<u32>,
     suspicions: Map<I, Suspicion<I>>,
     probes: Map<u32, Probe<I>>,
     relays: Map<u32, Relay<I>>,
@@ -165,12 +287,13 @@ pub struct Membership<I: Id> {
 
 impl<I: Id> Membership<I> {
     /// A node `me` that starts alone, at `incarnation` (persist the last one to restart
-    /// above it), with randomness from `seed`.
+    /// above it), signing its news with `seal`, with randomness from `seed`.
     pub fn new(
         me: I,
         config: Config,
         capacity: Capacity,
         incarnation: u32,
+        seal: Box<dyn Seal<I>>,
         seed: u64,
         now: Instant,
     ) -> Self {
@@ -178,9 +301,22 @@ impl<I: Id> Membership<I> {
         // Spread probe starts so that nodes started together do not probe in lockstep.
         let jitter = config.probe_interval.mul_f64(rng.gen_range(0.0..1.0));
         let mut members = Map::default();
+        let alive = Update::signed(me.clone(), incarnation, UpdateKind::Alive, &*seal);
+        let summary = Update::signed(
+            me.clone(),
+            incarnation,
+            UpdateKind::Capacity { version: 0, capacity },
+            &*seal,
+        );
         members.insert(
             me.clone(),
-            Member { state: State::Alive, incarnation, capacity: Some((incarnation, 0, capacity)) },
+            Member {
+                state: State::Alive,
+                incarnation,
+                vouched: incarnation,
+                own: Said::of(&alive),
+                capacity: Summary::of(&summary),
+            },
         );
         Membership {
             next_probe: now + jitter,
@@ -188,6 +324,7 @@ impl<I: Id> Membership<I> {
             next_reap: now + Duration::from_secs(10),
             me,
             config,
+            seal,
             rng,
             incarnation,
             leaving: false,
@@ -195,6 +332,8 @@ impl<I: Id> Membership<I> {
             probe_order: Vec::new(),
             probe_index: 0,
             gone: Map::default(),
+            notices: Map::default(),
+            refute_above: None,
             suspicions: Map::default(),
             probes: Map::default(),
             relays: Map::default(),
@@ -279,11 +418,9 @@ impl<I: Id> Membership<I> {
         match input {
             Input::Tick => self.tick(now),
             Input::Message { from, message } => self.on_message(from, message, now),
-            Input::Broadcast { updates, author } => {
+            Input::Broadcast { updates } => {
                 for u in updates.into_iter().take(MAX_UPDATES_PER_MESSAGE) {
-                    let via =
-                        if author.as_ref() == Some(&u.id) { Via::OwnFlood } else { Via::Flood };
-                    self.apply(u, via, now);
+                    self.apply(u, Via::Flood, now);
                 }
             }
             Input::Contact { peer } => self.on_contact(peer, now),
@@ -298,6 +435,7 @@ impl<I: Id> Membership<I> {
             }
             Input::Leave => self.leave(),
         }
+        self.refute_if_told();
         std::mem::take(&mut self.out)
     }
 
@@ -331,14 +469,14 @@ impl<I: Id> Membership<I> {
             // Until the process stops, answer probes with the leave itself: the prober gets
             // its ack (no suspicion) and the news in one message.
             if let Message::Ping { seq, .. } = message {
-                let left = Update {
-                    id: self.me.clone(),
-                    incarnation: self.incarnation,
-                    kind: UpdateKind::Left,
-                };
+                let left = self.members.get(&self.me).and_then(|m| m.own_update(&self.me));
                 self.send(
                     from,
-                    Message::Ack { seq, incarnation: self.incarnation, updates: vec![left] },
+                    Message::Ack {
+                        seq,
+                        incarnation: self.incarnation,
+                        updates: left.into_iter().collect(),
+                    },
                 );
             }
             return;
@@ -390,11 +528,7 @@ impl<I: Id> Membership<I> {
         // said something else about itself (a leave notice). This is how a member that missed
         // a join flood learns of the joiner at the latest when the joiner first probes it.
         if let (Some(incarnation), false) = (sender_incarnation, speaks_for_itself) {
-            self.apply(
-                Update { id: from.clone(), incarnation, kind: UpdateKind::Alive },
-                Via::Implied,
-                now,
-            );
+            self.implied_alive(from.clone(), incarnation, now);
         }
         self.flood_firsthand();
         // A message from a member we hold as dead or suspect is evidence it lives: attach what

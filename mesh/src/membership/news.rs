@@ -4,107 +4,157 @@
 
 use std::time::Instant;
 
-use cloudless_types::Capacity;
 use rand::Rng;
 
 use super::{
-    Event, Id, Member, MemberView, Membership, Output, State, Suspicion, Update, UpdateKind,
+    Event, Id, Liveness, Member, MemberView, Membership, Output, Said, State, Summary, Suspicion,
+    Update, UpdateKind, summary,
 };
 
 impl<I: Id> Membership<I> {
+    /// The signed news we hold for a member's current liveness, to relay or to show it: its
+    /// own while alive or left, the bad news about it while suspect or dead.
     pub(super) fn liveness_update(&self, id: &I) -> Option<Update<I>> {
         let m = self.members.get(id)?;
-        let kind = match m.state {
-            State::Suspect => {
-                let s = self.suspicions.get(id)?;
-                UpdateKind::Suspect {
-                    by: s.suspectors.first()?.clone(),
-                    witnesses: u8::try_from(s.witnesses).unwrap_or(u8::MAX),
-                }
-            }
-            other => liveness_kind(other, &self.me),
-        };
-        Some(Update { id: id.clone(), incarnation: m.incarnation, kind })
+        match m.state {
+            State::Alive | State::Left => m.own_update(id),
+            State::Suspect | State::Dead => self.notices.get(id).map(|n| n.update(id)),
+        }
     }
 
-    /// Applies one update; returns whether it changed this node's view.
+    /// Applies one signed update; returns whether it changed this node's view. The signature
+    /// is checked only for news that would change it (most news is a copy of what we hold).
     pub(super) fn apply(&mut self, u: Update<I>, via: Via, now: Instant) -> bool {
         if u.id == self.me {
             self.about_me(u);
             return false;
         }
-        if let UpdateKind::Capacity { version, capacity } = u.kind {
-            return self.apply_capacity(u.id, u.incarnation, version, capacity);
+        if matches!(u.kind, UpdateKind::Capacity { .. }) {
+            return self.apply_capacity(u);
         }
-        let existing = self.members.get(&u.id).map(|m| (m.state, m.incarnation));
-        // What a member says about itself outranks anyone's word; a third party may move a
-        // member's incarnation by one step at most (a refutation it relays), so nobody can
-        // push it to `u32::MAX`, where the member could no longer refute anything.
-        let own = via.is_own_word();
-        let step = |inc: u32| own || u.incarnation <= inc.saturating_add(1);
-        let accept = match (&u.kind, existing) {
-            (UpdateKind::Alive, None) => true,
-            (UpdateKind::Alive, Some((_, inc))) => u.incarnation > inc && step(inc),
-            // Bad news about a stranger is ignored (it may be about a member we already
-            // forgot), except in the member list a joiner receives.
-            (UpdateKind::Suspect { .. } | UpdateKind::Dead | UpdateKind::Left, None) => {
-                via == Via::Sync
-            }
-            (UpdateKind::Suspect { .. }, Some((state, inc))) => {
-                step(inc)
-                    && (u.incarnation > inc || (u.incarnation == inc && state == State::Alive))
-            }
-            (UpdateKind::Dead, Some((state, inc))) => {
-                step(inc)
-                    && (u.incarnation > inc
-                        || (u.incarnation == inc && matches!(state, State::Alive | State::Suspect)))
-            }
-            // Only a member can say it left (its rescheduling skips the grace a death gets),
-            // or the member list a joiner receives.
-            (UpdateKind::Left, Some((state, inc))) => {
-                (own || via == Via::Sync) && u.incarnation >= inc && state != State::Left
-            }
-            (UpdateKind::Capacity { .. }, _) => false,
-        };
-        if !accept {
-            // A further independent suspicion of an existing suspect shortens its timer.
-            if let (UpdateKind::Suspect { by, witnesses }, Some((State::Suspect, inc))) =
-                (&u.kind, existing)
-                && inc == u.incarnation
-            {
-                self.confirm(&u.id, by.clone(), u32::from(*witnesses), now);
-            }
+        if u.author() == &u.id && !u.kind.is_good_news() {
+            // Bad news signed by its own subject: nothing an honest node sends.
             return false;
         }
+        let existing = self.members.get(&u.id).map(|m| Held {
+            state: m.state,
+            incarnation: m.incarnation,
+            vouched: m.vouched,
+        });
+        let Some(state) = judge(&u, existing, via) else {
+            self.apply_unjudged(&u, existing, now);
+            return false;
+        };
+        if !u.verify(&*self.seal) {
+            return false;
+        }
+        let (id, incarnation) = (u.id.clone(), u.incarnation);
+        self.set_state(id, incarnation, state, Some(u), via, now)
+    }
+
+    /// News that does not change a member's state may still count: a further independent
+    /// suspicion of a suspect shortens its timer, and the member's own signed alive notice at
+    /// the incarnation we know only from its pings gives us something to relay.
+    fn apply_unjudged(&mut self, u: &Update<I>, existing: Option<Held>, now: Instant) {
+        let Some(held) = existing else {
+            return;
+        };
+        match &u.kind {
+            UpdateKind::Suspect { .. } | UpdateKind::Dead { .. }
+                if held.state == State::Suspect
+                    && held.incarnation == u.incarnation
+                    && u.verify(&*self.seal) =>
+            {
+                let witnesses = match u.kind {
+                    UpdateKind::Suspect { witnesses, .. } => u32::from(witnesses),
+                    _ => 1,
+                };
+                self.confirm(&u.id, u.author().clone(), witnesses, now);
+            }
+            UpdateKind::Alive
+                if held.state == State::Alive && held.incarnation == u.incarnation =>
+            {
+                let stale = self
+                    .members
+                    .get(&u.id)
+                    .is_some_and(|m| m.own.as_ref().is_none_or(|o| o.incarnation < u.incarnation));
+                if stale
+                    && u.verify(&*self.seal)
+                    && let Some(m) = self.members.get_mut(&u.id)
+                {
+                    m.own = Said::of(u);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A member's ping or ack says, unsigned, that it is alive at `incarnation`: the transport
+    /// authenticated it, so we believe it, but there is nothing to relay.
+    pub(super) fn implied_alive(&mut self, id: I, incarnation: u32, now: Instant) {
+        if id == self.me {
+            return;
+        }
+        let newer = self.members.get(&id).is_none_or(|m| incarnation > m.incarnation);
+        if newer {
+            self.set_state(id, incarnation, State::Alive, None, Via::Implied, now);
+        }
+    }
+
+    /// Moves a member to `state` at `incarnation`, backed by `proof` (signed) when we hold it.
+    fn set_state(
+        &mut self,
+        id: I,
+        incarnation: u32,
+        state: State,
+        proof: Option<Update<I>>,
+        via: Via,
+        now: Instant,
+    ) -> bool {
+        let existing = self.members.get(&id).map(|m| m.state);
         if existing.is_none() && self.members.len() >= self.config.max_members {
             return false;
         }
-        let previous = existing.map(|(s, _)| s);
-        let state = match &u.kind {
-            UpdateKind::Alive => State::Alive,
-            UpdateKind::Suspect { .. } => State::Suspect,
-            UpdateKind::Dead => State::Dead,
-            UpdateKind::Left => State::Left,
-            UpdateKind::Capacity { .. } => return false,
-        };
+        let previous = existing;
         let was_live = matches!(previous, Some(State::Alive | State::Suspect));
         let is_live = matches!(state, State::Alive | State::Suspect);
-        match self.members.get_mut(&u.id) {
+        // The member's own word (signed, or its ping) moves what it vouched for; bad news never.
+        let own_word = proof.as_ref().is_none_or(|p| p.kind.is_good_news());
+        let own = proof.as_ref().filter(|p| p.kind.is_good_news()).and_then(Said::of);
+        match self.members.get_mut(&id) {
             Some(m) => {
                 m.state = state;
-                m.incarnation = u.incarnation;
+                m.incarnation = incarnation;
+                if own_word {
+                    m.vouched = m.vouched.max(incarnation);
+                    match own {
+                        Some(o) => m.own = Some(o),
+                        // Known only from its pings: an older alive notice of its own is still
+                        // true news to relay, an older leave is not.
+                        None => {
+                            if m.own.as_ref().is_some_and(|o| o.kind != Liveness::Alive) {
+                                m.own = None;
+                            }
+                        }
+                    }
+                }
             }
             None => {
+                // Only the member's own word (or its ping) adds it: bad news about a
+                // member we do not know is never taken (see `judge`).
                 self.members.insert(
-                    u.id.clone(),
-                    Member { state, incarnation: u.incarnation, capacity: None },
+                    id.clone(),
+                    Member { state, incarnation, vouched: incarnation, own, capacity: None },
                 );
                 // Put it at a random position so new members are probed soon, but not by
                 // everyone at once (memberlist does the same). A swap keeps this O(1).
-                self.probe_order.push(u.id.clone());
-                let last = self.probe_order.len() - 1;
-                let pos = self.rng.gen_range(0..=last);
-                self.probe_order.swap(pos, last);
+                self.add_to_probe_order(id.clone());
+            }
+        }
+        if previous == Some(State::Left) && is_live {
+            // A reshuffle drops departed members from the probe order: put it back.
+            if !self.probe_order.contains(&id) {
+                self.add_to_probe_order(id.clone());
             }
         }
         match (was_live, is_live) {
@@ -112,52 +162,70 @@ impl<I: Id> Membership<I> {
             (true, false) => self.alive_count -= 1,
             _ => {}
         }
+        match proof.as_ref().filter(|p| !p.kind.is_good_news()).and_then(Said::of) {
+            Some(notice) => {
+                self.notices.insert(id.clone(), notice);
+            }
+            None => {
+                self.notices.remove(&id);
+            }
+        }
         match state {
             State::Suspect => {
-                let (by, witnesses) = match &u.kind {
-                    UpdateKind::Suspect { by, witnesses } => (by.clone(), u32::from(*witnesses)),
+                let k = u32::try_from(self.config.indirect_checks).unwrap_or(u32::MAX);
+                let (by, witnesses) = match proof.as_ref().map(|p| &p.kind) {
+                    // A suspector cannot have more witnesses than it asked helpers, plus itself.
+                    Some(UpdateKind::Suspect { by, witnesses }) => {
+                        (by.clone(), u32::from(*witnesses).min(k.saturating_add(1)))
+                    }
+                    Some(UpdateKind::Dead { by }) => (by.clone(), 1),
                     _ => (self.me.clone(), 1),
                 };
                 let timeout = self.suspicion_timeout(witnesses.saturating_sub(1));
                 self.suspicions.insert(
-                    u.id.clone(),
+                    id.clone(),
                     Suspicion {
-                        incarnation: u.incarnation,
+                        incarnation,
                         started: now,
                         deadline: now + timeout,
                         suspectors: vec![by],
                         witnesses,
                     },
                 );
-                self.gone.remove(&u.id);
+                self.gone.remove(&id);
             }
             State::Alive => {
-                self.suspicions.remove(&u.id);
-                self.gone.remove(&u.id);
+                self.suspicions.remove(&id);
+                self.gone.remove(&id);
             }
             State::Dead | State::Left => {
-                self.suspicions.remove(&u.id);
-                self.gone.insert(u.id.clone(), now);
+                self.suspicions.remove(&id);
+                self.gone.insert(id.clone(), now);
             }
         }
-        self.out.push(Output::Event(Event::State {
-            id: u.id.clone(),
-            previous,
-            state,
-            incarnation: u.incarnation,
-        }));
+        self.out.push(Output::Event(Event::State { id: id.clone(), previous, state, incarnation }));
         // A member that appeared or came back and told us point to point (a joiner's first
         // contact, a dead member answering a reconnect probe): nobody else will flood it, so
         // we do (see the module docs). Everything else learned point to point is a late copy
         // of a flood, left to piggybacking.
         if via == Via::FirstHand && state == State::Alive && !was_live {
-            self.firsthand = Some(u.id.clone());
+            self.firsthand = Some(id);
         }
-        // A member list sent to a joiner is old news for everyone else.
-        if via != Via::Sync {
-            self.enqueue(u);
+        // A member list sent to a joiner is old news for everyone else; unsigned news cannot
+        // be relayed.
+        if via != Via::Sync
+            && let Some(p) = proof
+        {
+            self.enqueue(p);
         }
         true
+    }
+
+    fn add_to_probe_order(&mut self, id: I) {
+        self.probe_order.push(id);
+        let last = self.probe_order.len() - 1;
+        let pos = self.rng.gen_range(0..=last);
+        self.probe_order.swap(pos, last);
     }
 
     /// Floods a member's own alive news (with its capacity) learned first hand in this message.
@@ -168,37 +236,42 @@ impl<I: Id> Membership<I> {
         let Some(m) = self.members.get(&id) else {
             return;
         };
-        let mut updates =
-            vec![Update { id: id.clone(), incarnation: m.incarnation, kind: UpdateKind::Alive }];
-        if let Some((incarnation, version, capacity)) = m.capacity {
-            updates.push(Update {
-                id,
-                incarnation,
-                kind: UpdateKind::Capacity { version, capacity },
-            });
+        let updates: Vec<Update<I>> = m
+            .own_update(&id)
+            .filter(|p| p.kind == UpdateKind::Alive)
+            .into_iter()
+            .chain(m.capacity_update(&id))
+            .collect();
+        if !updates.is_empty() {
+            self.out.push(Output::Broadcast(updates));
         }
-        self.out.push(Output::Broadcast(updates));
     }
 
-    fn apply_capacity(
-        &mut self,
-        id: I,
-        incarnation: u32,
-        version: u32,
-        capacity: Capacity,
-    ) -> bool {
+    /// A member's capacity summary: only its own, signed, and newer than the one we hold.
+    fn apply_capacity(&mut self, u: Update<I>) -> bool {
+        let Some((incarnation, version, capacity)) = summary(&u) else {
+            return false;
+        };
         if capacity.validate().is_err() {
             return false;
         }
-        let Some(m) = self.members.get_mut(&id) else {
+        let Some(m) = self.members.get(&u.id) else {
             return false;
         };
-        let newer = m.capacity.is_none_or(|(inc, v, _)| (incarnation, version) > (inc, v));
-        if !newer {
+        if incarnation < m.vouched {
+            // A summary from an earlier life of the member: its current one supersedes it.
             return false;
         }
-        let changed = m.capacity.is_none_or(|(_, _, c)| c != capacity);
-        m.capacity = Some((incarnation, version, capacity));
+        let held = m.capacity.as_ref().map(|h| (h.incarnation, h.version, h.capacity));
+        let newer = held.is_none_or(|(inc, v, _)| (incarnation, version) > (inc, v));
+        if !newer || !u.verify(&*self.seal) {
+            return false;
+        }
+        let changed = held.is_none_or(|(_, _, c)| c != capacity);
+        let id = u.id.clone();
+        if let Some(m) = self.members.get_mut(&id) {
+            m.capacity = Summary::of(&u);
+        }
         if changed {
             self.out.push(Output::Event(Event::Capacity { id, capacity }));
         }
@@ -220,6 +293,7 @@ impl<I: Id> Membership<I> {
             .collect();
         for id in expired {
             self.gone.remove(&id);
+            self.notices.remove(&id);
             self.members.remove(&id);
             self.queue.retain(|q| q.update.id != id);
             self.out.push(Output::Event(Event::Removed { id }));
@@ -244,34 +318,63 @@ pub(super) enum Via {
     Implied,
     /// Learned from a flood.
     Flood,
-    /// Learned from a flood published by the member the news is about.
-    OwnFlood,
-    /// Learned from the member list sent to us as a joiner.
+    /// Learned from the member list a peer we asked sent us as a joiner.
     Sync,
 }
 
-impl Via {
-    /// Whether the news is the member's own word (or ours about ourselves).
-    fn is_own_word(self) -> bool {
-        matches!(self, Via::Local | Via::FirstHand | Via::Implied | Via::OwnFlood)
+/// What this node holds about a member, for judging news about it.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    state: State,
+    incarnation: u32,
+    vouched: u32,
+}
+
+/// What signed liveness news `u` does to a member held as `existing` (`None`: unknown), or
+/// `None` when it changes nothing.
+///
+/// A member's own word (alive, left) counts at any incarnation above the one we hold. Bad
+/// news is taken only about a member we know, only while it is live (it never revives the
+/// dead or turns a departure into a death), and at most one incarnation above what the member
+/// itself vouched for (it can overtake the alive notice it answers), so nobody can push a
+/// member's incarnation out of its reach. A death notice from another node counts as that
+/// node's suspicion, so the member still gets its time to refute; only our own timer, or the
+/// member list a joiner asked for, declares a death.
+fn judge<I>(u: &Update<I>, existing: Option<Held>, via: Via) -> Option<State> {
+    let Some(held) = existing else {
+        return match u.kind {
+            UpdateKind::Alive => Some(State::Alive),
+            // A departure of a member we never knew matters only to a joiner (late news of
+            // it must not add it as alive); bad news about a stranger is never taken.
+            UpdateKind::Left => (via == Via::Sync).then_some(State::Left),
+            _ => None,
+        };
+    };
+    let live = matches!(held.state, State::Alive | State::Suspect);
+    let bounded = u.incarnation <= held.vouched.saturating_add(1);
+    let suspicion = live
+        && bounded
+        && (u.incarnation > held.incarnation
+            || (u.incarnation == held.incarnation && held.state == State::Alive));
+    match u.kind {
+        UpdateKind::Alive => (u.incarnation > held.incarnation).then_some(State::Alive),
+        UpdateKind::Left => {
+            (u.incarnation >= held.incarnation && held.state != State::Left).then_some(State::Left)
+        }
+        UpdateKind::Suspect { .. } => suspicion.then_some(State::Suspect),
+        UpdateKind::Dead { .. } if via == Via::Local || via == Via::Sync => {
+            (live && bounded && u.incarnation >= held.incarnation).then_some(State::Dead)
+        }
+        UpdateKind::Dead { .. } => suspicion.then_some(State::Suspect),
+        UpdateKind::Capacity { .. } => None,
     }
 }
 
-pub(super) fn liveness_kind<I: Clone>(state: State, me: &I) -> UpdateKind<I> {
-    match state {
-        State::Alive => UpdateKind::Alive,
-        // Only reached without a suspicion record; the news is then ours to vouch for.
-        State::Suspect => UpdateKind::Suspect { by: me.clone(), witnesses: 1 },
-        State::Dead => UpdateKind::Dead,
-        State::Left => UpdateKind::Left,
-    }
-}
-
-pub(super) fn view<I: Clone>(id: &I, m: &Member) -> MemberView<I> {
+pub(super) fn view<I: Clone>(id: &I, m: &Member<I>) -> MemberView<I> {
     MemberView {
         id: id.clone(),
         state: m.state,
         incarnation: m.incarnation,
-        capacity: m.capacity.map(|(_, _, c)| c),
+        capacity: m.capacity.as_ref().map(|h| h.capacity),
     }
 }

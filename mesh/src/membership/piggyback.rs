@@ -50,7 +50,7 @@ impl<I: Id> Membership<I> {
         let mut picked = Vec::new();
         for q in &mut self.queue {
             if &q.update.id == to
-                && !matches!(q.update.kind, UpdateKind::Suspect { .. } | UpdateKind::Dead)
+                && !matches!(q.update.kind, UpdateKind::Suspect { .. } | UpdateKind::Dead { .. })
             {
                 // It knows best about itself, except for the news it must refute.
                 continue;

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Id, Membership, Message, Output, State, Update, UpdateKind, Via};
+use super::{Id, Membership, Message, Output, Said, State, Summary, Update, UpdateKind, Via};
 
 #[derive(Clone, Debug)]
 pub(super) struct Suspicion<I> {
@@ -48,11 +48,12 @@ impl<I: Id> Membership<I> {
         if m.state != State::Alive {
             return;
         }
-        let update = Update {
-            id: target.clone(),
-            incarnation: m.incarnation,
-            kind: UpdateKind::Suspect { by: self.me.clone(), witnesses },
-        };
+        let update = Update::signed(
+            target.clone(),
+            m.incarnation,
+            UpdateKind::Suspect { by: self.me.clone(), witnesses },
+            &*self.seal,
+        );
         if self.apply(update.clone(), Via::Local, now) {
             self.out.push(Output::Broadcast(vec![update.clone()]));
             // Buddy system: tell the suspect at once so that it can refute.
@@ -76,8 +77,8 @@ impl<I: Id> Membership<I> {
             };
             // Not flooded: every node that got the suspicion runs the same timer; the rare one
             // that missed it learns from piggybacking.
-            let update =
-                Update { id: id.clone(), incarnation: s.incarnation, kind: UpdateKind::Dead };
+            let dead = UpdateKind::Dead { by: self.me.clone() };
+            let update = Update::signed(id.clone(), s.incarnation, dead, &*self.seal);
             self.apply(update, Via::Local, now);
         }
     }
@@ -108,51 +109,71 @@ impl<I: Id> Membership<I> {
         }
     }
 
+    /// News about this node. Its own news (alive, left, capacity) counts only with its own
+    /// signature: someone holding a newer one than we know means we restarted, and we jump
+    /// past it at once. Bad news at our incarnation, or one above (which others accept as
+    /// overtaking our alive notice), is refuted above the highest such incarnation once the
+    /// input is done; bad news higher than that is nothing an honest node can hold, and a
+    /// forged notice at `u32::MAX` cannot use up our incarnations.
     pub(super) fn about_me(&mut self, u: Update<I>) {
         if self.leaving {
             return;
         }
-        let refute = match u.kind {
+        let own = match u.kind {
             UpdateKind::Alive => u.incarnation > self.incarnation,
-            UpdateKind::Suspect { .. } | UpdateKind::Dead | UpdateKind::Left => {
-                u.incarnation >= self.incarnation
-            }
+            UpdateKind::Left => u.incarnation >= self.incarnation,
             UpdateKind::Capacity { version, .. } => {
-                // Someone holds a newer summary of ours than we know (we restarted): jump past it.
-                if (u.incarnation, version) > (self.incarnation, self.capacity_version) {
-                    self.incarnation = u.incarnation.saturating_add(1);
-                    self.refute();
+                (u.incarnation, version) > (self.incarnation, self.capacity_version)
+            }
+            UpdateKind::Suspect { .. } | UpdateKind::Dead { .. } => {
+                let fresh = u.incarnation >= self.incarnation
+                    && u.incarnation <= self.incarnation.saturating_add(1)
+                    && self.refute_above.is_none_or(|at| u.incarnation > at);
+                if fresh && u.verify(&*self.seal) {
+                    self.refute_above = Some(u.incarnation);
                 }
                 return;
             }
         };
-        if !refute {
+        if own && u.verify(&*self.seal) {
+            self.incarnation = u.incarnation.saturating_add(1).max(self.incarnation);
+            self.refute();
+        }
+    }
+
+    /// Refutes the bad news about this node heard in the input just handled, once.
+    pub(super) fn refute_if_told(&mut self) {
+        let Some(at) = self.refute_above.take() else {
+            return;
+        };
+        if self.leaving || at < self.incarnation {
             return;
         }
-        if !matches!(u.kind, UpdateKind::Alive) {
-            // Lifeguard: being suspected hints that we are the slow one.
-            self.local_health = (self.local_health + 1).min(self.config.max_local_health);
-        }
-        self.incarnation = u.incarnation.saturating_add(1);
+        // Lifeguard: being suspected hints that we are the slow one.
+        self.local_health = (self.local_health + 1).min(self.config.max_local_health);
+        self.incarnation = at.saturating_add(1).max(self.incarnation);
         self.refute();
     }
 
     fn refute(&mut self) {
-        if let Some(m) = self.members.get_mut(&self.me) {
-            m.incarnation = self.incarnation;
-            m.state = State::Alive;
-        }
-        let mut updates = vec![Update {
-            id: self.me.clone(),
-            incarnation: self.incarnation,
-            kind: UpdateKind::Alive,
-        }];
+        let alive =
+            Update::signed(self.me.clone(), self.incarnation, UpdateKind::Alive, &*self.seal);
         self.capacity_version = 0;
         self.announced.0 = self.capacity;
-        updates.extend(self.own_capacity_update());
+        let summary = Update::signed(
+            self.me.clone(),
+            self.incarnation,
+            UpdateKind::Capacity { version: 0, capacity: self.capacity },
+            &*self.seal,
+        );
         if let Some(m) = self.members.get_mut(&self.me) {
-            m.capacity = Some((self.incarnation, 0, self.capacity));
+            m.incarnation = self.incarnation;
+            m.vouched = self.incarnation;
+            m.state = State::Alive;
+            m.own = Said::of(&alive);
+            m.capacity = Summary::of(&summary);
         }
+        let updates = vec![alive, summary];
         self.out.push(Output::Broadcast(updates.clone()));
         for u in updates {
             self.enqueue(u);

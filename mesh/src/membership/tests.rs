@@ -21,13 +21,32 @@ fn cap(free: u32) -> Capacity {
     }
 }
 
+/// `kind` news about `id` at `incarnation`, signed by its author.
+fn news(id: u32, incarnation: u32, kind: UpdateKind<u32>) -> Update<u32> {
+    let author = match &kind {
+        UpdateKind::Suspect { by, .. } | UpdateKind::Dead { by } => *by,
+        _ => id,
+    };
+    Update::signed(id, incarnation, kind, &sim::TestSeal(author))
+}
+
+/// `kind` news about `id`, signed by `signer` whoever its author should be.
+fn forged(id: u32, incarnation: u32, kind: UpdateKind<u32>, signer: u32) -> Update<u32> {
+    Update::signed(id, incarnation, kind, &sim::TestSeal(signer))
+}
+
 fn alive(id: u32, incarnation: u32) -> Update<u32> {
-    Update { id, incarnation, kind: UpdateKind::Alive }
+    news(id, incarnation, UpdateKind::Alive)
+}
+
+/// A node `me` that knows nobody.
+fn lone(me: u32, config: Config, seed: u64, now: Instant) -> Membership<u32> {
+    Membership::new(me, config, cap(1000), 0, Box::new(sim::TestSeal(me)), seed, now)
 }
 
 /// Node `me` that already knows `others` alive at incarnation 0.
 fn node_with(me: u32, others: &[u32], now: Instant) -> Membership<u32> {
-    let mut m = Membership::new(me, Config::default(), cap(1000), 0, u64::from(me), now);
+    let mut m = lone(me, Config::default(), u64::from(me), now);
     for chunk in others.chunks(1000) {
         let updates = chunk.iter().map(|&o| alive(o, 0)).collect();
         let _ = m.handle(
@@ -104,27 +123,15 @@ fn a_live_node_refutes_a_suspicion_about_itself() {
     let now = Instant::now();
     let mut m = node_with(1, &[2, 3], now);
     let out = m.handle(
-        Input::Broadcast {
-            updates: vec![Update {
-                id: 1,
-                incarnation: 0,
-                kind: UpdateKind::Suspect { by: 2, witnesses: 1 },
-            }],
-            author: None,
-        },
+        Input::Broadcast { updates: vec![news(1, 0, UpdateKind::Suspect { by: 2, witnesses: 1 })] },
         now,
     );
     assert_eq!(m.incarnation(), 1);
     assert_eq!(m.local_health(), 1, "being suspected raises the local health multiplier");
     assert!(broadcasts(&out).contains(&alive(1, 1)));
     // Old news about an older incarnation changes nothing.
-    let out = m.handle(
-        Input::Broadcast {
-            updates: vec![Update { id: 1, incarnation: 0, kind: UpdateKind::Dead }],
-            author: None,
-        },
-        now,
-    );
+    let out =
+        m.handle(Input::Broadcast { updates: vec![news(1, 0, UpdateKind::Dead { by: 2 })] }, now);
     assert!(out.is_empty());
     assert_eq!(m.incarnation(), 1);
 }
@@ -133,21 +140,12 @@ fn a_live_node_refutes_a_suspicion_about_itself() {
 fn suspect_becomes_dead_after_its_timeout_unless_refuted() {
     let now = Instant::now();
     let mut m = node_with(1, &[2, 3, 4], now);
-    let suspect = |id, witnesses| Update {
-        id,
-        incarnation: 0,
-        kind: UpdateKind::Suspect { by: 4, witnesses },
-    };
-    let _ = m.handle(
-        Input::Broadcast { updates: vec![suspect(2, 5), suspect(3, 5)], author: None },
-        now,
-    );
+    let suspect = |id, witnesses| news(id, 0, UpdateKind::Suspect { by: 4, witnesses });
+    let _ = m.handle(Input::Broadcast { updates: vec![suspect(2, 5), suspect(3, 5)] }, now);
     assert_eq!(state_of(&m, 2), Some(State::Suspect));
     // 3 refutes in time.
-    let _ = m.handle(
-        Input::Broadcast { updates: vec![alive(3, 1)], author: None },
-        now + Duration::from_millis(100),
-    );
+    let _ =
+        m.handle(Input::Broadcast { updates: vec![alive(3, 1)] }, now + Duration::from_millis(100));
     let min = Config::default().suspicion_min;
     let _ = m.handle(Input::Tick, now + min - Duration::from_millis(1));
     assert_eq!(state_of(&m, 2), Some(State::Suspect), "not before the timeout");
@@ -159,9 +157,9 @@ fn suspect_becomes_dead_after_its_timeout_unless_refuted() {
             .any(|o| matches!(o, Output::Event(Event::State { id: 2, state: State::Dead, .. })))
     );
     // A dead member is not revived by its old incarnation, only by a newer one.
-    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 0)], author: None }, now + min);
+    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 0)] }, now + min);
     assert_eq!(state_of(&m, 2), Some(State::Dead));
-    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 1)], author: None }, now + min);
+    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 1)] }, now + min);
     assert_eq!(state_of(&m, 2), Some(State::Alive));
 }
 
@@ -232,7 +230,7 @@ fn a_leave_is_announced_final_and_never_a_failure() {
     let now = Instant::now();
     let mut a = node_with(1, &[2, 3, 4], now);
     let out = a.handle(Input::Leave, now);
-    let left = Update { id: 1, incarnation: 0, kind: UpdateKind::Left };
+    let left = news(1, 0, UpdateKind::Left);
     assert_eq!(broadcasts(&out), vec![left.clone()]);
     assert_eq!(sends(&out).len(), 3, "told a few members directly too");
     assert_eq!(a.next_deadline(), None, "a node that left asks for no more ticks");
@@ -250,19 +248,14 @@ fn a_leave_is_announced_final_and_never_a_failure() {
     );
 
     let mut b = node_with(2, &[1, 3, 4], now);
-    let _ = b.handle(Input::Broadcast { updates: vec![left], author: Some(1) }, now);
+    let _ = b.handle(Input::Broadcast { updates: vec![left] }, now);
     assert_eq!(state_of(&b, 1), Some(State::Left));
-    let _ = b.handle(
-        Input::Broadcast {
-            updates: vec![Update { id: 1, incarnation: 0, kind: UpdateKind::Dead }],
-            author: None,
-        },
-        now,
-    );
+    let _ =
+        b.handle(Input::Broadcast { updates: vec![news(1, 0, UpdateKind::Dead { by: 3 })] }, now);
     assert_eq!(state_of(&b, 1), Some(State::Left), "a leave is not turned into a death");
-    let _ = b.handle(Input::Broadcast { updates: vec![alive(1, 0)], author: None }, now);
+    let _ = b.handle(Input::Broadcast { updates: vec![alive(1, 0)] }, now);
     assert_eq!(state_of(&b, 1), Some(State::Left));
-    let _ = b.handle(Input::Broadcast { updates: vec![alive(1, 1)], author: None }, now);
+    let _ = b.handle(Input::Broadcast { updates: vec![alive(1, 1)] }, now);
     assert_eq!(state_of(&b, 1), Some(State::Alive), "a rejoin at a higher incarnation counts");
 }
 
@@ -271,7 +264,7 @@ fn a_joiner_gets_every_page_of_the_member_list_and_asks_again_for_lost_ones() {
     let now = Instant::now();
     let others: Vec<u32> = (10..10_010).collect();
     let mut seed = node_with(2, &others, now);
-    let mut joiner = Membership::new(1, Config::default(), cap(1000), 0, 7, now);
+    let mut joiner = lone(1, Config::default(), 7, now);
     let out = joiner.handle(Input::Contact { peer: 2 }, now);
     let sent = sends(&out);
     let [(2, join)] = sent.as_slice() else { panic!("{out:?}") };
@@ -360,13 +353,8 @@ fn a_ping_from_a_stranger_adds_it_quietly_and_news_from_strangers_is_ignored() {
     assert!(
         sends(&out).iter().any(|(to, msg)| *to == 9 && matches!(msg, Message::Ack { seq: 4, .. }))
     );
-    let _ = m.handle(
-        Input::Broadcast {
-            updates: vec![Update { id: 77, incarnation: 0, kind: UpdateKind::Dead }],
-            author: None,
-        },
-        now,
-    );
+    let _ =
+        m.handle(Input::Broadcast { updates: vec![news(77, 0, UpdateKind::Dead { by: 2 })] }, now);
     assert_eq!(state_of(&m, 77), None);
 }
 
@@ -374,9 +362,9 @@ fn a_ping_from_a_stranger_adds_it_quietly_and_news_from_strangers_is_ignored() {
 fn the_member_table_is_bounded() {
     let now = Instant::now();
     let config = Config { max_members: 5, ..Config::default() };
-    let mut m = Membership::new(1, config, cap(1000), 0, 1, now);
+    let mut m = lone(1, config, 1, now);
     let updates = (2..100).map(|i| alive(i, 0)).collect();
-    let _ = m.handle(Input::Broadcast { updates, author: None }, now);
+    let _ = m.handle(Input::Broadcast { updates }, now);
     assert_eq!(m.members().count(), 5);
 }
 
@@ -385,24 +373,19 @@ fn a_partitioned_side_merges_back_through_reconnect_probes() {
     let now = Instant::now();
     let mut a = node_with(1, &[2], now);
     let mut b = node_with(2, &[1], now);
-    // Each holds the other dead, as after a partition.
-    let _ = a.handle(
-        Input::Broadcast {
-            updates: vec![Update { id: 2, incarnation: 0, kind: UpdateKind::Dead }],
-            author: None,
-        },
-        now,
-    );
-    let _ = b.handle(
-        Input::Broadcast {
-            updates: vec![Update { id: 1, incarnation: 0, kind: UpdateKind::Dead }],
-            author: None,
-        },
-        now,
-    );
+    // Each hears the other is dead (each holds it suspect), as in a partition.
+    let _ =
+        a.handle(Input::Broadcast { updates: vec![news(2, 0, UpdateKind::Dead { by: 3 })] }, now);
+    let _ =
+        b.handle(Input::Broadcast { updates: vec![news(1, 0, UpdateKind::Dead { by: 3 })] }, now);
+    // Partitioned: nothing gets through until both suspicions have run out.
+    let cut = now + Config::default().suspicion_max + Duration::from_millis(1);
+    let _ = run_until(&mut a, now, cut);
+    let _ = run_until(&mut b, now, cut);
+    assert_eq!((state_of(&a, 2), state_of(&b, 1)), (Some(State::Dead), Some(State::Dead)));
     // Deliver everything instantly until quiet.
     let mut inbox: Vec<(u32, u32, Message<u32>)> = Vec::new();
-    let mut t = now;
+    let mut t = cut;
     for _ in 0..200 {
         t += Duration::from_millis(100);
         for (from, node) in [(1u32, &mut a), (2u32, &mut b)] {
@@ -440,7 +423,7 @@ fn arb_kind() -> impl Strategy<Value = UpdateKind<u32>> {
     prop_oneof![
         Just(UpdateKind::Alive),
         (0u32..6, 0u8..8).prop_map(|(by, witnesses)| UpdateKind::Suspect { by, witnesses }),
-        Just(UpdateKind::Dead),
+        (0u32..6).prop_map(|by| UpdateKind::Dead { by }),
         Just(UpdateKind::Left),
         (0u32..4, 0u32..5000)
             .prop_map(|(version, free)| UpdateKind::Capacity { version, capacity: cap(free) }),
@@ -448,11 +431,13 @@ fn arb_kind() -> impl Strategy<Value = UpdateKind<u32>> {
 }
 
 fn arb_update() -> impl Strategy<Value = Update<u32>> {
-    (0u32..6, 0u32..4, arb_kind()).prop_map(|(id, incarnation, kind)| Update {
-        id,
-        incarnation,
-        kind,
-    })
+    // Mostly signed by their author, sometimes by another node (a forgery).
+    (0u32..6, 0u32..4, arb_kind(), prop::option::weighted(0.2, 0u32..6)).prop_map(
+        |(id, incarnation, kind, forger)| match forger {
+            Some(signer) => forged(id, incarnation, kind, signer),
+            None => news(id, incarnation, kind),
+        },
+    )
 }
 
 fn arb_message() -> impl Strategy<Value = Message<u32>> {
@@ -505,7 +490,7 @@ proptest! {
     #[test]
     fn arbitrary_inputs_keep_the_invariants(steps in prop::collection::vec(arb_step(), 1..80)) {
         let mut now = Instant::now();
-        let mut m = Membership::new(0u32, Config::default(), cap(1000), 0, 3, now);
+        let mut m = lone(0u32, Config::default(), 3, now);
         let mut last_inc = 0;
         for step in steps {
             let out = match step {
@@ -514,7 +499,7 @@ proptest! {
                     m.handle(Input::Tick, now)
                 }
                 Step::Message(from, message) => m.handle(Input::Message { from, message }, now),
-                Step::Broadcast(updates) => m.handle(Input::Broadcast { updates, author: None }, now),
+                Step::Broadcast(updates) => m.handle(Input::Broadcast { updates }, now),
                 Step::Contact(peer) => m.handle(Input::Contact { peer }, now),
                 Step::SetCapacity(free) => m.handle(Input::SetCapacity(cap(free)), now),
             };
@@ -586,40 +571,55 @@ fn an_undialable_target_is_not_suspected() {
 fn news_at_the_last_incarnation_does_not_overflow() {
     let now = Instant::now();
     let mut m = node_with(1, &[2], now);
-    let dead = Update { id: 1, incarnation: u32::MAX, kind: UpdateKind::Dead };
-    let _ = m.handle(Input::Broadcast { updates: vec![dead], author: None }, now);
+    // Bad news at `u32::MAX` is nothing an honest node holds: ignored, not refuted past it.
+    let dead = news(1, u32::MAX, UpdateKind::Dead { by: 2 });
+    let _ = m.handle(Input::Broadcast { updates: vec![dead] }, now);
+    assert_eq!(m.incarnation(), 0);
+    // One above ours (others take it as overtaking our alive notice) is refuted above it.
+    let suspect = news(1, 1, UpdateKind::Suspect { by: 2, witnesses: 1 });
+    let _ = m.handle(
+        Input::Message {
+            from: 2,
+            message: Message::Ping { seq: 1, incarnation: 0, updates: vec![suspect] },
+        },
+        now,
+    );
+    assert_eq!(m.incarnation(), 2);
+    // Our own signed news there (a long life's) saturates instead of overflowing.
+    let capacity = news(1, u32::MAX, UpdateKind::Capacity { version: u32::MAX, capacity: cap(10) });
+    let _ = m.handle(Input::Broadcast { updates: vec![capacity] }, now);
     assert_eq!(m.incarnation(), u32::MAX);
-    let capacity = Update {
-        id: 1,
-        incarnation: u32::MAX,
-        kind: UpdateKind::Capacity { version: u32::MAX, capacity: cap(10) },
-    };
-    let _ = m.handle(Input::Broadcast { updates: vec![capacity], author: None }, now);
-    assert_eq!(m.incarnation(), u32::MAX);
+    // And news about us signed by someone else moves nothing.
+    let mut m = node_with(1, &[2], now);
+    let _ = m.handle(Input::Broadcast { updates: vec![forged(1, 90, UpdateKind::Alive, 2)] }, now);
+    assert_eq!(m.incarnation(), 0);
 }
 
-/// What others say about a member cannot push its incarnation out of its reach: a third
-/// party moves it one step at most, bad news at `u32::MAX` is ignored, and only the member
-/// itself says it left.
+/// What others say about a member cannot push its incarnation out of its reach: its own news
+/// counts only with its own signature, bad news moves it one step at most, and bad news at
+/// `u32::MAX` is ignored.
 #[test]
 fn third_parties_cannot_inflate_incarnations_or_say_others_left() {
     let now = Instant::now();
     let mut m = node_with(1, &[2, 3], now);
-    let forged = |kind| Update { id: 2, incarnation: u32::MAX, kind };
-    for kind in [UpdateKind::Dead, UpdateKind::Alive, UpdateKind::Suspect { by: 3, witnesses: 1 }] {
-        let _ = m
-            .handle(Input::Broadcast { updates: vec![forged(kind.clone())], author: Some(3) }, now);
+    let at_max = |kind| news(2, u32::MAX, kind);
+    for update in [
+        at_max(UpdateKind::Dead { by: 3 }),
+        forged(2, u32::MAX, UpdateKind::Alive, 3),
+        at_max(UpdateKind::Suspect { by: 3, witnesses: 1 }),
+    ] {
+        let _ = m.handle(Input::Broadcast { updates: vec![update.clone()] }, now);
         let _ = m.handle(
             Input::Message {
                 from: 3,
-                message: Message::Ping { seq: 9, incarnation: 0, updates: vec![forged(kind)] },
+                message: Message::Ping { seq: 9, incarnation: 0, updates: vec![update] },
             },
             now,
         );
         assert_eq!(state_of(&m, 2), Some(State::Alive));
     }
-    let left = Update { id: 2, incarnation: 0, kind: UpdateKind::Left };
-    let _ = m.handle(Input::Broadcast { updates: vec![left.clone()], author: Some(3) }, now);
+    let left = forged(2, 0, UpdateKind::Left, 3);
+    let _ = m.handle(Input::Broadcast { updates: vec![left.clone()] }, now);
     let _ = m.handle(
         Input::Message {
             from: 3,
@@ -628,12 +628,228 @@ fn third_parties_cannot_inflate_incarnations_or_say_others_left() {
         now,
     );
     assert_eq!(state_of(&m, 2), Some(State::Alive), "3 cannot say that 2 left");
-    // A relayed refutation (one step) still counts, and 2's own word at any incarnation.
-    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 1)], author: Some(3) }, now);
-    assert_eq!(m.members().find(|v| v.id == 2).map(|v| v.incarnation), Some(1));
-    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 40)], author: Some(2) }, now);
+    // 2's own word counts at any incarnation, whoever relays it.
+    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 40)] }, now);
     assert_eq!(m.members().find(|v| v.id == 2).map(|v| v.incarnation), Some(40));
-    let left = Update { id: 2, incarnation: 40, kind: UpdateKind::Left };
-    let _ = m.handle(Input::Broadcast { updates: vec![left], author: Some(2) }, now);
-    assert_eq!(state_of(&m, 2), Some(State::Left), "2 may say it left");
+    let left = news(2, 40, UpdateKind::Left);
+    let _ = m.handle(
+        Input::Message {
+            from: 3,
+            message: Message::Ping { seq: 11, incarnation: 0, updates: vec![left] },
+        },
+        now,
+    );
+    assert_eq!(state_of(&m, 2), Some(State::Left), "2's leave, relayed by 3, counts");
+}
+
+/// A capacity summary counts only with its member's signature, whoever relays it: a relay
+/// cannot make a member look empty (or huge), and the real summary gets through any relay.
+#[test]
+fn capacity_counts_only_signed_by_its_member() {
+    let now = Instant::now();
+    let mut m = node_with(1, &[2, 3], now);
+    let summary = |free| UpdateKind::Capacity { version: 5, capacity: cap(free) };
+    let _ = m.handle(Input::Broadcast { updates: vec![forged(2, 0, summary(0), 3)] }, now);
+    assert_eq!(m.member(&2).and_then(|v| v.capacity), None, "forged by 3");
+    let out = m.handle(
+        Input::Message {
+            from: 3,
+            message: Message::Ping {
+                seq: 1,
+                incarnation: 0,
+                updates: vec![news(2, 0, summary(1234))],
+            },
+        },
+        now,
+    );
+    assert_eq!(m.member(&2).and_then(|v| v.capacity), Some(cap(1234)), "relayed by 3");
+    assert!(out.iter().any(|o| matches!(o, Output::Event(Event::Capacity { id: 2, .. }))));
+    // What we relay is the member's own signed summary.
+    let sync = m.handle(
+        Input::Message {
+            from: 9,
+            message: Message::Join { updates: vec![alive(9, 0)], want_sync: true, pages: vec![] },
+        },
+        now,
+    );
+    let relayed: Vec<Update<u32>> = sends(&sync)
+        .into_iter()
+        .filter_map(|(_, msg)| match msg {
+            Message::Sync { updates, .. } => Some(updates),
+            _ => None,
+        })
+        .flatten()
+        .filter(|u| u.id == 2)
+        .collect();
+    assert!(relayed.contains(&news(2, 0, summary(1234))), "{relayed:?}");
+    assert!(relayed.iter().all(|u| u.verify(&sim::TestSeal(0))));
+}
+
+/// A death notice from another node is that node's suspicion: the member gets its time to
+/// refute, and is dead only when our own timer says so.
+#[test]
+fn a_relayed_death_is_only_a_suspicion() {
+    let now = Instant::now();
+    let mut m = node_with(1, &[2, 3, 4], now);
+    let _ =
+        m.handle(Input::Broadcast { updates: vec![news(2, 0, UpdateKind::Dead { by: 3 })] }, now);
+    assert_eq!(state_of(&m, 2), Some(State::Suspect));
+    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 1)] }, now);
+    assert_eq!(state_of(&m, 2), Some(State::Alive), "2 refuted in time");
+    let _ =
+        m.handle(Input::Broadcast { updates: vec![news(4, 0, UpdateKind::Dead { by: 3 })] }, now);
+    let out = run_until(&mut m, now, now + Config::default().suspicion_max);
+    assert_eq!(state_of(&m, 4), Some(State::Dead), "unrefuted, our timer declares it");
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Event(Event::State { id: 4, state: State::Dead, .. })))
+    );
+    // A death notice signed by its own subject, or by nobody we can check, is nothing.
+    let mut m = node_with(1, &[2, 3, 4], now);
+    let _ =
+        m.handle(Input::Broadcast { updates: vec![news(3, 0, UpdateKind::Dead { by: 3 })] }, now);
+    let _ = m.handle(
+        Input::Broadcast { updates: vec![forged(3, 0, UpdateKind::Dead { by: 2 }, 9)] },
+        now,
+    );
+    assert_eq!(state_of(&m, 3), Some(State::Alive));
+}
+
+/// Only the member list a joiner asked for is believed as such: a page sent unasked is news
+/// like any other, so bad news in it about strangers is ignored and a death is a suspicion.
+#[test]
+fn an_unasked_member_list_is_not_believed_as_a_joiners() {
+    let now = Instant::now();
+    let mut m = node_with(1, &[2, 3, 4], now);
+    let updates = vec![
+        news(2, 0, UpdateKind::Dead { by: 3 }),
+        news(50, 0, UpdateKind::Dead { by: 3 }),
+        news(51, 0, UpdateKind::Suspect { by: 3, witnesses: 1 }),
+    ];
+    let _ = m.handle(
+        Input::Message { from: 3, message: Message::Sync { page: 0, pages: 1, updates } },
+        now,
+    );
+    assert_eq!(state_of(&m, 2), Some(State::Suspect));
+    assert_eq!(state_of(&m, 50), None);
+    assert_eq!(state_of(&m, 51), None);
+    // A joiner believes the list of the peer it asked.
+    let mut joiner = lone(7, Config::default(), 7, now);
+    let _ = joiner.handle(Input::Contact { peer: 3 }, now);
+    let updates =
+        vec![alive(3, 0), alive(2, 0), news(2, 0, UpdateKind::Dead { by: 3 }), alive(50, 0)];
+    let _ = joiner.handle(
+        Input::Message { from: 3, message: Message::Sync { page: 0, pages: 1, updates } },
+        now,
+    );
+    assert_eq!(state_of(&joiner, 2), Some(State::Dead));
+    assert_eq!(state_of(&joiner, 50), Some(State::Alive));
+}
+
+/// A message full of bad news about a member moves its incarnation one step at most: the
+/// bound is what the member itself vouched for, and accepted bad news does not raise it.
+#[test]
+fn a_chain_of_bad_news_moves_an_incarnation_one_step() {
+    let now = Instant::now();
+    let mut m = node_with(1, &[2, 3], now);
+    let chain =
+        (1..=100).map(|inc| news(2, inc, UpdateKind::Suspect { by: 3, witnesses: 1 })).collect();
+    let _ = m.handle(
+        Input::Message {
+            from: 3,
+            message: Message::Ping { seq: 1, incarnation: 0, updates: chain },
+        },
+        now,
+    );
+    let v = m.member(&2).unwrap();
+    assert_eq!((v.state, v.incarnation), (State::Suspect, 1));
+    // 2 refutes at 2, which it signs: that is what it vouched for now.
+    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 2)] }, now);
+    assert_eq!(state_of(&m, 2), Some(State::Alive));
+    let _ =
+        m.handle(Input::Broadcast { updates: vec![news(2, 4, UpdateKind::Dead { by: 3 })] }, now);
+    assert_eq!(state_of(&m, 2), Some(State::Alive), "two above what 2 vouched for");
+}
+
+/// However much bad news about this node one message holds, it refutes once, above the
+/// highest incarnation that bad news could honestly name.
+#[test]
+fn one_message_of_bad_news_costs_one_refutation() {
+    let now = Instant::now();
+    let mut m = node_with(1, &[2, 3], now);
+    let mut updates: Vec<Update<u32>> =
+        (0..100).map(|inc| news(1, inc, UpdateKind::Suspect { by: 2, witnesses: 1 })).collect();
+    updates.extend((0..100).map(|_| news(1, 0, UpdateKind::Dead { by: 2 })));
+    let out = m.handle(
+        Input::Message { from: 2, message: Message::Ping { seq: 1, incarnation: 0, updates } },
+        now,
+    );
+    assert_eq!(m.incarnation(), 2);
+    let floods = out.iter().filter(|o| matches!(o, Output::Broadcast(_))).count();
+    assert_eq!(floods, 1, "{out:?}");
+    assert!(broadcasts(&out).contains(&alive(1, 2)));
+}
+
+/// Bad news never brings back a dead or departed member (a stream of suspicions would keep a
+/// crashed node "live").
+#[test]
+fn bad_news_does_not_revive_the_dead() {
+    let now = Instant::now();
+    let mut joiner = lone(1, Config::default(), 1, now);
+    let _ = joiner.handle(Input::Contact { peer: 3 }, now);
+    let updates = vec![alive(3, 0), alive(2, 0), news(2, 0, UpdateKind::Dead { by: 3 })];
+    let _ = joiner.handle(
+        Input::Message { from: 3, message: Message::Sync { page: 0, pages: 1, updates } },
+        now,
+    );
+    assert_eq!(state_of(&joiner, 2), Some(State::Dead));
+    for update in [
+        news(2, 1, UpdateKind::Suspect { by: 3, witnesses: 5 }),
+        news(2, 1, UpdateKind::Dead { by: 3 }),
+    ] {
+        let _ = joiner.handle(Input::Broadcast { updates: vec![update] }, now);
+        assert_eq!(state_of(&joiner, 2), Some(State::Dead));
+        assert_eq!(joiner.alive_count(), 2);
+    }
+}
+
+/// A member first heard of through its pings (unsigned) gets relayed once its own signed
+/// alive notice at that incarnation arrives.
+#[test]
+fn a_member_known_from_its_pings_is_relayed_once_its_notice_arrives() {
+    let now = Instant::now();
+    let mut m = node_with(1, &[2], now);
+    let _ = m.handle(
+        Input::Message {
+            from: 5,
+            message: Message::Ping { seq: 1, incarnation: 3, updates: vec![] },
+        },
+        now,
+    );
+    let synced = |m: &mut Membership<u32>| {
+        let out = m.handle(
+            Input::Message {
+                from: 9,
+                message: Message::Join {
+                    updates: vec![alive(9, 0)],
+                    want_sync: true,
+                    pages: vec![],
+                },
+            },
+            now,
+        );
+        sends(&out)
+            .into_iter()
+            .filter_map(|(_, msg)| match msg {
+                Message::Sync { updates, .. } => Some(updates),
+                _ => None,
+            })
+            .flatten()
+            .filter(|u| u.id == 5)
+            .collect::<Vec<_>>()
+    };
+    assert!(synced(&mut m).is_empty(), "nothing signed to relay yet");
+    let out = m.handle(Input::Broadcast { updates: vec![alive(5, 3)] }, now);
+    assert!(!out.iter().any(|o| matches!(o, Output::Event(_))), "no change to report: {out:?}");
+    assert_eq!(synced(&mut m), vec![alive(5, 3)]);
 }

@@ -2,12 +2,18 @@
 //! [`Message`]s, the driver's [`Input`]s and the [`Output`]s it carries out, the [`Event`]s and
 //! [`MemberView`]s it reads, and the sizes that budgets are counted in.
 
+use std::sync::Arc;
+
 use cloudless_types::Capacity;
 use serde::{Deserialize, Serialize};
 
 /// Bytes that every message costs on the wire beyond its encoded body (stream and frame headers
 /// of QUIC/yamux, the length prefix). Used for budgets and by the simulator's byte counts.
 pub const MESSAGE_OVERHEAD: usize = 40;
+/// Bytes gossipsub adds to each flooded copy in anonymous mode (every update carries its own
+/// author's signature, so the flood needs no author): the topic name `cloudless/membership/2`
+/// with its tag and length (24) and the framing of the message and the RPC around it (~8).
+pub const FLOOD_ENVELOPE: usize = 32;
 /// Largest number of updates accepted in one message; anything above is ignored. A sync page
 /// of `sync_chunk_bytes` holds fewer than this.
 pub const MAX_UPDATES_PER_MESSAGE: usize = 4096;
@@ -25,7 +31,9 @@ pub enum State {
     Left,
 }
 
-/// One piece of news about a member, as flooded and piggybacked.
+/// One piece of news about a member, as flooded, piggybacked and synced, signed by its
+/// [author](Update::author): the member itself for its own news (alive, left, capacity), the
+/// suspecting or declaring node for bad news. Whoever relays it cannot change it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Update<I> {
     /// Who the news is about.
@@ -34,6 +42,104 @@ pub struct Update<I> {
     pub incarnation: u32,
     /// The news.
     pub kind: UpdateKind<I>,
+    /// The author's signature over [`Update::claim`].
+    pub signature: Signature,
+}
+
+/// Domain of the bytes a membership signature covers, so that no other signed message of a
+/// node's key can pass for one of its updates.
+const CLAIM_DOMAIN: &str = "cloudless-membership-1";
+
+impl<I: Serialize> Update<I> {
+    /// News about `id` signed with `seal`, which must hold the author's key (this node's).
+    pub fn signed(id: I, incarnation: u32, kind: UpdateKind<I>, seal: &dyn Seal<I>) -> Self {
+        let signature = seal.sign(&claim(&id, incarnation, &kind));
+        Update { id, incarnation, kind, signature }
+    }
+
+    /// Who must have signed the news: the member itself for its own news, `by` for bad news.
+    pub fn author(&self) -> &I {
+        match &self.kind {
+            UpdateKind::Suspect { by, .. } | UpdateKind::Dead { by } => by,
+            UpdateKind::Alive | UpdateKind::Left | UpdateKind::Capacity { .. } => &self.id,
+        }
+    }
+
+    /// The bytes the signature covers: everything but the signature, under a domain.
+    pub fn claim(&self) -> Vec<u8> {
+        claim(&self.id, self.incarnation, &self.kind)
+    }
+
+    /// Whether the signature is the author's.
+    pub fn verify(&self, seal: &dyn Seal<I>) -> bool {
+        seal.verify(self.author(), &self.claim(), &self.signature)
+    }
+}
+
+fn claim<I: Serialize>(id: &I, incarnation: u32, kind: &UpdateKind<I>) -> Vec<u8> {
+    // Encoding our own types into a vector cannot fail; an empty claim on failure verifies
+    // against no honest signature.
+    postcard::to_allocvec(&(CLAIM_DOMAIN, id, incarnation, kind)).unwrap_or_default()
+}
+
+/// An ed25519 signature: 64 bytes on the wire (no length prefix), one shared allocation in
+/// memory for all copies of an update (ten thousand simulated nodes hold the same news).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Signature(Arc<[u8; 64]>);
+
+impl Signature {
+    /// A signature from its 64 bytes.
+    pub fn new(bytes: [u8; 64]) -> Self {
+        Signature(Arc::new(bytes))
+    }
+
+    /// A signature from a slice; `None` unless it holds exactly 64 bytes.
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        Some(Signature::new(bytes.try_into().ok()?))
+    }
+
+    /// Its 64 bytes.
+    pub fn as_bytes(&self) -> &[u8; 64] {
+        &self.0
+    }
+}
+
+impl Serialize for Signature {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Two fixed arrays: 64 raw bytes in postcard, with no length to check or trust.
+        let (a, b) = self.0.split_at(32);
+        let halves: [[u8; 32]; 2] = [
+            a.try_into().map_err(serde::ser::Error::custom)?,
+            b.try_into().map_err(serde::ser::Error::custom)?,
+        ];
+        halves.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Signature {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let [a, b] = <[[u8; 32]; 2]>::deserialize(d)?;
+        let mut bytes = [0; 64];
+        bytes[..32].copy_from_slice(&a);
+        bytes[32..].copy_from_slice(&b);
+        Ok(Signature::new(bytes))
+    }
+}
+
+impl std::fmt::Debug for Signature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let head: String = self.0[..4].iter().map(|b| format!("{b:02x}")).collect();
+        write!(f, "Signature({head}…)")
+    }
+}
+
+/// Signs this node's news and checks the signatures on others': an ed25519 key and PeerIds
+/// in the mesh, a cheap stand-in of the same size in the simulator. Pure: no I/O.
+pub trait Seal<I>: Send {
+    /// Signs `claim` with this node's key.
+    fn sign(&self, claim: &[u8]) -> Signature;
+    /// Whether `signature` over `claim` was made with `author`'s key.
+    fn verify(&self, author: &I, claim: &[u8], signature: &Signature) -> bool;
 }
 
 /// The kinds of news in an [`Update`].
@@ -48,8 +154,12 @@ pub enum UpdateKind<I> {
         /// How many nodes failed to reach the member in that probe.
         witnesses: u8,
     },
-    /// The member was declared dead.
-    Dead,
+    /// `by` declared the member dead (its suspicion ran out). From anyone but this node's own
+    /// timer it counts as a suspicion by `by`: only a node's own timer declares a death.
+    Dead {
+        /// The declaring node.
+        by: I,
+    },
     /// The member left voluntarily.
     Left,
     /// The member's capacity summary, ordered by `(incarnation, version)`.
@@ -64,6 +174,11 @@ pub enum UpdateKind<I> {
 impl<I> UpdateKind<I> {
     pub(super) fn is_liveness(&self) -> bool {
         !matches!(self, UpdateKind::Capacity { .. })
+    }
+
+    /// News a member says about itself (alive, left, capacity), as opposed to bad news.
+    pub(super) fn is_good_news(&self) -> bool {
+        !matches!(self, UpdateKind::Suspect { .. } | UpdateKind::Dead { .. })
     }
 }
 
@@ -136,14 +251,11 @@ pub enum Input<I> {
         /// The message.
         message: Message<I>,
     },
-    /// A flooded message arrived. Each update says whom it is about; `author` is who
-    /// published the flood (signed by the transport), when known: a member's claims about
-    /// itself (it left, it is alive at a new incarnation) count only from itself.
+    /// A flooded message arrived. Its publisher does not matter: each update carries its
+    /// author's signature.
     Broadcast {
         /// Its news.
         updates: Vec<Update<I>>,
-        /// Who published it.
-        author: Option<I>,
     },
     /// The transport found a peer (bootstrap, LAN discovery, a new connection).
     Contact {

@@ -17,8 +17,9 @@
 //!
 //! * `/cloudless/datagram/1`: one-way membership messages and directory sync messages,
 //!   request-response with an empty answer, at most `datagram_max_bytes` each;
-//! * gossipsub topic `cloudless/membership/1`: membership floods, signed by their author (ids
-//!   hash the author and the data), from members only, validated before they are forwarded;
+//! * gossipsub topic `cloudless/membership/2`: membership floods, anonymous (each update in
+//!   one is signed by its author; ids hash the topic and the bytes), from members only,
+//!   forwarded only when every update verifies;
 //! * `/cloudless/rpc/1`: typed RPC for the other crates, at most `rpc_max_bytes` each way.
 
 mod handle;
@@ -62,7 +63,7 @@ pub const DATAGRAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/cloudless/da
 /// Our private Kademlia DHT (not the public IPFS one).
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/cloudless/kad/1.0.0");
 /// The gossipsub topic of membership floods.
-pub const MEMBERSHIP_TOPIC: &str = "cloudless/membership/1";
+pub const MEMBERSHIP_TOPIC: &str = "cloudless/membership/2";
 /// Identify's protocol version string: peers with another one are not Cloudless.
 pub const IDENTIFY_VERSION: &str = "/cloudless/1.0.0";
 
@@ -230,6 +231,7 @@ async fn launch(
             .map_err(|e| MeshError::Listen { addr: addr.clone(), reason: e.to_string() })?;
     }
     let (directory, membership) = if member {
+        let seal = Box::new(crate::identity::KeySeal::new(keypair.clone()));
         let (mut dir, warning) = Directory::open(keypair, &config.data_dir)?;
         if config.restored {
             dir.accept_restored();
@@ -245,6 +247,7 @@ async fn launch(
             config.membership.clone(),
             capacity,
             incarnation,
+            seal,
             seed,
             Instant::now(),
         );

@@ -89,17 +89,19 @@ pub(super) fn build_swarm(
             Some(r)
         }
     };
-    // Floods are signed by their author (`Strict`): a member's claims about itself count only
-    // from itself, and ids include the author, so nobody can pre-empt a member's flood with a
-    // copy of it (a message seen first is a duplicate afterwards).
+    // Floods are anonymous: every update in one carries its author's signature, so who
+    // published or relayed it does not matter, and a flood signature would cost ~115 bytes
+    // per copy for nothing. A message's id is the hash of its bytes, so a copy seen first is
+    // the same message (nobody can pre-empt a member's flood with a different one of the same
+    // id and have the real one dropped as a duplicate).
     let gossip = if member {
         let cfg = gossipsub::ConfigBuilder::default()
-            .validation_mode(gossipsub::ValidationMode::Strict)
+            .validation_mode(gossipsub::ValidationMode::Anonymous)
             .validate_messages()
             .message_id_fn(|m: &gossipsub::Message| {
                 use sha2::Digest;
                 let mut h = sha2::Sha256::new();
-                h.update(m.source.map(|p| p.to_bytes()).unwrap_or_default());
+                h.update(m.topic.as_str().as_bytes());
                 h.update(&m.data);
                 gossipsub::MessageId::from(h.finalize()[..20].to_vec())
             })
@@ -107,9 +109,8 @@ pub(super) fn build_swarm(
             .heartbeat_interval(Duration::from_millis(500))
             .build()
             .map_err(|e| transport(&e))?;
-        let mut g =
-            gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(keypair.clone()), cfg)
-                .map_err(|e| transport(&e))?;
+        let mut g = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, cfg)
+            .map_err(|e| transport(&e))?;
         g.subscribe(&gossipsub::IdentTopic::new(MEMBERSHIP_TOPIC)).map_err(|e| transport(&e))?;
         Some(g)
     } else {

@@ -353,11 +353,48 @@ impl Task {
         }
     }
 
-    /// Drops news about peers that are not enrolled: the member table holds members only, so
-    /// made-up ids cannot fill it (and keep real devices out once it is full).
+    /// A membership flood: forwarded only when it is wholly valid. Its bytes must be exactly
+    /// a list of updates (anything after it would make a copy with a new id), every update
+    /// must carry its author's signature (a relay of forgeries is penalised), and news about
+    /// non-members is not forwarded (without a penalty: the relay's view of who is enrolled
+    /// may simply lag ours).
+    fn on_flood(&mut self, from: PeerId, data: &[u8]) -> gossipsub::MessageAcceptance {
+        let decoded = postcard::take_from_bytes::<Vec<membership::Update<PeerId>>>(data);
+        let mut updates = match decoded {
+            Ok((updates, rest))
+                if rest.is_empty()
+                    && !updates.is_empty()
+                    && updates.len() <= membership::MAX_UPDATES_PER_MESSAGE =>
+            {
+                updates
+            }
+            Ok(_) | Err(_) => {
+                warn!(peer = %from, "malformed membership flood");
+                return gossipsub::MessageAcceptance::Reject;
+            }
+        };
+        if !updates.iter().all(crate::identity::verify_update) {
+            warn!(peer = %from, "membership flood with a forged update");
+            return gossipsub::MessageAcceptance::Reject;
+        }
+        let before = updates.len();
+        self.members_only(&mut updates);
+        let whole = updates.len() == before;
+        self.drive(Input::Broadcast { updates });
+        if whole {
+            gossipsub::MessageAcceptance::Accept
+        } else {
+            gossipsub::MessageAcceptance::Ignore
+        }
+    }
+
+    /// Drops news about peers that are not enrolled, and bad news from authors that are not:
+    /// the member table holds members only, so made-up ids cannot fill it (and keep real
+    /// devices out once it is full), and only members may suspect.
     fn members_only(&self, updates: &mut Vec<membership::Update<PeerId>>) {
         let before = updates.len();
-        updates.retain(|u| u.id == self.me || self.gate.allows(&u.id, Protocol::Membership));
+        let member = |p: &PeerId| *p == self.me || self.gate.allows(p, Protocol::Membership);
+        updates.retain(|u| member(&u.id) && member(u.author()));
         if updates.len() < before {
             debug!(dropped = before - updates.len(), "membership news about non-members dropped");
         }
@@ -690,23 +727,10 @@ impl Task {
                 message_id,
                 message,
             }) => {
-                let author = message.source;
-                let verdict = if !self.gate.allows(&propagation_source, Protocol::Membership)
-                    || !author.is_some_and(|a| self.gate.allows(&a, Protocol::Membership))
-                {
+                let verdict = if !self.gate.allows(&propagation_source, Protocol::Membership) {
                     gossipsub::MessageAcceptance::Reject
                 } else {
-                    match postcard::from_bytes::<Vec<membership::Update<PeerId>>>(&message.data) {
-                        Ok(mut updates) if updates.len() <= membership::MAX_UPDATES_PER_MESSAGE => {
-                            self.members_only(&mut updates);
-                            self.drive(Input::Broadcast { updates, author });
-                            gossipsub::MessageAcceptance::Accept
-                        }
-                        Ok(_) | Err(_) => {
-                            warn!(peer = %propagation_source, "malformed membership flood");
-                            gossipsub::MessageAcceptance::Reject
-                        }
-                    }
+                    self.on_flood(propagation_source, &message.data)
                 };
                 if let Some(g) = self.swarm.behaviour_mut().gossipsub.as_mut() {
                     let _ = g.report_message_validation_result(
