@@ -8,10 +8,6 @@ use super::{
     encoded_len,
 };
 
-/// A signed capacity update's encoded size (a 38-byte id, the summary, a 64-byte signature),
-/// used only if this node somehow held no summary of its own.
-const CAPACITY_UPDATE_BYTES: usize = 160;
-
 impl<I: Id> Membership<I> {
     /// The summary last announced, with the version it was announced under.
     pub(super) fn own_capacity_update(&self) -> Option<Update<I>> {
@@ -23,8 +19,7 @@ impl<I: Id> Membership<I> {
     pub(super) fn capacity_interval(&self) -> Duration {
         // What one flooded copy of our summary costs: the signed update, the transport's
         // overhead and gossipsub's envelope.
-        let update = self.own_capacity_update().map_or(CAPACITY_UPDATE_BYTES, |u| encoded_len(&u));
-        let size = (update + MESSAGE_OVERHEAD + FLOOD_ENVELOPE) as f64;
+        let size = (self.capacity_bytes + MESSAGE_OVERHEAD + FLOOD_ENVELOPE) as f64;
         let per_node = size * f64::from(self.config.flood_degree) * self.alive_count as f64;
         let secs = per_node / f64::from(self.config.capacity_budget.max(1));
         Duration::from_secs_f64(secs.min(86_400.0)).max(self.config.capacity_min_interval)
@@ -51,6 +46,7 @@ impl<I: Id> Membership<I> {
         self.announced = (self.capacity, now);
         let kind = UpdateKind::Capacity { version: self.capacity_version, capacity: self.capacity };
         let u = Update::signed(self.me.clone(), self.incarnation, kind, &*self.seal);
+        self.capacity_bytes = encoded_len(&u);
         if let Some(m) = self.members.get_mut(&self.me) {
             m.capacity = Summary::of(&u);
         }

@@ -41,8 +41,10 @@ pub struct Config {
     pub max_members: usize,
     /// Largest number of bytes of updates piggybacked on one ping or ack.
     pub piggyback_bytes: usize,
-    /// Each update is piggybacked `retransmit_mult · ⌈log10(n + 1)⌉` times. Flooding carries the
-    /// news; piggybacking only repairs, so one round per order of magnitude is enough.
+    /// Each update is piggybacked `retransmit_mult · ⌈log10(n + 1)⌉` times by the node that
+    /// made it or learned it point to point, and once by a node that got it from a flood.
+    /// Flooding carries the news; piggybacking only repairs, so one round per order of
+    /// magnitude is enough.
     pub retransmit_mult: u32,
     /// Longest time between two capacity announcements of a node.
     #[serde(with = "millis")]

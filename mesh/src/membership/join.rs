@@ -19,6 +19,10 @@ pub(super) struct Joining<I> {
 
 /// Largest number of peers a joiner asks for the member list at once.
 const MAX_SEEDS: usize = 8;
+/// Largest page count of a member list: `max_members` members at two or three updates each
+/// fill under 2,000 pages of the smallest useful page (a few KiB); more is made up, and
+/// counting them would cost the joiner quadratic time.
+const MAX_SYNC_PAGES: u16 = 4096;
 /// Members told directly of a voluntary leave, in addition to the flood.
 const LEAVE_DIRECT: usize = 3;
 
@@ -94,6 +98,10 @@ impl<I: Id> Membership<I> {
         // believed as a joiner's (bad news about members we do not know yet); a page from
         // anyone else is news like any other.
         let asked = self.join_pending.as_ref().is_some_and(|j| j.peers.contains(from));
+        if pages > MAX_SYNC_PAGES {
+            // More pages than the largest member table fills: made up.
+            return;
+        }
         if let Some(j) = self.join_pending.as_mut().filter(|j| j.peers.contains(from)) {
             // Pages are arriving: wait for the rest before asking again.
             j.retry_at = now + self.config.join_retry;
@@ -108,8 +116,11 @@ impl<I: Id> Membership<I> {
                 self.join_pending = None;
             }
         }
-        let via = if asked { Via::Sync } else { Via::Direct };
         for u in updates.into_iter().take(MAX_UPDATES_PER_MESSAGE) {
+            // A death counts as one only from the seed's own timer; one it relays is a
+            // suspicion, which the member gets the time to refute.
+            let own_verdict = !matches!(&u.kind, UpdateKind::Dead { by } if by != from);
+            let via = if asked && own_verdict { Via::Sync } else { Via::Direct };
             self.apply(u, via, now);
         }
     }
@@ -166,18 +177,20 @@ impl<I: Id> Membership<I> {
             // joiner can only take after the own news it is bounded by), then its capacity.
             // A member we know only from its pings is left out (the joiner hears from it when
             // it probes).
+            // One member's news never spans two pages: a later page arriving first would
+            // otherwise bring news about a member the joiner does not know yet.
             let notice = self.notices.get(id).map(|n| n.update(id));
-            for u in m.own_update(id).into_iter().chain(notice).chain(m.capacity_update(id)) {
-                let s = encoded_len(&u);
-                let full = size + s > self.config.sync_chunk_bytes
-                    || page.len() >= MAX_UPDATES_PER_MESSAGE;
-                if full && !page.is_empty() {
-                    pages.push(std::mem::take(&mut page));
-                    size = 0;
-                }
-                size += s;
-                page.push(u);
+            let news: Vec<Update<I>> =
+                m.own_update(id).into_iter().chain(notice).chain(m.capacity_update(id)).collect();
+            let s: usize = news.iter().map(encoded_len).sum();
+            let full = size + s > self.config.sync_chunk_bytes
+                || page.len() + news.len() > MAX_UPDATES_PER_MESSAGE;
+            if full && !page.is_empty() {
+                pages.push(std::mem::take(&mut page));
+                size = 0;
             }
+            size += s;
+            page.extend(news);
         }
         if !page.is_empty() {
             pages.push(page);

@@ -118,8 +118,8 @@ use piggyback::Queued;
 use probing::{Probe, Relay};
 use suspicion::Suspicion;
 pub use wire::{
-    Event, FLOOD_ENVELOPE, Input, MAX_UPDATES_PER_MESSAGE, MESSAGE_OVERHEAD, MemberView, Message,
-    Output, Seal, Signature, State, Update, UpdateKind, encoded_len,
+    Event, FLOOD_ENVELOPE, Input, MAX_FLOOD_UPDATES, MAX_UPDATES_PER_MESSAGE, MESSAGE_OVERHEAD,
+    MemberView, Message, Output, Seal, Signature, State, Update, UpdateKind, encoded_len,
 };
 
 /// What a member identifier must support: a PeerId in production, a small integer in the
@@ -264,6 +264,9 @@ pub struct Membership<I: Id> {
     /// Bad news about this node heard in the current input, at the highest incarnation:
     /// refuted once, when the input is done (a message full of it costs one refutation).
     refute_above: Option<u32>,
+    /// When this node last refuted: refutations are at most one per probe interval, so a
+    /// member that keeps sending bad news about us costs the pool one flood per interval.
+    last_refute: Option<Instant>,
     suspicions: Map<I, Suspicion<I>>,
     probes: Map<u32, Probe<I>>,
     relays: Map<u32, Relay<I>>,
@@ -279,6 +282,8 @@ pub struct Membership<I: Id> {
     capacity_version: u32,
     /// The summary last announced, and when.
     announced: (Capacity, Instant),
+    /// Encoded size of our signed summary, for the capacity budget (asked after every input).
+    capacity_bytes: usize,
     alive_count: usize,
     /// A member whose return we learned first hand while handling the current message.
     firsthand: Option<I>,
@@ -308,6 +313,7 @@ impl<I: Id> Membership<I> {
             UpdateKind::Capacity { version: 0, capacity },
             &*seal,
         );
+        let capacity_bytes = encoded_len(&summary);
         members.insert(
             me.clone(),
             Member {
@@ -334,6 +340,7 @@ impl<I: Id> Membership<I> {
             gone: Map::default(),
             notices: Map::default(),
             refute_above: None,
+            last_refute: None,
             suspicions: Map::default(),
             probes: Map::default(),
             relays: Map::default(),
@@ -345,6 +352,7 @@ impl<I: Id> Membership<I> {
             capacity_version: 0,
             // The join message carries the summary; the first flood waits for a change.
             announced: (capacity, now),
+            capacity_bytes,
             alive_count: 1,
             firsthand: None,
             out: Vec::new(),
@@ -410,6 +418,11 @@ impl<I: Id> Membership<I> {
         if let Some(at) = self.capacity_due() {
             next = next.min(at);
         }
+        if self.refute_above.is_some()
+            && let Some(at) = self.last_refute
+        {
+            next = next.min(at + self.config.probe_interval);
+        }
         Some(next)
     }
 
@@ -435,7 +448,7 @@ impl<I: Id> Membership<I> {
             }
             Input::Leave => self.leave(),
         }
-        self.refute_if_told();
+        self.refute_if_told(now);
         std::mem::take(&mut self.out)
     }
 
@@ -504,7 +517,10 @@ impl<I: Id> Membership<I> {
                 updates
             }
             Message::Nack { seq } => {
-                if let Some(p) = self.probes.get_mut(&seq) {
+                if let Some(p) = self.probes.get_mut(&seq)
+                    && let Some(i) = p.helpers.iter().position(|h| *h == from)
+                {
+                    p.helpers.swap_remove(i);
                     p.nacks += 1;
                 }
                 Vec::new()

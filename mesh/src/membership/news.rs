@@ -45,6 +45,8 @@ impl<I: Id> Membership<I> {
             self.apply_unjudged(&u, existing, now);
             return false;
         };
+        // (Bad news past the bound of what the member vouched for is handled by
+        // `apply_unjudged`: it probes the member.)
         if !u.verify(&*self.seal) {
             return false;
         }
@@ -59,17 +61,35 @@ impl<I: Id> Membership<I> {
         let Some(held) = existing else {
             return;
         };
+        let k = u32::try_from(self.config.indirect_checks).unwrap_or(u32::MAX);
+        let witnesses = match u.kind {
+            // No more than an honest prober can have: itself and the helpers it asked.
+            UpdateKind::Suspect { witnesses, .. } => u32::from(witnesses).min(k.saturating_add(1)),
+            _ => 1,
+        };
         match &u.kind {
             UpdateKind::Suspect { .. } | UpdateKind::Dead { .. }
-                if held.state == State::Suspect
-                    && held.incarnation == u.incarnation
-                    && u.verify(&*self.seal) =>
+                if held.state == State::Suspect && held.incarnation == u.incarnation =>
             {
-                let witnesses = match u.kind {
-                    UpdateKind::Suspect { witnesses, .. } => u32::from(witnesses),
-                    _ => 1,
-                };
-                self.confirm(&u.id, u.author().clone(), witnesses, now);
+                // Copies of a suspicion we already counted cost no signature check.
+                let counts = self.suspicions.get(&u.id).is_some_and(|s| {
+                    witnesses > s.witnesses
+                        || (!s.suspectors.contains(u.author())
+                            && s.suspectors.len() <= self.config.indirect_checks)
+                });
+                if counts && u.verify(&*self.seal) {
+                    self.confirm(&u.id, u.author().clone(), witnesses, now);
+                }
+            }
+            UpdateKind::Suspect { .. } | UpdateKind::Dead { .. }
+                if matches!(held.state, State::Alive | State::Suspect)
+                    && u.incarnation > held.vouched.saturating_add(1)
+                    && u.incarnation > held.incarnation =>
+            {
+                // News of an incarnation the member never vouched for to us: we missed its
+                // refutations, or the news is made up. A probe out of turn tells which (its
+                // ack says where it is; silence makes our own suspicion).
+                self.probe_out_of_turn(u.id.clone(), now);
             }
             UpdateKind::Alive
                 if held.state == State::Alive && held.incarnation == u.incarnation =>
@@ -216,7 +236,7 @@ impl<I: Id> Membership<I> {
         if via != Via::Sync
             && let Some(p) = proof
         {
-            self.enqueue(p);
+            self.enqueue(p, via == Via::Flood);
         }
         true
     }

@@ -14,7 +14,10 @@ pub(super) struct Queued<I> {
 const MAX_QUEUE: usize = 1024;
 
 impl<I: Id> Membership<I> {
-    pub(super) fn enqueue(&mut self, update: Update<I>) {
+    /// Queues news to piggyback: `retransmit_limit` times, or once when `flooded` (every
+    /// other node got the same flood from its mesh peers, so our copies only repair the rare
+    /// miss, and signed news is too large to repeat for nothing).
+    pub(super) fn enqueue(&mut self, update: Update<I>, flooded: bool) {
         let liveness = update.kind.is_liveness();
         self.queue
             .retain(|q| !(q.update.id == update.id && q.update.kind.is_liveness() == liveness));
@@ -27,7 +30,8 @@ impl<I: Id> Membership<I> {
             }
         }
         let size = encoded_len(&update);
-        self.queue.push(Queued { update, size, transmits: 0 });
+        let transmits = if flooded { self.retransmit_limit().saturating_sub(1) } else { 0 };
+        self.queue.push(Queued { update, size, transmits });
     }
 
     fn retransmit_limit(&self) -> u32 {

@@ -16,6 +16,9 @@ pub(super) struct Probe<I> {
     pub(super) end: Instant,
     pub(super) indirect_sent: bool,
     expected_nacks: u32,
+    /// The helpers asked; only their nacks count, once each (a witness count others could
+    /// inflate would shorten everyone's suspicion timer).
+    pub(super) helpers: Vec<I>,
     pub(super) nacks: u32,
 }
 
@@ -52,6 +55,22 @@ impl<I: Id> Membership<I> {
         let Some(target) = self.next_probe_target() else {
             return;
         };
+        self.probe(target, now);
+    }
+
+    /// Probes `target` now, out of the round-robin order (within the same bound on probes in
+    /// flight), unless a probe of it is under way.
+    pub(super) fn probe_out_of_turn(&mut self, target: I, now: Instant) {
+        if self.leaving
+            || self.probes.len() >= MAX_PROBES
+            || self.probes.values().any(|p| p.target == target)
+        {
+            return;
+        }
+        self.probe(target, now);
+    }
+
+    fn probe(&mut self, target: I, now: Instant) {
         let seq = self.next_seq();
         let timeout = self.scaled(self.config.probe_timeout);
         self.probes.insert(
@@ -62,6 +81,7 @@ impl<I: Id> Membership<I> {
                 end: now + timeout * 3,
                 indirect_sent: false,
                 expected_nacks: 0,
+                helpers: Vec::new(),
                 nacks: 0,
             },
         );
@@ -114,6 +134,7 @@ impl<I: Id> Membership<I> {
                     self.random_live(self.config.indirect_checks, std::slice::from_ref(&target));
                 if let Some(p) = self.probes.get_mut(&seq) {
                     p.expected_nacks = u32::try_from(helpers.len()).unwrap_or(u32::MAX);
+                    p.helpers.clone_from(&helpers);
                 }
                 for h in helpers {
                     let updates = self.piggyback_for(&h);

@@ -560,13 +560,20 @@ impl Sim {
             all.push(Update::signed(me, 0, kind, &seal));
         }
         let now = self.instant(0);
+        // As a joiner's list from the seed it asked: old news, so nothing is queued to
+        // piggyback (an unasked list would be news, and fill every node's queue).
+        let seed = SimId(u32::MAX);
+        let pages = u16::try_from(all.len().div_ceil(512)).unwrap_or(u16::MAX);
         for i in 0..n {
             if let Some(node) = self.nodes[i].as_mut() {
-                for page in all.chunks(512) {
+                let _ = node.core.handle(Input::Contact { peer: seed }, now);
+                for (p, chunk) in all.chunks(512).enumerate() {
+                    let page = u16::try_from(p).unwrap_or(u16::MAX);
+                    let updates = chunk.to_vec();
                     let _ = node.core.handle(
                         Input::Message {
-                            from: SimId(u32::MAX),
-                            message: Message::Sync { page: 0, pages: 1, updates: page.to_vec() },
+                            from: seed,
+                            message: Message::Sync { page, pages, updates },
                         },
                         now,
                     );

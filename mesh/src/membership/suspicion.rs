@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Id, Membership, Message, Output, Said, State, Summary, Update, UpdateKind, Via};
+use super::{
+    Id, Membership, Message, Output, Said, State, Summary, Update, UpdateKind, Via, encoded_len,
+};
 
 #[derive(Clone, Debug)]
 pub(super) struct Suspicion<I> {
@@ -129,6 +131,7 @@ impl<I: Id> Membership<I> {
                 let fresh = u.incarnation >= self.incarnation
                     && u.incarnation <= self.incarnation.saturating_add(1)
                     && self.refute_above.is_none_or(|at| u.incarnation > at);
+                // Checked once per incarnation it could name: copies cost no signature check.
                 if fresh && u.verify(&*self.seal) {
                     self.refute_above = Some(u.incarnation);
                 }
@@ -141,17 +144,25 @@ impl<I: Id> Membership<I> {
         }
     }
 
-    /// Refutes the bad news about this node heard in the input just handled, once.
-    pub(super) fn refute_if_told(&mut self) {
-        let Some(at) = self.refute_above.take() else {
+    /// Refutes the bad news about this node heard since the last refutation, once, and at
+    /// most once per probe interval. The new incarnation is two above ours whatever the news
+    /// named: bad news one above ours may already be held by others (it overtakes our alive
+    /// notice there), and an alive notice only one above would tie with it and lose.
+    pub(super) fn refute_if_told(&mut self, now: Instant) {
+        let Some(at) = self.refute_above else {
             return;
         };
+        if self.last_refute.is_some_and(|t| now < t + self.config.probe_interval) {
+            return;
+        }
+        self.refute_above = None;
         if self.leaving || at < self.incarnation {
             return;
         }
+        self.last_refute = Some(now);
         // Lifeguard: being suspected hints that we are the slow one.
         self.local_health = (self.local_health + 1).min(self.config.max_local_health);
-        self.incarnation = at.saturating_add(1).max(self.incarnation);
+        self.incarnation = self.incarnation.saturating_add(2);
         self.refute();
     }
 
@@ -166,6 +177,7 @@ impl<I: Id> Membership<I> {
             UpdateKind::Capacity { version: 0, capacity: self.capacity },
             &*self.seal,
         );
+        self.capacity_bytes = encoded_len(&summary);
         if let Some(m) = self.members.get_mut(&self.me) {
             m.incarnation = self.incarnation;
             m.vouched = self.incarnation;
@@ -176,7 +188,7 @@ impl<I: Id> Membership<I> {
         let updates = vec![alive, summary];
         self.out.push(Output::Broadcast(updates.clone()));
         for u in updates {
-            self.enqueue(u);
+            self.enqueue(u, false);
         }
     }
 }

@@ -14,6 +14,10 @@ pub const MESSAGE_OVERHEAD: usize = 40;
 /// author's signature, so the flood needs no author): the topic name `cloudless/membership/2`
 /// with its tag and length (24) and the framing of the message and the RPC around it (~8).
 pub const FLOOD_ENVELOPE: usize = 32;
+/// Largest number of updates in one flood: an honest flood holds one piece of news, or a
+/// member's alive notice with its capacity summary. A larger one is refused before any
+/// signature in it is checked, so a member cannot make every node verify hundreds per copy.
+pub const MAX_FLOOD_UPDATES: usize = 2;
 /// Largest number of updates accepted in one message; anything above is ignored. A sync page
 /// of `sync_chunk_bytes` holds fewer than this.
 pub const MAX_UPDATES_PER_MESSAGE: usize = 4096;

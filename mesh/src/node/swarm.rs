@@ -105,7 +105,9 @@ pub(super) fn build_swarm(
                 h.update(&m.data);
                 gossipsub::MessageId::from(h.finalize()[..20].to_vec())
             })
-            .max_transmit_size(64 * 1024)
+            // Two signed updates are under 400 bytes; 4 KiB leaves room for gossipsub's own
+            // control messages riding in the same frame.
+            .max_transmit_size(4 * 1024)
             .heartbeat_interval(Duration::from_millis(500))
             .build()
             .map_err(|e| transport(&e))?;

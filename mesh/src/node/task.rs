@@ -354,7 +354,8 @@ impl Task {
     }
 
     /// A membership flood: forwarded only when it is wholly valid. Its bytes must be exactly
-    /// a list of updates (anything after it would make a copy with a new id), every update
+    /// a short list of distinct updates (anything after it would make a copy with a new id;
+    /// an honest flood holds at most an alive notice and a capacity summary), every update
     /// must carry its author's signature (a relay of forgeries is penalised), and news about
     /// non-members is not forwarded (without a penalty: the relay's view of who is enrolled
     /// may simply lag ours).
@@ -364,7 +365,8 @@ impl Task {
             Ok((updates, rest))
                 if rest.is_empty()
                     && !updates.is_empty()
-                    && updates.len() <= membership::MAX_UPDATES_PER_MESSAGE =>
+                    && updates.len() <= membership::MAX_FLOOD_UPDATES
+                    && !updates.iter().enumerate().any(|(i, u)| updates[..i].contains(u)) =>
             {
                 updates
             }
