@@ -80,6 +80,21 @@ fn sends(out: &[Output<u32>]) -> Vec<(u32, Message<u32>)> {
         .collect()
 }
 
+/// What `m` sends a joiner (node 9) about member `id` in its member list.
+fn synced_about(m: &mut Membership<u32>, id: u32, now: Instant) -> Vec<Update<u32>> {
+    let join = Message::Join { updates: vec![alive(9, 0)], want_sync: true, pages: vec![] };
+    let out = m.handle(Input::Message { from: 9, message: join }, now);
+    sends(&out)
+        .into_iter()
+        .filter_map(|(_, msg)| match msg {
+            Message::Sync { updates, .. } => Some(updates),
+            _ => None,
+        })
+        .flatten()
+        .filter(|u| u.id == id)
+        .collect()
+}
+
 /// Ticks `m` at every deadline up to `until`, collecting outputs.
 fn run_until(m: &mut Membership<u32>, mut now: Instant, until: Instant) -> Vec<Output<u32>> {
     let mut out = Vec::new();
@@ -667,22 +682,7 @@ fn capacity_counts_only_signed_by_its_member() {
     assert_eq!(m.member(&2).and_then(|v| v.capacity), Some(cap(1234)), "relayed by 3");
     assert!(out.iter().any(|o| matches!(o, Output::Event(Event::Capacity { id: 2, .. }))));
     // What we relay is the member's own signed summary.
-    let sync = m.handle(
-        Input::Message {
-            from: 9,
-            message: Message::Join { updates: vec![alive(9, 0)], want_sync: true, pages: vec![] },
-        },
-        now,
-    );
-    let relayed: Vec<Update<u32>> = sends(&sync)
-        .into_iter()
-        .filter_map(|(_, msg)| match msg {
-            Message::Sync { updates, .. } => Some(updates),
-            _ => None,
-        })
-        .flatten()
-        .filter(|u| u.id == 2)
-        .collect();
+    let relayed = synced_about(&mut m, 2, now);
     assert!(relayed.contains(&news(2, 0, summary(1234))), "{relayed:?}");
     assert!(relayed.iter().all(|u| u.verify(&sim::TestSeal(0))));
 }
@@ -851,30 +851,8 @@ fn a_member_known_from_its_pings_is_relayed_once_its_notice_arrives() {
         },
         now,
     );
-    let synced = |m: &mut Membership<u32>| {
-        let out = m.handle(
-            Input::Message {
-                from: 9,
-                message: Message::Join {
-                    updates: vec![alive(9, 0)],
-                    want_sync: true,
-                    pages: vec![],
-                },
-            },
-            now,
-        );
-        sends(&out)
-            .into_iter()
-            .filter_map(|(_, msg)| match msg {
-                Message::Sync { updates, .. } => Some(updates),
-                _ => None,
-            })
-            .flatten()
-            .filter(|u| u.id == 5)
-            .collect::<Vec<_>>()
-    };
-    assert!(synced(&mut m).is_empty(), "nothing signed to relay yet");
+    assert!(synced_about(&mut m, 5, now).is_empty(), "nothing signed to relay yet");
     let out = m.handle(Input::Broadcast { updates: vec![alive(5, 3)] }, now);
     assert!(!out.iter().any(|o| matches!(o, Output::Event(_))), "no change to report: {out:?}");
-    assert_eq!(synced(&mut m), vec![alive(5, 3)]);
+    assert_eq!(synced_about(&mut m, 5, now), vec![alive(5, 3)]);
 }
