@@ -61,7 +61,7 @@ pub const MAX_ENTRIES: usize = 100_000;
 pub const MAX_BATCH_ENTRIES: usize = 256;
 /// Bytes of entries in one message.
 pub const MAX_BATCH_BYTES: usize = 96 * 1024;
-/// Versions in one message (~56 bytes each: ~56 KiB).
+/// Versions in one message (~80 bytes each: ~80 KiB).
 pub const MAX_VERSIONS: usize = 1024;
 /// Largest number of peers whose answer budget is kept at once.
 pub const MAX_PEERS: usize = 4096;
@@ -143,8 +143,10 @@ pub struct Version {
     pub peer: PeerId,
     /// Its entry's version.
     pub version: u64,
-    /// The first 8 bytes of the entry's hash (orders entries with equal versions).
-    pub hash: u64,
+    /// The entry's SHA-256, which orders entries with equal versions. All of it: with a
+    /// prefix, a member grinding signatures could make two entries tie and keep two copies
+    /// apart, costing a versions exchange every round.
+    pub hash: [u8; 32],
 }
 
 /// What a directory holds, in brief.
@@ -186,8 +188,8 @@ struct Entry {
 }
 
 impl Entry {
-    fn rank(&self) -> (u64, u64) {
-        (self.version, short(&self.hash))
+    fn rank(&self) -> (u64, [u8; 32]) {
+        (self.version, self.hash)
     }
 }
 
@@ -684,7 +686,7 @@ fn check_versions(
     after: Option<&PeerId>,
     upto: Option<&PeerId>,
     versions: &[Version],
-) -> Result<BTreeMap<PeerId, (u64, u64)>, DirectoryError> {
+) -> Result<BTreeMap<PeerId, (u64, [u8; 32])>, DirectoryError> {
     let bad = |reason: String| DirectoryError::Malformed { peer, reason };
     if versions.len() > MAX_VERSIONS {
         return Err(bad(format!("{} versions, at most {MAX_VERSIONS}", versions.len())));
@@ -707,7 +709,7 @@ fn check_versions(
 }
 
 fn version_of(peer: &PeerId, e: &Entry) -> Version {
-    Version { peer: *peer, version: e.version, hash: short(&e.hash) }
+    Version { peer: *peer, version: e.version, hash: e.hash }
 }
 
 /// Splits versions covering `(after, upto]` into messages of at most [`MAX_VERSIONS`], each
@@ -789,12 +791,6 @@ fn message_cost(m: &Message) -> u64 {
         Message::Want(peers) => 8 + peers.len() * 40,
     };
     u64::try_from(n).unwrap_or(u64::MAX)
-}
-
-fn short(hash: &[u8; 32]) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&hash[..8]);
-    u64::from_be_bytes(b)
 }
 
 #[cfg(test)]

@@ -85,7 +85,7 @@ fn samples() -> Vec<Vec<u8>> {
         postcard::to_allocvec(&Datagram::Directory(directory::Message::Versions {
             after: None,
             upto: Some(peer),
-            versions: vec![directory::Version { peer, version: 9, hash: 1 }],
+            versions: vec![directory::Version { peer, version: 9, hash: [1; 32] }],
             reply: true,
         }))
         .unwrap(),

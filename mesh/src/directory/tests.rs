@@ -183,7 +183,7 @@ fn versions_out_of_order_or_outside_their_range_are_malformed() {
     d.set_own(&desc("d"), 1).unwrap();
     let mut ids: Vec<PeerId> = (0..3).map(|_| key().public().to_peer_id()).collect();
     ids.sort();
-    let v = |p: PeerId| Version { peer: p, version: 1, hash: 0 };
+    let v = |p: PeerId| Version { peer: p, version: 1, hash: [0; 32] };
     let cases = [
         (None, None, vec![v(ids[1]), v(ids[0])]),
         (None, None, vec![v(ids[0]), v(ids[0])]),
