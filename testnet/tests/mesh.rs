@@ -278,3 +278,70 @@ async fn a_node_keeps_dialing_its_bootstrap_peer_until_it_joins() {
     .unwrap();
     b.task.abort();
 }
+
+/// A peer that connected while it was a stranger (blacklisted in gossipsub, so it floods
+/// nothing to us and gets nothing from us) joins our flood mesh once it is enrolled and the
+/// gate is rechecked: gossipsub kept its subscription while it was blacklisted, so lifting
+/// the blacklist is enough. Without that, a device that joins through a node it first met
+/// as a stranger would get membership news only by piggyback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_enrolled_later_joins_the_flood_mesh() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Admits everyone; lets them use membership only once `enrolled`.
+    struct Enrollment(AtomicBool);
+    impl cloudless_mesh::Gate for Enrollment {
+        fn admits(&self, _: &libp2p::PeerId) -> bool {
+            true
+        }
+        fn allows(&self, _: &libp2p::PeerId, p: cloudless_mesh::Protocol<'_>) -> bool {
+            !matches!(p, cloudless_mesh::Protocol::Membership) || self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    init_tracing();
+    let dir_a = tempfile::tempdir().unwrap();
+    let gate = Arc::new(Enrollment(AtomicBool::new(false)));
+    let a =
+        cloudless_mesh::start(test_config(dir_a.path().to_path_buf()), gate.clone()).await.unwrap();
+    let ha = a.handle.clone();
+    let mut addrs = Vec::new();
+    wait_until("a listens", CONVERGE, &mut || {
+        let ha = ha.clone();
+        async move { !ha.listen_addrs().await.unwrap().is_empty() }
+    })
+    .await
+    .unwrap();
+    addrs.extend(ha.listen_addrs().await.unwrap());
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir_b.path().to_path_buf());
+    config.bootstrap = addrs
+        .into_iter()
+        .map(|addr| addr.with(libp2p::multiaddr::Protocol::P2p(ha.peer_id())))
+        .collect();
+    let b = cloudless_mesh::start(config, Arc::new(cloudless_mesh::OpenGate)).await.unwrap();
+    let pb = b.handle.peer_id();
+    wait_until("b connects to a", CONVERGE, &mut || {
+        let ha = ha.clone();
+        async move { ha.connected_peers().await.unwrap().contains(&pb) }
+    })
+    .await
+    .unwrap();
+    // While a stranger, b stays out of a's flood mesh, watched over six gossipsub heartbeats
+    // (0.5 s each; a member would be grafted at the first).
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < Duration::from_secs(3) {
+        assert!(!ha.flood_peers().await.unwrap().contains(&pb), "a stranger in the flood mesh");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gate.0.store(true, Ordering::SeqCst);
+    ha.recheck_gate().await.unwrap();
+    wait_until("b joins a's flood mesh", CONVERGE, &mut || {
+        let ha = ha.clone();
+        async move { ha.flood_peers().await.unwrap().contains(&pb) }
+    })
+    .await
+    .unwrap();
+    b.task.abort();
+    a.task.abort();
+}

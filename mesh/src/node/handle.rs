@@ -16,6 +16,7 @@ pub(super) enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Dial(Multiaddr, oneshot::Sender<Result<(), MeshError>>),
     Connected(oneshot::Sender<Vec<PeerId>>),
+    FloodPeers(oneshot::Sender<Vec<PeerId>>),
     Members(oneshot::Sender<Result<Vec<MemberView<PeerId>>, MeshError>>),
     SetCapacity(Capacity),
     SetDescriptor(NodeDescriptor, oneshot::Sender<Result<(), MeshError>>),
@@ -78,6 +79,12 @@ impl Handle {
     /// Peers with an open connection.
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, MeshError> {
         self.ask(Command::Connected).await
+    }
+
+    /// The peers this node floods membership news to (its gossipsub mesh for the membership
+    /// topic): members only, since strangers are blacklisted. Empty on a client.
+    pub async fn flood_peers(&self) -> Result<Vec<PeerId>, MeshError> {
+        self.ask(Command::FloodPeers).await
     }
 
     /// Every member this node knows of, itself included.

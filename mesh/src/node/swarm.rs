@@ -113,6 +113,25 @@ pub(super) fn build_swarm(
             .map_err(|e| transport(&e))?;
         let mut g = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, cfg)
             .map_err(|e| transport(&e))?;
+        // Peer scores carry one thing: our standing of the peer (`STRANGER_SCORE` for a
+        // stranger, 0 for a member; see `classify`). The blacklist alone drops a stranger's
+        // messages, but gossipsub 0.50 neither refuses its GRAFT nor keeps it out of the mesh
+        // its heartbeat builds, so a stranger got our floods and took mesh slots from members.
+        // Below the graylist threshold a peer is never grafted, pruned at the next heartbeat,
+        // and every message of it ignored. Nothing else is scored: devices behind one NAT
+        // share an address, and a member's delivery record is not ours to judge here.
+        let params = gossipsub::PeerScoreParams {
+            app_specific_weight: 1.0,
+            ip_colocation_factor_weight: 0.0,
+            behaviour_penalty_weight: 0.0,
+            slow_peer_weight: 0.0,
+            // A departed stranger's score is kept a minute, not an hour: strangers come with
+            // fresh ids, and each kept score is memory.
+            retain_score: Duration::from_secs(60),
+            ..gossipsub::PeerScoreParams::default()
+        };
+        g.with_peer_score(params, gossipsub::PeerScoreThresholds::default())
+            .map_err(|e| transport(&e))?;
         g.subscribe(&gossipsub::IdentTopic::new(MEMBERSHIP_TOPIC)).map_err(|e| transport(&e))?;
         Some(g)
     } else {

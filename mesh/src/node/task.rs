@@ -38,6 +38,9 @@ const LEAVE_LINGER: Duration = Duration::from_millis(500);
 const BOOTSTRAP_RETRY: Duration = Duration::from_secs(5);
 /// Name of the file holding the last membership incarnation.
 const INCARNATION_FILE: &str = "membership.incarnation";
+/// A stranger's gossipsub score: far below the graylist threshold (-80), so it is never in
+/// our flood mesh and nothing it sends on gossipsub is read.
+const STRANGER_SCORE: f64 = -1000.0;
 
 /// Reads the last incarnation from the data dir and returns the next one, so a restarted node
 /// outranks whatever the cluster remembers of its earlier life.
@@ -180,6 +183,17 @@ impl Task {
             }
             Command::Connected(r) => {
                 let _ = r.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::FloodPeers(r) => {
+                let topic = self.topic.hash();
+                let peers = self
+                    .swarm
+                    .behaviour()
+                    .gossipsub
+                    .as_ref()
+                    .map(|g| g.mesh_peers(&topic).copied().collect())
+                    .unwrap_or_default();
+                let _ = r.send(peers);
             }
             Command::Members(r) => {
                 let res = match &self.membership {
@@ -421,6 +435,7 @@ impl Task {
             } else {
                 g.blacklist_peer(&peer);
             }
+            g.set_application_score(&peer, if member { 0.0 } else { STRANGER_SCORE });
         }
         if member {
             b.autonat.add_server(peer, None);
