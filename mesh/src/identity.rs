@@ -279,4 +279,21 @@ mod tests {
         let bent = crate::membership::Signature::from_slice(&bent).unwrap();
         assert!(!seal.verify(&pa, b"claim", &bent), "a changed signature");
     }
+
+    /// The sizes `docs/mesh.md` counts a flood in: a signed alive notice, a suspicion and a
+    /// capacity summary about an ed25519 PeerId.
+    #[test]
+    fn signed_updates_are_the_size_the_bandwidth_bound_counts() {
+        use crate::membership::{Update, UpdateKind, encoded_len};
+        let key = Keypair::generate_ed25519();
+        let (me, seal) = (key.public().to_peer_id(), KeySeal::new(key));
+        let size = |kind| encoded_len(&Update::signed(me, 3, kind, &seal));
+        let alive = size(UpdateKind::Alive);
+        let suspect = size(UpdateKind::Suspect { by: me, witnesses: 5 });
+        let capacity =
+            size(UpdateKind::Capacity { version: 7, capacity: cloudless_types::Capacity::EMPTY });
+        assert!((100..=115).contains(&alive), "alive {alive}");
+        assert!((140..=150).contains(&suspect), "suspect {suspect}");
+        assert!((105..=140).contains(&capacity), "capacity {capacity}");
+    }
 }

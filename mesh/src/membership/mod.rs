@@ -264,6 +264,8 @@ pub struct Membership<I: Id> {
     /// Bad news about this node heard in the current input, at the highest incarnation:
     /// refuted once, when the input is done (a message full of it costs one refutation).
     refute_above: Option<u32>,
+    /// Whether the input being handled held a forged update (see `signed_by_author`).
+    forged: bool,
     /// When this node last refuted: refutations are at most one per probe interval, so a
     /// member that keeps sending bad news about us costs the pool one flood per interval.
     last_refute: Option<Instant>,
@@ -341,6 +343,7 @@ impl<I: Id> Membership<I> {
             notices: Map::default(),
             refute_above: None,
             last_refute: None,
+            forged: false,
             suspicions: Map::default(),
             probes: Map::default(),
             relays: Map::default(),
@@ -428,6 +431,7 @@ impl<I: Id> Membership<I> {
 
     /// Feeds one input and returns what to do.
     pub fn handle(&mut self, input: Input<I>, now: Instant) -> Vec<Output<I>> {
+        self.forged = false;
         match input {
             Input::Tick => self.tick(now),
             Input::Message { from, message } => self.on_message(from, message, now),

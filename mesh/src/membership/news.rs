@@ -22,9 +22,21 @@ impl<I: Id> Membership<I> {
         }
     }
 
+    /// Whether `u` carries its author's signature. A forgery ends the input it came in: an
+    /// honest node sends none, so the rest of that message is not worth a check each.
+    pub(super) fn signed_by_author(&mut self, u: &Update<I>) -> bool {
+        let ok = u.verify(&*self.seal);
+        self.forged |= !ok;
+        ok
+    }
+
     /// Applies one signed update; returns whether it changed this node's view. The signature
-    /// is checked only for news that would change it (most news is a copy of what we hold).
+    /// is checked only for news that would change it (most news is a copy of what we hold),
+    /// and nothing more of an input is applied once it held a forgery.
     pub(super) fn apply(&mut self, u: Update<I>, via: Via, now: Instant) -> bool {
+        if self.forged {
+            return false;
+        }
         if u.id == self.me {
             self.about_me(u);
             return false;
@@ -47,7 +59,7 @@ impl<I: Id> Membership<I> {
         };
         // (Bad news past the bound of what the member vouched for is handled by
         // `apply_unjudged`: it probes the member.)
-        if !u.verify(&*self.seal) {
+        if !self.signed_by_author(&u) {
             return false;
         }
         let (id, incarnation) = (u.id.clone(), u.incarnation);
@@ -77,7 +89,7 @@ impl<I: Id> Membership<I> {
                         || (!s.suspectors.contains(u.author())
                             && s.suspectors.len() <= self.config.indirect_checks)
                 });
-                if counts && u.verify(&*self.seal) {
+                if counts && self.signed_by_author(u) {
                     self.confirm(&u.id, u.author().clone(), witnesses, now);
                 }
             }
@@ -99,7 +111,7 @@ impl<I: Id> Membership<I> {
                     .get(&u.id)
                     .is_some_and(|m| m.own.as_ref().is_none_or(|o| o.incarnation < u.incarnation));
                 if stale
-                    && u.verify(&*self.seal)
+                    && self.signed_by_author(u)
                     && let Some(m) = self.members.get_mut(&u.id)
                 {
                     m.own = Said::of(u);
@@ -284,7 +296,7 @@ impl<I: Id> Membership<I> {
         }
         let held = m.capacity.as_ref().map(|h| (h.incarnation, h.version, h.capacity));
         let newer = held.is_none_or(|(inc, v, _)| (incarnation, version) > (inc, v));
-        if !newer || !u.verify(&*self.seal) {
+        if !newer || !self.signed_by_author(&u) {
             return false;
         }
         let changed = held.is_none_or(|(_, _, c)| c != capacity);

@@ -42,10 +42,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-pub use super::FLOOD_ENVELOPE;
 use super::{
-    Config, Event, Id, Input, MESSAGE_OVERHEAD, Membership, Message, Output, Seal, Signature,
-    State, Update, encoded_len,
+    Config, Event, FLOOD_ENVELOPE, Id, Input, MESSAGE_OVERHEAD, Membership, Message, Output, Seal,
+    Signature, State, Update, encoded_len,
 };
 
 /// Bytes of IHAVE gossip each node sends per flood: a 20-byte message id to each of six lazy

@@ -132,13 +132,13 @@ impl<I: Id> Membership<I> {
                     && u.incarnation <= self.incarnation.saturating_add(1)
                     && self.refute_above.is_none_or(|at| u.incarnation > at);
                 // Checked once per incarnation it could name: copies cost no signature check.
-                if fresh && u.verify(&*self.seal) {
+                if fresh && self.signed_by_author(&u) {
                     self.refute_above = Some(u.incarnation);
                 }
                 return;
             }
         };
-        if own && u.verify(&*self.seal) {
+        if own && self.signed_by_author(&u) {
             self.incarnation = u.incarnation.saturating_add(1).max(self.incarnation);
             self.refute();
         }

@@ -856,3 +856,25 @@ fn a_member_known_from_its_pings_is_relayed_once_its_notice_arrives() {
     assert!(!out.iter().any(|o| matches!(o, Output::Event(_))), "no change to report: {out:?}");
     assert_eq!(synced_about(&mut m, 5, now), vec![alive(5, 3)]);
 }
+
+/// A forgery ends the message it came in: an honest node sends none, so a message of
+/// thousands of forged updates costs one signature check, not thousands.
+#[test]
+fn a_forgery_ends_the_message_it_came_in() {
+    let now = Instant::now();
+    let mut m = node_with(1, &[2, 3, 4], now);
+    let mut updates = vec![alive(4, 1), forged(2, 5, UpdateKind::Alive, 3)];
+    updates.extend((6..100).map(|inc| forged(2, inc, UpdateKind::Alive, 3)));
+    updates.push(alive(3, 1));
+    let _ = m.handle(
+        Input::Message { from: 3, message: Message::Ping { seq: 1, incarnation: 0, updates } },
+        now,
+    );
+    let inc = |m: &Membership<u32>, id| m.member(&id).map(|v| v.incarnation);
+    assert_eq!(inc(&m, 4), Some(1), "news before the forgery counts");
+    assert_eq!(inc(&m, 2), Some(0), "the forgery does not");
+    assert_eq!(inc(&m, 3), Some(0), "nor anything after it");
+    // The next message is judged on its own.
+    let _ = m.handle(Input::Broadcast { updates: vec![alive(3, 1)] }, now);
+    assert_eq!(inc(&m, 3), Some(1));
+}

@@ -389,6 +389,9 @@ impl Task {
                 return gossipsub::MessageAcceptance::Reject;
             }
         };
+        // Every update, although the core checks again what would change its view: a forged
+        // copy of news a node already holds changes nothing there, and unchecked here it
+        // would be forwarded across the pool under a fresh id. Two updates at most.
         if !updates.iter().all(crate::identity::verify_update) {
             warn!(peer = %from, "membership flood with a forged update");
             return gossipsub::MessageAcceptance::Reject;
