@@ -5,12 +5,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use cloudless_consensus::Consistency;
 use cloudless_consensus::state::{Command, State};
 use cloudless_node::local::LocalCluster;
-use cloudless_runtime::Driver;
+use cloudless_runtime::wasi::WasiDriver;
+use cloudless_runtime::{Driver, RunState};
 use cloudless_types::{Image, ModuleHash, Resources, WorkloadName, WorkloadSpec};
 use ed25519_dalek::SigningKey;
 
@@ -21,6 +23,19 @@ async fn until<F: AsyncFnMut() -> bool>(what: &str, deadline: Duration, mut f: F
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     start.elapsed()
+}
+
+/// The (node, replica index) pairs the nodes' runtimes run now, read node by node.
+async fn running_on(drivers: &[WasiDriver]) -> BTreeSet<(usize, u32)> {
+    let mut now = BTreeSet::new();
+    for (i, d) in drivers.iter().enumerate() {
+        for o in d.list().await.unwrap_or_default() {
+            if matches!(o.state, RunState::Running { .. }) {
+                now.insert((i, o.id.index));
+            }
+        }
+    }
+    now
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,12 +235,10 @@ async fn a_single_node_pool_runs_a_workload() {
 /// keeps the third where it is. Every node's runtime is sampled all along.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_keeps_min_available_and_starts_replacements_first() {
-    use std::collections::{BTreeMap, BTreeSet};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use cloudless_api::Schedulable;
-    use cloudless_runtime::RunState;
 
     let dir = tempfile::tempdir().unwrap();
     let mut c = LocalCluster::start(
@@ -271,15 +284,7 @@ async fn a_drain_keeps_min_available_and_starts_replacements_first() {
         tokio::spawn(async move {
             let mut samples: Vec<BTreeSet<(usize, u32)>> = Vec::new();
             while sampling.load(Ordering::SeqCst) {
-                let mut now = BTreeSet::new();
-                for (i, d) in drivers.iter().enumerate() {
-                    for o in d.list().await.unwrap_or_default() {
-                        if matches!(o.state, RunState::Running { .. }) {
-                            now.insert((i, o.id.index));
-                        }
-                    }
-                }
-                samples.push(now);
+                samples.push(running_on(&drivers).await);
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             samples
@@ -299,14 +304,24 @@ async fn a_drain_keeps_min_available_and_starts_replacements_first() {
         },
     )
     .await;
+    // The runtimes agree: read after the sampler's last sample, which may predate it (a
+    // sample is taken node by node, while replicas stop and start).
+    let per_node = |set: &BTreeSet<(usize, u32)>| {
+        set.iter().fold(BTreeMap::new(), |mut m: BTreeMap<usize, usize>, (n, _)| {
+            *m.entry(*n).or_default() += 1;
+            m
+        })
+    };
+    let drivers: Vec<_> = c.nodes.iter().map(|n| n.wasi().clone()).collect();
+    let mut last = BTreeSet::new();
     until("the runtimes agree", Duration::from_secs(15), async || {
-        let on0 = c.nodes[0].wasi().list().await.unwrap().len();
-        let on2 = c.nodes[2].wasi().list().await.unwrap().len();
-        on0 == 1 && on2 == 1
+        last = running_on(&drivers).await;
+        per_node(&last) == BTreeMap::from([(0, 1), (2, 1)])
     })
     .await;
     sampling.store(false, Ordering::SeqCst);
-    let samples = sampler.await.unwrap();
+    let mut samples = sampler.await.unwrap();
+    samples.push(last);
     assert!(samples.len() > 10, "{} samples", samples.len());
     for s in &samples {
         let indexes: BTreeSet<u32> = s.iter().map(|(_, i)| *i).collect();
@@ -330,12 +345,7 @@ async fn a_drain_keeps_min_available_and_starts_replacements_first() {
     let info = c.nodes[leader].api().workloads(Some(&name)).await.unwrap();
     let why = info[0].unschedulable.clone().unwrap_or_default();
     assert!(why.contains("held back") && why.contains("min-available 2"), "{why}");
-    let counts: BTreeMap<usize, usize> =
-        samples.last().unwrap().iter().fold(BTreeMap::new(), |mut m, (n, _)| {
-            *m.entry(*n).or_default() += 1;
-            m
-        });
-    assert_eq!(counts, BTreeMap::from([(0, 1), (2, 1)]));
+    assert_eq!(per_node(samples.last().unwrap()), BTreeMap::from([(0, 1), (2, 1)]));
     c.shutdown().await;
 }
 
