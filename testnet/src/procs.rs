@@ -179,7 +179,23 @@ impl Procs {
             let out = self.ctl(&["node", "list"]);
             out.stdout.lines().any(|l| l.starts_with(&peer) && l.contains(" alive ")).then_some(())
         })
-        .with_context(|| format!("node {i}: see {}", self.log(i).display()))
+        .with_context(|| self.not_listed(i))
+    }
+
+    /// What a node that was never listed alive leaves to go on: the node list and the
+    /// ends of both logs (the temporary directory, and with it the logs, is gone once the
+    /// test fails, so a CI failure would otherwise say nothing).
+    fn not_listed(&self, i: usize) -> String {
+        let list = self.ctl(&["node", "list"]);
+        format!(
+            "node {i} ({}) is not listed alive\n--- node list (first running node):\n{}{}\n\
+             --- node {i}'s log:\n{}\n--- node 0's log:\n{}",
+            self.nodes[i].peer,
+            list.stdout,
+            list.stderr,
+            self.tail(i, 40),
+            self.tail(0, 40),
+        )
     }
 
     /// Starts `cloudless <args>` as node `i` (a new one, or one that stopped).
@@ -309,7 +325,7 @@ impl Procs {
             let out = self.ctl(&["node", "list"]);
             out.stdout.lines().any(|l| l.starts_with(&peer) && l.contains(" alive ")).then_some(())
         })
-        .with_context(|| format!("node {i}: see {}", self.log(i).display()))?;
+        .with_context(|| self.not_listed(i))?;
         Ok(i)
     }
 
