@@ -17,6 +17,10 @@
 //! hold at most [`MAX_STRANGER_CONNECTIONS`] connections together; beyond, a new stranger's
 //! connection is let in and a random older stranger's closed, so a flood of strangers can
 //! neither grow the node nor keep a newcomer out for long. Members are not counted.
+//!
+//! Protocols that serve members only and that libp2p implements (Kademlia, AutoNAT) are
+//! wrapped in [`MembersOnly`]: a stranger's stream to them is refused in protocol
+//! negotiation.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -30,6 +34,10 @@ use libp2p::swarm::{
     THandler, THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
 };
 use libp2p::{Multiaddr, PeerId};
+
+mod members_only;
+
+pub use members_only::MembersOnly;
 
 /// Our protocols, as far as the gate is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,8 +11,11 @@
 //! - `mesh_stranger_connections`: 2,000 connections from 250 strangers in two waves:
 //!   strangers hold at most 64 of them, the second wave costs the target little more than the
 //!   first, and `cloudlessctl` (a stranger to the mesh too) still gets in.
-//! - `mesh_relay_exhaustion`: 200 reservation requests from 50 strangers at a relay node
+//! - `mesh_members_only_services`: 200 reservation requests from 50 strangers at a relay node
 //!   (its 128 slots would be theirs): refused; a member's device reserves a slot afterwards.
+//!   The same strangers open Kademlia streams (the routing table lists every member's
+//!   address) and AutoNAT streams (dial-backs to addresses of their choosing): refused in
+//!   protocol negotiation, while the member's are taken.
 //!
 //! The tests run one at a time (each starts its own pool; two cores run one well).
 
@@ -20,10 +23,11 @@
 
 use std::time::Duration;
 
-use cloudless_mesh::node::{DATAGRAM_PROTOCOL, RPC_PROTOCOL};
+use cloudless_mesh::node::{DATAGRAM_PROTOCOL, KAD_PROTOCOL, RPC_PROTOCOL};
 use cloudless_mesh::rpc::{Envelope, RemoteErrorKind, Reply};
 use cloudless_testnet::hostile::{Pool, RawPeer};
 use cloudless_testnet::procs::until;
+use libp2p::autonat;
 use libp2p::identity::Keypair;
 
 /// One pool at a time (a lock that works across the tests' runtimes).
@@ -197,12 +201,14 @@ async fn mesh_stranger_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mesh_relay_exhaustion() {
+async fn mesh_members_only_services() {
     let _one = SERIAL.lock().await;
     let mut p = Pool::start_with(3, 1, &["--relay", "always"]).unwrap();
     let t = p.leader().unwrap();
-    let (addr, _) = p.addr(t).unwrap();
+    let (addr, target) = p.addr(t).unwrap();
     let before = p.rss_mib(t).unwrap();
+    let members_only = [KAD_PROTOCOL, autonat::DEFAULT_PROTOCOL_NAME];
+    let ask = Duration::from_secs(10);
     let mut refused = 0;
     let mut strangers = Vec::new();
     for _ in 0..50 {
@@ -217,20 +223,29 @@ async fn mesh_relay_exhaustion() {
                 None => panic!("no answer to a reservation request"),
             }
         }
+        // Kademlia and AutoNAT, on the connection the reservations came on.
+        for protocol in &members_only {
+            let speaks = s.speaks(target, protocol.clone(), ask).await.unwrap();
+            assert!(!speaks, "a stranger's stream on {protocol} was taken");
+        }
         strangers.push(s);
     }
     assert_eq!(refused, 200);
-    // The worker's device (enrolled: a member) still gets a slot.
+    // The worker's device (enrolled: a member) still gets a slot, and is served both.
     let key = p.take_over(3).unwrap();
     let mut member = RawPeer::start(key).unwrap();
     member.reserve(&addr).await.unwrap();
     let outcome = member.reservation(Duration::from_secs(20)).await;
     assert!(matches!(outcome, Some(Ok(()))), "a member was refused a slot: {outcome:?}");
+    for protocol in &members_only {
+        let speaks = member.speaks(target, protocol.clone(), ask).await.unwrap();
+        assert!(speaks, "a member's stream on {protocol} was refused");
+    }
     let peak = p.peak_rss_mib(t).unwrap();
     eprintln!(
-        "relay exhaustion: 200 stranger reservations refused, a member's accepted; target RSS \
-         {before:.1} -> peak {peak:.1} MiB"
+        "members-only services: 200 stranger reservations refused, 100 kad and autonat \
+         streams refused; a member's accepted; target RSS {before:.1} -> peak {peak:.1} MiB"
     );
     p.keeps_serving().unwrap();
-    p.report("mesh_relay_exhaustion", t);
+    p.report("mesh_members_only_services", t);
 }

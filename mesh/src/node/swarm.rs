@@ -45,12 +45,12 @@ pub(super) struct Behaviour {
     pub(super) unroutable: unroutable::Behaviour,
     pub(super) identify: identify::Behaviour,
     pub(super) ping: ping::Behaviour,
-    pub(super) kad: kad::Behaviour<MemoryStore>,
+    pub(super) kad: gate::MembersOnly<kad::Behaviour<MemoryStore>>,
     pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(super) gossipsub: Toggle<gossipsub::Behaviour>,
     pub(super) rpc: request_response::Behaviour<Codec<Envelope, Reply>>,
     pub(super) datagram: request_response::Behaviour<Codec<Datagram, ()>>,
-    pub(super) autonat: autonat::Behaviour,
+    pub(super) autonat: gate::MembersOnly<autonat::Behaviour>,
     pub(super) relay_client: relay::client::Behaviour,
     pub(super) relay_server: Toggle<relay::Behaviour>,
     pub(super) dcutr: dcutr::Behaviour,
@@ -161,7 +161,8 @@ pub(super) fn build_swarm(
         .map_err(|e| transport(&e))?
         .with_behaviour(|key, relay_client| {
             // The routing table holds members only: the swarm task adds their addresses
-            // itself, so a stranger cannot poison it by connecting.
+            // itself, so a stranger cannot poison it by connecting; and only members may
+            // query it (a stranger would read every member's address from it).
             let mut kad_config = kad::Config::new(KAD_PROTOCOL);
             kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
             let mut kad = kad::Behaviour::with_config(me, MemoryStore::new(me), kad_config);
@@ -176,7 +177,7 @@ pub(super) fn build_swarm(
                 memory: memory_connection_limits::Behaviour::with_max_percentage(
                     MEMORY_CONNECTION_LIMIT,
                 ),
-                gate: gate::Behaviour::new(gate),
+                gate: gate::Behaviour::new(gate.clone()),
                 streams,
                 unroutable: unroutable::Behaviour::default(),
                 identify: identify::Behaviour::new(
@@ -184,7 +185,7 @@ pub(super) fn build_swarm(
                         .with_agent_version(format!("cloudless/{}", env!("CARGO_PKG_VERSION"))),
                 ),
                 ping: ping::Behaviour::new(ping::Config::new()),
-                kad,
+                kad: gate::MembersOnly::new(kad, gate.clone()),
                 mdns: Toggle::from(mdns),
                 gossipsub: Toggle::from(gossip),
                 rpc: request_response::Behaviour::with_codec(
@@ -199,9 +200,14 @@ pub(super) fn build_swarm(
                 ),
                 // Only members are asked whether we are reachable (the swarm task adds them
                 // as servers): a stranger's verdict would make a NATed node a relay candidate.
-                autonat: autonat::Behaviour::new(
-                    me,
-                    autonat::Config { use_connected: false, ..autonat::Config::default() },
+                // And only members may ask us: a stranger would have us dial addresses of its
+                // choosing.
+                autonat: gate::MembersOnly::new(
+                    autonat::Behaviour::new(
+                        me,
+                        autonat::Config { use_connected: false, ..autonat::Config::default() },
+                    ),
+                    gate,
                 ),
                 relay_client,
                 relay_server: Toggle::from(relay_server),

@@ -235,6 +235,23 @@ impl RawPeer {
         })
     }
 
+    /// Whether `peer` accepts a stream on `protocol` from us (it is refused in protocol
+    /// negotiation otherwise, before anything is read), asked within `timeout`.
+    pub async fn speaks(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+        timeout: Duration,
+    ) -> Result<bool> {
+        let mut control = self.control.clone();
+        let open = control.open_stream(peer, protocol);
+        match tokio::time::timeout(timeout, open).await.context("no answer in time")? {
+            Ok(_) => Ok(true),
+            Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_)) => Ok(false),
+            Err(e) => Err(anyhow::anyhow!("the stream failed: {e}")),
+        }
+    }
+
     /// Opens one stream to `peer` on `protocol`, writes `bytes` and reads the answer to its
     /// end (what a refusal said), within `timeout`.
     pub async fn ask(
