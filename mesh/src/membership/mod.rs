@@ -54,7 +54,13 @@
 //!   every node that got the suspicion runs the same timer.
 //! * **Joining.** A node that knows nobody sends `Join` to a peer it found and receives the
 //!   member list in pages of at most `sync_chunk_bytes`; after a loss it asks for the missing
-//!   pages only.
+//!   pages only. One peer is sent at most the list and half of it again (at least 16 pages)
+//!   per `SYNC_WINDOW` (60 s): asking again and again amplifies nothing.
+//! * **Suspicion budget.** Each node charges a member for every suspicion of it that was
+//!   refuted; past four, then one per 10 s, its bad news is ignored (and a flood of it not
+//!   forwarded, [`Membership::holds_blamed_news`]). Ignoring bad news only delays a
+//!   detection, so nodes need not agree on the budgets. The victim refutes whoever accuses
+//!   it: it cannot know who else holds the suspicion.
 //! * **Refutation.** A live node that hears it is suspect or dead raises its incarnation and
 //!   floods `Alive`. The suspecting node also tells the suspect directly, so refutation starts
 //!   one hop after the suspicion does.
@@ -112,7 +118,7 @@ use serde::de::DeserializeOwned;
 
 pub(crate) use config::millis;
 pub use config::{Config, ConfigError};
-use join::Joining;
+use join::{Joining, SYNC_WINDOW, Served};
 use news::{Via, view};
 use piggyback::Queued;
 use probing::{Probe, Relay};
@@ -269,6 +275,11 @@ pub struct Membership<I: Id> {
     /// When this node last refuted: refutations are at most one per probe interval, so a
     /// member that keeps sending bad news about us costs the pool one flood per interval.
     last_refute: Option<Instant>,
+    /// The authors of the bad news the next refutation answers (charged when it is made).
+    accusers: Vec<I>,
+    /// Per member whose suspicions were refuted: when its budget is full again (a GCRA
+    /// budget; see `blamed`). Members only, so bounded by the member table.
+    blame: Map<I, Instant>,
     suspicions: Map<I, Suspicion<I>>,
     probes: Map<u32, Probe<I>>,
     relays: Map<u32, Relay<I>>,
@@ -280,6 +291,11 @@ pub struct Membership<I: Id> {
     next_reap: Instant,
     /// Joining: contacted peers, until one has sent the whole member list.
     join_pending: Option<Joining<I>>,
+    /// Member-list pages sent per peer in the current window (members only: bounded by the
+    /// member table).
+    synced: Map<I, Served>,
+    /// Pages of the member list when it was last sent (its size, for the budget).
+    sync_pages: u16,
     capacity: Capacity,
     capacity_version: u32,
     /// The summary last announced, and when.
@@ -343,6 +359,8 @@ impl<I: Id> Membership<I> {
             notices: Map::default(),
             refute_above: None,
             last_refute: None,
+            accusers: Vec::new(),
+            blame: Map::default(),
             forged: false,
             suspicions: Map::default(),
             probes: Map::default(),
@@ -351,6 +369,8 @@ impl<I: Id> Membership<I> {
             seq: 0,
             local_health: 0,
             join_pending: None,
+            synced: Map::default(),
+            sync_pages: 1,
             capacity,
             capacity_version: 0,
             // The join message carries the summary; the first flood waits for a change.

@@ -48,6 +48,13 @@ impl<I: Id> Membership<I> {
             // Bad news signed by its own subject: nothing an honest node sends.
             return false;
         }
+        if !u.kind.is_good_news()
+            && !matches!(via, Via::Local | Via::Sync)
+            && self.blamed(u.author(), now)
+        {
+            // Its suspicions were refuted too often: it waits for its budget (see `blamed`).
+            return false;
+        }
         let existing = self.members.get(&u.id).map(|m| Held {
             state: m.state,
             incarnation: m.incarnation,
@@ -227,7 +234,12 @@ impl<I: Id> Membership<I> {
                 self.gone.remove(&id);
             }
             State::Alive => {
-                self.suspicions.remove(&id);
+                // A suspect that proved alive refuted its suspectors: they are charged.
+                if let Some(refuted) = self.suspicions.remove(&id) {
+                    for by in refuted.suspectors {
+                        self.charge(by, now);
+                    }
+                }
                 self.gone.remove(&id);
             }
             State::Dead | State::Left => {
@@ -323,8 +335,11 @@ impl<I: Id> Membership<I> {
             })
             .map(|(id, _)| id.clone())
             .collect();
+        self.blame.retain(|_, free| *free > now);
+        self.synced.retain(|_, s| now < s.since + super::SYNC_WINDOW);
         for id in expired {
             self.gone.remove(&id);
+            self.blame.remove(&id);
             self.notices.remove(&id);
             self.members.remove(&id);
             self.queue.retain(|q| q.update.id != id);

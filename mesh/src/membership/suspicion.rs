@@ -7,6 +7,18 @@ use super::{
     Id, Membership, Message, Output, Said, State, Summary, Update, UpdateKind, Via, encoded_len,
 };
 
+/// Refuted suspicions a member may author in a burst before its bad news is ignored. SWIM
+/// cannot prove a probe failed, so any member may suspect any other; an honest one is
+/// refuted rarely (a lossy moment: the simulator at 5 % loss sees a handful of false
+/// suspicions a minute in the whole pool), one that lies always is.
+pub(super) const BLAME_BURST: u32 = 4;
+/// Past the burst, one refuted suspicion per this interval: a member that suspects others
+/// without cause costs the pool one refutation flood per 10 s instead of five a second.
+pub(super) const BLAME_REFILL: Duration = Duration::from_secs(10);
+/// Accusers one refutation charges at most (honest bad news about a node comes from one
+/// prober, or a few at once).
+const MAX_ACCUSERS: usize = 8;
+
 #[derive(Clone, Debug)]
 pub(super) struct Suspicion<I> {
     pub(super) incarnation: u32,
@@ -131,9 +143,15 @@ impl<I: Id> Membership<I> {
                 let fresh = u.incarnation >= self.incarnation
                     && u.incarnation <= self.incarnation.saturating_add(1)
                     && self.refute_above.is_none_or(|at| u.incarnation > at);
-                // Checked once per incarnation it could name: copies cost no signature check.
+                // Refuted even from a blamed accuser: what others believe of us is not ours
+                // to know (a node that does not blame it yet may hold it), and a node that
+                // is not refuted declares us dead. Checked once per incarnation it could
+                // name: copies cost no signature check.
                 if fresh && self.signed_by_author(&u) {
                     self.refute_above = Some(u.incarnation);
+                    if self.accusers.len() < MAX_ACCUSERS && !self.accusers.contains(u.author()) {
+                        self.accusers.push(u.author().clone());
+                    }
                 }
                 return;
             }
@@ -156,14 +174,43 @@ impl<I: Id> Membership<I> {
             return;
         }
         self.refute_above = None;
+        let accusers = std::mem::take(&mut self.accusers);
         if self.leaving || at < self.incarnation {
             return;
         }
         self.last_refute = Some(now);
+        // Charged as every other node charges them when it sees this refutation.
+        for by in accusers {
+            self.charge(by, now);
+        }
         // Lifeguard: being suspected hints that we are the slow one.
         self.local_health = (self.local_health + 1).min(self.config.max_local_health);
         self.incarnation = self.incarnation.saturating_add(2);
         self.refute();
+    }
+
+    /// Whether `author`'s bad news is ignored now: more of its suspicions were refuted than
+    /// [`BLAME_BURST`] and one per [`BLAME_REFILL`] allow.
+    pub fn blamed(&self, author: &I, now: Instant) -> bool {
+        let slack = BLAME_REFILL.saturating_mul(BLAME_BURST.saturating_sub(1));
+        self.blame.get(author).is_some_and(|free| *free > now + slack)
+    }
+
+    /// Whether `updates` hold bad news from a blamed author: a flood of it is dropped here
+    /// and not forwarded, so it spreads no further than the nodes that do not blame it yet.
+    pub fn holds_blamed_news(&self, updates: &[Update<I>], now: Instant) -> bool {
+        updates.iter().any(|u| !u.kind.is_good_news() && self.blamed(u.author(), now))
+    }
+
+    /// Charges `author` for one refuted suspicion.
+    pub(super) fn charge(&mut self, author: I, now: Instant) {
+        if author == self.me
+            || (!self.blame.contains_key(&author) && self.blame.len() >= self.config.max_members)
+        {
+            return;
+        }
+        let free = self.blame.entry(author).or_insert(now);
+        *free = (*free).max(now) + BLAME_REFILL;
     }
 
     fn refute(&mut self) {

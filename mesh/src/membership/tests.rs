@@ -878,3 +878,93 @@ fn a_forgery_ends_the_message_it_came_in() {
     let _ = m.handle(Input::Broadcast { updates: vec![alive(3, 1)] }, now);
     assert_eq!(inc(&m, 3), Some(1));
 }
+
+/// A member whose suspicions keep being refuted uses up its budget: its bad news is then
+/// ignored (and a flood of it not forwarded) until the budget refills, while others' is
+/// taken as before; the victim itself refutes whoever accuses it.
+#[test]
+fn refuted_suspicions_use_up_their_authors_budget() {
+    use super::suspicion::{BLAME_BURST, BLAME_REFILL};
+    let now = Instant::now();
+    let mut m = node_with(1, &[2, 3, 4], now);
+    let suspects = |by: u32, inc: u32| news(2, inc, UpdateKind::Suspect { by, witnesses: 1 });
+    let mut inc = 0;
+    for _ in 0..BLAME_BURST {
+        let _ = m.handle(Input::Broadcast { updates: vec![suspects(3, inc)] }, now);
+        assert_eq!(state_of(&m, 2), Some(State::Suspect), "within its budget");
+        inc += 2;
+        let _ = m.handle(Input::Broadcast { updates: vec![alive(2, inc)] }, now);
+        assert_eq!(state_of(&m, 2), Some(State::Alive), "refuted");
+    }
+    let spent = suspects(3, inc);
+    assert!(m.holds_blamed_news(std::slice::from_ref(&spent), now));
+    let _ = m.handle(Input::Broadcast { updates: vec![spent.clone()] }, now);
+    assert_eq!(state_of(&m, 2), Some(State::Alive), "its budget is spent");
+    let death = news(2, inc, UpdateKind::Dead { by: 3 });
+    let _ = m.handle(Input::Broadcast { updates: vec![death] }, now);
+    assert_eq!(state_of(&m, 2), Some(State::Alive), "a death notice is bad news too");
+    // Another member's suspicion counts as ever; its good news is never held back.
+    assert!(!m.holds_blamed_news(&[suspects(4, inc), alive(3, 1)], now));
+    let _ = m.handle(Input::Broadcast { updates: vec![suspects(4, inc)] }, now);
+    assert_eq!(state_of(&m, 2), Some(State::Suspect));
+    inc += 2;
+    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, inc)] }, now);
+    // Once the interval has passed, one more of its suspicions is taken.
+    let later = now + BLAME_REFILL;
+    assert!(!m.holds_blamed_news(&[suspects(3, inc)], later));
+    let _ = m.handle(Input::Broadcast { updates: vec![suspects(3, inc)] }, later);
+    assert_eq!(state_of(&m, 2), Some(State::Suspect), "refilled");
+
+    // The victim charges its accuser as the others do, and still refutes it: a node that
+    // does not blame the accuser yet may hold the suspicion.
+    let mut v = node_with(1, &[2, 3], now);
+    let mut at = now;
+    for round in 0..=BLAME_BURST {
+        let accusation = news(1, v.incarnation(), UpdateKind::Suspect { by: 3, witnesses: 1 });
+        let before = v.incarnation();
+        let out = v.handle(
+            Input::Message {
+                from: 3,
+                message: Message::Ping { seq: round, incarnation: 0, updates: vec![accusation] },
+            },
+            at,
+        );
+        assert_eq!(v.incarnation(), before + 2, "round {round}: refuted");
+        assert!(broadcasts(&out).contains(&alive(1, before + 2)));
+        at += Config::default().probe_interval;
+    }
+    assert!(v.blamed(&3, at));
+}
+
+/// A member asking for the member list again and again gets it once and a half per window
+/// (at least 16 pages), then nothing until the window has passed.
+#[test]
+fn the_member_list_is_sent_within_a_budget_per_peer() {
+    let now = Instant::now();
+    let others: Vec<u32> = (2..10_000).collect();
+    let mut m = node_with(1, &others, now);
+    let ask = |m: &mut Membership<u32>, at: Instant| {
+        let join = Message::Join { updates: vec![alive(9, 0)], want_sync: true, pages: vec![] };
+        sends(&m.handle(Input::Message { from: 9, message: join }, at))
+            .into_iter()
+            .filter(|(to, msg)| *to == 9 && matches!(msg, Message::Sync { .. }))
+            .count()
+    };
+    let pages = ask(&mut m, now);
+    assert!(pages > 20, "a list of 10,000 members fills more than 20 pages: {pages}");
+    let second = ask(&mut m, now);
+    assert_eq!(second, pages / 2 + 1, "half of it again, for what a lossy link loses");
+    for _ in 0..10 {
+        assert_eq!(ask(&mut m, now), 0, "the budget is spent");
+    }
+    // Another peer has a budget of its own; after the window, so does this one again.
+    let join = Message::Join { updates: vec![alive(8, 0)], want_sync: true, pages: vec![] };
+    let out = m.handle(Input::Message { from: 8, message: join }, now);
+    assert_eq!(sends(&out).len(), pages);
+    assert_eq!(ask(&mut m, now + SYNC_WINDOW), pages);
+
+    // A small list: 16 pages a window whatever it holds.
+    let mut small = node_with(1, &[2, 3], now);
+    let answered: usize = (0..40).map(|_| ask(&mut small, now)).sum();
+    assert_eq!(answered, 16);
+}

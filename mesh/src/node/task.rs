@@ -265,6 +265,18 @@ impl Task {
                 }
                 self.recheck_members();
                 self.retain_members();
+                // Peers that became members on a live connection (a joiner's seeds once it is
+                // enrolled, a joiner at its seeds): membership hears of them now rather than
+                // at the next connection. Known live members cost the core a lookup.
+                let members: Vec<PeerId> = self
+                    .swarm
+                    .connected_peers()
+                    .filter(|p| self.gate.allows(p, Protocol::Membership))
+                    .copied()
+                    .collect();
+                for peer in members {
+                    self.drive(Input::Contact { peer });
+                }
                 let _ = r.send(());
             }
             Command::Leave(_) | Command::Shutdown(_) => {}
@@ -398,7 +410,11 @@ impl Task {
         }
         let before = updates.len();
         self.members_only(&mut updates);
-        let whole = updates.len() == before;
+        // Bad news from a member whose suspicions were refuted too often is not taken, and
+        // not forwarded either.
+        let blamed =
+            self.membership.as_ref().is_some_and(|m| m.holds_blamed_news(&updates, Instant::now()));
+        let whole = updates.len() == before && !blamed;
         self.drive(Input::Broadcast { updates });
         if whole {
             gossipsub::MessageAcceptance::Accept
