@@ -190,6 +190,13 @@ impl<H: ConnectionHandler> ConnectionHandler for Handler<H> {
         let event = match event {
             ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol, info }) => {
                 match (protocol, info) {
+                    // Asked again once negotiated: a peer that stopped being a member while
+                    // its stream was being set up is not served (the stream is dropped).
+                    (future::Either::Left(_), Either::Left(_))
+                        if !self.gate.allows(&self.peer, Protocol::Membership) =>
+                    {
+                        return;
+                    }
                     (future::Either::Left(protocol), Either::Left(info)) => {
                         ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound {
                             protocol,

@@ -163,7 +163,12 @@ impl<I: Id> Membership<I> {
             let at = now + self.config.join_retry;
             match &mut self.join_pending {
                 Some(j) => {
-                    if !j.peers.contains(&peer) && j.peers.len() < MAX_SEEDS {
+                    if j.peers.contains(&peer) {
+                        // Asked already: `retry_join` asks again, for the missing pages only
+                        // (a second whole list would use up its budget at that peer).
+                        return;
+                    }
+                    if j.peers.len() < MAX_SEEDS {
                         j.peers.push(peer.clone());
                     }
                 }
@@ -241,7 +246,10 @@ impl<I: Id> Membership<I> {
                 sent += 1;
             }
         }
-        self.synced.insert(to.clone(), Served { since: served.since, pages: served.pages + sent });
+        // A request counts one page at least: asking for pages past the end sends nothing but
+        // still costs the paging.
+        let pages = served.pages.saturating_add(sent.max(1));
+        self.synced.insert(to.clone(), Served { since: served.since, pages });
     }
 
     pub(super) fn leave(&mut self) {

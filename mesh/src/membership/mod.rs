@@ -56,8 +56,9 @@
 //!   member list in pages of at most `sync_chunk_bytes`; after a loss it asks for the missing
 //!   pages only. One peer is sent at most the list and half of it again (at least 16 pages)
 //!   per `SYNC_WINDOW` (60 s): asking again and again amplifies nothing.
-//! * **Suspicion budget.** Each node charges a member for every suspicion of it that was
-//!   refuted; past four, then one per 10 s, its bad news is ignored (and a flood of it not
+//! * **Suspicion budget.** Each node charges a member for every suspicion by it that was
+//!   refuted, per suspect and (different suspects in turn) in all; past four, then one per
+//!   10 s, its bad news about that suspect (or anyone) is ignored (and a flood of it not
 //!   forwarded, [`Membership::holds_blamed_news`]). Ignoring bad news only delays a
 //!   detection, so nodes need not agree on the budgets. The victim refutes whoever accuses
 //!   it: it cannot know who else holds the suspicion.
@@ -278,8 +279,13 @@ pub struct Membership<I: Id> {
     /// The authors of the bad news the next refutation answers (charged when it is made).
     accusers: Vec<I>,
     /// Per member whose suspicions were refuted: when its budget is full again (a GCRA
-    /// budget; see `blamed`). Members only, so bounded by the member table.
-    blame: Map<I, Instant>,
+    /// budget; see `blamed`), and the suspect it was last charged for. Members only, so
+    /// bounded by the member table.
+    blame: Map<I, (Instant, I)>,
+    /// The same per accuser and suspect: a member that suspects one other again and again is
+    /// not believed about it, whoever is at fault (the two look alike from outside: a liar,
+    /// or a suspect that fails probes on purpose and refutes).
+    pair_blame: Map<(I, I), Instant>,
     suspicions: Map<I, Suspicion<I>>,
     probes: Map<u32, Probe<I>>,
     relays: Map<u32, Relay<I>>,
@@ -361,6 +367,7 @@ impl<I: Id> Membership<I> {
             last_refute: None,
             accusers: Vec::new(),
             blame: Map::default(),
+            pair_blame: Map::default(),
             forged: false,
             suspicions: Map::default(),
             probes: Map::default(),

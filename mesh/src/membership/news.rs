@@ -50,7 +50,7 @@ impl<I: Id> Membership<I> {
         }
         if !u.kind.is_good_news()
             && !matches!(via, Via::Local | Via::Sync)
-            && self.blamed(u.author(), now)
+            && (self.blamed(u.author(), now) || self.pair_blamed(u.author(), &u.id, now))
         {
             // Its suspicions were refuted too often: it waits for its budget (see `blamed`).
             return false;
@@ -237,7 +237,7 @@ impl<I: Id> Membership<I> {
                 // A suspect that proved alive refuted its suspectors: they are charged.
                 if let Some(refuted) = self.suspicions.remove(&id) {
                     for by in refuted.suspectors {
-                        self.charge(by, now);
+                        self.charge(by, &id, now);
                     }
                 }
                 self.gone.remove(&id);
@@ -335,7 +335,8 @@ impl<I: Id> Membership<I> {
             })
             .map(|(id, _)| id.clone())
             .collect();
-        self.blame.retain(|_, free| *free > now);
+        self.blame.retain(|_, (free, _)| *free > now);
+        self.pair_blame.retain(|_, free| *free > now);
         self.synced.retain(|_, s| now < s.since + super::SYNC_WINDOW);
         for id in expired {
             self.gone.remove(&id);

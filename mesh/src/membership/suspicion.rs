@@ -180,8 +180,9 @@ impl<I: Id> Membership<I> {
         }
         self.last_refute = Some(now);
         // Charged as every other node charges them when it sees this refutation.
+        let me = self.me.clone();
         for by in accusers {
-            self.charge(by, now);
+            self.charge(by, &me, now);
         }
         // Lifeguard: being suspected hints that we are the slow one.
         self.local_health = (self.local_health + 1).min(self.config.max_local_health);
@@ -193,24 +194,53 @@ impl<I: Id> Membership<I> {
     /// [`BLAME_BURST`] and one per [`BLAME_REFILL`] allow.
     pub fn blamed(&self, author: &I, now: Instant) -> bool {
         let slack = BLAME_REFILL.saturating_mul(BLAME_BURST.saturating_sub(1));
-        self.blame.get(author).is_some_and(|free| *free > now + slack)
+        self.blame.get(author).is_some_and(|(free, _)| *free > now + slack)
+    }
+
+    /// Whether `author`'s bad news about `suspect` is ignored now (the budget of
+    /// [`Membership::blamed`], per pair).
+    pub(super) fn pair_blamed(&self, author: &I, suspect: &I, now: Instant) -> bool {
+        let slack = BLAME_REFILL.saturating_mul(BLAME_BURST.saturating_sub(1));
+        self.pair_blame
+            .get(&(author.clone(), suspect.clone()))
+            .is_some_and(|free| *free > now + slack)
     }
 
     /// Whether `updates` hold bad news from a blamed author: a flood of it is dropped here
     /// and not forwarded, so it spreads no further than the nodes that do not blame it yet.
     pub fn holds_blamed_news(&self, updates: &[Update<I>], now: Instant) -> bool {
-        updates.iter().any(|u| !u.kind.is_good_news() && self.blamed(u.author(), now))
+        updates.iter().any(|u| {
+            !u.kind.is_good_news()
+                && (self.blamed(u.author(), now) || self.pair_blamed(u.author(), &u.id, now))
+        })
     }
 
-    /// Charges `author` for one refuted suspicion.
-    pub(super) fn charge(&mut self, author: I, now: Instant) {
-        if author == self.me
-            || (!self.blame.contains_key(&author) && self.blame.len() >= self.config.max_members)
-        {
+    /// Charges `author` for one refuted suspicion of `suspect`: always for the pair, and for
+    /// the author as a whole unless it was last charged for the same suspect (a member that
+    /// fails probes on purpose, or a lossy phone, and then refutes would otherwise get every
+    /// honest prober of it blamed for everything).
+    pub(super) fn charge(&mut self, author: I, suspect: &I, now: Instant) {
+        if author == self.me {
             return;
         }
-        let free = self.blame.entry(author).or_insert(now);
-        *free = (*free).max(now) + BLAME_REFILL;
+        let pair = (author.clone(), suspect.clone());
+        if self.pair_blame.contains_key(&pair) || self.pair_blame.len() < self.config.max_members {
+            let free = self.pair_blame.entry(pair).or_insert(now);
+            *free = (*free).max(now) + BLAME_REFILL;
+        }
+        if !self.blame.contains_key(&author) && self.blame.len() >= self.config.max_members {
+            return;
+        }
+        match self.blame.get_mut(&author) {
+            Some((_, last)) if last == suspect => {}
+            Some((free, last)) => {
+                *free = (*free).max(now) + BLAME_REFILL;
+                *last = suspect.clone();
+            }
+            None => {
+                self.blame.insert(author, (now + BLAME_REFILL, suspect.clone()));
+            }
+        }
     }
 
     fn refute(&mut self) {

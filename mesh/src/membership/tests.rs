@@ -879,41 +879,57 @@ fn a_forgery_ends_the_message_it_came_in() {
     assert_eq!(inc(&m, 3), Some(1));
 }
 
-/// A member whose suspicions keep being refuted uses up its budget: its bad news is then
-/// ignored (and a flood of it not forwarded) until the budget refills, while others' is
-/// taken as before; the victim itself refutes whoever accuses it.
+/// A member whose suspicions keep being refuted uses up its budget: about that suspect, and
+/// (across different suspects) about anyone. Its bad news is then ignored (and a flood of it
+/// not forwarded) until the budget refills, while others' is taken as before; the victim
+/// itself refutes whoever accuses it.
 #[test]
 fn refuted_suspicions_use_up_their_authors_budget() {
     use super::suspicion::{BLAME_BURST, BLAME_REFILL};
     let now = Instant::now();
-    let mut m = node_with(1, &[2, 3, 4], now);
-    let suspects = |by: u32, inc: u32| news(2, inc, UpdateKind::Suspect { by, witnesses: 1 });
-    let mut inc = 0;
+    let mut m = node_with(1, &[2, 3, 4, 5, 6], now);
+    // `by` suspects `of` at its current incarnation; `of` refutes.
+    let refuted = |m: &mut Membership<u32>, inc: &mut [u32; 7], by: u32, of: u32| {
+        let u = news(of, inc[of as usize], UpdateKind::Suspect { by, witnesses: 1 });
+        let _ = m.handle(Input::Broadcast { updates: vec![u] }, now);
+        assert_eq!(state_of(m, of), Some(State::Suspect), "{by} about {of}: within budget");
+        inc[of as usize] += 2;
+        let _ = m.handle(Input::Broadcast { updates: vec![alive(of, inc[of as usize])] }, now);
+        assert_eq!(state_of(m, of), Some(State::Alive), "refuted");
+        inc[of as usize]
+    };
+    // The same suspect again and again: not believed about it, still about others.
+    let (mut at, mut inc) = (0, [0u32; 7]);
     for _ in 0..BLAME_BURST {
-        let _ = m.handle(Input::Broadcast { updates: vec![suspects(3, inc)] }, now);
-        assert_eq!(state_of(&m, 2), Some(State::Suspect), "within its budget");
-        inc += 2;
-        let _ = m.handle(Input::Broadcast { updates: vec![alive(2, inc)] }, now);
-        assert_eq!(state_of(&m, 2), Some(State::Alive), "refuted");
+        at = refuted(&mut m, &mut inc, 3, 2);
     }
-    let spent = suspects(3, inc);
+    let spent = news(2, at, UpdateKind::Suspect { by: 3, witnesses: 1 });
     assert!(m.holds_blamed_news(std::slice::from_ref(&spent), now));
-    let _ = m.handle(Input::Broadcast { updates: vec![spent.clone()] }, now);
-    assert_eq!(state_of(&m, 2), Some(State::Alive), "its budget is spent");
-    let death = news(2, inc, UpdateKind::Dead { by: 3 });
+    let _ = m.handle(Input::Broadcast { updates: vec![spent] }, now);
+    assert_eq!(state_of(&m, 2), Some(State::Alive), "its budget about 2 is spent");
+    let death = news(2, at, UpdateKind::Dead { by: 3 });
     let _ = m.handle(Input::Broadcast { updates: vec![death] }, now);
     assert_eq!(state_of(&m, 2), Some(State::Alive), "a death notice is bad news too");
-    // Another member's suspicion counts as ever; its good news is never held back.
-    assert!(!m.holds_blamed_news(&[suspects(4, inc), alive(3, 1)], now));
-    let _ = m.handle(Input::Broadcast { updates: vec![suspects(4, inc)] }, now);
-    assert_eq!(state_of(&m, 2), Some(State::Suspect));
-    inc += 2;
-    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, inc)] }, now);
+    let other = news(4, 0, UpdateKind::Suspect { by: 3, witnesses: 1 });
+    assert!(!m.holds_blamed_news(&[other.clone(), alive(3, 1)], now), "good news never");
+    let _ = m.handle(Input::Broadcast { updates: vec![other] }, now);
+    assert_eq!(state_of(&m, 4), Some(State::Suspect), "about another member it counts");
+    let _ = m.handle(Input::Broadcast { updates: vec![alive(4, 2)] }, now);
+    // Different suspects in turn: not believed about anyone.
+    let mut m = node_with(1, &[2, 3, 4, 5, 6], now);
+    let mut inc = [0u32; 7];
+    for round in 0..BLAME_BURST {
+        refuted(&mut m, &mut inc, 5, if round % 2 == 0 { 2 } else { 4 });
+    }
+    let anyone = news(6, 0, UpdateKind::Suspect { by: 5, witnesses: 1 });
+    let _ = m.handle(Input::Broadcast { updates: vec![anyone.clone()] }, now);
+    assert_eq!(state_of(&m, 6), Some(State::Alive), "its budget is spent");
+    assert!(m.holds_blamed_news(std::slice::from_ref(&anyone), now));
     // Once the interval has passed, one more of its suspicions is taken.
     let later = now + BLAME_REFILL;
-    assert!(!m.holds_blamed_news(&[suspects(3, inc)], later));
-    let _ = m.handle(Input::Broadcast { updates: vec![suspects(3, inc)] }, later);
-    assert_eq!(state_of(&m, 2), Some(State::Suspect), "refilled");
+    assert!(!m.holds_blamed_news(std::slice::from_ref(&anyone), later));
+    let _ = m.handle(Input::Broadcast { updates: vec![anyone] }, later);
+    assert_eq!(state_of(&m, 6), Some(State::Suspect), "refilled");
 
     // The victim charges its accuser as the others do, and still refutes it: a node that
     // does not blame the accuser yet may hold the suspicion.
@@ -933,7 +949,7 @@ fn refuted_suspicions_use_up_their_authors_budget() {
         assert!(broadcasts(&out).contains(&alive(1, before + 2)));
         at += Config::default().probe_interval;
     }
-    assert!(v.blamed(&3, at));
+    assert!(v.pair_blamed(&3, &1, at));
 }
 
 /// A member asking for the member list again and again gets it once and a half per window
