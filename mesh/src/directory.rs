@@ -37,12 +37,12 @@
 //! clock; if an earlier life's entry comes back with a higher version, it signs its current
 //! descriptor again above it, so its own entry always wins.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cloudless_types::NodeDescriptor;
 use libp2p::PeerId;
@@ -50,6 +50,8 @@ use libp2p::core::SignedEnvelope;
 use libp2p::identity::Keypair;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+
+use crate::budget::Budgets;
 
 /// Largest entry on the wire, in bytes. A valid descriptor at every bound (64 labels of 63 +
 /// 253 bytes, 16 addresses of 256) encodes to about 25 KiB; the envelope adds ~100 bytes.
@@ -71,6 +73,13 @@ pub const MAX_PEERS: usize = 4096;
 pub const ANSWER_BYTES_PER_SECOND: u64 = 1024 * 1024;
 /// The burst a peer may ask for at once (a joiner's first full exchange).
 pub const ANSWER_BURST_BYTES: u64 = 4 * 1024 * 1024;
+/// Answer budgets: [`ANSWER_BURST_BYTES`] at once, [`ANSWER_BYTES_PER_SECOND`] sustained,
+/// for at most [`MAX_PEERS`] peers.
+fn answer_budgets() -> Budgets<PeerId> {
+    let refill = Duration::from_millis(ANSWER_BURST_BYTES * 1000 / ANSWER_BYTES_PER_SECOND);
+    Budgets::new(ANSWER_BURST_BYTES, refill, MAX_PEERS)
+}
+
 /// Name of the directory file inside the data dir.
 pub const FILE: &str = "directory.entries";
 /// The file of the automerge directory this one replaced; removed on open.
@@ -193,13 +202,6 @@ impl Entry {
     }
 }
 
-/// A per-peer token bucket of answer bytes.
-#[derive(Clone, Copy)]
-struct Budget {
-    tokens: u64,
-    at: Instant,
-}
-
 /// Evidence that this node's data dir is older than its last run: a peer holds an entry this
 /// node signed after the newest one its data dir kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -230,7 +232,8 @@ pub struct Directory {
     durable: bool,
     /// Our descriptor, kept to sign again above an earlier life's entry.
     own: Option<NodeDescriptor>,
-    budgets: HashMap<PeerId, Budget>,
+    /// Answer bytes per peer.
+    budgets: Budgets<PeerId>,
     digest: Option<[u8; 32]>,
     dirty: bool,
 }
@@ -249,7 +252,7 @@ impl Directory {
             own_saved: true,
             durable: false,
             own: None,
-            budgets: HashMap::new(),
+            budgets: answer_budgets(),
             digest: None,
             dirty: false,
         }
@@ -453,7 +456,7 @@ impl Directory {
             self.entries.keys().filter(|p| **p != self.me && !is_member(p)).copied().collect();
         for p in &gone {
             self.entries.remove(p);
-            self.budgets.remove(p);
+            self.budgets.forget(p);
         }
         if !gone.is_empty() {
             self.touch();
@@ -464,7 +467,7 @@ impl Directory {
     /// Forgets what is kept about a peer the membership forgot (its answer budget; its entry
     /// stays until it is no longer a member).
     pub fn forget(&mut self, peer: &PeerId) {
-        self.budgets.remove(peer);
+        self.budgets.forget(peer);
     }
 
     /// Applies a message from member `peer`. `is_member` says which nodes may have entries;
@@ -629,30 +632,13 @@ impl Directory {
     }
 
     /// What `peer` may make us send now (its budget, refilled since it last asked).
-    fn allowance(&mut self, peer: &PeerId, now: Instant) -> u64 {
-        if !self.budgets.contains_key(peer)
-            && self.budgets.len() >= MAX_PEERS
-            && let Some(victim) = self.budgets.keys().next().copied()
-        {
-            self.budgets.remove(&victim);
-        }
-        let b = self.budgets.entry(*peer).or_insert(Budget { tokens: ANSWER_BURST_BYTES, at: now });
-        let elapsed = now.saturating_duration_since(b.at);
-        let refill = u64::try_from(
-            elapsed.as_millis().saturating_mul(u128::from(ANSWER_BYTES_PER_SECOND)) / 1000,
-        )
-        .unwrap_or(u64::MAX);
-        b.tokens = b.tokens.saturating_add(refill).min(ANSWER_BURST_BYTES);
-        b.at = now;
-        b.tokens
+    fn allowance(&self, peer: &PeerId, now: Instant) -> u64 {
+        self.budgets.available(peer, now)
     }
 
     /// Takes `cost` bytes from `peer`'s budget (what [`Directory::allowance`] allowed).
     fn spend(&mut self, peer: PeerId, cost: u64, now: Instant) {
-        if let Some(b) = self.budgets.get_mut(&peer) {
-            b.tokens = b.tokens.saturating_sub(cost);
-            b.at = now;
-        }
+        self.budgets.spend(peer, cost, now);
     }
 
     /// Whether `peer`'s entry may leave this node: ours only once the data dir keeps it (a

@@ -25,25 +25,18 @@ const MAX_SEEDS: usize = 8;
 const MAX_SYNC_PAGES: u16 = 4096;
 /// Members told directly of a voluntary leave, in addition to the flood.
 const LEAVE_DIRECT: usize = 3;
-/// The window over which the member-list pages sent to one peer are counted. A joiner takes
+/// The time over which a peer's budget of member-list pages refills in full. A joiner takes
 /// a few seconds; asking for the list again and again (240 B per member, 2.4 MB at 10,000
 /// members, for a request of a hundred bytes) is what the budget is for.
 pub(super) const SYNC_WINDOW: Duration = Duration::from_secs(60);
-/// Pages one peer may be sent per window, at least: a small list costs little, and a device
+/// Pages one peer may be sent at once, at least: a small list costs little, and a device
 /// restarted a few times in a row still joins.
-const MIN_SYNC_BUDGET: u32 = 16;
+const MIN_SYNC_BUDGET: u64 = 16;
 
-/// Member-list pages sent to one peer in the current window.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Served {
-    pub(super) since: Instant,
-    pages: u32,
-}
-
-/// Pages a peer may be sent per window when the list has `pages` pages: the whole list and
+/// Pages a peer may be sent at once when the list has `pages` pages: the whole list and
 /// half of it again for the pages a lossy link loses.
-fn sync_budget(pages: u16) -> u32 {
-    let pages = u32::from(pages);
+pub(super) fn sync_budget(pages: u16) -> u64 {
+    let pages = u64::from(pages);
     (pages + pages / 2 + 1).max(MIN_SYNC_BUDGET)
 }
 
@@ -191,18 +184,10 @@ impl<I: Id> Membership<I> {
     }
 
     /// Sends the member list to `to`: the pages numbered in `wanted`, or all when empty, as
-    /// far as its budget for the window allows (see [`SYNC_WINDOW`]); a peer whose budget is
-    /// spent costs no more than this check.
+    /// far as its budget allows (see [`SYNC_WINDOW`]); a peer whose budget is spent costs no
+    /// more than this check (the paging is what costs).
     fn send_sync(&mut self, to: &I, wanted: &[u16], now: Instant) {
-        let served = match self.synced.get(to) {
-            Some(s) if now < s.since + SYNC_WINDOW => *s,
-            _ => Served { since: now, pages: 0 },
-        };
-        // Checked against the list's size when last sent before the list is paged (the
-        // paging is what costs), and against its size now once it is.
-        if served.pages >= sync_budget(self.sync_pages)
-            || (!self.synced.contains_key(to) && self.synced.len() >= self.config.max_members)
-        {
+        if self.synced.available(to, now) == 0 {
             return;
         }
         let mut page = Vec::new();
@@ -235,8 +220,8 @@ impl<I: Id> Membership<I> {
             pages.push(page);
         }
         let count = u16::try_from(pages.len()).unwrap_or(u16::MAX);
-        self.sync_pages = count;
-        let mut left = sync_budget(count).saturating_sub(served.pages);
+        self.synced.set_burst(sync_budget(count));
+        let mut left = self.synced.available(to, now);
         let mut sent = 0;
         for (i, updates) in pages.into_iter().enumerate().take(usize::from(count)) {
             let page = u16::try_from(i).unwrap_or(u16::MAX);
@@ -248,8 +233,7 @@ impl<I: Id> Membership<I> {
         }
         // A request counts one page at least: asking for pages past the end sends nothing but
         // still costs the paging.
-        let pages = served.pages.saturating_add(sent.max(1));
-        self.synced.insert(to.clone(), Served { since: served.since, pages });
+        self.synced.spend(to.clone(), sent.max(1), now);
     }
 
     pub(super) fn leave(&mut self) {

@@ -55,7 +55,7 @@
 //! * **Joining.** A node that knows nobody sends `Join` to a peer it found and receives the
 //!   member list in pages of at most `sync_chunk_bytes`; after a loss it asks for the missing
 //!   pages only. One peer is sent at most the list and half of it again (at least 16 pages)
-//!   per `SYNC_WINDOW` (60 s): asking again and again amplifies nothing.
+//!   at once, refilled over `SYNC_WINDOW` (60 s): asking again and again amplifies nothing.
 //! * **Suspicion budget.** Each node charges a member for every suspicion by it that was
 //!   refuted, per suspect and (different suspects in turn) in all; past four, then one per
 //!   10 s, its bad news about that suspect (or anyone) is ignored (and a flood of it not
@@ -117,13 +117,15 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::budget::Budgets;
 pub(crate) use config::millis;
 pub use config::{Config, ConfigError};
-use join::{Joining, SYNC_WINDOW, Served};
+use join::{Joining, SYNC_WINDOW};
 use news::{Via, view};
 use piggyback::Queued;
 use probing::{Probe, Relay};
 use suspicion::Suspicion;
+use suspicion::blame_budgets;
 pub use wire::{
     Event, FLOOD_ENVELOPE, Input, MAX_FLOOD_UPDATES, MAX_UPDATES_PER_MESSAGE, MESSAGE_OVERHEAD,
     MemberView, Message, Output, Seal, Signature, State, Update, UpdateKind, encoded_len,
@@ -278,14 +280,14 @@ pub struct Membership<I: Id> {
     last_refute: Option<Instant>,
     /// The authors of the bad news the next refutation answers (charged when it is made).
     accusers: Vec<I>,
-    /// Per member whose suspicions were refuted: when its budget is full again (a GCRA
-    /// budget; see `blamed`), and the suspect it was last charged for. Members only, so
-    /// bounded by the member table.
-    blame: Map<I, (Instant, I)>,
+    /// Refuted suspicions each member may still author (see `blamed`).
+    blame: Budgets<I>,
+    /// The suspect each member in `blame` was last charged for.
+    blamed_for: Map<I, I>,
     /// The same per accuser and suspect: a member that suspects one other again and again is
     /// not believed about it, whoever is at fault (the two look alike from outside: a liar,
     /// or a suspect that fails probes on purpose and refutes).
-    pair_blame: Map<(I, I), Instant>,
+    pair_blame: Budgets<(I, I)>,
     suspicions: Map<I, Suspicion<I>>,
     probes: Map<u32, Probe<I>>,
     relays: Map<u32, Relay<I>>,
@@ -297,11 +299,8 @@ pub struct Membership<I: Id> {
     next_reap: Instant,
     /// Joining: contacted peers, until one has sent the whole member list.
     join_pending: Option<Joining<I>>,
-    /// Member-list pages sent per peer in the current window (members only: bounded by the
-    /// member table).
-    synced: Map<I, Served>,
-    /// Pages of the member list when it was last sent (its size, for the budget).
-    sync_pages: u16,
+    /// Member-list pages each peer may still be sent (the burst follows the list's size).
+    synced: Budgets<I>,
     capacity: Capacity,
     capacity_version: u32,
     /// The summary last announced, and when.
@@ -338,6 +337,7 @@ impl<I: Id> Membership<I> {
             &*seal,
         );
         let capacity_bytes = encoded_len(&summary);
+        let max_members = config.max_members;
         members.insert(
             me.clone(),
             Member {
@@ -366,8 +366,9 @@ impl<I: Id> Membership<I> {
             refute_above: None,
             last_refute: None,
             accusers: Vec::new(),
-            blame: Map::default(),
-            pair_blame: Map::default(),
+            blame: blame_budgets(max_members),
+            blamed_for: Map::default(),
+            pair_blame: blame_budgets(max_members),
             forged: false,
             suspicions: Map::default(),
             probes: Map::default(),
@@ -376,8 +377,7 @@ impl<I: Id> Membership<I> {
             seq: 0,
             local_health: 0,
             join_pending: None,
-            synced: Map::default(),
-            sync_pages: 1,
+            synced: Budgets::new(join::sync_budget(1), SYNC_WINDOW, max_members),
             capacity,
             capacity_version: 0,
             // The join message carries the summary; the first flood waits for a change.

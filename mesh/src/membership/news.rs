@@ -48,10 +48,7 @@ impl<I: Id> Membership<I> {
             // Bad news signed by its own subject: nothing an honest node sends.
             return false;
         }
-        if !u.kind.is_good_news()
-            && !matches!(via, Via::Local | Via::Sync)
-            && (self.blamed(u.author(), now) || self.pair_blamed(u.author(), &u.id, now))
-        {
+        if !matches!(via, Via::Local | Via::Sync) && self.distrusted(&u, now) {
             // Its suspicions were refuted too often: it waits for its budget (see `blamed`).
             return false;
         }
@@ -335,12 +332,16 @@ impl<I: Id> Membership<I> {
             })
             .map(|(id, _)| id.clone())
             .collect();
-        self.blame.retain(|_, (free, _)| *free > now);
-        self.pair_blame.retain(|_, free| *free > now);
-        self.synced.retain(|_, s| now < s.since + super::SYNC_WINDOW);
+        self.blame.prune(now);
+        self.pair_blame.prune(now);
+        self.synced.prune(now);
+        let blame = &self.blame;
+        self.blamed_for.retain(|author, _| blame.holds(author));
         for id in expired {
             self.gone.remove(&id);
-            self.blame.remove(&id);
+            self.blame.forget(&id);
+            self.blamed_for.remove(&id);
+            self.synced.forget(&id);
             self.notices.remove(&id);
             self.members.remove(&id);
             self.queue.retain(|q| q.update.id != id);

@@ -949,11 +949,12 @@ fn refuted_suspicions_use_up_their_authors_budget() {
         assert!(broadcasts(&out).contains(&alive(1, before + 2)));
         at += Config::default().probe_interval;
     }
-    assert!(v.pair_blamed(&3, &1, at));
+    let again = news(1, v.incarnation(), UpdateKind::Suspect { by: 3, witnesses: 1 });
+    assert!(v.holds_blamed_news(&[again], at), "3 is not believed about 1 any more");
 }
 
-/// A member asking for the member list again and again gets it once and a half per window
-/// (at least 16 pages), then nothing until the window has passed.
+/// A member asking for the member list again and again gets it once and a half (at least
+/// 16 pages), then nothing until its budget has refilled.
 #[test]
 fn the_member_list_is_sent_within_a_budget_per_peer() {
     let now = Instant::now();
