@@ -82,7 +82,8 @@ impl Handle {
     }
 
     /// The peers this node floods membership news to (its gossipsub mesh for the membership
-    /// topic): members only, since strangers are blacklisted. Empty on a client.
+    /// topic): members only, since strangers are scored below gossipsub's graylist. Empty on a
+    /// client.
     pub async fn flood_peers(&self) -> Result<Vec<PeerId>, MeshError> {
         self.ask(Command::FloodPeers).await
     }

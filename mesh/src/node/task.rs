@@ -265,18 +265,6 @@ impl Task {
                 }
                 self.recheck_members();
                 self.retain_members();
-                // Peers that became members on a live connection (a joiner's seeds once it is
-                // enrolled, a joiner at its seeds): membership hears of them now rather than
-                // at the next connection. Known live members cost the core a lookup.
-                let members: Vec<PeerId> = self
-                    .swarm
-                    .connected_peers()
-                    .filter(|p| self.gate.allows(p, Protocol::Membership))
-                    .copied()
-                    .collect();
-                for peer in members {
-                    self.drive(Input::Contact { peer });
-                }
                 let _ = r.send(());
             }
             Command::Leave(_) | Command::Shutdown(_) => {}
@@ -435,9 +423,7 @@ impl Task {
         }
     }
 
-    /// Gives the connected peers what their standing allows: members are AutoNAT servers and
-    /// gossip with us; strangers are blacklisted in gossipsub (their messages are dropped
-    /// before they could be marked as seen, and they are never in our mesh).
+    /// Gives the connected peers what their standing allows (see `classify`).
     fn recheck_members(&mut self) {
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for p in peers {
@@ -445,8 +431,17 @@ impl Task {
         }
     }
 
+    /// Gives a connected peer what its standing allows, at its connection and whenever the
+    /// gate changed: members are AutoNAT servers, gossip with us, and are told to membership
+    /// (a peer enrolled on a live connection, such as a joiner's seeds, is heard of at once,
+    /// not at its next connection; a known live member costs the core a lookup); strangers
+    /// are blacklisted and scored out of gossipsub (their messages are dropped before they
+    /// could be marked as seen, and they are never in our mesh).
     fn classify(&mut self, peer: PeerId) {
         let member = self.gate.allows(&peer, Protocol::Membership);
+        if member {
+            self.drive(Input::Contact { peer });
+        }
         let b = self.swarm.behaviour_mut();
         if let Some(g) = b.gossipsub.as_mut() {
             if member {
@@ -712,9 +707,6 @@ impl Task {
                 };
                 self.emit(Event::Connected { peer: peer_id, link });
                 self.classify(peer_id);
-                if self.gate.allows(&peer_id, Protocol::Membership) {
-                    self.drive(Input::Contact { peer: peer_id });
-                }
                 // A new connection is the cheapest moment to reconcile directories: a joiner
                 // learns every member's addresses from its first peer at once.
                 if self.gate.allows(&peer_id, Protocol::Directory)
