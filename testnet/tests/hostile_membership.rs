@@ -12,6 +12,14 @@
 //!   worker at every incarnation it could be at (bad news nobody can disprove in advance): the
 //!   voter only suspects it, the victim refutes (once, not once per notice), and it is never
 //!   listed dead.
+//! - `membership_suspicion_flood`: the device suspects the same worker again and again, four
+//!   times a second for 20 s, each time at the incarnation its last refutation reached: once
+//!   its budget is spent (four refuted suspicions, then one per 10 s) it is no longer
+//!   believed: the victim refuted 5 times (47 with the budget lifted, each a pool-wide flood).
+//! - `membership_member_list_flood`: the device asks a voter for the member list 100 times
+//!   (each answer used to be the whole list: 2.4 MB at 10,000 members, for a request of a
+//!   hundred bytes): it gets its budget of pages (16 for a one-page list, per 60 s), no more
+//!   (with the budget lifted, more than 16 arrive at once).
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
@@ -143,11 +151,7 @@ async fn membership_relayed_death_is_a_suspicion() {
     let (mut p, raw, target, seal) = attacker().await;
     let victim: PeerId = p.procs.nodes[4].peer.parse().unwrap();
     let name = p.procs.nodes[4].peer.clone();
-    // The victim's incarnation, as it saves it: a refutation raises it.
-    let saved = p.procs.nodes[4].data_dir.join("membership.incarnation");
-    let incarnation =
-        || std::fs::read_to_string(&saved).ok().and_then(|s| s.trim().parse::<u32>().ok());
-    let before = incarnation().unwrap_or(0);
+    let before = saved_incarnation(&p, 4).unwrap_or(0);
     // The attacker does not know the victim's incarnation: one notice for each it could be
     // (a fresh pool's nodes are at their first few), 64 in one message: each used to count,
     // and each accepted one let the next name one incarnation more.
@@ -171,7 +175,7 @@ async fn membership_relayed_death_is_a_suspicion() {
     .unwrap();
     // The notice was taken (as a suspicion, which reached the victim): it refuted.
     let after = until("the victim refutes", Duration::from_secs(10), || {
-        incarnation().filter(|i| *i > before)
+        saved_incarnation(&p, 4).filter(|i| *i > before)
     })
     .unwrap();
     eprintln!(
@@ -181,4 +185,86 @@ async fn membership_relayed_death_is_a_suspicion() {
     assert!(listed_alive(&p, 0, &name), "the victim refuted: {seen:?}");
     p.keeps_serving().unwrap();
     p.report("membership_relayed_death_is_a_suspicion", 0);
+}
+
+/// The victim's incarnation as it saves it (a refutation raises it by two).
+fn saved_incarnation(p: &Pool, i: usize) -> Option<u32> {
+    let saved = p.procs.nodes[i].data_dir.join("membership.incarnation");
+    std::fs::read_to_string(saved).ok()?.trim().parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_suspicion_flood() {
+    let _one = SERIAL.lock().await;
+    let (mut p, raw, target, seal) = attacker().await;
+    let victim: PeerId = p.procs.nodes[4].peer.parse().unwrap();
+    let name = p.procs.nodes[4].peer.clone();
+    let before = saved_incarnation(&p, 4).unwrap_or(0);
+    // The attack's own pace (four suspicions a second), not a wait for a condition.
+    const ATTACK: Duration = Duration::from_secs(20);
+    let start = std::time::Instant::now();
+    let mut sent = 0u32;
+    while start.elapsed() < ATTACK {
+        let at = saved_incarnation(&p, 4).unwrap_or(0);
+        let kind = UpdateKind::Suspect { by: raw.peer_id(), witnesses: 5 };
+        let suspicion = Update::signed(victim, at, kind, &seal);
+        let answer = raw
+            .ask(target, DATAGRAM_PROTOCOL, &ping(sent, vec![suspicion]), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(answer, [0, 0, 0, 0], "the datagram was not taken");
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let after = saved_incarnation(&p, 4).unwrap_or(0);
+    let refutations = (after - before) / 2;
+    eprintln!(
+        "suspicion flood: {sent} suspicions of one worker in 20 s; it refuted {refutations} \
+         times (incarnation {before} -> {after})"
+    );
+    assert!(refutations >= 1, "no suspicion was taken: the attack did not happen");
+    // Four at once, then one per 10 s: six in 20 s, and one for a refill at the edge.
+    assert!(refutations <= 7, "the accuser was believed {refutations} times");
+    assert!(listed_alive(&p, 0, &name), "the victim is alive");
+    p.keeps_serving().unwrap();
+    p.report("membership_suspicion_flood", 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_member_list_flood() {
+    let _one = SERIAL.lock().await;
+    let (mut p, raw, target, _) = attacker().await;
+    let frames = raw.take_frames(DATAGRAM_PROTOCOL).unwrap();
+    let join =
+        Datagram::Membership(Message::Join { updates: vec![], want_sync: true, pages: vec![] });
+    let body = postcard::to_allocvec(&join).unwrap();
+    let mut frame = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+    frame.extend(body);
+    for _ in 0..100 {
+        let answer =
+            raw.ask(target, DATAGRAM_PROTOCOL, &frame, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(answer, [0, 0, 0, 0], "the datagram was not taken");
+    }
+    let pages = || {
+        frames
+            .bodies()
+            .iter()
+            .filter(|b| {
+                matches!(
+                    postcard::from_bytes::<Datagram>(b),
+                    Ok(Datagram::Membership(Message::Sync { .. }))
+                )
+            })
+            .count()
+    };
+    until("a page of the member list arrives", Duration::from_secs(10), || {
+        (pages() > 0).then_some(())
+    })
+    .unwrap();
+    // Watched for as long as the last answers would take to arrive.
+    throughout("the budget holds", Duration::from_secs(3), || pages() <= 16).unwrap();
+    let got = pages();
+    eprintln!("member list flood: 100 requests for the list (one page), {got} pages sent");
+    p.keeps_serving().unwrap();
+    p.report("membership_member_list_flood", 0);
 }

@@ -15,6 +15,11 @@
 //! The gate is asked anew for every inbound stream, so a peer enrolled on a live connection
 //! is served on it from then on: the swarm compares the protocols it listens on whenever it
 //! polls a connection, and identify pushes the change to the peer.
+//!
+//! Gossipsub is not wrapped: a peer whose gossipsub stream is refused once marks the
+//! connection as not speaking it for good, so a joiner enrolled on the connection it met us
+//! on as a stranger would never flood with us. Strangers are kept out of it by its own
+//! blacklist and peer scores instead (the swarm task's `classify`).
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;

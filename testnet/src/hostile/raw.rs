@@ -41,6 +41,17 @@ pub struct RawPeer {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Frame bodies a [`RawPeer`] was sent (see [`RawPeer::take_frames`]).
+#[derive(Clone, Debug, Default)]
+pub struct Frames(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl Frames {
+    /// The bodies received so far.
+    pub fn bodies(&self) -> Vec<Vec<u8>> {
+        self.0.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+}
+
 /// What a stream attack achieved.
 #[derive(Debug, Default, Clone)]
 pub struct Sent {
@@ -250,6 +261,40 @@ impl RawPeer {
             Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_)) => Ok(false),
             Err(e) => Err(anyhow::anyhow!("the stream failed: {e}")),
         }
+    }
+
+    /// Takes the streams peers open to us on `protocol`: reads one length-prefixed frame
+    /// from each (at most 1 MiB), answers it with an empty frame (what our datagram protocol
+    /// acknowledges with) and keeps its body, in arrival order, in what is returned.
+    pub fn take_frames(&self, protocol: StreamProtocol) -> Result<Frames> {
+        let mut incoming = self
+            .control
+            .clone()
+            .accept(protocol)
+            .map_err(|e| anyhow::anyhow!("cannot take streams: {e}"))?;
+        let frames = Frames::default();
+        let kept = frames.clone();
+        tokio::spawn(async move {
+            while let Some((_, mut s)) = incoming.next().await {
+                let mut len = [0u8; 4];
+                if s.read_exact(&mut len).await.is_err() {
+                    continue;
+                }
+                let len = u32::from_be_bytes(len) as usize;
+                if len > 1024 * 1024 {
+                    continue;
+                }
+                let mut body = vec![0; len];
+                if s.read_exact(&mut body).await.is_ok() {
+                    let _ = s.write_all(&[0, 0, 0, 0]).await;
+                    let _ = s.close().await;
+                    if let Ok(mut f) = kept.0.lock() {
+                        f.push(body);
+                    }
+                }
+            }
+        });
+        Ok(frames)
     }
 
     /// Opens one stream to `peer` on `protocol`, writes `bytes` and reads the answer to its
