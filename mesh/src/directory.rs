@@ -31,7 +31,11 @@
 //! and what a peer can make us send back is limited by a per-peer byte budget
 //! ([`ANSWER_BYTES_PER_SECOND`]). The directory holds only the newest entry per node: its
 //! size does not grow with how often a node changes (an automerge document, which this
-//! replaced, keeps every change forever).
+//! replaced, keeps every change forever). How often a node's entry may change here is
+//! budgeted per author ([`CHANGE_BURST`], then one per [`CHANGE_INTERVAL`]): a member that
+//! re-signs its entry again and again costs every node an event, an address book update and
+//! a file rewrite per change otherwise. A change past the budget is not lost, only late: the
+//! periodic exchange offers the newest entry again until the budget takes it.
 //!
 //! A node that lost its copy (a reinstall with the same key) signs versions from its wall
 //! clock; if an earlier life's entry comes back with a higher version, it signs its current
@@ -73,6 +77,21 @@ pub const MAX_PEERS: usize = 4096;
 pub const ANSWER_BYTES_PER_SECOND: u64 = 1024 * 1024;
 /// The burst a peer may ask for at once (a joiner's first full exchange).
 pub const ANSWER_BURST_BYTES: u64 = 4 * 1024 * 1024;
+/// Changes of one node's entry taken at once. An honest node signs one per listen address
+/// it learns at start (QUIC over IPv4 and IPv6, a relay circuit or two), then one when its
+/// network changes: eight covers a start with room to spare.
+pub const CHANGE_BURST: u64 = 8;
+/// One more change of a node's entry is taken per this interval once its burst is spent: a
+/// phone that moves between networks every minute is still followed (half a minute late at
+/// worst), and a member re-signing its entry as fast as it can costs each node a change per
+/// 30 s instead of thousands.
+pub const CHANGE_INTERVAL: Duration = Duration::from_secs(30);
+/// Change budgets: [`CHANGE_BURST`] at once, one per [`CHANGE_INTERVAL`], for every entry.
+fn change_budgets() -> Budgets<PeerId> {
+    let burst = u32::try_from(CHANGE_BURST).unwrap_or(u32::MAX);
+    Budgets::new(CHANGE_BURST, CHANGE_INTERVAL.saturating_mul(burst), MAX_ENTRIES)
+}
+
 /// Answer budgets: [`ANSWER_BURST_BYTES`] at once, [`ANSWER_BYTES_PER_SECOND`] sustained,
 /// for at most [`MAX_PEERS`] peers.
 fn answer_budgets() -> Budgets<PeerId> {
@@ -234,6 +253,8 @@ pub struct Directory {
     own: Option<NodeDescriptor>,
     /// Answer bytes per peer.
     budgets: Budgets<PeerId>,
+    /// Changes taken per author (never our own).
+    changes: Budgets<PeerId>,
     digest: Option<[u8; 32]>,
     dirty: bool,
 }
@@ -253,6 +274,7 @@ impl Directory {
             durable: false,
             own: None,
             budgets: answer_budgets(),
+            changes: change_budgets(),
             digest: None,
             dirty: false,
         }
@@ -457,6 +479,7 @@ impl Directory {
         for p in &gone {
             self.entries.remove(p);
             self.budgets.forget(p);
+            self.changes.forget(p);
         }
         if !gone.is_empty() {
             self.touch();
@@ -550,7 +573,7 @@ impl Directory {
                     });
                 }
                 for bytes in list {
-                    match self.accept(&bytes, &is_member) {
+                    match self.accept(&bytes, &is_member, now) {
                         Ok(Some(p)) => {
                             out.changed.insert(p);
                         }
@@ -565,11 +588,13 @@ impl Directory {
         Ok(out)
     }
 
-    /// Verifies one entry and keeps it if it is newer; returns the node whose entry changed.
+    /// Verifies one entry and keeps it if it is newer and its author's change budget allows;
+    /// returns the node whose entry changed.
     fn accept(
         &mut self,
         bytes: &[u8],
         is_member: &impl Fn(&PeerId) -> bool,
+        now: Instant,
     ) -> Result<Option<PeerId>, String> {
         let (peer, entry) = verify(bytes)?;
         if peer == self.me {
@@ -610,6 +635,16 @@ impl Directory {
             }
             _ => {}
         }
+        // Charged only for a verified entry that would replace: nobody can spend an author's
+        // budget with entries it did not sign, or with its old ones.
+        if self.changes.available(&peer, now) == 0 {
+            return Err(format!(
+                "entry of {peer} changed more than {CHANGE_BURST} times, then more than once \
+                 per {}s; taken later",
+                CHANGE_INTERVAL.as_secs()
+            ));
+        }
+        self.changes.spend(peer, 1, now);
         self.entries.insert(peer, entry);
         self.touch();
         Ok(Some(peer))

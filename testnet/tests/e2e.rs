@@ -275,6 +275,7 @@ fn a_container_workload_runs_on_a_node_with_an_engine() {
         std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
     let dir = tempfile::tempdir().unwrap();
     let c = Procs::init(dir.path(), &["--container-engine", &engine]).unwrap();
+    let engine = Containers { host: engine, prefix: format!("cloudless-{}-", c.nodes[0].peer) };
     let spec = write_spec(
         dir.path(),
         "box",
@@ -294,6 +295,46 @@ fn a_container_workload_runs_on_a_node_with_an_engine() {
         (c.metric(0, "cloudless_replicas{phase=\"running\"}") == Some(0.0)).then_some(())
     })
     .unwrap();
+    // Deleting a workload removes its containers, not only stops them.
+    until("the node removes the container", DEADLINE, || {
+        engine.containers().is_empty().then_some(())
+    })
+    .unwrap();
+}
+
+/// The engine's containers of one node (named `cloudless-<peer>-<replica>`); whatever a
+/// test leaves behind (a panic, a killed node) is removed when this is dropped.
+struct Containers {
+    host: String,
+    prefix: String,
+}
+
+impl Containers {
+    fn docker(&self, args: &[&str]) -> String {
+        let out =
+            std::process::Command::new("docker").arg("-H").arg(&self.host).args(args).output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+    }
+
+    /// The ids of the node's containers, running or not.
+    fn containers(&self) -> Vec<String> {
+        let filter = format!("name=^{}", self.prefix);
+        self.docker(&["ps", "-aq", "--filter", &filter])
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        let ids = self.containers();
+        if !ids.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(ids.iter().map(String::as_str));
+            self.docker(&args);
+        }
+    }
 }
 
 /// Copies directory `from` into `to`, recursively.

@@ -11,6 +11,10 @@
 //!   large entries; 2,000 requests for the whole directory and 1,000 for every member's entry:
 //!   nothing is stored, the answers stay within the asker's budget, and the target's memory
 //!   stays within the bound.
+//! - `directory_entry_churn`: a member re-signs its own entry sixty times in a row (the old
+//!   directory took every one, each costing every node an event, an address book update and
+//!   a file rewrite): the target takes at most [`directory::CHANGE_BURST`] of them, and the
+//!   newest one once its budget refilled.
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
@@ -221,4 +225,64 @@ async fn directory_inflation_bomb() {
     assert!(peak < before + RSS_GROWTH_MIB, "node 0 grew from {before:.1} to {peak:.1} MiB");
     p.keeps_serving().unwrap();
     p.report("directory_inflation_bomb", 0);
+}
+
+/// The port of the first address node `i` shows for node `peer`.
+fn first_port(p: &Pool, i: usize, peer: &str) -> Option<u64> {
+    let (addrs, _) = seen(p, i, peer)?;
+    let first = addrs.as_array()?.first()?.as_str()?.to_owned();
+    first.split('/').nth(4)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_entry_churn() {
+    let _one = SERIAL.lock().await;
+    let (mut p, raw, target) = attacker().await;
+    let me = p.procs.nodes[3].peer.clone();
+    until("node 0 shows the attacker's entry", Duration::from_secs(30), || first_port(&p, 0, &me))
+        .unwrap();
+    let key = raw_key(&p, 3);
+    // Versions above anything it signed while it ran (its versions are its clock's ms).
+    let base =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+            as u64
+            + 3_600_000;
+    const CHANGES: u64 = 60;
+    let changed = |v: u64| NodeDescriptor {
+        addrs: vec![format!("/ip4/127.0.0.1/udp/{}/quic-v1", 20_000 + v)],
+        ..Default::default()
+    };
+    for v in 1..=CHANGES {
+        send(&raw, target, Message::Entries(vec![entry(&key, &changed(v), base + v)])).await;
+    }
+    let taken = until("node 0 took a change", Duration::from_secs(10), || {
+        first_port(&p, 0, &me).filter(|port| *port > 20_000)
+    })
+    .unwrap()
+        - 20_000;
+    assert!(
+        taken <= directory::CHANGE_BURST + 1,
+        "node 0 took {taken} of {CHANGES} changes at once, at most {} allowed",
+        directory::CHANGE_BURST
+    );
+    // Late, not lost: offered again (as the periodic exchange does), the newest is taken
+    // once the budget refilled.
+    let newest = entry(&key, &changed(CHANGES), base + CHANGES);
+    let late = std::time::Instant::now();
+    let deadline = directory::CHANGE_INTERVAL + Duration::from_secs(15);
+    loop {
+        send(&raw, target, Message::Entries(vec![newest.clone()])).await;
+        if first_port(&p, 0, &me) == Some(20_000 + CHANGES) {
+            break;
+        }
+        assert!(late.elapsed() < deadline, "node 0 never took the newest entry");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    eprintln!(
+        "directory entry churn: {CHANGES} changes sent at once, node 0 took {taken}; the newest \
+         {:.1} s later",
+        late.elapsed().as_secs_f64()
+    );
+    p.keeps_serving().unwrap();
+    p.report("directory_entry_churn", 0);
 }

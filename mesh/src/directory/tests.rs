@@ -239,6 +239,53 @@ fn a_peer_that_asks_again_and_again_gets_its_budget_and_no_more() {
 }
 
 #[test]
+fn an_author_that_changes_its_entry_again_and_again_is_followed_within_a_budget() {
+    let now = Instant::now();
+    let (k, mut b) = (key(), Directory::new(key()));
+    let author = k.public().to_peer_id();
+    let burst = usize::try_from(CHANGE_BURST).unwrap();
+    // Sixty changes at once: the first `burst` are taken, the rest refused (and said why).
+    let mut refused = 0;
+    for v in 1..=60u64 {
+        let out = b
+            .receive(
+                author,
+                Message::Entries(vec![signed(&k, &desc(&format!("z{v}")), v)]),
+                anyone,
+                now,
+            )
+            .unwrap();
+        refused += out.refused.len();
+        assert_eq!(out.changed.len(), usize::from(v <= CHANGE_BURST));
+    }
+    assert_eq!(refused, 60 - burst);
+    assert_eq!(b.get(&author).unwrap().zone, Some(format!("z{burst}")));
+    // Entries it did not sign, or old ones, spend nothing of its budget: another author's
+    // changes and a relayer's copies are taken as before.
+    let other = key();
+    let out = b
+        .receive(author, Message::Entries(vec![signed(&other, &desc("o"), 1)]), anyone, now)
+        .unwrap();
+    assert_eq!(out.changed.len(), 1);
+    // Late, not lost: one interval on, the newest entry (which the author's periodic exchange
+    // offers again) is taken.
+    let later = now + CHANGE_INTERVAL;
+    let out = b
+        .receive(author, Message::Entries(vec![signed(&k, &desc("z60"), 60)]), anyone, later)
+        .unwrap();
+    assert_eq!(out.changed.len(), 1, "{:?}", out.refused);
+    assert_eq!(b.get(&author).unwrap().zone.as_deref(), Some("z60"));
+    let out = b
+        .receive(author, Message::Entries(vec![signed(&k, &desc("z61"), 61)]), anyone, later)
+        .unwrap();
+    assert!(out.changed.is_empty(), "one per interval");
+    // Its own changes are never budgeted.
+    for v in 1..=60u64 {
+        assert!(b.set_own(&desc(&format!("own{v}")), v).unwrap());
+    }
+}
+
+#[test]
 fn persistence_round_trips_and_bad_files_are_set_aside() {
     let now = Instant::now();
     let k = key();
