@@ -149,6 +149,7 @@ impl Daemon {
         mesh_config.descriptor.cpu_millis = config.offer.cpu_millis;
         mesh_config.descriptor.memory_mib = config.offer.memory_mib;
         mesh_config.descriptor.disk_mib = config.offer.disk_mib;
+
         mesh_config.capacity = Some(capacity(config.offer, &runtimes));
         let mut registry = prometheus_client::registry::Registry::default();
         let Mesh { handle: mesh, events, task: mesh_task } = cloudless_mesh::start_with_metrics(
@@ -176,6 +177,7 @@ impl Daemon {
         wasi_config.allow_network = config.allow_network;
         wasi_config.max_memory_mib = config.offer.memory_mib.clamp(16, 4096);
         wasi_config.max_disk_mib = max_disk_mib;
+
         let wasi = WasiDriver::new(wasi_config)?;
         let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
         let group_file = data_dir.join(crate::facts::GROUP_FILE);
@@ -203,6 +205,7 @@ impl Daemon {
             group: group_rx,
             bootstrap,
             unschedulable: why_rx,
+            gate_refresh: tokio::sync::Notify::new(),
         });
         consensus.start_controller(Arc::new(Voters(view_rx))).await;
         let mut drivers: Vec<Arc<dyn Driver>> = vec![Arc::new(wasi)];
@@ -270,7 +273,10 @@ impl Daemon {
             proof: invite.claim_proof(&peer),
             peer,
         };
-        self.api.enroll(&self.facts.name, e).await
+        let reply = self.api.enroll(&self.facts.name, e).await?;
+        // Let in by the pool now: learn the enrolled list at once, not at the next tick.
+        self.facts.gate_refresh.notify_one();
+        Ok(reply)
     }
 
     /// Who is enrolled, from this node's state if it trusts it, else from a member.

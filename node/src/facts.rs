@@ -109,6 +109,9 @@ pub struct Facts {
     pub bootstrap: Vec<NodeName>,
     /// Why workloads are not placed (the placer publishes it while it leads).
     pub unschedulable: watch::Receiver<Arc<Unschedulable>>,
+    /// Wakes the gatekeeper to refresh the gate now: this node enrolled, committed an
+    /// enrollment, or heard of a peer its gate does not know.
+    pub gate_refresh: tokio::sync::Notify,
 }
 
 impl Facts {

@@ -360,6 +360,7 @@ async fn join(invite: &str, args: NodeArgs) -> Result<()> {
     settings_file.save(&args.data_dir.join(FILE))?;
     std::fs::write(args.data_dir.join(CLUSTER_FILE), &invite.token.cluster)?;
     check_place(&args.data_dir, false)?;
+    info!(cluster = %invite.token.cluster, after = ?started.elapsed(), "enrolled");
     println!("Enrolled in cluster {:?} as {}.", invite.token.cluster, node.peer_id());
     let addrs = listen_addrs(&node).await;
     serve(node, http, &args.data_dir, &addrs).await
@@ -517,7 +518,9 @@ fn init_logs(json: bool, quiet: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only for a terminal: a log file or a journal gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
     if json {
         builder.json().init();
     } else {

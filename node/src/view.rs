@@ -215,7 +215,9 @@ impl View {
                     }
                 }
             }
-            Event::Connected { .. } | Event::Lagged { .. } => Changed::default(),
+            Event::Connected { .. } | Event::Lagged { .. } | Event::NotEnrolled { .. } => {
+                Changed::default()
+            }
             Event::Listening(addr) => {
                 if !self.listen.contains(addr) && self.listen.len() < MAX_LISTEN {
                     self.listen.push(addr.clone());

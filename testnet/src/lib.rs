@@ -20,6 +20,7 @@
 //! the testnet is dropped leaves no task or socket behind.
 
 pub mod hostile;
+pub mod joins;
 pub mod procs;
 pub mod report;
 

@@ -14,9 +14,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
+
+use crate::joins::{self, JoinTimes, Marks};
 
 /// How long a node may take to start, enroll and show up.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -327,6 +329,44 @@ impl Procs {
         })
         .with_context(|| self.not_listed(i))?;
         Ok(i)
+    }
+
+    /// Adds a node with a fresh invite and waits until every running node lists it alive;
+    /// returns its index and how long each step of its join took (from its nodes' logs).
+    pub fn join_timed(&mut self) -> Result<(usize, JoinTimes)> {
+        let invite = self.invite(&[])?;
+        let logs: Vec<PathBuf> = (0..=self.nodes.len()).map(|i| self.log(i)).collect();
+        let marks = Marks::now(&logs);
+        let i = self.spawn(&["join", &invite])?;
+        let peer = format!("peer={}", self.nodes[i].peer);
+        let others: Vec<usize> = (0..i).filter(|j| self.nodes[*j].running()).collect();
+        let read = |j: usize| joins::read_from(&self.log(j), marks.offset(j));
+        let times = until("every node lists the new node alive", START_TIMEOUT, || {
+            let (mut last, mut slowest) = (marks.start(), 0);
+            for j in &others {
+                let t = joins::first(&read(*j), "member joined", &[&peer], &[])?;
+                if t > last {
+                    (last, slowest) = (t, *j);
+                }
+            }
+            let own = read(i);
+            let at = |t: SystemTime| joins::since(marks.start(), t);
+            Some(JoinTimes {
+                enrolled: at(joins::first(&own, ": enrolled", &[], &[])?),
+                admitted: at(joins::first(&own, "the cluster lets this node in", &[], &[])?),
+                joined: at(joins::first(&own, "member joined", &[], &[&peer])?),
+                capacity: at(joins::first(
+                    &read(0),
+                    "first capacity of member seen",
+                    &[&peer],
+                    &[],
+                )?),
+                alive_everywhere: at(last),
+                last: slowest,
+            })
+        })
+        .with_context(|| self.not_listed(i))?;
+        Ok((i, times))
     }
 
     /// Starts `cloudless join <invite>` as a new node and returns as soon as it listens (it

@@ -2,7 +2,8 @@
 //! way a user sees them (`cloudless-testnet report`).
 //!
 //! ```text
-//!   Procs (init + joins) ──▶ client connected to node 0 (cordoned: never runs or dies)
+//!   Procs (init + joins, each timed step by step from the nodes' logs: `joins`)
+//!        ──▶ client connected to node 0 (cordoned: never runs or dies)
 //!   submit-to-running: apply a 1-replica WASI workload ──▶ poll until running (10 ms)
 //!   failover: raft voters cordoned too ──▶ SIGKILL the replica's host ──▶ poll until it
 //!             runs elsewhere ──▶ restart the host
@@ -21,6 +22,7 @@ use cloudless_api::{Schedulable, keys};
 use cloudless_cli::client::Client;
 use cloudless_types::{Image, ModuleHash, NodeName, Resources, WorkloadName, WorkloadSpec};
 
+use crate::joins::JoinTimes;
 use crate::procs::Procs;
 
 /// How often the client polls the workload while timing.
@@ -107,12 +109,13 @@ pub async fn run(plan: &Plan, module: &[u8], mut out: impl FnMut(String)) -> Res
     let temp = tempfile::tempdir()?;
     let dir_path = kept.clone().unwrap_or_else(|| temp.path().to_path_buf());
     std::fs::create_dir_all(&dir_path)?;
-    let mut procs = tokio::task::block_in_place(|| -> Result<Procs> {
+    let (mut procs, joins) = tokio::task::block_in_place(|| -> Result<(Procs, Vec<JoinTimes>)> {
         let mut p = Procs::init(&dir_path, &[])?;
+        let mut joins = Vec::new();
         for _ in 1..plan.nodes {
-            p.join()?;
+            joins.push(p.join_timed()?.1);
         }
-        Ok(p)
+        Ok((p, joins))
     })?;
     let key = keys::load(&procs.ctl_dir().join("user.key"))?;
     let client = Client::connect(&procs.nodes[0].addr, key, None).await?;
@@ -124,6 +127,17 @@ pub async fn run(plan: &Plan, module: &[u8], mut out: impl FnMut(String)) -> Res
         "{} cloudless processes on 127.0.0.1 (QUIC), {build} build; client on node 0 (cordoned)",
         plan.nodes
     ));
+    for (step, at) in [
+        ("join: enrollment committed", (|t: &JoinTimes| t.enrolled) as fn(&JoinTimes) -> Duration),
+        ("join: gate list learned", |t| t.admitted),
+        ("join: membership joined", |t| t.joined),
+        ("join: first capacity seen (node 0)", |t| t.capacity),
+    ] {
+        let mut v: Vec<Duration> = joins.iter().map(at).collect();
+        out(line(step, &mut v, "from `cloudless join`"));
+    }
+    let mut alive: Vec<Duration> = joins.iter().map(|t| t.alive_everywhere).collect();
+    out(line("join to listed alive by every node", &mut alive, "targets P50 ≤ 1 s, P95 ≤ 2 s"));
 
     let mut submit = Vec::new();
     for r in 0..plan.runs {

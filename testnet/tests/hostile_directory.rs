@@ -256,7 +256,7 @@ async fn directory_entry_churn() {
         send(&raw, target, Message::Entries(vec![entry(&key, &changed(v), base + v)])).await;
     }
     let taken = until("node 0 took a change", Duration::from_secs(10), || {
-        first_port(&p, 0, &me).filter(|port| *port > 20_000)
+        first_port(&p, 0, &me).filter(|port| (20_001..=20_000 + CHANGES).contains(port))
     })
     .unwrap()
         - 20_000;

@@ -29,6 +29,7 @@ mod streams;
 mod swarm;
 mod task;
 mod unroutable;
+mod unvetted;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -95,6 +96,13 @@ pub enum Event {
         peer: PeerId,
         /// How the connection was made.
         link: Link,
+    },
+    /// A member sent news about a peer the gate does not admit: it may have enrolled since the
+    /// gate was last refreshed, so refresh it now (budgeted; see `unvetted`). Its news is
+    /// kept a moment and taken once the gate admits it.
+    NotEnrolled {
+        /// The peer.
+        peer: PeerId,
     },
     /// Events were lost because the node did not read them fast enough: what it holds may be
     /// stale, so it should read the membership and the directory again. Sent before the next
@@ -309,6 +317,7 @@ async fn launch(
         reachability: if config.behind_nat { Reachability::Private } else { Reachability::Unknown },
         last_persist: Instant::now(),
         last_bootstrap: Instant::now(),
+        unvetted: unvetted::Unvetted::default(),
         metrics,
         config,
     };

@@ -93,6 +93,8 @@ pub(super) struct Task {
     pub(super) reachability: Reachability,
     pub(super) last_persist: Instant,
     pub(super) last_bootstrap: Instant,
+    /// News about peers the gate does not admit yet (a device that just enrolled).
+    pub(super) unvetted: super::unvetted::Unvetted,
 }
 
 impl Task {
@@ -265,6 +267,7 @@ impl Task {
                 }
                 self.recheck_members();
                 self.retain_members();
+                self.admit_unvetted();
                 let _ = r.send(());
             }
             Command::Leave(_) | Command::Shutdown(_) => {}
@@ -413,13 +416,41 @@ impl Task {
 
     /// Drops news about peers that are not enrolled, and bad news from authors that are not:
     /// the member table holds members only, so made-up ids cannot fill it (and keep real
-    /// devices out once it is full), and only members may suspect.
-    fn members_only(&self, updates: &mut Vec<membership::Update<PeerId>>) {
+    /// devices out once it is full), and only members may suspect. A peer's own news is kept
+    /// a moment (it may have enrolled since the gate was refreshed; see `unvetted`).
+    fn members_only(&mut self, updates: &mut Vec<membership::Update<PeerId>>) {
         let before = updates.len();
-        let member = |p: &PeerId| *p == self.me || self.gate.allows(p, Protocol::Membership);
-        updates.retain(|u| member(&u.id) && member(u.author()));
-        if updates.len() < before {
-            debug!(dropped = before - updates.len(), "membership news about non-members dropped");
+        let (me, gate) = (self.me, self.gate.clone());
+        let member = |p: &PeerId| *p == me || gate.allows(p, Protocol::Membership);
+        let (kept, dropped): (Vec<_>, Vec<_>) =
+            std::mem::take(updates).into_iter().partition(|u| member(&u.id) && member(u.author()));
+        *updates = kept;
+        if dropped.is_empty() {
+            return;
+        }
+        debug!(dropped = before - updates.len(), "membership news about non-members dropped");
+        let now = Instant::now();
+        for u in dropped {
+            let peer = u.id;
+            if self.unvetted.keep(u, now) {
+                self.emit(Event::NotEnrolled { peer });
+            }
+        }
+    }
+
+    /// Gives membership the kept news of peers the gate admits now.
+    fn admit_unvetted(&mut self) {
+        let (me, gate) = (self.me, self.gate.clone());
+        let updates = self
+            .unvetted
+            .take_admitted(|p| *p == me || gate.allows(p, Protocol::Membership), Instant::now());
+        if !updates.is_empty() {
+            debug!(updates = updates.len(), "news about newly enrolled peers taken");
+        }
+        // One at a time: a forgery among them (news a member relayed is checked only now)
+        // must not make the core drop the rest.
+        for u in updates {
+            self.drive(Input::Broadcast { updates: vec![u] });
         }
     }
 

@@ -86,7 +86,10 @@ impl Api {
             Ok(Ok(())) => {}
             Err(e) => return Err(read_error(e)),
         }
-        self.propose(caller, command).await
+        let reply = self.propose(caller, command).await?;
+        // The device is enrolled: this member's gate lets it in at once.
+        self.facts.gate_refresh.notify_one();
+        Ok(reply)
     }
 
     /// Status changes of replicas `caller` runs. Another node's report is proposed by the

@@ -2,8 +2,10 @@
 //! Raft members that trust their own state take both from it; other nodes ask a member.
 //!
 //! ```text
-//!   every 500 ms ── trusted member? ── own state: enrolled, revoked ─┐ voters from raft
-//!                └─ else (every 2 s; every 500 ms while it knows nobody):
+//!   every 500 ms, or at once when woken (this node enrolled or committed an enrollment, or
+//!   the mesh heard of a peer the gate does not know):
+//!                ── trusted member? ── own state: enrolled, revoked ─┐ voters from raft
+//!                └─ else (every 2 s, when woken, and every 500 ms while it knows nobody):
 //!                   NodeRequest::Enrolled to a member ──────────────┴▶ GateWriter::set,
 //!                   voters ──▶ watch (peers, api, readiness)        ▶ newly revoked: the mesh
 //!                          └─▶ <data>/group (whom to believe after a restart)   closes their connections
@@ -33,6 +35,13 @@ const EVERY: Duration = Duration::from_millis(500);
 const ASK_TICKS: u64 = 4;
 /// A node the cluster keeps refusing warns this many ticks apart (30 s).
 const WARN_TICKS: u64 = 60;
+/// When a refresh it was woken for changed nothing (the member asked had not applied the
+/// enrollment yet: a follower learns a commit with the leader's next message, within a
+/// heartbeat of 100 ms), the gatekeeper asks again this much later, up to [`FOLLOW_UPS`]
+/// times.
+const FOLLOW_UP: Duration = Duration::from_millis(150);
+/// Asks again after a woken refresh that changed nothing.
+const FOLLOW_UPS: u8 = 3;
 
 /// Runs the gatekeeper until `cancel`.
 pub async fn run(
@@ -46,13 +55,17 @@ pub async fn run(
     let mut tick: u64 = 0;
     // What the cluster said last time it refused, so a new reason is said once.
     let mut refusal = String::new();
+    // Whether this node was seen in the enrolled list yet (said once, for the join's timing).
+    let mut admitted = false;
+    let mut woken = false;
+    let mut follow_ups: u8 = 0;
     loop {
         tick = tick.wrapping_add(1);
         let lists = if facts.trusts_own_state() {
             // Hearing a leader again means this member is back in the group.
             facts.consensus.hold_elections(false);
             api.enrolled().await.ok()
-        } else if tick.is_multiple_of(ASK_TICKS) || !facts.gate.knows_anyone() {
+        } else if woken || tick.is_multiple_of(ASK_TICKS) || !facts.gate.knows_anyone() {
             match api.peers().node_to_member(Enrolled).await {
                 Ok(list) => {
                     refusal.clear();
@@ -77,7 +90,12 @@ pub async fn run(
         } else {
             None
         };
+        let mut changed = false;
         if let Some(EnrolledList { nodes, revoked, voters, learners }) = lists {
+            if !admitted && nodes.iter().any(|n| *n == facts.name) {
+                admitted = true;
+                info!("the cluster lets this node in");
+            }
             let learned = Group { voters, learners };
             if !learned.voters.is_empty() && **group.borrow() != learned {
                 // Kept for the next start: whom to believe before anyone answers.
@@ -87,12 +105,17 @@ pub async fn run(
                 group.send_replace(Arc::new(learned));
             }
             if gate.set(&nodes, &revoked) {
+                changed = true;
                 let _ = facts.mesh.recheck_gate().await;
             }
         }
+        // Woken for a change that did not show yet: look again shortly, a few times.
+        let again = woken && !changed && follow_ups < FOLLOW_UPS;
+        follow_ups = if again { follow_ups + 1 } else { 0 };
         tokio::select! {
             () = cancel.cancelled() => break,
-            () = tokio::time::sleep(EVERY) => {}
+            () = tokio::time::sleep(if again { FOLLOW_UP } else { EVERY }) => woken = again,
+            () = facts.gate_refresh.notified() => woken = true,
         }
     }
 }

@@ -4,7 +4,8 @@
 //! container engine never holds up the view.
 //!
 //! ```text
-//!   mesh::Event ──▶ View::apply ──▶ liveness changed? publish now : publish within 100 ms
+//!   mesh::Event ──▶ said in the log (joined, failed, left, first capacity)
+//!               ──▶ View::apply ──▶ liveness changed? publish now : publish within 100 ms
 //!   Event::Lagged ──▶ members() + directory() once ──▶ View::from_snapshot ──▶ publish
 //!   gauges, every second: the published view, the runtimes, raft ──▶ metrics
 //! ```
@@ -15,11 +16,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cloudless_mesh::{Event, membership};
+use cloudless_mesh::{Event, identity, membership};
 use cloudless_runtime::{Driver, RunState};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::api::read::state_word;
 use crate::facts::Facts;
@@ -70,6 +71,10 @@ pub async fn run(
                         debug!(dropped, "mesh events were lost; reading the mesh again");
                         lagged = true;
                     }
+                    if let Event::NotEnrolled { .. } = e {
+                        facts.gate_refresh.notify_one();
+                    }
+                    say(&view, &e);
                     let c = view.apply(&e, now);
                     liveness |= c.liveness;
                     any |= c.any;
@@ -99,6 +104,41 @@ pub async fn run(
                 dirty_since = None;
             }
         }
+    }
+}
+
+/// Logs what an operator watches a pool for (as Serf and Consul do): a member joining,
+/// coming back, failing or leaving, and the first capacity it is seen with (from then on it
+/// can be given work). Said before `view` applies `e`; a suspicion is only a debug line,
+/// since most are refuted.
+fn say(view: &View, e: &Event) {
+    match e {
+        Event::Member(membership::Event::State { id, state, incarnation, .. }) => {
+            let before = view.peers.get(&identity::node_name(id)).map(|p| p.state);
+            if before == Some(*state) {
+                return;
+            }
+            match state {
+                membership::State::Alive if before == Some(membership::State::Suspect) => {
+                    debug!(peer = %id, incarnation, "member refuted a suspicion");
+                }
+                membership::State::Alive if before.is_none() => {
+                    info!(peer = %id, incarnation, "member joined");
+                }
+                membership::State::Alive => info!(peer = %id, incarnation, "member is back"),
+                membership::State::Suspect => debug!(peer = %id, incarnation, "member suspected"),
+                membership::State::Dead => info!(peer = %id, incarnation, "member failed"),
+                membership::State::Left => info!(peer = %id, incarnation, "member left"),
+            }
+        }
+        Event::Member(membership::Event::Capacity { id, .. }) => {
+            let first =
+                view.peers.get(&identity::node_name(id)).is_some_and(|p| p.capacity.is_none());
+            if first {
+                info!(peer = %id, "first capacity of member seen");
+            }
+        }
+        _ => {}
     }
 }
 
