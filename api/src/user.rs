@@ -310,6 +310,8 @@ pub struct NodeInfo {
     pub memory_used_mib: u64,
     /// Replicas assigned to it.
     pub replicas: u32,
+    /// Replicas it runs at once at most (its offer), if it said.
+    pub max_replicas: Option<u32>,
     /// Addresses it listens on.
     pub addresses: Vec<String>,
 }

@@ -409,7 +409,10 @@ fn node_table(nodes: &Vec<NodeInfo>) -> String {
             n.zone.clone().unwrap_or_default(),
             format!("{}/{}m", n.cpu_used_millis, n.cpu_millis),
             format!("{}/{}Mi", n.memory_used_mib, n.memory_mib),
-            n.replicas
+            match n.max_replicas {
+                Some(max) => format!("{}/{max}", n.replicas),
+                None => n.replicas.to_string(),
+            }
         ));
     }
     out

@@ -89,6 +89,22 @@ pub struct Offer {
     pub memory_mib: Option<u32>,
     /// MiB of disk for replicas.
     pub disk_mib: Option<u32>,
+    /// Replicas run at once at most, of any runtime (default by device class: see
+    /// [`default_max_replicas`]). Each is a slot of the WASI runtime's instance pool.
+    pub replicas: Option<u32>,
+}
+
+/// Replicas a device of `class` runs at once unless its owner says otherwise: what its
+/// memory can hold of small guests (16 MiB each would take 4 GiB at 256), and a phone's or a
+/// gateway's little memory and battery fewer. Every WASI slot reserves address space only
+/// (memories and a stack), no memory until a guest uses it.
+pub fn default_max_replicas(class: Option<DeviceClass>) -> u32 {
+    match class {
+        Some(DeviceClass::Server) => 256,
+        Some(DeviceClass::Desktop) | None => 128,
+        Some(DeviceClass::Laptop) => 64,
+        Some(DeviceClass::Gateway | DeviceClass::Phone) => 16,
+    }
 }
 
 /// The settings file. Every key is optional.
@@ -273,6 +289,15 @@ impl NodeConfig {
         if offer.memory_mib < 16 {
             return Err(invalid("offer.memory_mib", "must be at least 16"));
         }
+        let max_replicas = file.offer.as_ref().and_then(|o| o.replicas);
+        if let Some(n) = max_replicas
+            && !(1..=cloudless_types::MAX_NODE_REPLICAS).contains(&n)
+        {
+            return Err(invalid(
+                "offer.replicas",
+                format!("{n} is not in 1..={}", cloudless_types::MAX_NODE_REPLICAS),
+            ));
+        }
         let containers = match &file.container_engine {
             Some(e) if e.is_empty() => None,
             Some(e) => {
@@ -299,6 +324,7 @@ impl NodeConfig {
         mesh.descriptor.region = file.region.clone();
         mesh.descriptor.device_class = device_class;
         mesh.descriptor.labels = file.labels.clone().unwrap_or_default();
+        mesh.descriptor.max_replicas = max_replicas;
         mesh.validate().map_err(|e| invalid("mesh", e.to_string()))?;
         let daemon = DaemonConfig {
             mesh,
@@ -336,11 +362,14 @@ mod tests {
             [offer]
             cpu_millis = 1500
             memory_mib = 512
+            replicas = 40
             "#,
         )
         .unwrap();
         let c = NodeConfig::resolve(Path::new("/tmp/x"), &f).unwrap();
         assert_eq!(c.daemon.offer.cpu_millis, 1500);
+        assert_eq!(c.daemon.mesh.descriptor.max_replicas, Some(40));
+        assert_eq!(default_max_replicas(Some(DeviceClass::Laptop)), 64);
         assert_eq!(c.daemon.mesh.descriptor.zone.as_deref(), Some("kitchen"));
         assert_eq!(c.daemon.mesh.relay, RelayMode::Never);
         assert!(c.daemon.allow_network);
@@ -369,6 +398,20 @@ mod tests {
                     ..Default::default()
                 },
                 "offer.cpu_millis",
+            ),
+            (
+                FileConfig {
+                    offer: Some(Offer { replicas: Some(0), ..Default::default() }),
+                    ..Default::default()
+                },
+                "offer.replicas",
+            ),
+            (
+                FileConfig {
+                    offer: Some(Offer { replicas: Some(100_000), ..Default::default() }),
+                    ..Default::default()
+                },
+                "offer.replicas",
             ),
             (
                 FileConfig { container_engine: Some("docker".into()), ..Default::default() },

@@ -149,7 +149,12 @@ impl Daemon {
         mesh_config.descriptor.cpu_millis = config.offer.cpu_millis;
         mesh_config.descriptor.memory_mib = config.offer.memory_mib;
         mesh_config.descriptor.disk_mib = config.offer.disk_mib;
-
+        // The replicas it runs at once: the owner's number, else its class's; the WASI pool
+        // holds that many instances, and the scheduler places no more.
+        let max_replicas = mesh_config.descriptor.max_replicas.unwrap_or_else(|| {
+            crate::config::default_max_replicas(mesh_config.descriptor.device_class)
+        });
+        mesh_config.descriptor.max_replicas = Some(max_replicas);
         mesh_config.capacity = Some(capacity(config.offer, &runtimes));
         let mut registry = prometheus_client::registry::Registry::default();
         let Mesh { handle: mesh, events, task: mesh_task } = cloudless_mesh::start_with_metrics(
@@ -177,7 +182,7 @@ impl Daemon {
         wasi_config.allow_network = config.allow_network;
         wasi_config.max_memory_mib = config.offer.memory_mib.clamp(16, 4096);
         wasi_config.max_disk_mib = max_disk_mib;
-
+        wasi_config.max_replicas = max_replicas;
         let wasi = WasiDriver::new(wasi_config)?;
         let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
         let group_file = data_dir.join(crate::facts::GROUP_FILE);

@@ -166,6 +166,10 @@ struct NodeArgs {
     /// MiB of memory offered to workloads (default: half the machine's).
     #[arg(long, env = "CLOUDLESS_MEMORY_MIB")]
     memory_mib: Option<u32>,
+    /// Replicas run at once at most, of any runtime (default by device class: 256 server,
+    /// 128 desktop, 64 laptop, 16 gateway and phone).
+    #[arg(long, env = "CLOUDLESS_MAX_REPLICAS")]
+    max_replicas: Option<u32>,
 }
 
 impl NodeArgs {
@@ -178,10 +182,13 @@ impl NodeArgs {
                 .with_context(|| format!("invalid labels: {l:?} must be key=value"))?;
             labels.insert(k.to_string(), v.to_string());
         }
-        let offer = (self.cpu_millis.is_some() || self.memory_mib.is_some()).then_some(Offer {
+        let any =
+            self.cpu_millis.is_some() || self.memory_mib.is_some() || self.max_replicas.is_some();
+        let offer = any.then_some(Offer {
             cpu_millis: self.cpu_millis,
             memory_mib: self.memory_mib,
             disk_mib: None,
+            replicas: self.max_replicas,
         });
         Ok(FileConfig {
             listen: (!self.listen.is_empty()).then(|| self.listen.clone()),

@@ -100,6 +100,7 @@ pub fn cluster_view(state: &State, view: &View) -> Cluster {
         node.labels.extend(record.labels.clone());
         node.zone = d.zone.clone();
         node.region = d.region.clone();
+        node.max_replicas = d.max_replicas.unwrap_or(u32::MAX);
         if let Some(class) = d.device_class {
             node.device_class = class;
         }

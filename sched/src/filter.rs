@@ -52,6 +52,8 @@ pub enum Reason {
     Disk,
     /// Not enough free GPUs.
     Gpu,
+    /// It runs as many replicas as it can at once (its `max_replicas`).
+    Replicas,
     /// Placing here would break the workload's zone or region spread.
     Skew,
 }
@@ -89,6 +91,9 @@ impl Reason {
             Reason::Memory => format!("{} memory", p("lacks", "lack")),
             Reason::Disk => format!("{} disk", p("lacks", "lack")),
             Reason::Gpu => format!("{} GPUs", p("lacks", "lack")),
+            Reason::Replicas => {
+                format!("{} at {} replica limit", p("is", "are"), p("its", "their"))
+            }
             Reason::Skew => "would break the workload's spread".to_string(),
         };
         format!("{} {v}", thousands(n))

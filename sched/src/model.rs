@@ -91,6 +91,9 @@ pub struct Node {
     pub taints: Vec<Taint>,
     /// Liveness.
     pub liveness: Liveness,
+    /// Replicas it runs at once at most, of any runtime (its WASI instance pool, like
+    /// kubelet's `maxPods`); `u32::MAX`: no limit.
+    pub max_replicas: u32,
 }
 
 impl Node {
@@ -116,6 +119,7 @@ impl Node {
             draining: false,
             taints: Vec::new(),
             liveness: Liveness::Alive,
+            max_replicas: u32::MAX,
         }
     }
 

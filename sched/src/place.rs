@@ -276,6 +276,8 @@ struct Batch<'a> {
     spread: Option<Spread>,
     /// Per node: resources added by this decision (dense: a pass reads every node).
     extra: Vec<Resources>,
+    /// Per node: replicas this decision evicted.
+    evicted_on: Vec<u32>,
     /// Per node: resources freed by this decision's evictions.
     freed: Vec<Resources>,
     /// Per node: replicas of this workload added by this decision.
@@ -323,6 +325,7 @@ impl<'a> Batch<'a> {
             spread: p.spread,
             extra: vec![Resources::ZERO; n],
             freed: vec![Resources::ZERO; n],
+            evicted_on: vec![0; n],
             own_node: vec![0; n],
             zone_count: vec![0; c.zone_count()],
             region_count: vec![0; c.region_count()],
@@ -407,6 +410,18 @@ impl<'a> Batch<'a> {
         self.c.nodes[i].allocatable.saturating_sub(&self.used(i))
     }
 
+    /// Replicas node `i` runs with this batch's placements and evictions.
+    fn replicas(&self, i: usize) -> u32 {
+        let held = u32::try_from(self.c.slots[i].replicas.len()).unwrap_or(u32::MAX);
+        held.saturating_add(self.own_node[i]).saturating_sub(self.evicted_on[i])
+    }
+
+    /// Whether node `i` may run one more replica once `evicting` of its replicas are gone.
+    fn has_slot(&self, i: usize, evicting: usize) -> bool {
+        let evicting = u32::try_from(evicting).unwrap_or(u32::MAX);
+        self.replicas(i).saturating_sub(evicting) < self.c.nodes[i].max_replicas
+    }
+
     /// Replicas of this workload within node `i`'s extent `t`, this batch included.
     fn own_count(&self, i: usize, t: Topology) -> u32 {
         match t {
@@ -432,6 +447,9 @@ impl<'a> Batch<'a> {
     /// out (used to decide whether a node could take a replica at all).
     fn dynamic_verdict(&self, i: usize, with_skew: bool) -> Result<(), Reason> {
         resource_verdict(&self.free(i), &self.w.resources)?;
+        if !self.has_slot(i, 0) {
+            return Err(Reason::Replicas);
+        }
         self.dynamic_rules(i, with_skew)
     }
 
@@ -665,13 +683,13 @@ impl<'a> Batch<'a> {
             let mut free = self.free(i);
             let mut chosen = Vec::new();
             for (r, p, res) in victims {
-                if need.fits_in(&free) {
+                if need.fits_in(&free) && self.has_slot(i, chosen.len()) {
                     break;
                 }
                 free = free.saturating_add(&res);
                 chosen.push((r.clone(), p, res));
             }
-            if !need.fits_in(&free) || chosen.is_empty() {
+            if !need.fits_in(&free) || !self.has_slot(i, chosen.len()) || chosen.is_empty() {
                 continue;
             }
             let max_p = chosen.iter().map(|(_, p, _)| i64::from(*p)).max().unwrap_or(i64::MIN);
@@ -696,6 +714,8 @@ impl<'a> Batch<'a> {
             self.evicted.insert(v.clone());
         }
         self.freed[i] = self.freed[i].saturating_add(&freed);
+        self.evicted_on[i] =
+            self.evicted_on[i].saturating_add(u32::try_from(victims.len()).unwrap_or(u32::MAX));
         Some((i, victims))
     }
 

@@ -302,6 +302,34 @@ fn a_container_workload_runs_on_a_node_with_an_engine() {
     .unwrap();
 }
 
+#[test]
+fn a_node_runs_no_more_replicas_than_it_offers() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Procs::init(dir.path(), &["--max-replicas", "2"]).unwrap();
+    let spec = write_spec(
+        dir.path(),
+        "three",
+        &format!(
+            "name: three\nruntime: {{ wasi: {{ module: {MODULE} }} }}\nresources: {{ requests: {{ cpu: 100m, memory: 16Mi }} }}\nreplicas: 3\n"
+        ),
+    );
+    let out = c.ctl(&["workload", "apply", "-f", &spec]);
+    assert!(out.ok, "{out:?}");
+    // Two run; the third waits, and says why (it used to be placed and crash-loop when the
+    // runtime's instance pool was full, with an empty reason).
+    let why = until("two run and the third waits for a slot", DEADLINE, || {
+        let w = c.json(&["workload", "get", "three"]).ok()?;
+        let running = w["replicas"].as_array()?.iter().filter(|r| r["phase"] == "running").count();
+        let why = w["unschedulable"].as_str()?.to_owned();
+        (running == 2).then_some(why)
+    })
+    .unwrap();
+    assert!(why.contains("1 is at its replica limit"), "{why}");
+    let nodes = c.json(&["node", "list"]).unwrap();
+    assert_eq!(nodes[0]["max_replicas"], 2, "{nodes}");
+    assert!(c.ctl(&["node", "list"]).stdout.contains(" 2/2"), "the list shows the limit");
+}
+
 /// The engine's containers of one node (named `cloudless-<peer>-<replica>`); whatever a
 /// test leaves behind (a panic, a killed node) is removed when this is dropped.
 struct Containers {

@@ -263,6 +263,9 @@ pub const MAX_LABEL_VALUE: usize = 253;
 pub const MAX_ADDRS: usize = 16;
 /// Largest length of one address or of zone and region names, in bytes.
 pub const MAX_NAME: usize = 256;
+/// Most replicas a node may say it runs at once: far above what any device's runtime pool
+/// holds (a WASI instance slot reserves address space for its memories and stack).
+pub const MAX_NODE_REPLICAS: u32 = 4096;
 
 /// The slowly changing description of a node: how to reach it, what it is and what it offers at
 /// most. Held in the mesh's replicated node directory; only the node itself edits its entry.
@@ -288,6 +291,9 @@ pub struct NodeDescriptor {
     pub disk_mib: u32,
     /// GPUs offered.
     pub gpus: u16,
+    /// Replicas it runs at once at most, of any runtime (the size of its WASI instance pool,
+    /// like kubelet's `maxPods`); `None`: not stated, no limit.
+    pub max_replicas: Option<u32>,
 }
 
 impl NodeDescriptor {
@@ -340,6 +346,11 @@ impl NodeDescriptor {
                 return Err(invalid("runtimes", format!("{} listed twice", r.as_str())));
             }
             seen.push(*r);
+        }
+        if let Some(n) = self.max_replicas
+            && !(1..=MAX_NODE_REPLICAS).contains(&n)
+        {
+            return Err(invalid("max_replicas", format!("{n} not in 1..={MAX_NODE_REPLICAS}")));
         }
         Ok(())
     }

@@ -135,6 +135,7 @@ pub fn nodes(state: &State, view: &View, voters: &[NodeName]) -> Vec<NodeInfo> {
                 cpu_used_millis: cpu,
                 memory_used_mib: mem,
                 replicas,
+                max_replicas: d.max_replicas,
                 addresses: d.addrs.clone(),
             }
         })

@@ -213,6 +213,38 @@ fn preemption_evicts_the_cheapest_set_of_lower_priority_replicas() {
 }
 
 #[test]
+fn a_node_runs_no_more_replicas_than_its_limit_and_preemption_frees_a_slot() {
+    // Room for ten of these on each, but a runs three at most and holds one already.
+    let mut c = cluster(vec![
+        Node { max_replicas: 3, ..node("a", 10_000, 10_000, "z") },
+        Node { max_replicas: 2, ..node("b", 10_000, 10_000, "z") },
+    ]);
+    let low: Arc<str> = Arc::from("low");
+    c.assign(ReplicaId::new(&low, 0), "a", res(100, 100), 1).unwrap();
+    // Of the same priority as what a holds: nothing to preempt.
+    let w = Workload { priority: 1, ..Workload::new("w", Runtime::Wasi, res(100, 100), 6) };
+    let d = sched().place(&c, &w, &ids(&w, 6));
+    let on = nodes_of(&d);
+    assert_eq!(on.iter().filter(|n| **n == "a").count(), 2, "{on:?}");
+    assert_eq!(on.iter().filter(|n| **n == "b").count(), 2, "{on:?}");
+    assert_eq!(d.unplaced.len(), 2);
+    assert_eq!(
+        d.unschedulable.as_ref().unwrap().to_string(),
+        "0/2 nodes are available: 2 are at their replica limit"
+    );
+    // A full node makes room by evicting one lower-priority replica (the first by name of
+    // those that cost least), and only one.
+    let mut full = c.clone();
+    d.apply(&mut full, &w).unwrap();
+    let mut urgent = Workload::new("urgent", Runtime::Wasi, res(100, 100), 1);
+    urgent.priority = 10;
+    let d = sched().place(&full, &urgent, &ids(&urgent, 1));
+    assert_eq!(d.placements.len(), 1, "{d:?}");
+    assert_eq!(&*d.preemptions[0].node, "a");
+    assert_eq!(d.preemptions[0].victims, vec![ReplicaId::new(&low, 0)]);
+}
+
+#[test]
 fn decisions_are_deterministic_per_seed() {
     let c = cluster(
         (0..50).map(|i| node(&format!("n{i}"), 1000, 1000, &format!("z{}", i % 5))).collect(),
