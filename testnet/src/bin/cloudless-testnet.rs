@@ -83,6 +83,12 @@ struct SimArgs {
     /// Seed; the SEED environment variable works too.
     #[arg(long, env = "SEED", default_value_t = 1)]
     seed: u64,
+    /// The membership's probe timeout, in milliseconds (default: the node's).
+    #[arg(long)]
+    probe_timeout: Option<u64>,
+    /// The membership's shortest suspicion timeout, in milliseconds (default: the node's).
+    #[arg(long)]
+    suspicion_min: Option<u64>,
 }
 
 #[tokio::main]
@@ -104,7 +110,16 @@ async fn main() -> Result<()> {
             cloudless_testnet::report::run(&plan, module, |line| println!("{line}")).await?;
         }
         Command::Sim(a) => {
+            let mut config = cloudless_mesh::membership::Config::default();
+            if let Some(ms) = a.probe_timeout {
+                config.probe_timeout = Duration::from_millis(ms);
+            }
+            if let Some(ms) = a.suspicion_min {
+                config.suspicion_min = Duration::from_millis(ms);
+            }
+            config.validate().map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
             let report = sim::run(Scenario {
+                config,
                 nodes: a.nodes,
                 duration: Duration::from_secs_f64(a.duration),
                 warmup: Duration::from_secs_f64(a.warmup),
@@ -115,7 +130,6 @@ async fn main() -> Result<()> {
                 join_rate: a.join / 100.0,
                 leave_rate: a.leave / 100.0,
                 seed: a.seed,
-                ..Scenario::default()
             });
             println!("{report}");
         }
