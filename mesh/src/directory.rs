@@ -35,7 +35,9 @@
 //! budgeted per author ([`CHANGE_BURST`], then one per [`CHANGE_INTERVAL`]): a member that
 //! re-signs its entry again and again costs every node an event, an address book update and
 //! a file rewrite per change otherwise. A change past the budget is not lost, only late: the
-//! periodic exchange offers the newest entry again until the budget takes it.
+//! newest entry refused per author is kept ([`Directory::promote_late`] takes it once the
+//! budget allows), so replaying an author's older entries to a node that lags cannot keep
+//! its newest one out.
 //!
 //! A node that lost its copy (a reinstall with the same key) signs versions from its wall
 //! clock; if an earlier life's entry comes back with a higher version, it signs its current
@@ -255,6 +257,8 @@ pub struct Directory {
     budgets: Budgets<PeerId>,
     /// Changes taken per author (never our own).
     changes: Budgets<PeerId>,
+    /// The newest entry per author that its budget refused, taken once it allows.
+    late: BTreeMap<PeerId, Entry>,
     digest: Option<[u8; 32]>,
     dirty: bool,
 }
@@ -275,6 +279,7 @@ impl Directory {
             own: None,
             budgets: answer_budgets(),
             changes: change_budgets(),
+            late: BTreeMap::new(),
             digest: None,
             dirty: false,
         }
@@ -480,6 +485,7 @@ impl Directory {
             self.entries.remove(p);
             self.budgets.forget(p);
             self.changes.forget(p);
+            self.late.remove(p);
         }
         if !gone.is_empty() {
             self.touch();
@@ -636,18 +642,52 @@ impl Directory {
             _ => {}
         }
         // Charged only for a verified entry that would replace: nobody can spend an author's
-        // budget with entries it did not sign, or with its old ones.
+        // budget with entries it did not sign, or with ones older than what we hold.
         if self.changes.available(&peer, now) == 0 {
+            if self.late.get(&peer).is_none_or(|l| entry.rank() > l.rank()) {
+                self.late.insert(peer, entry);
+            }
             return Err(format!(
                 "entry of {peer} changed more than {CHANGE_BURST} times, then more than once \
                  per {}s; taken later",
                 CHANGE_INTERVAL.as_secs()
             ));
         }
+        // The newest seen wins the budget: an older entry replayed the moment it refilled
+        // does not take the place of one refused before.
+        let entry = match self.late.remove(&peer) {
+            Some(l) if l.rank() > entry.rank() => l,
+            _ => entry,
+        };
         self.changes.spend(peer, 1, now);
         self.entries.insert(peer, entry);
         self.touch();
         Ok(Some(peer))
+    }
+
+    /// Takes the late entries (refused by their author's budget) that the budget allows now;
+    /// returns the nodes whose entries changed. Called periodically.
+    pub fn promote_late(
+        &mut self,
+        is_member: impl Fn(&PeerId) -> bool,
+        now: Instant,
+    ) -> Vec<PeerId> {
+        let due: Vec<PeerId> =
+            self.late.keys().filter(|p| self.changes.available(p, now) > 0).copied().collect();
+        let mut changed = Vec::new();
+        for p in due {
+            let Some(entry) = self.late.remove(&p) else { continue };
+            let newer = self.entries.get(&p).is_none_or(|held| entry.rank() > held.rank());
+            if newer && is_member(&p) {
+                self.changes.spend(p, 1, now);
+                self.entries.insert(p, entry);
+                changed.push(p);
+            }
+        }
+        if !changed.is_empty() {
+            self.touch();
+        }
+        changed
     }
 
     /// Whether an own entry of `version` would show the data dir older than our last run:

@@ -211,6 +211,7 @@ impl Daemon {
             bootstrap,
             unschedulable: why_rx,
             gate_refresh: tokio::sync::Notify::new(),
+            gate_hint: tokio::sync::Notify::new(),
         });
         consensus.start_controller(Arc::new(Voters(view_rx))).await;
         let mut drivers: Vec<Arc<dyn Driver>> = vec![Arc::new(wasi)];

@@ -109,9 +109,12 @@ pub struct Facts {
     pub bootstrap: Vec<NodeName>,
     /// Why workloads are not placed (the placer publishes it while it leads).
     pub unschedulable: watch::Receiver<Arc<Unschedulable>>,
-    /// Wakes the gatekeeper to refresh the gate now: this node enrolled, committed an
-    /// enrollment, or heard of a peer its gate does not know.
+    /// Wakes the gatekeeper to refresh the gate now, and again shortly if that showed no
+    /// change yet: this node enrolled, or committed an enrollment.
     pub gate_refresh: tokio::sync::Notify,
+    /// Wakes the gatekeeper to refresh the gate once: the mesh heard a member announce a
+    /// peer the gate does not know (budgeted by the mesh: 4 at once, then one per second).
+    pub gate_hint: tokio::sync::Notify,
 }
 
 impl Facts {

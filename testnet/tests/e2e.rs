@@ -231,7 +231,24 @@ fn a_pool_of_processes_from_init_to_delete() {
     .unwrap();
     let old = leader(&c).unwrap();
     c.kill(c.index(&old).unwrap());
-    let new = until("a new leader", DEADLINE, || leader(&c).filter(|l| *l != old)).unwrap();
+    let new =
+        until("a new leader", DEADLINE, || leader(&c).filter(|l| *l != old)).unwrap_or_else(|e| {
+            // What each live node says, and the ends of their logs: a leaderless group is a
+            // bug to find, not a slow machine to wait out.
+            let live: Vec<usize> = (0..c.nodes.len()).filter(|i| c.nodes[*i].running()).collect();
+            let mut why = format!("{e} (old leader {old})\n");
+            for i in live {
+                let status = c.ctl_via(i, &["-o", "json", "cluster", "status"]);
+                why.push_str(&format!(
+                    "--- node {i} ({}): {}{}\n{}\n",
+                    c.nodes[i].peer,
+                    status.stdout,
+                    status.stderr,
+                    c.tail(i, 30)
+                ));
+            }
+            panic!("{why}")
+        });
     assert_ne!(new, old);
     until("the workload keeps three running replicas", DEADLINE, || {
         let hosts = running_on(&c, "hello")?;

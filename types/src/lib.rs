@@ -263,9 +263,11 @@ pub const MAX_LABEL_VALUE: usize = 253;
 pub const MAX_ADDRS: usize = 16;
 /// Largest length of one address or of zone and region names, in bytes.
 pub const MAX_NAME: usize = 256;
-/// Most replicas a node may say it runs at once: far above what any device's runtime pool
-/// holds (a WASI instance slot reserves address space for its memories and stack).
-pub const MAX_NODE_REPLICAS: u32 = 4096;
+/// Most replicas a node may say it runs at once: four times a server's default. A WASI
+/// instance slot reserves address space for two memories (each up to its 4 GiB reservation
+/// and guard) and a stack, so a pool of 1,024 reserves about 10 TiB of the 128 TiB a 64-bit
+/// Linux process has.
+pub const MAX_NODE_REPLICAS: u32 = 1024;
 
 /// The slowly changing description of a node: how to reach it, what it is and what it offers at
 /// most. Held in the mesh's replicated node directory; only the node itself edits its entry.

@@ -279,6 +279,38 @@ fn an_author_that_changes_its_entry_again_and_again_is_followed_within_a_budget(
         .receive(author, Message::Entries(vec![signed(&k, &desc("z61"), 61)]), anyone, later)
         .unwrap();
     assert!(out.changed.is_empty(), "one per interval");
+    // Replayed older entries do not keep the newest out: refused while the budget is spent,
+    // the newest seen is kept and wins the next token, whatever arrives with it.
+    let later = later + CHANGE_INTERVAL;
+    let out = b
+        .receive(author, Message::Entries(vec![signed(&k, &desc("z62"), 62)]), anyone, later)
+        .unwrap();
+    assert_eq!(out.changed.len(), 1);
+    for v in [70, 63] {
+        let out = b
+            .receive(
+                author,
+                Message::Entries(vec![signed(&k, &desc(&format!("z{v}")), v)]),
+                anyone,
+                later,
+            )
+            .unwrap();
+        assert!(out.changed.is_empty());
+    }
+    let refill = later + CHANGE_INTERVAL;
+    let out = b
+        .receive(author, Message::Entries(vec![signed(&k, &desc("z64"), 64)]), anyone, refill)
+        .unwrap();
+    assert_eq!(out.changed.len(), 1);
+    assert_eq!(b.get(&author).unwrap().zone.as_deref(), Some("z70"), "the newest refused one won");
+    // Or, with nothing arriving, the periodic promotion takes it.
+    let out = b
+        .receive(author, Message::Entries(vec![signed(&k, &desc("z80"), 80)]), anyone, refill)
+        .unwrap();
+    assert!(out.changed.is_empty());
+    assert!(b.promote_late(anyone, refill).is_empty(), "not before the budget allows");
+    assert_eq!(b.promote_late(anyone, refill + CHANGE_INTERVAL), vec![author]);
+    assert_eq!(b.get(&author).unwrap().zone.as_deref(), Some("z80"));
     // Its own changes are never budgeted.
     for v in 1..=60u64 {
         assert!(b.set_own(&desc(&format!("own{v}")), v).unwrap());

@@ -356,7 +356,9 @@ impl Task {
                         | membership::Message::Ack { updates, .. }
                         | membership::Message::PingReq { updates, .. }
                         | membership::Message::Join { updates, .. }
-                        | membership::Message::Sync { updates, .. } => self.members_only(updates),
+                        | membership::Message::Sync { updates, .. } => {
+                            self.members_only(peer, updates)
+                        }
                         membership::Message::Nack { .. } => {}
                     }
                     self.drive(Input::Message { from: peer, message });
@@ -400,7 +402,7 @@ impl Task {
             return gossipsub::MessageAcceptance::Reject;
         }
         let before = updates.len();
-        self.members_only(&mut updates);
+        self.members_only(from, &mut updates);
         // Bad news from a member whose suspicions were refuted too often is not taken, and
         // not forwarded either.
         let blamed =
@@ -417,8 +419,10 @@ impl Task {
     /// Drops news about peers that are not enrolled, and bad news from authors that are not:
     /// the member table holds members only, so made-up ids cannot fill it (and keep real
     /// devices out once it is full), and only members may suspect. A peer's own news is kept
-    /// a moment (it may have enrolled since the gate was refreshed; see `unvetted`).
-    fn members_only(&mut self, updates: &mut Vec<membership::Update<PeerId>>) {
+    /// a moment (it may have enrolled since the gate was refreshed; see `unvetted`), once its
+    /// signature verified; the first forgery ends that for the rest of the input, so a member
+    /// cannot make us check one signature per update it sends.
+    fn members_only(&mut self, from: PeerId, updates: &mut Vec<membership::Update<PeerId>>) {
         let before = updates.len();
         let (me, gate) = (self.me, self.gate.clone());
         let member = |p: &PeerId| *p == me || gate.allows(p, Protocol::Membership);
@@ -431,8 +435,14 @@ impl Task {
         debug!(dropped = before - updates.len(), "membership news about non-members dropped");
         let now = Instant::now();
         for u in dropped {
+            if !super::unvetted::Unvetted::keeps(&u) {
+                continue;
+            }
+            if !crate::identity::verify_update(&u) {
+                break;
+            }
             let peer = u.id;
-            if self.unvetted.keep(u, now) {
+            if self.unvetted.keep(u, from, now) {
                 self.emit(Event::NotEnrolled { peer });
             }
         }
@@ -621,8 +631,24 @@ impl Task {
         let peers: Vec<PeerId> =
             core.live_peers().copied().choose_multiple(&mut rand::thread_rng(), fanout);
         let summary = dir.summary();
+        // Entries their authors' budgets held back, now that they allow.
+        let gate = self.gate.clone();
+        let late = dir.promote_late(|p| gate.allows(p, Protocol::Directory), Instant::now());
+        let updates: Vec<(PeerId, Option<NodeDescriptor>)> =
+            late.into_iter().map(|p| (p, dir.get(&p))).collect();
         for p in peers {
             self.send_datagram(p, Datagram::Directory(summary.clone()));
+        }
+        self.directory_changed(updates);
+    }
+
+    /// Tells the node of changed directory entries (and the swarm of their addresses).
+    fn directory_changed(&mut self, updates: Vec<(PeerId, Option<NodeDescriptor>)>) {
+        for (p, d) in updates {
+            if let Some(d) = &d {
+                add_addresses(&mut self.swarm, &p, &d.addrs);
+            }
+            self.emit(Event::Directory { peer: p, descriptor: d });
         }
     }
 
@@ -649,12 +675,7 @@ impl Task {
                 for r in out.replies {
                     self.send_datagram(peer, Datagram::Directory(r));
                 }
-                for (p, d) in updates {
-                    if let Some(d) = &d {
-                        add_addresses(&mut self.swarm, &p, &d.addrs);
-                    }
-                    self.emit(Event::Directory { peer: p, descriptor: d });
-                }
+                self.directory_changed(updates);
             }
             Err(e) => debug!(%peer, error = %e, "directory message refused"),
         }

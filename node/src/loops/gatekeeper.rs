@@ -35,10 +35,11 @@ const EVERY: Duration = Duration::from_millis(500);
 const ASK_TICKS: u64 = 4;
 /// A node the cluster keeps refusing warns this many ticks apart (30 s).
 const WARN_TICKS: u64 = 60;
-/// When a refresh it was woken for changed nothing (the member asked had not applied the
-/// enrollment yet: a follower learns a commit with the leader's next message, within a
-/// heartbeat of 100 ms), the gatekeeper asks again this much later, up to [`FOLLOW_UPS`]
-/// times.
+/// When a refresh it was woken for by an enrollment (this device's, or one this member
+/// committed) changed nothing (the member asked had not applied it yet: a follower learns a
+/// commit with the leader's next message, within a heartbeat of 100 ms), the gatekeeper
+/// asks again this much later, up to [`FOLLOW_UPS`] times. A mesh hint gets no follow-ups:
+/// a member announcing made-up peers would otherwise cost four asks per hint.
 const FOLLOW_UP: Duration = Duration::from_millis(150);
 /// Asks again after a woken refresh that changed nothing.
 const FOLLOW_UPS: u8 = 3;
@@ -58,9 +59,14 @@ pub async fn run(
     // Whether this node was seen in the enrolled list yet (said once, for the join's timing).
     let mut admitted = false;
     let mut woken = false;
+    // Whether the wake-up was an enrollment's (it gets follow-ups), not a mesh hint.
+    let mut enrolling = false;
     let mut follow_ups: u8 = 0;
     loop {
-        tick = tick.wrapping_add(1);
+        // Wake-ups do not count: the periodic asks and warnings keep their pace.
+        if !woken {
+            tick = tick.wrapping_add(1);
+        }
         let lists = if facts.trusts_own_state() {
             // Hearing a leader again means this member is back in the group.
             facts.consensus.hold_elections(false);
@@ -109,13 +115,17 @@ pub async fn run(
                 let _ = facts.mesh.recheck_gate().await;
             }
         }
-        // Woken for a change that did not show yet: look again shortly, a few times.
-        let again = woken && !changed && follow_ups < FOLLOW_UPS;
+        // Woken for an enrollment that did not show yet: look again shortly, a few times.
+        let again = woken && enrolling && !changed && follow_ups < FOLLOW_UPS;
         follow_ups = if again { follow_ups + 1 } else { 0 };
-        tokio::select! {
+        (woken, enrolling) = tokio::select! {
             () = cancel.cancelled() => break,
-            () = tokio::time::sleep(if again { FOLLOW_UP } else { EVERY }) => woken = again,
-            () = facts.gate_refresh.notified() => woken = true,
-        }
+            () = tokio::time::sleep(if again { FOLLOW_UP } else { EVERY }) => (again, again),
+            () = facts.gate_refresh.notified() => {
+                follow_ups = 0;
+                (true, true)
+            }
+            () = facts.gate_hint.notified() => (true, false),
+        };
     }
 }

@@ -72,7 +72,7 @@ pub async fn run(
                         lagged = true;
                     }
                     if let Event::NotEnrolled { .. } = e {
-                        facts.gate_refresh.notify_one();
+                        facts.gate_hint.notify_one();
                     }
                     say(&view, &e);
                     let c = view.apply(&e, now);
