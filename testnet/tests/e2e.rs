@@ -48,6 +48,17 @@ fn write_spec(dir: &Path, name: &str, body: &str) -> String {
     path.display().to_string()
 }
 
+/// A workload of `replicas` replicas of the example module, written under `dir`.
+fn hello_spec(dir: &Path, name: &str, replicas: u32) -> String {
+    write_spec(
+        dir,
+        name,
+        &format!(
+            "name: {name}\nruntime: {{ wasi: {{ module: {MODULE} }} }}\nresources: {{ requests: {{ cpu: 100m, memory: 16Mi }} }}\nreplicas: {replicas}\n"
+        ),
+    )
+}
+
 #[test]
 fn a_pool_of_processes_from_init_to_delete() {
     let dir = tempfile::tempdir().unwrap();
@@ -255,13 +266,7 @@ fn a_pool_of_processes_from_init_to_delete() {
         hosts.iter().all(|h| c.index(h).is_some_and(|i| c.nodes[i].running())).then_some(())
     })
     .unwrap();
-    let second = write_spec(
-        dir.path(),
-        "again",
-        &format!(
-            "name: again\nruntime: {{ wasi: {{ module: {MODULE} }} }}\nresources: {{ requests: {{ cpu: 100m, memory: 16Mi }} }}\nreplicas: 2\n"
-        ),
-    );
+    let second = hello_spec(dir.path(), "again", 2);
     let out = c.ctl(&["workload", "apply", "-f", &second]);
     assert!(out.ok, "apply after the leader died: {out:?}");
     until("the new workload runs", DEADLINE, || running_on(&c, "again")).unwrap();
@@ -323,13 +328,7 @@ fn a_container_workload_runs_on_a_node_with_an_engine() {
 fn a_node_runs_no_more_replicas_than_it_offers() {
     let dir = tempfile::tempdir().unwrap();
     let c = Procs::init(dir.path(), &["--max-replicas", "2"]).unwrap();
-    let spec = write_spec(
-        dir.path(),
-        "three",
-        &format!(
-            "name: three\nruntime: {{ wasi: {{ module: {MODULE} }} }}\nresources: {{ requests: {{ cpu: 100m, memory: 16Mi }} }}\nreplicas: 3\n"
-        ),
-    );
+    let spec = hello_spec(dir.path(), "three", 3);
     let out = c.ctl(&["workload", "apply", "-f", &spec]);
     assert!(out.ok, "{out:?}");
     // Two run; the third waits, and says why (it used to be placed and crash-loop when the

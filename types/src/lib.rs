@@ -382,6 +382,26 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_limit_outside_its_bounds_is_refused() {
+        for (n, ok) in [
+            (None, true),
+            (Some(1), true),
+            (Some(MAX_NODE_REPLICAS), true),
+            (Some(0), false),
+            (Some(MAX_NODE_REPLICAS + 1), false),
+        ] {
+            let d = NodeDescriptor { max_replicas: n, ..Default::default() };
+            match d.validate() {
+                Ok(()) => assert!(ok, "{n:?} was taken"),
+                Err(e) => {
+                    assert!(!ok, "{n:?}: {e}");
+                    assert!(e.to_string().contains("max_replicas"), "{e}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn small_drift_is_not_meaningful_but_discrete_changes_are() {
         let base = cap();
         let drift = Capacity { cpu_free_millis: 2900, ..base };

@@ -244,17 +244,15 @@ fn an_author_that_changes_its_entry_again_and_again_is_followed_within_a_budget(
     let (k, mut b) = (key(), Directory::new(key()));
     let author = k.public().to_peer_id();
     let burst = usize::try_from(CHANGE_BURST).unwrap();
+    // The author's entry of version `v`, with zone `z<v>`, offered at `t`.
+    let offer = |b: &mut Directory, v: u64, t: Instant| {
+        let entry = signed(&k, &desc(&format!("z{v}")), v);
+        b.receive(author, Message::Entries(vec![entry]), anyone, t).unwrap()
+    };
     // Sixty changes at once: the first `burst` are taken, the rest refused (and said why).
     let mut refused = 0;
     for v in 1..=60u64 {
-        let out = b
-            .receive(
-                author,
-                Message::Entries(vec![signed(&k, &desc(&format!("z{v}")), v)]),
-                anyone,
-                now,
-            )
-            .unwrap();
+        let out = offer(&mut b, v, now);
         refused += out.refused.len();
         assert_eq!(out.changed.len(), usize::from(v <= CHANGE_BURST));
     }
@@ -270,43 +268,26 @@ fn an_author_that_changes_its_entry_again_and_again_is_followed_within_a_budget(
     // Late, not lost: one interval on, the newest entry (which the author's periodic exchange
     // offers again) is taken.
     let later = now + CHANGE_INTERVAL;
-    let out = b
-        .receive(author, Message::Entries(vec![signed(&k, &desc("z60"), 60)]), anyone, later)
-        .unwrap();
+    let out = offer(&mut b, 60, later);
     assert_eq!(out.changed.len(), 1, "{:?}", out.refused);
     assert_eq!(b.get(&author).unwrap().zone.as_deref(), Some("z60"));
-    let out = b
-        .receive(author, Message::Entries(vec![signed(&k, &desc("z61"), 61)]), anyone, later)
-        .unwrap();
+    let out = offer(&mut b, 61, later);
     assert!(out.changed.is_empty(), "one per interval");
     // Replayed older entries do not keep the newest out: refused while the budget is spent,
     // the newest seen is kept and wins the next token, whatever arrives with it.
     let later = later + CHANGE_INTERVAL;
-    let out = b
-        .receive(author, Message::Entries(vec![signed(&k, &desc("z62"), 62)]), anyone, later)
-        .unwrap();
+    let out = offer(&mut b, 62, later);
     assert_eq!(out.changed.len(), 1);
     for v in [70, 63] {
-        let out = b
-            .receive(
-                author,
-                Message::Entries(vec![signed(&k, &desc(&format!("z{v}")), v)]),
-                anyone,
-                later,
-            )
-            .unwrap();
+        let out = offer(&mut b, v, later);
         assert!(out.changed.is_empty());
     }
     let refill = later + CHANGE_INTERVAL;
-    let out = b
-        .receive(author, Message::Entries(vec![signed(&k, &desc("z64"), 64)]), anyone, refill)
-        .unwrap();
+    let out = offer(&mut b, 64, refill);
     assert_eq!(out.changed.len(), 1);
     assert_eq!(b.get(&author).unwrap().zone.as_deref(), Some("z70"), "the newest refused one won");
     // Or, with nothing arriving, the periodic promotion takes it.
-    let out = b
-        .receive(author, Message::Entries(vec![signed(&k, &desc("z80"), 80)]), anyone, refill)
-        .unwrap();
+    let out = offer(&mut b, 80, refill);
     assert!(out.changed.is_empty());
     assert!(b.promote_late(anyone, refill).is_empty(), "not before the budget allows");
     assert_eq!(b.promote_late(anyone, refill + CHANGE_INTERVAL), vec![author]);

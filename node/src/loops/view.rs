@@ -71,7 +71,8 @@ pub async fn run(
                         debug!(dropped, "mesh events were lost; reading the mesh again");
                         lagged = true;
                     }
-                    if let Event::NotEnrolled { .. } = e {
+                    if let Event::NotEnrolled { peer } = &e {
+                        debug!(%peer, "a member announced a peer the gate does not know");
                         facts.gate_hint.notify_one();
                     }
                     say(&view, &e);
