@@ -70,7 +70,7 @@ macro_rules! node_calls {
 node_calls! {
     Enroll(Enroll) -> Reply,
     Report(Report) -> Reply,
-    Assigned(Assigned) -> Vec<Assignment>,
+    Assigned(Assigned) -> AssignedList,
     Enrolled(Enrolled) -> EnrolledList,
     Module(ModuleChunk) -> Chunk,
     Nudge(Nudge) -> (),
@@ -99,9 +99,23 @@ pub struct Enroll {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report(pub Vec<(ReplicaId, ReplicaStatus)>);
 
-/// [`NodeRequest::Assigned`].
+/// [`NodeRequest::Assigned`]: the caller's assignments, unless it holds them already.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Assigned;
+pub struct Assigned {
+    /// The generation of the list the caller holds (none: send it whatever it is).
+    pub known: Option<u64>,
+}
+
+/// The answer to [`Assigned`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignedList {
+    /// The generation of the caller's list in the answering member's state: the applied
+    /// count at which it last changed. It only grows.
+    pub generation: u64,
+    /// The list, or none when the caller's `known` is this generation or newer ("not
+    /// modified": the member is no newer than the caller).
+    pub assignments: Option<Vec<Assignment>>,
+}
 
 /// Replicas of one workload that a node should run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,13 +130,23 @@ pub struct Assignment {
     pub leaving: Vec<u32>,
 }
 
-/// [`NodeRequest::Enrolled`].
+/// [`NodeRequest::Enrolled`]: who is enrolled, as the changes since what the caller holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Enrolled;
+pub struct Enrolled {
+    /// The generation of the lists the caller holds (none: send them whole).
+    pub known: Option<u64>,
+}
 
-/// Who is enrolled, as committed state says.
+/// Who is enrolled, as committed state says: whole, or the changes after the caller's
+/// `known` generation.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnrolledList {
+    /// The generation of these lists: the applied count of the last enrollment or
+    /// revocation in the answering member's state.
+    pub generation: u64,
+    /// Whether `nodes` and `revoked` are whole (else they are the nodes enrolled or revoked
+    /// after the caller's `known`, to merge into what it holds).
+    pub whole: bool,
     /// Enrolled, not revoked.
     pub nodes: Vec<NodeName>,
     /// Revoked.
@@ -131,6 +155,29 @@ pub struct EnrolledList {
     pub voters: Vec<NodeName>,
     /// The raft learners now (members too: they relay users' log reads).
     pub learners: Vec<NodeName>,
+}
+
+impl EnrolledList {
+    /// Takes these lists into `enrolled` and `revoked`, the sets a node holds: replaces
+    /// them when whole, else enrolls and revokes the nodes named.
+    pub fn merge_into(
+        &self,
+        enrolled: &mut std::collections::BTreeSet<NodeName>,
+        revoked: &mut std::collections::BTreeSet<NodeName>,
+    ) {
+        if self.whole {
+            enrolled.clear();
+            revoked.clear();
+        }
+        for n in &self.nodes {
+            revoked.remove(n);
+            enrolled.insert(n.clone());
+        }
+        for n in &self.revoked {
+            enrolled.remove(n);
+            revoked.insert(n.clone());
+        }
+    }
 }
 
 /// [`NodeRequest::Module`].
@@ -151,6 +198,10 @@ pub struct Chunk {
     pub bytes: Vec<u8>,
 }
 
-/// [`NodeRequest::Nudge`].
+/// [`NodeRequest::Nudge`]: the leader's word that the caller's assignments changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Nudge;
+pub struct Nudge {
+    /// The generation of the receiver's assignments in the leader's state: a node that holds
+    /// this one (or newer) need not ask.
+    pub generation: u64,
+}

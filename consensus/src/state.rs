@@ -218,6 +218,18 @@ pub struct State {
     sessions: BTreeMap<(Actor, u64), Session>,
     session_lru: BTreeMap<u64, (Actor, u64)>,
     applied: u64,
+    /// The applied count at which each node's assignments (or the spec of something it runs)
+    /// last changed: a worker is sent its list only when this moved past what it holds. One
+    /// entry per node that ever had an assignment (at most the enrolled nodes).
+    #[serde(default)]
+    assign_changes: BTreeMap<NodeName, u64>,
+    /// The applied count at which each node was last enrolled or revoked: the gate lists go to
+    /// other nodes as the changes since what they hold.
+    #[serde(default)]
+    gate_changes: BTreeMap<NodeName, u64>,
+    /// The latest of `gate_changes`.
+    #[serde(default)]
+    gate_generation: u64,
 }
 
 impl State {
@@ -534,6 +546,7 @@ impl State {
                 self.settings = Some(settings.clone());
                 self.users.insert(*admin, UserRecord { name: "admin".into(), role: Role::Admin });
                 let roles = [NodeRole::Worker, NodeRole::Voter].into_iter().collect();
+                self.gate_touch(node);
                 self.nodes.insert(
                     node.clone(),
                     NodeRecord {
@@ -553,6 +566,7 @@ impl State {
             Command::Enroll { token, peer, .. } => {
                 self.nonces.retain(|_, (_, expires)| *expires >= req.time_ms);
                 self.nonces.entry(token.nonce).or_insert((0, token.expires_ms)).0 += 1;
+                self.gate_touch(peer);
                 self.nodes.insert(
                     peer.clone(),
                     NodeRecord {
@@ -568,6 +582,16 @@ impl State {
             Command::Revoke { peer } => {
                 if let Some(n) = self.nodes.get_mut(peer) {
                     n.revoked = true;
+                }
+                self.gate_touch(peer);
+                let touched: Vec<ReplicaId> = self
+                    .assignments
+                    .iter()
+                    .filter(|(_, a)| a.node == *peer || a.from.as_ref() == Some(peer))
+                    .map(|(r, _)| r.clone())
+                    .collect();
+                for r in &touched {
+                    self.touch_replica(r);
                 }
                 // Its replicas must move: forget their assignments (a replica that was moving
                 // to it goes back to the node that still runs it), and that it still runs
@@ -618,11 +642,13 @@ impl State {
                 // Replicas beyond a lowered count keep running until the leader's scale plan
                 // stops the ones it chooses.
                 let version = self.workloads.get(&spec.name).map_or(1, |w| w.version + 1);
+                self.touch_workload(&spec.name);
                 self.workloads
                     .insert(spec.name.clone(), WorkloadRecord { spec: (**spec).clone(), version });
                 Reply::Version(version)
             }
             Command::DeleteWorkload { name } => {
+                self.touch_workload(name);
                 self.workloads.remove(name);
                 self.assignments.retain(|r, _| r.workload != *name);
                 self.statuses.retain(|r, _| r.workload != *name);
@@ -631,6 +657,7 @@ impl State {
             Command::Scale { name, replicas } => {
                 // The leader's scale plan starts or stops replicas to match.
                 let mut version = 0;
+                self.touch_workload(name);
                 if let Some(w) = self.workloads.get_mut(name) {
                     w.spec.replicas = *replicas;
                     w.spec.min_available = w.spec.min_available.min(*replicas);
@@ -765,6 +792,19 @@ impl State {
 
     /// Makes one placement change (checked by [`check_changes`](Self::check_changes)).
     fn change(&mut self, change: &Change, epoch: u64) {
+        let replica = match change {
+            Change::Start { replica, .. }
+            | Change::Move { replica, .. }
+            | Change::Release { replica }
+            | Change::Stop { replica } => replica,
+        };
+        // The nodes it leaves and the nodes it goes to both see their lists change.
+        self.touch_replica(replica);
+        self.change_inner(change, epoch);
+        self.touch_replica(replica);
+    }
+
+    fn change_inner(&mut self, change: &Change, epoch: u64) {
         match change {
             Change::Start { replica, node } => {
                 let old = self.assignments.get(replica);
@@ -796,7 +836,61 @@ impl State {
         }
     }
 
+    /// Marks `node`'s enrollment as changed by the request being applied.
+    fn gate_touch(&mut self, node: &NodeName) {
+        self.gate_changes.insert(node.clone(), self.applied);
+        self.gate_generation = self.applied;
+    }
+
+    /// Marks the lists of the nodes that run `replica` (its host and the node it leaves) as
+    /// changed by the request being applied.
+    fn touch_replica(&mut self, replica: &ReplicaId) {
+        if let Some(a) = self.assignments.get(replica) {
+            let nodes = std::iter::once(&a.node).chain(a.from.as_ref());
+            for n in nodes {
+                self.assign_changes.insert(n.clone(), self.applied);
+            }
+        }
+    }
+
+    /// Marks the lists of every node that runs a replica of `workload` as changed.
+    fn touch_workload(&mut self, workload: &WorkloadName) {
+        let nodes: BTreeSet<NodeName> = self
+            .assignments
+            .iter()
+            .filter(|(r, _)| r.workload == *workload)
+            .flat_map(|(_, a)| std::iter::once(a.node.clone()).chain(a.from.clone()))
+            .collect();
+        for n in nodes {
+            self.assign_changes.insert(n, self.applied);
+        }
+    }
+
     // ---- reads ---------------------------------------------------------------------------
+
+    /// The applied count at which `node`'s assignments last changed (0: never had any). It
+    /// only grows, so a worker that holds the list of this generation need not fetch it again.
+    pub fn assignments_generation(&self, node: &NodeName) -> u64 {
+        self.assign_changes.get(node).copied().unwrap_or(0)
+    }
+
+    /// The nodes whose assignments changed after applied count `since`, with the generation.
+    pub fn assignments_changed_since(&self, since: u64) -> impl Iterator<Item = (&NodeName, u64)> {
+        self.assign_changes.iter().filter(move |(_, g)| **g > since).map(|(n, g)| (n, *g))
+    }
+
+    /// The applied count of the last enrollment or revocation.
+    pub fn gate_generation(&self) -> u64 {
+        self.gate_generation
+    }
+
+    /// The nodes enrolled or revoked after applied count `since` (with their records).
+    pub fn gate_changed_since(&self, since: u64) -> impl Iterator<Item = (&NodeName, &NodeRecord)> {
+        self.gate_changes
+            .iter()
+            .filter(move |(_, g)| **g > since)
+            .filter_map(|(n, _)| self.nodes.get(n).map(|r| (n, r)))
+    }
 
     /// The settings, once bootstrapped.
     pub fn settings(&self) -> Option<&Settings> {

@@ -286,14 +286,14 @@ mod tests {
                 peer: peer(),
             })),
             Request::Node(NodeRequest::Report(Report(vec![]))),
-            Request::Node(NodeRequest::Assigned(Assigned)),
-            Request::Node(NodeRequest::Enrolled(Enrolled)),
+            Request::Node(NodeRequest::Assigned(Assigned::default())),
+            Request::Node(NodeRequest::Enrolled(Enrolled::default())),
             Request::Node(NodeRequest::Module(ModuleChunk {
                 hash: ModuleHash::of(b"m"),
                 offset: 0,
             })),
             Request::Node(NodeRequest::Logs(logs.clone())),
-            Request::Node(NodeRequest::Nudge(Nudge)),
+            Request::Node(NodeRequest::Nudge(Nudge::default())),
             signed(UserRequest::Upload(Upload {
                 hash: ModuleHash::of(b"m"),
                 total: 1,

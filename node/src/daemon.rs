@@ -288,9 +288,9 @@ impl Daemon {
     /// Who is enrolled, from this node's state if it trusts it, else from a member.
     pub async fn enrolled(&self) -> Result<EnrolledList, ApiError> {
         if self.facts.trusts_own_state() {
-            self.api.enrolled().await
+            self.api.enrolled(None).await
         } else {
-            self.api.peers().node_to_member(cloudless_api::node::Enrolled).await
+            self.api.peers().node_to_member(cloudless_api::node::Enrolled { known: None }).await
         }
     }
 

@@ -75,10 +75,15 @@ impl GateWriter {
     /// Replaces what the gate knows; returns whether anything changed since the last call
     /// (the caller then asks the mesh to recheck its connections: close the revoked ones, and
     /// give newly enrolled peers what members get on a connection they opened as strangers).
-    pub fn set(&self, enrolled: &[NodeName], revoked: &[NodeName]) -> bool {
-        let peers =
-            |v: &[NodeName]| -> HashSet<PeerId> { v.iter().map(identity::peer_id).collect() };
-        let next = Known { enrolled: peers(enrolled), revoked: peers(revoked) };
+    pub fn set<'a>(
+        &self,
+        enrolled: impl IntoIterator<Item = &'a NodeName>,
+        revoked: impl IntoIterator<Item = &'a NodeName>,
+    ) -> bool {
+        let next = Known {
+            enrolled: enrolled.into_iter().map(identity::peer_id).collect(),
+            revoked: revoked.into_iter().map(identity::peer_id).collect(),
+        };
         let Ok(mut k) = self.known.write() else { return false };
         let changed = *k != next;
         if changed {
@@ -115,7 +120,7 @@ mod tests {
         let api = Protocol::Rpc { service: SERVICE };
         assert!(g.allows(&me, Protocol::Membership), "itself, always");
         assert!(!g.allows(&friend, Protocol::Membership), "nobody before the list is known");
-        assert!(w.set(&[name(&friend)], &[]), "the list changed");
+        assert!(w.set(&[name(&friend)], &[] as &[NodeName]), "the list changed");
         for p in [Protocol::Membership, Protocol::Directory, raft, api] {
             assert!(g.allows(&friend, p), "{p:?}");
         }

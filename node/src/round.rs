@@ -47,8 +47,6 @@ pub struct Round {
     pub placed: usize,
     /// Replicas given a new node (moved off a draining node, or off a lost one).
     pub moved: usize,
-    /// Nodes whose replicas this round changes (the leader nudges them).
-    pub touched: BTreeSet<NodeName>,
 }
 
 fn liveness(s: membership::State) -> Liveness {
@@ -200,17 +198,7 @@ impl Builder<'_> {
         self.state.assignments().get(r).map(|a| &a.node)
     }
 
-    fn touch_replica(&mut self, r: &ReplicaId) {
-        if let Some(a) = self.state.assignments().get(r) {
-            self.round.touched.insert(a.node.clone());
-            if let Some(f) = &a.from {
-                self.round.touched.insert(f.clone());
-            }
-        }
-    }
-
     fn stop(&mut self, r: ReplicaId) {
-        self.touch_replica(&r);
         self.changes.push(Change::Stop { replica: r });
     }
 
@@ -219,7 +207,6 @@ impl Builder<'_> {
         if let Some(w) = self.state.workloads().get(&r.workload) {
             let _ = cluster.assign(sched_id(&r), from.as_str(), w.spec.requests, w.spec.priority);
         }
-        self.touch_replica(&r);
         self.round.moved += 1;
         self.changes.push(Change::Start { replica: r, node: from });
     }
@@ -236,8 +223,6 @@ impl Builder<'_> {
                     } else {
                         self.round.placed += 1;
                     }
-                    self.touch_replica(&r);
-                    self.round.touched.insert(node.clone());
                     self.changes.push(Change::Start { replica: r, node });
                 }
                 Step::Move { replica, from, to } => {
@@ -247,8 +232,6 @@ impl Builder<'_> {
                         continue;
                     };
                     self.round.moved += 1;
-                    self.touch_replica(&r);
-                    self.round.touched.insert(to.clone());
                     self.changes.push(Change::Move { replica: r, from, to });
                 }
                 Step::Stop { replica, .. } => {
@@ -474,7 +457,6 @@ pub fn round(state: &State, view: &View, scheduler: &Scheduler, now: Instant) ->
             .is_none_or(|s| matches!(s.state, membership::State::Dead | membership::State::Left))
             || !state.is_member(from);
         if replaced || origin_gone {
-            b.round.touched.insert(from.clone());
             b.changes.push(Change::Release { replica: r.clone() });
         }
     }

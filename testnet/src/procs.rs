@@ -469,6 +469,29 @@ impl Procs {
             .and_then(|l| l[name.len()..].trim().parse().ok())
     }
 
+    /// The sum of every series of metric `name` (all its label sets) on node `i`.
+    pub fn metric_sum(&self, i: usize, name: &str) -> Option<f64> {
+        let (_, body) = self.get(i, "/metrics")?;
+        let values = body.lines().filter(|l| {
+            l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        });
+        let sum = values.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
+        Some(sum)
+    }
+
+    /// CPU time node `i` has used since it started (user and system, all threads), from
+    /// `/proc/<pid>/stat` (Linux), in clock ticks of `ticks_per_second`.
+    pub fn cpu_ticks(&self, i: usize) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.nodes[i].pid()?)).ok()?;
+        // The command name (field 2) may hold spaces: count fields after its closing paren.
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        Some(utime.saturating_add(stime))
+    }
+
     /// The index of the node whose PeerId is `peer`.
     pub fn index(&self, peer: &str) -> Option<usize> {
         self.nodes.iter().position(|n| n.peer == peer)
@@ -520,6 +543,17 @@ impl Procs {
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse().ok())
     }
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` times (`getconf CLK_TCK`; 100 when it cannot
+/// be asked, the value Linux fixes for user space on every architecture).
+pub fn ticks_per_second() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100)
 }
 
 impl Drop for Procs {

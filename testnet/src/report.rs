@@ -2,12 +2,17 @@
 //! way a user sees them (`cloudless-testnet report`).
 //!
 //! ```text
+//!   for each pool size:
 //!   Procs (init + joins, each timed step by step from the nodes' logs: `joins`)
 //!        ──▶ client connected to node 0 (cordoned: never runs or dies)
 //!   submit-to-running: apply a 1-replica WASI workload ──▶ poll until running (10 ms)
+//!   bulk: apply one workload of 1,000 WASI replicas ──▶ poll until all run (100 ms)
+//!             (the leader's CPU time over it, from /proc)
 //!   failover: raft voters cordoned too ──▶ SIGKILL the replica's host ──▶ poll until it
 //!             runs elsewhere ──▶ restart the host
-//!   idle RSS: every node's VmRSS once no workload is left
+//!   idle: no workload left ──▶ every node's CPU time (/proc/<pid>/stat) and mesh bytes
+//!         (libp2p_bandwidth_bytes_total) over a window, and its VmRSS
+//!   ──▶ a table of every size side by side
 //! ```
 //!
 //! Failover rounds kill only workers that do not vote: killing voters round after round
@@ -23,24 +28,58 @@ use cloudless_cli::client::Client;
 use cloudless_types::{Image, ModuleHash, NodeName, Resources, WorkloadName, WorkloadSpec};
 
 use crate::joins::JoinTimes;
-use crate::procs::Procs;
+use crate::procs::{Procs, ticks_per_second};
 
 /// How often the client polls the workload while timing.
 const POLL: Duration = Duration::from_millis(10);
 /// Longest wait for one measurement before the run counts as failed.
 const MEASURE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long the pool idles before its memory is read.
+/// Longest wait for every replica of the bulk workload to run.
+const BULK_TIMEOUT: Duration = Duration::from_secs(180);
+/// How often the client polls the bulk workload (its answer lists every replica).
+const BULK_POLL: Duration = Duration::from_millis(100);
+/// How long the pool idles (no workload left) before its CPU, bytes and memory are read.
 const IDLE: Duration = Duration::from_secs(10);
+/// The window over which idle CPU time and bytes are counted.
+const WINDOW: Duration = Duration::from_secs(20);
 
 /// What to measure.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    /// Nodes in the pool (at least 6: three voters, and three workers to fail over between).
-    pub nodes: usize,
+    /// Pool sizes, each measured in a pool of its own (at least 6 nodes: three voters, and
+    /// three workers to fail over between).
+    pub sizes: Vec<usize>,
     /// Submit-to-running runs.
     pub runs: usize,
+    /// Replicas of the bulk workload (0: not measured).
+    pub bulk: u32,
     /// Failover rounds.
     pub kills: usize,
+}
+
+/// What one pool size measured: a column of the table.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    /// Nodes in the pool.
+    pub nodes: usize,
+    /// Join to listed alive by every node, P50 and P95.
+    pub join: (Duration, Duration),
+    /// Submit to running of one replica, P50 and P99.
+    pub submit: (Duration, Duration),
+    /// Apply of the bulk workload to all of its replicas running.
+    pub bulk: Option<Duration>,
+    /// The leader's CPU time over the bulk apply, in seconds.
+    pub bulk_leader_cpu: f64,
+    /// SIGKILL of the replica's host to running elsewhere, P50 and P95.
+    pub failover: (Duration, Duration),
+    /// The leader's idle CPU, percent of one core, and RSS in MiB.
+    pub leader: (f64, f64),
+    /// The median node's idle CPU (percent of one core) and RSS (MiB).
+    pub median: (f64, f64),
+    /// The busiest node's idle CPU, percent of one core.
+    pub max_cpu: f64,
+    /// Mesh bytes (sent and received) per node per second at idle: median, and the leader's.
+    pub bytes: (f64, f64),
 }
 
 /// The `p`-th percentile (0–100) of sorted `v`, nearest rank.
@@ -99,20 +138,98 @@ fn line(name: &str, v: &mut [Duration], target: &str) -> String {
     )
 }
 
-/// Runs the plan; hands each line of the report to `out` as soon as it is measured.
+/// Runs the plan; hands each line of the report to `out` as soon as it is measured, and
+/// the table of every size at the end.
 pub async fn run(plan: &Plan, module: &[u8], mut out: impl FnMut(String)) -> Result<()> {
-    if plan.nodes < 6 {
-        bail!("the report needs at least 6 nodes, not {}", plan.nodes);
+    if let Some(n) = plan.sizes.iter().find(|n| **n < 6) {
+        bail!("the report needs at least 6 nodes, not {n}");
     }
+    let mut all = Vec::new();
+    for &nodes in &plan.sizes {
+        all.push(run_one(plan, nodes, module, &mut out).await?);
+    }
+    for l in table(&all, plan.bulk) {
+        out(l);
+    }
+    Ok(())
+}
+
+/// The median of `v` (sorted here).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// How a table row writes one summary's cell.
+type Cell<'a> = Box<dyn Fn(&Summary) -> String + 'a>;
+
+/// The summaries side by side, one column per pool size (markdown).
+pub fn table(all: &[Summary], bulk: u32) -> Vec<String> {
+    let bulk_row = format!("apply of {bulk} replicas to all running");
+    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
+    let pair = |(a, b): (Duration, Duration)| format!("{} / {}", ms(a), ms(b));
+    let rows: Vec<(&str, Cell<'_>)> = vec![
+        ("join to alive everywhere P50 / P95", Box::new(move |s| pair(s.join))),
+        ("submit to running, 1 replica P50 / P99", Box::new(move |s| pair(s.submit))),
+        (&bulk_row, Box::new(move |s| s.bulk.map_or("-".into(), ms))),
+        ("leader CPU over that apply", Box::new(|s| format!("{:.1} s", s.bulk_leader_cpu))),
+        ("failover P50 / P95", Box::new(move |s| pair(s.failover))),
+        (
+            "leader idle CPU / RSS",
+            Box::new(|s| format!("{:.2} % / {:.1} MiB", s.leader.0, s.leader.1)),
+        ),
+        (
+            "median node idle CPU / RSS",
+            Box::new(|s| format!("{:.2} % / {:.1} MiB", s.median.0, s.median.1)),
+        ),
+        ("busiest node idle CPU", Box::new(|s| format!("{:.2} %", s.max_cpu))),
+        (
+            "mesh bytes/s per node, median / leader",
+            Box::new(|s| format!("{:.0} / {:.0}", s.bytes.0, s.bytes.1)),
+        ),
+    ];
+    let mut out = vec![
+        format!(
+            "| | {} |",
+            all.iter().map(|s| format!("{} nodes", s.nodes)).collect::<Vec<_>>().join(" | ")
+        ),
+        format!("|---|{}", "---|".repeat(all.len())),
+    ];
+    for (name, f) in rows {
+        out.push(format!("| {name} | {} |", all.iter().map(&f).collect::<Vec<_>>().join(" | ")));
+    }
+    out
+}
+
+/// Every node's CPU ticks and mesh bytes now.
+fn sample(procs: &Procs) -> Vec<(Option<u64>, Option<f64>)> {
+    (0..procs.nodes.len())
+        .map(|i| (procs.cpu_ticks(i), procs.metric_sum(i, "libp2p_bandwidth_bytes_total")))
+        .collect()
+}
+
+/// Measures one pool of `nodes` processes.
+async fn run_one(
+    plan: &Plan,
+    nodes: usize,
+    module: &[u8],
+    out: &mut impl FnMut(String),
+) -> Result<Summary> {
+    let mut summary = Summary { nodes, ..Summary::default() };
     // CLOUDLESS_REPORT_DIR keeps the nodes' data dirs and logs for a look afterwards.
     let kept = std::env::var_os("CLOUDLESS_REPORT_DIR").map(std::path::PathBuf::from);
     let temp = tempfile::tempdir()?;
     let dir_path = kept.clone().unwrap_or_else(|| temp.path().to_path_buf());
     std::fs::create_dir_all(&dir_path)?;
+    let dir_path = dir_path.join(format!("pool-{nodes}"));
+    std::fs::create_dir_all(&dir_path)?;
+    // Room for the bulk workload on the nodes that take work (node 0 is cordoned), twice
+    // over, so that spreading it is the scheduler's choice and not a limit.
+    let per_node = (u64::from(plan.bulk) * 2 / (nodes as u64 - 1)).clamp(64, 1024).to_string();
     let (mut procs, joins) = tokio::task::block_in_place(|| -> Result<(Procs, Vec<JoinTimes>)> {
-        let mut p = Procs::init(&dir_path, &[])?;
+        let mut p = Procs::init(&dir_path, &["--max-replicas", &per_node])?;
         let mut joins = Vec::new();
-        for _ in 1..plan.nodes {
+        for _ in 1..nodes {
             joins.push(p.join_timed()?.1);
         }
         Ok((p, joins))
@@ -124,8 +241,7 @@ pub async fn run(plan: &Plan, module: &[u8], mut out: impl FnMut(String)) -> Res
     let hash = client.upload(module).await?;
     let build = if cfg!(debug_assertions) { "debug" } else { "release" };
     out(format!(
-        "{} cloudless processes on 127.0.0.1 (QUIC), {build} build; client on node 0 (cordoned)",
-        plan.nodes
+        "{nodes} cloudless processes on 127.0.0.1 (QUIC), {build} build; client on node 0 (cordoned)"
     ));
     for (step, at) in [
         ("join: enrollment committed", (|t: &JoinTimes| t.enrolled) as fn(&JoinTimes) -> Duration),
@@ -138,6 +254,7 @@ pub async fn run(plan: &Plan, module: &[u8], mut out: impl FnMut(String)) -> Res
     }
     let mut alive: Vec<Duration> = joins.iter().map(|t| t.alive_everywhere).collect();
     out(line("join to listed alive by every node", &mut alive, "targets P50 ≤ 1 s, P95 ≤ 2 s"));
+    summary.join = (percentile(&alive, 50.0), percentile(&alive, 95.0));
 
     let mut submit = Vec::new();
     for r in 0..plan.runs {
@@ -149,6 +266,40 @@ pub async fn run(plan: &Plan, module: &[u8], mut out: impl FnMut(String)) -> Res
         client.delete_workload(&name).await?;
     }
     out(line("submit to running (WASI, 1 replica)", &mut submit, "target P99 ≤ 300 ms"));
+    summary.submit = (percentile(&submit, 50.0), percentile(&submit, 99.0));
+
+    if plan.bulk > 0 {
+        let name = WorkloadName::new("bulk")?;
+        let mut bulk = spec(&name, &hash);
+        bulk.replicas = plan.bulk;
+        bulk.requests = Resources { cpu_millis: 5, memory_mib: 4, disk_mib: 0, gpus: 0 };
+        let leader = client.status().await?.leader.and_then(|l| procs.index(l.as_str()));
+        let cpu_before = leader.and_then(|i| procs.cpu_ticks(i));
+        let start = Instant::now();
+        client.put_workload(bulk).await?;
+        loop {
+            let running = client.workload(&name).await.map_or(0, |w| w.running);
+            if running >= plan.bulk {
+                break;
+            }
+            if start.elapsed() > BULK_TIMEOUT {
+                bail!("{running} of {} replicas ran within {BULK_TIMEOUT:?}", plan.bulk);
+            }
+            tokio::time::sleep(BULK_POLL).await;
+        }
+        let took = start.elapsed();
+        let ticks = leader.and_then(|i| procs.cpu_ticks(i)).zip(cpu_before);
+        summary.bulk_leader_cpu =
+            ticks.map_or(0.0, |(a, b)| a.saturating_sub(b) as f64 / ticks_per_second() as f64);
+        summary.bulk = Some(took);
+        out(format!(
+            "apply of {} WASI replicas to all running: {:.0} ms (leader CPU {:.1} s) — target ≤ 10 s on 50 nodes",
+            plan.bulk,
+            took.as_secs_f64() * 1e3,
+            summary.bulk_leader_cpu
+        ));
+        client.delete_workload(&name).await?;
+    }
 
     let voters = client.status().await?.voters;
     for peer in &voters {
@@ -173,21 +324,57 @@ pub async fn run(plan: &Plan, module: &[u8], mut out: impl FnMut(String)) -> Res
     out(line(
         "SIGKILL of the replica's host to running elsewhere",
         &mut failover,
-        "targets P50 ≤ 1.5 s, P95 ≤ 4 s",
+        "targets P50 ≤ 1.0 s, P95 ≤ 2 s",
     ));
+    summary.failover = (percentile(&failover, 50.0), percentile(&failover, 95.0));
     client.delete_workload(&name).await?;
 
     // Idle: no workload left anywhere; give allocators and caches a moment to settle.
     tokio::time::sleep(IDLE).await;
-    let mut rss: Vec<u64> = (0..procs.nodes.len()).filter_map(|i| procs.rss_kib(i)).collect();
-    rss.sort_unstable();
+    let leader = client.status().await?.leader.and_then(|l| procs.index(l.as_str()));
+    let before = sample(&procs);
+    let window = Instant::now();
+    tokio::time::sleep(WINDOW).await;
+    let after = sample(&procs);
+    let secs = window.elapsed().as_secs_f64();
+    let tps = ticks_per_second() as f64;
+    let per_node: Vec<(f64, f64)> = before
+        .iter()
+        .zip(&after)
+        .filter_map(|((c0, b0), (c1, b1))| {
+            let cpu = c1.zip(*c0).map(|(a, b)| a.saturating_sub(b) as f64 / tps / secs * 100.0)?;
+            let bytes = b1.zip(*b0).map_or(0.0, |(a, b)| (a - b).max(0.0) / secs);
+            Some((cpu, bytes))
+        })
+        .collect();
     let mib = |k: u64| k as f64 / 1024.0;
+    let mut rss: Vec<f64> =
+        (0..procs.nodes.len()).filter_map(|i| procs.rss_kib(i)).map(mib).collect();
+    let mut cpus: Vec<f64> = per_node.iter().map(|p| p.0).collect();
+    let mut bytes: Vec<f64> = per_node.iter().map(|p| p.1).collect();
+    let of_leader = |i: usize| -> (f64, f64, f64) {
+        let (c0, b0) = before[i];
+        let (c1, b1) = after[i];
+        let cpu = c1.zip(c0).map_or(0.0, |(a, b)| a.saturating_sub(b) as f64 / tps / secs * 100.0);
+        let bytes = b1.zip(b0).map_or(0.0, |(a, b)| (a - b).max(0.0) / secs);
+        (cpu, procs.rss_kib(i).map_or(0.0, mib), bytes)
+    };
+    let (lcpu, lrss, lbytes) = leader.map_or((0.0, 0.0, 0.0), of_leader);
+    summary.leader = (lcpu, lrss);
+    summary.median = (median(&mut cpus), median(&mut rss));
+    summary.max_cpu = cpus.last().copied().unwrap_or(0.0);
+    summary.bytes = (median(&mut bytes), lbytes);
     out(format!(
-        "idle node RSS: median {:.1} MiB, max {:.1} MiB over {} nodes — target ≤ 25 MiB",
-        mib(rss.get(rss.len() / 2).copied().unwrap_or(0)),
-        mib(rss.last().copied().unwrap_or(0)),
-        rss.len()
+        "idle over {secs:.0} s: median node CPU {:.2} % of a core (busiest {:.2} %), RSS {:.1} MiB (max {:.1} MiB); leader CPU {lcpu:.2} %, RSS {lrss:.1} MiB — targets CPU ≤ 1 %, RSS ≤ 25 MiB",
+        summary.median.0,
+        summary.max_cpu,
+        summary.median.1,
+        rss.last().copied().unwrap_or(0.0),
+    ));
+    out(format!(
+        "idle mesh bytes per node per second (sent and received): median {:.0}, leader {lbytes:.0}",
+        summary.bytes.0
     ));
     client.close().await;
-    Ok(())
+    Ok(summary)
 }

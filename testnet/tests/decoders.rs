@@ -91,7 +91,7 @@ fn samples() -> Vec<Vec<u8>> {
         .unwrap(),
         postcard::to_allocvec(&updates).unwrap(),
         postcard::to_allocvec(&Envelope { service: "api".into(), body: vec![1, 2, 3] }).unwrap(),
-        postcard::to_allocvec(&Request::Node(NodeRequest::Assigned(Assigned))).unwrap(),
+        postcard::to_allocvec(&Request::Node(NodeRequest::Assigned(Assigned::default()))).unwrap(),
         postcard::to_allocvec(&RaftMessage::Vote(openraft::raft::VoteRequest::new(vote, None)))
             .unwrap(),
         postcard::to_allocvec(&RaftMessage::Forward(Batch(vec![]))).unwrap(),

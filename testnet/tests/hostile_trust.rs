@@ -20,7 +20,7 @@
 use std::time::{Duration, Instant};
 
 use cloudless_api::invite::Invite;
-use cloudless_api::node::{Assignment, Enroll, EnrolledList, Nudge};
+use cloudless_api::node::{AssignedList, Assignment, Enroll, EnrolledList, Nudge};
 use cloudless_api::{ApiError, NodeRequest, Reply, Request};
 use cloudless_mesh::identity;
 use cloudless_testnet::hostile::{Asked, Hostile, Pool, peer_of, unauthorized};
@@ -44,6 +44,8 @@ fn lies(me: NodeName, real: Vec<NodeName>) -> impl Fn(&Request) -> Option<Vec<u8
         }
         Request::Node(NodeRequest::Enrolled(_)) => {
             let list = EnrolledList {
+                generation: u64::MAX,
+                whole: true,
                 nodes: vec![me.clone()],
                 revoked: real.clone(),
                 voters: vec![me.clone()],
@@ -65,7 +67,8 @@ fn traversal_assignment() -> Vec<u8> {
         1,
     );
     let a = Assignment { spec, indexes: vec![0], leaving: Vec::new() };
-    let mut bytes = postcard::to_allocvec(&Ok::<Vec<Assignment>, ApiError>(vec![a])).unwrap();
+    let list = AssignedList { generation: u64::MAX, assignments: Some(vec![a]) };
+    let mut bytes = postcard::to_allocvec(&Ok::<AssignedList, ApiError>(list)).unwrap();
     let (from, to) = (b"\x06abcdef", b"\x06../../");
     let at = bytes.windows(from.len()).position(|w| w == from).unwrap();
     bytes[at..at + from.len()].copy_from_slice(to);
@@ -96,7 +99,9 @@ async fn trust_nudge_hijack() {
     let asked = h.serve_api(lies(identity::node_name(&h.peer_id()), real.clone())).await.unwrap();
     let target = peer_of(&p.procs.nodes[victim].addr).unwrap();
 
-    let r = h.api::<Nudge>(target, &Request::Node(NodeRequest::Nudge(Nudge))).await;
+    let r = h
+        .api::<Nudge>(target, &Request::Node(NodeRequest::Nudge(Nudge { generation: u64::MAX })))
+        .await;
     assert!(
         matches!(&r, Ok(Err(e)) if e.kind == cloudless_api::ErrorKind::Unauthorized)
             || unauthorized(&r),

@@ -534,3 +534,66 @@ fn sessions_belong_to_their_signer_and_refusals_cost_none() {
     assert!(s.sessions.contains_key(&(Actor::User(DEPLOYER), 42)));
     assert_eq!(s.apply(&mine), Ok(Reply::Version(1)), "still the same answer");
 }
+
+/// What `node` runs, as a worker is sent it: each replica, whether it is the node's own,
+/// and the spec it runs.
+fn list_of(s: &State, node: &NodeName) -> Vec<(ReplicaId, bool, Option<WorkloadSpec>)> {
+    s.runs_on(node)
+        .map(|(r, a)| {
+            (r.clone(), a.node == *node, s.workloads().get(&r.workload).map(|w| w.spec.clone()))
+        })
+        .collect()
+}
+
+proptest! {
+    /// No change of a node's list goes without its generation moving (a worker that holds
+    /// a generation is told "not modified" and the leader nudges only nodes whose generation
+    /// moved, so a missed bump would leave a node running the wrong replicas); generations
+    /// never go back; and the gate's changes since any generation, merged into the lists as
+    /// they were then, give the lists as they are.
+    #[test]
+    fn generations_follow_every_change(cmds in prop::collection::vec((arb_actor(), arb_command()), 1..40)) {
+        let (mut s, mut c) = ready();
+        // Something runs on both nodes from the start, so that most commands touch it.
+        for (name, replicas) in [("web", 3), ("db", 2)] {
+            s.apply(&c.req(Actor::User(ADMIN), Command::PutWorkload(Box::new(spec(name, replicas))))).unwrap();
+        }
+        let changes = (0..3)
+            .map(|i| start(&ReplicaId::new(&w("web"), i), if i == 0 { "node-a" } else { "node-b" }))
+            .chain([start(&ReplicaId::new(&w("db"), 0), "node-a")])
+            .collect();
+        s.apply(&c.req(Actor::System, Command::Assign { epoch: 1, changes })).unwrap();
+        let nodes = [n("node-a"), n("node-b"), n("ghost")];
+        let gate = |s: &State| -> (BTreeSet<NodeName>, BTreeSet<NodeName>) {
+            let (revoked, enrolled): (Vec<_>, Vec<_>) = s.nodes().iter().partition(|(_, r)| r.revoked);
+            (enrolled.into_iter().map(|(n, _)| n.clone()).collect(), revoked.into_iter().map(|(n, _)| n.clone()).collect())
+        };
+        let mut history = vec![(s.gate_generation(), gate(&s))];
+        for (actor, cmd) in cmds {
+            let before: Vec<_> = nodes.iter().map(|p| (list_of(&s, p), s.assignments_generation(p))).collect();
+            let _ = s.apply(&c.req(actor, cmd));
+            for (p, (list, generation)) in nodes.iter().zip(before) {
+                let now = s.assignments_generation(p);
+                prop_assert!(now >= generation, "generations only grow");
+                if list_of(&s, p) != list {
+                    prop_assert!(now > generation, "{p}'s list changed but its generation did not");
+                }
+            }
+            history.push((s.gate_generation(), gate(&s)));
+        }
+        let (want_enrolled, want_revoked) = gate(&s);
+        for (since, (mut enrolled, mut revoked)) in history {
+            for (p, r) in s.gate_changed_since(since) {
+                if r.revoked {
+                    enrolled.remove(p);
+                    revoked.insert(p.clone());
+                } else {
+                    revoked.remove(p);
+                    enrolled.insert(p.clone());
+                }
+            }
+            prop_assert_eq!(&enrolled, &want_enrolled);
+            prop_assert_eq!(&revoked, &want_revoked);
+        }
+    }
+}

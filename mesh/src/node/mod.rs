@@ -207,12 +207,14 @@ pub async fn start_with_identity(
     keypair: Keypair,
     gate: Arc<dyn Gate>,
 ) -> Result<Mesh, MeshError> {
-    launch(config, keypair, gate, None).await
+    // Counted, but nowhere to read them: the transport is the same either way.
+    let mut unread = prometheus_client::registry::Registry::default();
+    launch(config, keypair, gate, None, &mut unread).await
 }
 
 /// As [`start_with_identity`], also recording libp2p's own metrics (connections, identify,
-/// ping round trips, Kademlia, gossipsub, relay, hole punching) into `registry`, under the
-/// `libp2p_` prefix.
+/// ping round trips, Kademlia, gossipsub, relay, hole punching, and the bytes each transport
+/// carries, `libp2p_bandwidth_bytes_total`) into `registry`, under the `libp2p_` prefix.
 pub async fn start_with_metrics(
     config: Config,
     keypair: Keypair,
@@ -220,7 +222,8 @@ pub async fn start_with_metrics(
     registry: &mut prometheus_client::registry::Registry,
 ) -> Result<Mesh, MeshError> {
     let metrics = libp2p::metrics::Metrics::new(registry);
-    launch(config, keypair, gate, Some(metrics)).await
+    // The bandwidth transport adds the `libp2p_` prefix itself.
+    launch(config, keypair, gate, Some(metrics), registry).await
 }
 
 async fn launch(
@@ -228,11 +231,12 @@ async fn launch(
     keypair: Keypair,
     gate: Arc<dyn Gate>,
     metrics: Option<libp2p::metrics::Metrics>,
+    bandwidth: &mut prometheus_client::registry::Registry,
 ) -> Result<Mesh, MeshError> {
     config.validate()?;
     let me = keypair.public().to_peer_id();
     let member = config.role == Role::Member;
-    let (mut swarm, incoming) = build_swarm(&config, keypair.clone(), gate.clone())?;
+    let (mut swarm, incoming) = build_swarm(&config, keypair.clone(), gate.clone(), bandwidth)?;
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())

@@ -61,6 +61,7 @@ pub(super) fn build_swarm(
     config: &Config,
     keypair: Keypair,
     gate: Arc<dyn Gate>,
+    bandwidth: &mut prometheus_client::registry::Registry,
 ) -> Result<(Swarm<Behaviour>, mpsc::Receiver<super::streams::Incoming>), MeshError> {
     let member = config.role == Role::Member;
     let me = keypair.public().to_peer_id();
@@ -159,6 +160,7 @@ pub(super) fn build_swarm(
         .map_err(|e| transport(&e))?
         .with_relay_client(noise::Config::new, yamux)
         .map_err(|e| transport(&e))?
+        .with_bandwidth_metrics(bandwidth)
         .with_behaviour(|key, relay_client| {
             // The routing table holds members only: the swarm task adds their addresses
             // itself, so a stranger cannot poison it by connecting; and only members may

@@ -44,6 +44,8 @@ pub struct Nudged {
     pub by: Option<NodeName>,
     /// Nudges so far.
     pub count: u64,
+    /// The generation of this node's assignments the last nudge named.
+    pub generation: u64,
 }
 
 /// The handlers, with the state only they write.

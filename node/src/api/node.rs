@@ -13,7 +13,7 @@
 use std::time::UNIX_EPOCH;
 
 use cloudless_api::node::{
-    Assigned, Assignment, Chunk, Enroll, Enrolled, EnrolledList, ModuleChunk, Nudge, Report,
+    Assigned, AssignedList, Chunk, Enroll, Enrolled, EnrolledList, ModuleChunk, Nudge, Report,
 };
 use cloudless_api::user::{Line, Logs, MAX_LINES};
 use cloudless_api::{Answer, ApiError, CHUNK, Command, NodeRequest, Reply};
@@ -36,11 +36,13 @@ impl Api {
         match n {
             NodeRequest::Enroll(e) => reply::<Enroll>(inbound, self.enroll(&caller, e).await),
             NodeRequest::Report(r) => reply::<Report>(inbound, self.report(&caller, r).await),
-            NodeRequest::Assigned(_) => reply::<Assigned>(inbound, self.assigned(&caller).await),
-            NodeRequest::Enrolled(_) => reply::<Enrolled>(inbound, self.enrolled().await),
+            NodeRequest::Assigned(a) => {
+                reply::<Assigned>(inbound, self.assigned(&caller, a.known).await);
+            }
+            NodeRequest::Enrolled(e) => reply::<Enrolled>(inbound, self.enrolled(e.known).await),
             NodeRequest::Module(m) => reply::<ModuleChunk>(inbound, self.module(&m)),
             NodeRequest::Logs(l) => reply::<Logs>(inbound, self.local_logs(&l).await),
-            NodeRequest::Nudge(_) => reply::<Nudge>(inbound, self.nudge(caller)),
+            NodeRequest::Nudge(n) => reply::<Nudge>(inbound, self.nudge(caller, n.generation)),
         }
     }
 
@@ -112,20 +114,24 @@ impl Api {
         self.propose(caller, Command::Report(r.0)).await
     }
 
-    /// The replicas `caller` should run.
-    pub async fn assigned(&self, caller: &NodeName) -> Result<Vec<Assignment>, ApiError> {
+    /// The replicas `caller` should run, unless it holds generation `known` or newer.
+    pub async fn assigned(
+        &self,
+        caller: &NodeName,
+        known: Option<u64>,
+    ) -> Result<AssignedList, ApiError> {
         if !self.facts.trusts_own_state() {
             return Err(self.redirect());
         }
         self.facts
             .consensus
-            .read(Consistency::Stale, |s| read::assigned(s, caller))
+            .read(Consistency::Stale, |s| read::assigned_since(s, caller, known))
             .await
             .map_err(read_error)
     }
 
-    /// Who is enrolled, who is revoked, who votes.
-    pub async fn enrolled(&self) -> Result<EnrolledList, ApiError> {
+    /// Who is enrolled, who is revoked (the changes after generation `known`), who votes.
+    pub async fn enrolled(&self, known: Option<u64>) -> Result<EnrolledList, ApiError> {
         if !self.facts.trusts_own_state() {
             return Err(self.redirect());
         }
@@ -135,7 +141,7 @@ impl Api {
             self.facts.consensus.members().into_iter().filter(|m| !voters.contains(m)).collect();
         self.facts
             .consensus
-            .read(Consistency::Stale, |s| read::enrolled(s, voters, learners))
+            .read(Consistency::Stale, |s| read::enrolled(s, known, voters, learners))
             .await
             .map_err(read_error)
     }
@@ -147,9 +153,10 @@ impl Api {
         }
     }
 
-    fn nudge(&self, caller: NodeName) -> Answer<Nudge> {
+    fn nudge(&self, caller: NodeName, generation: u64) -> Answer<Nudge> {
         self.nudged.send_modify(|n| {
             n.by = Some(caller);
+            n.generation = generation;
             n.count = n.count.wrapping_add(1);
         });
         Ok(())

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use cloudless_api::node::{Assignment, EnrolledList};
+use cloudless_api::node::{AssignedList, Assignment, EnrolledList};
 use cloudless_api::user::{ClusterStatus, NodeInfo, ReplicaInfo, WorkloadInfo};
 use cloudless_api::{ApiError, invite};
 use cloudless_consensus::state::State;
@@ -258,6 +258,17 @@ pub fn explain(
     Some(lines)
 }
 
+/// The replicas `node` should run, unless it holds the list of generation `known` or newer
+/// (then only the generation: "not modified", and the read costs one lookup).
+pub fn assigned_since(state: &State, node: &NodeName, known: Option<u64>) -> AssignedList {
+    let generation = state.assignments_generation(node);
+    let assignments = match known {
+        Some(k) if k >= generation => None,
+        _ => Some(assigned(state, node)),
+    };
+    AssignedList { generation, assignments }
+}
+
 /// The replicas `node` should run, grouped by workload, with their specs.
 pub fn assigned(state: &State, node: &NodeName) -> Vec<Assignment> {
     let mut by: BTreeMap<&WorkloadName, (Vec<u32>, Vec<u32>)> = BTreeMap::new();
@@ -276,11 +287,31 @@ pub fn assigned(state: &State, node: &NodeName) -> Vec<Assignment> {
         .collect()
 }
 
-/// Who is enrolled, who is revoked, who votes and who learns.
-pub fn enrolled(state: &State, voters: Vec<NodeName>, learners: Vec<NodeName>) -> EnrolledList {
-    let (revoked, nodes): (Vec<_>, Vec<_>) = state.nodes().iter().partition(|(_, n)| n.revoked);
+/// Who is enrolled, who is revoked, who votes and who learns: the changes after generation
+/// `known`, or everything when the caller holds nothing (or more than this state knows:
+/// this member lags, or the state was recovered). The voters and learners are always whole.
+pub fn enrolled(
+    state: &State,
+    known: Option<u64>,
+    voters: Vec<NodeName>,
+    learners: Vec<NodeName>,
+) -> EnrolledList {
+    let generation = state.gate_generation();
+    let since = known.filter(|k| *k <= generation);
+    let changed: Vec<(&NodeName, &cloudless_consensus::state::NodeRecord)> = match since {
+        Some(k) => state.gate_changed_since(k).collect(),
+        None => state.nodes().iter().collect(),
+    };
+    let (revoked, nodes): (Vec<_>, Vec<_>) = changed.into_iter().partition(|(_, n)| n.revoked);
     let names = |v: Vec<(&NodeName, _)>| v.into_iter().map(|(p, _)| p.clone()).collect();
-    EnrolledList { nodes: names(nodes), revoked: names(revoked), voters, learners }
+    EnrolledList {
+        generation,
+        whole: since.is_none(),
+        nodes: names(nodes),
+        revoked: names(revoked),
+        voters,
+        learners,
+    }
 }
 
 /// The replicas this list names.

@@ -6,7 +6,8 @@
 //!   the mesh heard of a peer the gate does not know):
 //!                ── trusted member? ── own state: enrolled, revoked ─┐ voters from raft
 //!                └─ else (every 2 s, when woken, and every 500 ms while it knows nobody):
-//!                   NodeRequest::Enrolled to a member ──────────────┴▶ GateWriter::set,
+//!                   NodeRequest::Enrolled{known} to a member ───────┴▶ merged (changes since
+//!                                                                     known) ▶ GateWriter::set,
 //!                   voters ──▶ watch (peers, api, readiness)        ▶ newly revoked: the mesh
 //!                          └─▶ <data>/group (whom to believe after a restart)   closes their connections
 //! ```
@@ -18,7 +19,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloudless_api::node::{Enrolled, EnrolledList};
+use std::collections::BTreeSet;
+
+use cloudless_api::node::Enrolled;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -62,6 +65,9 @@ pub async fn run(
     // Whether the wake-up was an enrollment's (it gets follow-ups), not a mesh hint.
     let mut enrolling = false;
     let mut follow_ups: u8 = 0;
+    // The lists held, and their generation: members send only what changed since.
+    let (mut enrolled, mut revoked) = (BTreeSet::new(), BTreeSet::new());
+    let mut known: Option<u64> = None;
     loop {
         // Wake-ups do not count: the periodic asks and warnings keep their pace.
         if !woken {
@@ -70,9 +76,9 @@ pub async fn run(
         let lists = if facts.trusts_own_state() {
             // Hearing a leader again means this member is back in the group.
             facts.consensus.hold_elections(false);
-            api.enrolled().await.ok()
+            api.enrolled(known).await.ok()
         } else if woken || tick.is_multiple_of(ASK_TICKS) || !facts.gate.knows_anyone() {
-            match api.peers().node_to_member(Enrolled).await {
+            match api.peers().node_to_member(Enrolled { known }).await {
                 Ok(list) => {
                     refusal.clear();
                     // A voter replaced while it was down must not campaign with its stale log.
@@ -97,12 +103,15 @@ pub async fn run(
             None
         };
         let mut changed = false;
-        if let Some(EnrolledList { nodes, revoked, voters, learners }) = lists {
-            if !admitted && nodes.iter().any(|n| *n == facts.name) {
+        if let Some(list) = lists {
+            let news = list.whole || !list.nodes.is_empty() || !list.revoked.is_empty();
+            list.merge_into(&mut enrolled, &mut revoked);
+            known = Some(list.generation);
+            if !admitted && enrolled.contains(&facts.name) {
                 admitted = true;
                 info!("the cluster lets this node in");
             }
-            let learned = Group { voters, learners };
+            let learned = Group { voters: list.voters, learners: list.learners };
             if !learned.voters.is_empty() && **group.borrow() != learned {
                 // Kept for the next start: whom to believe before anyone answers.
                 if let Err(e) = learned.save(&group_file) {
@@ -110,7 +119,7 @@ pub async fn run(
                 }
                 group.send_replace(Arc::new(learned));
             }
-            if gate.set(&nodes, &revoked) {
+            if news && gate.set(enrolled.iter(), revoked.iter()) {
                 changed = true;
                 let _ = facts.mesh.recheck_gate().await;
             }

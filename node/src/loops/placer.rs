@@ -1,10 +1,13 @@
 //! The placer: while this node leads raft, runs the leader's round (`round::round`, the
 //! scheduler's plans) on each applied entry and each new view, commits its `Assign`, nudges
-//! the nodes whose replicas changed, and publishes why workloads are not placed.
+//! every node whose list of assignments changed (placements, moves, spec updates, deletes:
+//! the state keeps each node's generation), and publishes why workloads are not placed.
 //!
 //! ```text
 //!   applied index moved │ view published │ every 100 ms ──▶ leader? ──▶ round(state, view)
-//!        ──▶ Assign (Actor::System) ──▶ committed ──▶ metrics, nudges (bounded, tracked)
+//!        ──▶ Assign (Actor::System) ──▶ committed ──▶ metrics
+//!        ──▶ nodes whose generation moved since the last look ──▶ pending ──▶ Nudge{generation}
+//!            (at most MAX_NUDGES in flight; a failed one is tried again, NUDGE_ATTEMPTS in all)
 //!        ──▶ unschedulable ──▶ watch (api reads)
 //! ```
 
@@ -16,7 +19,7 @@ use cloudless_api::node::Nudge;
 use cloudless_api::{Change, Command};
 use cloudless_consensus::Consistency;
 use cloudless_consensus::state::{Actor, Request};
-use cloudless_types::{ReplicaId, WorkloadName};
+use cloudless_types::{NodeName, ReplicaId, WorkloadName};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -29,10 +32,15 @@ use crate::round;
 /// How often the leader reconciles when nothing wakes it: liveness changes and new entries
 /// wake it at once, this only catches what neither announces.
 const EVERY: Duration = Duration::from_millis(100);
-/// Nodes nudged per round; more wait for their next poll.
+/// Nudges in flight at once; more wait in `pending` for a slot (a freed slot is used at the
+/// next wake-up, within [`EVERY`]).
 const MAX_NUDGES: usize = 64;
-/// A nudge is worth little after this long: the node's own poll comes sooner.
+/// A nudge not answered in this long is counted as failed (a node on a slow link answers a
+/// nudge, a tiny request, well within it).
 const NUDGE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Tries of one nudge: a node that cannot be reached three times in a row learns its list
+/// at its own next poll (every 5 s).
+const NUDGE_ATTEMPTS: u8 = 3;
 
 /// The replicas of each workload that have no node (the ordinals the leader would give them).
 fn unplaced(s: &cloudless_consensus::state::State) -> BTreeSet<ReplicaId> {
@@ -61,7 +69,11 @@ pub async fn run(
     let mut waiting: BTreeMap<ReplicaId, Instant> = BTreeMap::new();
     // Workloads the last round could not place.
     let mut stuck: BTreeSet<WorkloadName> = BTreeSet::new();
-    let mut nudges: JoinSet<()> = JoinSet::new();
+    let mut nudges: JoinSet<(NodeName, u64, u8, bool)> = JoinSet::new();
+    // Nodes to nudge (with the generation to name and the tries so far), and the applied
+    // count up to which changed generations were collected. Bounded by the enrolled nodes.
+    let mut pending: BTreeMap<NodeName, (u64, u8)> = BTreeMap::new();
+    let mut seen: u64 = 0;
     loop {
         tokio::select! {
             biased;
@@ -69,9 +81,20 @@ pub async fn run(
             a = facts.consensus.applied_after(applied, EVERY) => applied = a,
             r = views.changed() => if r.is_err() { break },
         }
-        while nudges.try_join_next().is_some() {}
+        while let Some(done) = nudges.try_join_next() {
+            if let Ok((node, generation, tries, false)) = done
+                && tries < NUDGE_ATTEMPTS
+            {
+                // A newer change of the same node keeps its own (newer) generation.
+                pending.entry(node).or_insert((generation, tries));
+            }
+        }
         if !facts.consensus.is_leader() {
             waiting.clear();
+            // A leader again later nudges every node once: another leader may have changed
+            // lists meanwhile (a node holding the generation named does not even ask).
+            pending.clear();
+            seen = 0;
             continue;
         }
         let view = facts.view();
@@ -94,10 +117,27 @@ pub async fn run(
                     };
                     s.precheck(&req).err()
                 });
-                (round, unplaced(s), refused)
+                let changed: Vec<(NodeName, u64)> =
+                    s.assignments_changed_since(seen).map(|(n, g)| (n.clone(), g)).collect();
+                (round, unplaced(s), refused, changed, s.applied())
             })
             .await;
-        let Ok((mut round, unplaced, refused)) = read else { continue };
+        let Ok((mut round, unplaced, refused, changed, now_applied)) = read else { continue };
+        seen = now_applied;
+        for (node, generation) in changed {
+            if node != facts.name {
+                pending.insert(node, (generation, 0));
+            }
+        }
+        while nudges.len() < MAX_NUDGES
+            && let Some((node, (generation, tries))) = pending.pop_first()
+        {
+            let peers = api.peers().clone();
+            nudges.spawn(async move {
+                let ok = peers.node(&node, Nudge { generation }, NUDGE_TIMEOUT).await.is_ok();
+                (node, generation, tries + 1, ok)
+            });
+        }
         if let Some(e) = refused {
             warn!(error = %e, "the round's placement changes would be refused; not proposing them");
             round.command = None;
@@ -143,15 +183,7 @@ pub async fn run(
                         facts.metrics.placement_latency(since.elapsed().as_secs_f64());
                     }
                 }
-                // Raft members learn by applying the entry; the rest would wait for their
-                // next pull. Fire and forget, at most MAX_NUDGES: the poll catches the rest.
-                for node in round.touched.into_iter().filter(|n| *n != facts.name).take(MAX_NUDGES)
-                {
-                    let peers = api.peers().clone();
-                    nudges.spawn(async move {
-                        let _ = peers.node(&node, Nudge, NUDGE_TIMEOUT).await;
-                    });
-                }
+                // The nodes it changed are nudged when this loop wakes for the applied entry.
             }
             Ok(Err(e)) => debug!(error = %e, "assignment refused"),
             Err(e) => debug!(error = %e, "assignment not committed"),

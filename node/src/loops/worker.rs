@@ -3,8 +3,9 @@
 //! raft members, a copy of every module a workload names.
 //!
 //! ```text
-//!   agent (nudged, new entries on members, else every 250 ms):
-//!        trusted member? own state : the leader that nudged │ a member  ──▶ [Assignment]
+//!   agent (nudged with a newer generation, new entries on members, else every 5 s):
+//!        trusted member? own state : the leader that nudged │ a member
+//!        ── Assigned{known} ──▶ not modified │ [Assignment] of a newer generation
 //!        ──▶ every spec validated again ──▶ modules fetched from peers (hash checked)
 //!        ──▶ runtime Agent::set_desired
 //!   report: runtime Status ──(20 ms batch)──▶ Report ──▶ own handler │ a member
@@ -15,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloudless_api::node::{Assigned, Assignment, ModuleChunk, Report};
+use cloudless_api::node::{Assigned, AssignedList, ModuleChunk, Report};
 use cloudless_api::{ApiError, MAX_MODULE, ReplicaStatus};
 use cloudless_consensus::Consistency;
 use cloudless_runtime::{Agent, ReplicaSpec, Status};
@@ -27,32 +28,39 @@ use tracing::{debug, warn};
 use crate::api::{Api, Nudged};
 use crate::peers::CALL_TIMEOUT;
 
-/// How often a node pulls its assignments (nothing is missed even without a push).
-const AGENT_EVERY: Duration = Duration::from_millis(250);
+/// How often a node asks for its assignments when nothing told it they changed. The leader
+/// nudges every node whose list changes (raft members also wake on each applied entry), so
+/// this only catches a lost nudge or a new leader's first moments; asking costs the member
+/// one lookup while the list is unchanged ("not modified").
+const AGENT_EVERY: Duration = Duration::from_secs(5);
+/// How soon a node asks again while a module of its list could not be fetched yet.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// Status changes arriving within this long of the first go to raft in one report: replicas
 /// starting together are reported together, and a lone change waits little.
 const REPORT_EVERY: Duration = Duration::from_millis(20);
 /// How often raft members check they hold every module a workload names.
 const KEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// This node's assignments, from the best source it has.
+/// This node's assignments, from the best source it has, unless it holds generation `known`.
 async fn assignments(
     api: &Api,
     nudger: Option<cloudless_types::NodeName>,
-) -> Result<Vec<Assignment>, ApiError> {
+    known: Option<u64>,
+) -> Result<AssignedList, ApiError> {
     let facts = api.facts();
     // A raft member answers itself, and so runs as soon as it applies new assignments.
     if facts.trusts_own_state() {
-        return api.assigned(&facts.name).await;
+        return api.assigned(&facts.name, known).await;
     }
+    let ask = Assigned { known };
     // After a nudge, ask the leader that sent it: it has applied the change, a follower may
     // not have yet (and would answer with the old assignments until the next poll).
     if let Some(leader) = nudger
-        && let Ok(list) = api.peers().node(&leader, Assigned, CALL_TIMEOUT).await
+        && let Ok(list) = api.peers().node(&leader, ask, CALL_TIMEOUT).await
     {
         return Ok(list);
     }
-    api.peers().node_to_member(Assigned).await
+    api.peers().node_to_member(ask).await
 }
 
 /// Pulls this node's assignments and hands them to the runtime, until `cancel`.
@@ -68,15 +76,28 @@ pub async fn agent(
     let mut applied = None;
     // The count of the last nudge acted on: a newer one names the leader to ask first.
     let mut nudged = nudges.borrow().count;
+    // The generation of the list handed to the runtime, and whether all of it could be
+    // (every module fetched): only a complete list is not asked for again.
+    let mut held: u64 = 0;
+    let mut complete = false;
     loop {
-        let nudger = {
+        let (nudger, named) = {
             let n = nudges.borrow_and_update();
             let fresh = n.count != nudged;
             nudged = n.count;
-            if fresh { n.by.clone() } else { None }
+            if fresh { (n.by.clone(), Some(n.generation)) } else { (None, None) }
         };
-        match assignments(&api, nudger).await {
-            Ok(list) => {
+        let known = complete.then_some(held);
+        let skip = complete && named.is_some_and(|g| g <= held);
+        let answer =
+            if skip { Ok(AssignedList::default()) } else { assignments(&api, nudger, known).await };
+        match answer {
+            // Not modified, or a member that lags behind the list held: nothing to do.
+            Ok(AssignedList { assignments: None, .. }) => {}
+            Ok(AssignedList { generation, .. }) if complete && generation < held => {}
+            Ok(AssignedList { generation, assignments: Some(list) }) => {
+                held = generation;
+                complete = true;
                 let mut specs = Vec::new();
                 let mut mine: Runs = BTreeMap::new();
                 for a in list {
@@ -90,6 +111,7 @@ pub async fn agent(
                         && let Err(e) = fetch_module(&api, hash).await
                     {
                         warn!(module = %hash, error = %e, "cannot fetch module yet");
+                        complete = false;
                         continue;
                     }
                     specs.extend(a.indexes.iter().map(|i| ReplicaSpec::from_workload(&a.spec, *i)));
@@ -118,7 +140,10 @@ pub async fn agent(
         }
         tokio::select! {
             () = cancel.cancelled() => break,
-            a = facts.consensus.applied_after(applied, AGENT_EVERY) => applied = a,
+            a = facts.consensus.applied_after(
+                applied,
+                if complete { AGENT_EVERY } else { RETRY_EVERY },
+            ) => applied = a,
             r = nudges.changed() => if r.is_err() { break },
         }
     }

@@ -36,15 +36,20 @@ enum Command {
     },
     /// Simulate the membership protocol for many nodes; SEED= reproduces a run.
     Sim(SimArgs),
-    /// Measure real `cloudless` processes: submit to running, failover after SIGKILL, idle
-    /// memory (needs `cloudless` and `cloudlessctl` beside this binary, or CLOUDLESS_BIN_DIR).
+    /// Measure real `cloudless` processes: joins, submit to running (1 and many replicas),
+    /// failover after SIGKILL, idle CPU, memory and mesh bytes (needs `cloudless` and
+    /// `cloudlessctl` beside this binary, or CLOUDLESS_BIN_DIR).
     Report {
-        /// Nodes in the pool (at least 6).
-        #[arg(long, default_value_t = 6)]
-        nodes: usize,
+        /// Nodes in the pool (at least 6); several, comma-separated, are measured one after
+        /// the other and tabled side by side (`--nodes 6,25,50,100`).
+        #[arg(long, default_value = "6", value_delimiter = ',')]
+        nodes: Vec<usize>,
         /// Submit-to-running runs.
         #[arg(long, default_value_t = 50)]
         runs: usize,
+        /// Replicas of the one bulk workload applied at once (0: skip).
+        #[arg(long, default_value_t = 1000)]
+        bulk: u32,
         /// SIGKILL rounds.
         #[arg(long, default_value_t = 20)]
         kills: usize,
@@ -104,8 +109,8 @@ async fn main() -> Result<()> {
                 .init();
             up(nodes, run).await?;
         }
-        Command::Report { nodes, runs, kills } => {
-            let plan = cloudless_testnet::report::Plan { nodes, runs, kills };
+        Command::Report { nodes, runs, bulk, kills } => {
+            let plan = cloudless_testnet::report::Plan { sizes: nodes, runs, bulk, kills };
             let module = include_bytes!("../../../examples/hello/hello.wat");
             cloudless_testnet::report::run(&plan, module, |line| println!("{line}")).await?;
         }
