@@ -345,18 +345,22 @@ impl Daemon {
             if let Some(why) = failure(&self.facts) {
                 return why;
             }
-            if let Ok(stats) = self.facts.mesh.directory_stats().await
-                && let Some(stale) = stats.stale
-            {
-                return Failure::Stale(stale);
-            }
             tokio::select! {
                 changed = metrics.changed() => {
                     if changed.is_err() {
                         return Failure::Raft("its task ended".into());
                     }
                 }
-                _ = tick.tick() => {}
+                // The directory is asked once a second only: raft's metrics change on every
+                // pass of its loop (tens of times a second on a leader), and each ask is a
+                // round trip through the swarm task.
+                _ = tick.tick() => {
+                    if let Ok(stats) = self.facts.mesh.directory_stats().await
+                        && let Some(stale) = stats.stale
+                    {
+                        return Failure::Stale(stale);
+                    }
+                }
             }
         }
     }

@@ -47,6 +47,9 @@ pub struct Round {
     pub placed: usize,
     /// Replicas given a new node (moved off a draining node, or off a lost one).
     pub moved: usize,
+    /// When the round must run again although its inputs (state, view) stay the same: the
+    /// only input that changes by itself is time, through a dead node's patience.
+    pub wake_at: Option<Instant>,
 }
 
 fn liveness(s: membership::State) -> Liveness {
@@ -142,6 +145,9 @@ pub struct Occupied {
     /// Nodes that lost their replicas for good (dead past a workload's patience, or left),
     /// with the replicas that must leave each.
     pub lost: BTreeMap<NodeName, Vec<ReplicaId>>,
+    /// When a dead node's replicas are next due to leave it (a workload's patience runs
+    /// out): the round must run again then, although nothing else changes.
+    pub wake_at: Option<Instant>,
 }
 
 /// Every assignment in the scheduler's view, and which replicas must find a new node.
@@ -149,6 +155,7 @@ pub fn occupied(state: &State, view: &View, now: Instant) -> Occupied {
     let mut cluster = cluster_view(state, view);
     let mut homeless = Vec::new();
     let mut lost: BTreeMap<NodeName, Vec<ReplicaId>> = BTreeMap::new();
+    let mut wake_at: Option<Instant> = None;
     for (r, a) in state.assignments() {
         let Some(w) = state.workloads().get(&r.workload) else { continue };
         if cluster.node(a.node.as_str()).is_none() {
@@ -169,9 +176,12 @@ pub fn occupied(state: &State, view: &View, now: Instant) -> Occupied {
         };
         if gone {
             lost.entry(a.node.clone()).or_default().push(r.clone());
+        } else if seen.state == membership::State::Dead {
+            let due = now + patience.saturating_sub(seen.down_for(now));
+            wake_at = Some(wake_at.map_or(due, |w| w.min(due)));
         }
     }
-    Occupied { cluster, homeless, lost }
+    Occupied { cluster, homeless, lost, wake_at }
 }
 
 /// Everything a round needs to know about the workloads, in the scheduler's terms.
@@ -306,7 +316,7 @@ fn keep_ready(state: &State, plan: Plan) -> Plan {
 
 /// One round of the leader's reconciliation.
 pub fn round(state: &State, view: &View, scheduler: &Scheduler, now: Instant) -> Round {
-    let Occupied { mut cluster, homeless, lost } = occupied(state, view, now);
+    let Occupied { mut cluster, homeless, lost, wake_at } = occupied(state, view, now);
     let workloads = Workloads {
         models: state
             .workloads()
@@ -316,7 +326,8 @@ pub fn round(state: &State, view: &View, scheduler: &Scheduler, now: Instant) ->
         records: state.workloads(),
     };
     let lookup = |name: &str| workloads.get(name);
-    let mut b = Builder { state, changes: Vec::new(), round: Round::default() };
+    let mut b =
+        Builder { state, changes: Vec::new(), round: Round { wake_at, ..Round::default() } };
 
     // A replica that was moving to a node that is now gone goes back to its origin, which
     // still runs it, when the origin is healthy.

@@ -145,13 +145,22 @@ pub async fn run(plan: &Plan, module: &[u8], mut out: impl FnMut(String)) -> Res
         bail!("the report needs at least 6 nodes, not {n}");
     }
     let mut all = Vec::new();
+    let mut failed = None;
     for &nodes in &plan.sizes {
-        all.push(run_one(plan, nodes, module, &mut out).await?);
+        match run_one(plan, nodes, module, &mut out).await {
+            Ok(s) => all.push(s),
+            // A larger pool would fail the same way: the sizes measured are still tabled.
+            Err(e) => {
+                out(format!("{nodes} nodes: {e:#}"));
+                failed = Some(e.context(format!("the pool of {nodes} nodes")));
+                break;
+            }
+        }
     }
     for l in table(&all, plan.bulk) {
         out(l);
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// The median of `v` (sorted here).

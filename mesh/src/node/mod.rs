@@ -322,6 +322,8 @@ async fn launch(
         last_persist: Instant::now(),
         last_bootstrap: Instant::now(),
         unvetted: unvetted::Unvetted::default(),
+        conns: HashMap::new(),
+        stale: HashMap::new(),
         metrics,
         config,
     };

@@ -95,7 +95,15 @@ pub(super) struct Task {
     pub(super) last_bootstrap: Instant,
     /// News about peers the gate does not admit yet (a device that just enrolled).
     pub(super) unvetted: super::unvetted::Unvetted,
+    /// Each peer's open connections, oldest first (at most [`MAX_TRACKED_CONNECTIONS`]).
+    pub(super) conns: HashMap<PeerId, Vec<libp2p::swarm::ConnectionId>>,
+    /// The connections members had when they were declared dead or left (a subset of
+    /// `conns`): closed when the member connects again.
+    pub(super) stale: HashMap<PeerId, Vec<libp2p::swarm::ConnectionId>>,
 }
+
+/// Connections tracked per peer: more than a handful means dial races, not restarts.
+const MAX_TRACKED_CONNECTIONS: usize = 8;
 
 impl Task {
     pub(super) async fn run(mut self) {
@@ -559,6 +567,12 @@ impl Task {
                         self.send_datagram(*id, Datagram::Directory(summary));
                     }
                 }
+                // Its connections now are suspect: closed once it connects again.
+                State::Dead | State::Left if *id != self.me => {
+                    if let Some(list) = self.conns.get(id) {
+                        self.stale.insert(*id, list.clone());
+                    }
+                }
                 // A member's answer budget outlives its departures (a Left and a return must
                 // not buy it a fresh burst); it goes when the member is forgotten.
                 _ => {}
@@ -748,7 +762,23 @@ impl Task {
                 self.listen.retain(|a| *a != address);
                 let _ = self.publish_own();
             }
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, connection_id, .. } => {
+                // A member that was held dead connects again: a restarted process (or one
+                // wrongly held dead). The connections it had when it was declared dead are
+                // closed, once: a crashed process leaves QUIC connections that look open
+                // until their idle timeout (10 s), and requests are spread over all of a
+                // peer's connections, so half of them would go to the dead one meanwhile.
+                // Connections made since (a redial, both sides dialing) are kept.
+                if let Some(old) = self.stale.remove(&peer_id) {
+                    for c in old {
+                        self.swarm.close_connection(c);
+                    }
+                }
+                let list = self.conns.entry(peer_id).or_default();
+                if list.len() >= MAX_TRACKED_CONNECTIONS {
+                    list.remove(0);
+                }
+                list.push(connection_id);
                 debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
                 let link = if endpoint.is_relayed() {
                     Link::Relayed
@@ -767,7 +797,17 @@ impl Task {
                     self.send_datagram(peer_id, Datagram::Directory(summary));
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, cause, num_established, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id, cause, num_established, connection_id, ..
+            } => {
+                for map in [&mut self.conns, &mut self.stale] {
+                    if let Some(list) = map.get_mut(&peer_id) {
+                        list.retain(|c| *c != connection_id);
+                        if list.is_empty() {
+                            map.remove(&peer_id);
+                        }
+                    }
+                }
                 debug!(peer = %peer_id, ?cause, "connection closed");
                 if num_established == 0 {
                     // Bounds gossipsub's blacklist and AutoNAT's servers by who is connected.

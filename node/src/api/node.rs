@@ -156,7 +156,9 @@ impl Api {
     fn nudge(&self, caller: NodeName, generation: u64) -> Answer<Nudge> {
         self.nudged.send_modify(|n| {
             n.by = Some(caller);
-            n.generation = generation;
+            // Nudges can land out of order (a retry, two leaders around a handover): the
+            // newest generation named is the one to pull.
+            n.generation = n.generation.max(generation);
             n.count = n.count.wrapping_add(1);
         });
         Ok(())

@@ -47,6 +47,18 @@ const FOLLOW_UP: Duration = Duration::from_millis(150);
 /// Asks again after a woken refresh that changed nothing.
 const FOLLOW_UPS: u8 = 3;
 
+/// One ask in this many takes the whole lists (about once a minute): generations restart
+/// lower after a forced recovery, and changes since a generation from another history would
+/// miss nodes.
+const WHOLE_EVERY: u32 = 30;
+
+/// `known`, except on every [`WHOLE_EVERY`]-th ask (counted in `asks`): none, for the whole
+/// lists.
+fn whole_or(known: Option<u64>, asks: &mut u32) -> Option<u64> {
+    *asks = asks.wrapping_add(1);
+    if asks.is_multiple_of(WHOLE_EVERY) { None } else { known }
+}
+
 /// Runs the gatekeeper until `cancel`.
 pub async fn run(
     api: Arc<Api>,
@@ -68,6 +80,7 @@ pub async fn run(
     // The lists held, and their generation: members send only what changed since.
     let (mut enrolled, mut revoked) = (BTreeSet::new(), BTreeSet::new());
     let mut known: Option<u64> = None;
+    let mut asks: u32 = 0;
     loop {
         // Wake-ups do not count: the periodic asks and warnings keep their pace.
         if !woken {
@@ -76,9 +89,9 @@ pub async fn run(
         let lists = if facts.trusts_own_state() {
             // Hearing a leader again means this member is back in the group.
             facts.consensus.hold_elections(false);
-            api.enrolled(known).await.ok()
+            api.enrolled(whole_or(known, &mut asks)).await.ok()
         } else if woken || tick.is_multiple_of(ASK_TICKS) || !facts.gate.knows_anyone() {
-            match api.peers().node_to_member(Enrolled { known }).await {
+            match api.peers().node_to_member(Enrolled { known: whole_or(known, &mut asks) }).await {
                 Ok(list) => {
                     refusal.clear();
                     // A voter replaced while it was down must not campaign with its stale log.

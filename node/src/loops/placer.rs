@@ -74,6 +74,10 @@ pub async fn run(
     // count up to which changed generations were collected. Bounded by the enrolled nodes.
     let mut pending: BTreeMap<NodeName, (u64, u8)> = BTreeMap::new();
     let mut seen: u64 = 0;
+    // The inputs of the last round, when it had nothing to change, and when time alone
+    // would change its answer: a round with the same inputs is not run again before then
+    // (an idle leader's work does not grow with the pool).
+    let mut rested: Option<(Option<u64>, Arc<crate::view::View>, Option<Instant>)> = None;
     loop {
         tokio::select! {
             biased;
@@ -95,10 +99,17 @@ pub async fn run(
             // lists meanwhile (a node holding the generation named does not even ask).
             pending.clear();
             seen = 0;
+            rested = None;
             continue;
         }
         let view = facts.view();
         let now = Instant::now();
+        let same = rested.as_ref().is_some_and(|(a, v, wake)| {
+            *a == applied && Arc::ptr_eq(v, &view) && wake.is_none_or(|t| now < t)
+        });
+        if same && pending.is_empty() {
+            continue;
+        }
         let scheduler = &facts.scheduler;
         let read = facts
             .consensus
@@ -160,6 +171,7 @@ pub async fn run(
         if **publish.borrow() != round.unschedulable {
             publish.send_replace(Arc::new(round.unschedulable.clone()));
         }
+        rested = round.command.is_none().then(|| (applied, view.clone(), round.wake_at));
         let Some(command) = round.command else { continue };
         let starts: Vec<ReplicaId> = match &command {
             Command::Assign { changes, .. } => changes

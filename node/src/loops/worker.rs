@@ -33,6 +33,9 @@ use crate::peers::CALL_TIMEOUT;
 /// this only catches a lost nudge or a new leader's first moments; asking costs the member
 /// one lookup while the list is unchanged ("not modified").
 const AGENT_EVERY: Duration = Duration::from_secs(5);
+/// One ask in this many takes the whole list whatever generation it names (about once a
+/// minute at idle): generations restart lower after a forced recovery.
+const WHOLE_EVERY: u32 = 12;
 /// How soon a node asks again while a module of its list could not be fetched yet.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// Status changes arriving within this long of the first go to raft in one report: replicas
@@ -80,6 +83,7 @@ pub async fn agent(
     // (every module fetched): only a complete list is not asked for again.
     let mut held: u64 = 0;
     let mut complete = false;
+    let mut asks: u32 = 0;
     loop {
         let (nudger, named) = {
             let n = nudges.borrow_and_update();
@@ -87,14 +91,19 @@ pub async fn agent(
             nudged = n.count;
             if fresh { (n.by.clone(), Some(n.generation)) } else { (None, None) }
         };
-        let known = complete.then_some(held);
-        let skip = complete && named.is_some_and(|g| g <= held);
+        // Every WHOLE_EVERY-th ask takes the list whatever its generation: after a forced
+        // recovery (`cloudless recover`) the pool's generations may restart below the one
+        // held, and this is how a node notices.
+        asks = asks.wrapping_add(1);
+        let whole = asks.is_multiple_of(WHOLE_EVERY);
+        let known = (complete && !whole).then_some(held);
+        let skip = complete && !whole && named.is_some_and(|g| g <= held);
         let answer =
             if skip { Ok(AssignedList::default()) } else { assignments(&api, nudger, known).await };
         match answer {
             // Not modified, or a member that lags behind the list held: nothing to do.
             Ok(AssignedList { assignments: None, .. }) => {}
-            Ok(AssignedList { generation, .. }) if complete && generation < held => {}
+            Ok(AssignedList { generation, .. }) if !whole && generation < held => {}
             Ok(AssignedList { generation, assignments: Some(list) }) => {
                 held = generation;
                 complete = true;

@@ -327,11 +327,14 @@ fn a_workload_may_wait_for_a_dead_node_to_return() {
     let host = index_of(&p.placement()[&0]);
     let now = p.now;
     let dead = |ago| with(all_alive(3, now), host, membership::State::Dead, ago, now);
+    let waits = p.round(&dead(Duration::from_secs(59)));
+    assert_eq!(waits.command, None, "dead for 59 s of 60: the replica waits");
     assert_eq!(
-        p.round(&dead(Duration::from_secs(59))).command,
-        None,
-        "dead for 59 s of 60: the replica waits"
+        waits.wake_at,
+        Some(now + Duration::from_secs(1)),
+        "and the leader runs the round again when the patience runs out, idle or not"
     );
+    assert_eq!(p.round(&all_alive(3, now)).wake_at, None, "nothing to wait for");
     p.round(&dead(Duration::from_secs(60)));
     assert_ne!(p.placement()[&0], n(host), "after 60 s it moves");
     let now_host = index_of(&p.placement()[&0]);
