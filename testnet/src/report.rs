@@ -347,31 +347,29 @@ async fn run_one(
     let after = sample(&procs);
     let secs = window.elapsed().as_secs_f64();
     let tps = ticks_per_second() as f64;
-    let per_node: Vec<(f64, f64)> = before
-        .iter()
-        .zip(&after)
-        .filter_map(|((c0, b0), (c1, b1))| {
-            let cpu = c1.zip(*c0).map(|(a, b)| a.saturating_sub(b) as f64 / tps / secs * 100.0)?;
-            let bytes = b1.zip(*b0).map_or(0.0, |(a, b)| (a - b).max(0.0) / secs);
-            Some((cpu, bytes))
-        })
-        .collect();
+    // Node i's CPU (percent of a core) and mesh bytes per second over the window, each
+    // `None` when it could not be read at both ends.
+    let usage = |i: usize| -> (Option<f64>, Option<f64>) {
+        let ((c0, b0), (c1, b1)) = (before[i], after[i]);
+        let cpu = c1.zip(c0).map(|(a, b)| a.saturating_sub(b) as f64 / tps / secs * 100.0);
+        let bytes = b1.zip(b0).map(|(a, b)| (a - b).max(0.0) / secs);
+        (cpu, bytes)
+    };
     let mib = |k: u64| k as f64 / 1024.0;
     let mut rss: Vec<f64> =
         (0..procs.nodes.len()).filter_map(|i| procs.rss_kib(i)).map(mib).collect();
-    let mut cpus: Vec<f64> = per_node.iter().map(|p| p.0).collect();
-    let mut bytes: Vec<f64> = per_node.iter().map(|p| p.1).collect();
-    let of_leader = |i: usize| -> (f64, f64, f64) {
-        let (c0, b0) = before[i];
-        let (c1, b1) = after[i];
-        let cpu = c1.zip(c0).map_or(0.0, |(a, b)| a.saturating_sub(b) as f64 / tps / secs * 100.0);
-        let bytes = b1.zip(b0).map_or(0.0, |(a, b)| (a - b).max(0.0) / secs);
-        (cpu, procs.rss_kib(i).map_or(0.0, mib), bytes)
-    };
-    let (lcpu, lrss, lbytes) = leader.map_or((0.0, 0.0, 0.0), of_leader);
+    let (mut cpus, mut bytes): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
+    for i in 0..procs.nodes.len() {
+        let (cpu, b) = usage(i);
+        cpus.extend(cpu);
+        bytes.extend(b);
+    }
+    let (lcpu, lbytes) = leader.map(usage).unwrap_or_default();
+    let (lcpu, lbytes) = (lcpu.unwrap_or(0.0), lbytes.unwrap_or(0.0));
+    let lrss = leader.and_then(|i| procs.rss_kib(i)).map_or(0.0, mib);
     summary.leader = (lcpu, lrss);
+    summary.max_cpu = cpus.iter().copied().fold(0.0, f64::max);
     summary.median = (median(&mut cpus), median(&mut rss));
-    summary.max_cpu = cpus.last().copied().unwrap_or(0.0);
     summary.bytes = (median(&mut bytes), lbytes);
     out(format!(
         "idle over {secs:.0} s: median node CPU {:.2} % of a core (busiest {:.2} %), RSS {:.1} MiB (max {:.1} MiB); leader CPU {lcpu:.2} %, RSS {lrss:.1} MiB — targets CPU ≤ 1 %, RSS ≤ 25 MiB",

@@ -55,6 +55,26 @@ fn unplaced(s: &cloudless_consensus::state::State) -> BTreeSet<ReplicaId> {
     out
 }
 
+/// A nudge's outcome: the node, the generation named, the tries so far, whether it arrived.
+type Nudged = (NodeName, u64, u8, bool);
+
+/// Starts nudges from `pending` while fewer than [`MAX_NUDGES`] are in flight.
+fn send_nudges(
+    api: &Api,
+    nudges: &mut JoinSet<Nudged>,
+    pending: &mut BTreeMap<NodeName, (u64, u8)>,
+) {
+    while nudges.len() < MAX_NUDGES
+        && let Some((node, (generation, tries))) = pending.pop_first()
+    {
+        let peers = api.peers().clone();
+        nudges.spawn(async move {
+            let ok = peers.node(&node, Nudge { generation }, NUDGE_TIMEOUT).await.is_ok();
+            (node, generation, tries + 1, ok)
+        });
+    }
+}
+
 /// Runs the placer until `cancel`.
 pub async fn run(
     api: Arc<Api>,
@@ -69,7 +89,7 @@ pub async fn run(
     let mut waiting: BTreeMap<ReplicaId, Instant> = BTreeMap::new();
     // Workloads the last round could not place.
     let mut stuck: BTreeSet<WorkloadName> = BTreeSet::new();
-    let mut nudges: JoinSet<(NodeName, u64, u8, bool)> = JoinSet::new();
+    let mut nudges: JoinSet<Nudged> = JoinSet::new();
     // Nodes to nudge (with the generation to name and the tries so far), and the applied
     // count up to which changed generations were collected. Bounded by the enrolled nodes.
     let mut pending: BTreeMap<NodeName, (u64, u8)> = BTreeMap::new();
@@ -102,12 +122,14 @@ pub async fn run(
             rested = None;
             continue;
         }
+        // Nudges waiting for a slot (or tried again) go out whether or not the round runs.
+        send_nudges(&api, &mut nudges, &mut pending);
         let view = facts.view();
         let now = Instant::now();
         let same = rested.as_ref().is_some_and(|(a, v, wake)| {
             *a == applied && Arc::ptr_eq(v, &view) && wake.is_none_or(|t| now < t)
         });
-        if same && pending.is_empty() {
+        if same {
             continue;
         }
         let scheduler = &facts.scheduler;
@@ -140,15 +162,7 @@ pub async fn run(
                 pending.insert(node, (generation, 0));
             }
         }
-        while nudges.len() < MAX_NUDGES
-            && let Some((node, (generation, tries))) = pending.pop_first()
-        {
-            let peers = api.peers().clone();
-            nudges.spawn(async move {
-                let ok = peers.node(&node, Nudge { generation }, NUDGE_TIMEOUT).await.is_ok();
-                (node, generation, tries + 1, ok)
-            });
-        }
+        send_nudges(&api, &mut nudges, &mut pending);
         if let Some(e) = refused {
             warn!(error = %e, "the round's placement changes would be refused; not proposing them");
             round.command = None;
