@@ -20,7 +20,7 @@
 //!
 //! ```text
 //!             ┌────────────────────────── swarm task ───────────────────────────┐
-//!  Handle ───▶│ commands ─▶ Membership core ─▶ Send ─▶ /cloudless/datagram/1 ───│──▶ peers
+//!  Handle ───▶│ commands ─▶ Membership core ─▶ Send ─▶ /cloudless/datagram/2 ───│──▶ peers
 //!  (clone)    │                    │        └▶ Broadcast ─▶ gossipsub topic ────│──▶ mesh
 //!             │                    └▶ Event ──────────────────────────────────▶│──▶ events
 //!             │ Directory ◀─▶ signed entries, summaries (datagram)             │

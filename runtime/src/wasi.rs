@@ -14,8 +14,9 @@
 //! ```
 //!
 //! Guests run on their own tokio runtime so a busy guest never delays the node's networking.
-//! A ticker thread advances the engine's epoch every [`TICK`]; at each tick a running guest
-//! yields, and a guest over its CPU share (`cpu_millis`) sleeps long enough to bring its
+//! A ticker thread advances the engine's epoch every [`TICK`] while a guest runs (with none,
+//! it sleeps until one starts: an idle node is not woken 100 times a second); at each tick a
+//! running guest yields, and a guest over its CPU share (`cpu_millis`) sleeps long enough to bring its
 //! average back to the share. A guest that grows memory past its limit traps and is reported
 //! as out of memory; one past its wall-clock limit is cancelled and reported as timed out.
 //! Neither can take the node down.
@@ -24,7 +25,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -410,12 +411,82 @@ struct Inner {
     compiling: tokio::sync::Mutex<()>,
     runs: Mutex<HashMap<ReplicaId, Arc<Run>>>,
     guests: Option<tokio::runtime::Runtime>,
-    ticking: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
+}
+
+/// The epoch ticker's switch: it ticks while at least one guest task is in flight and sleeps
+/// otherwise, until a guest starts or the driver is dropped.
+#[derive(Default)]
+struct Ticker {
+    state: Mutex<TickerState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct TickerState {
+    guests: usize,
+    stopped: bool,
+}
+
+/// What the ticker thread is to do next.
+#[derive(Debug, PartialEq, Eq)]
+enum Tick {
+    /// A guest runs: advance the epoch after a [`TICK`].
+    Run,
+    /// No guest ran within the wait: ask again.
+    Idle,
+    /// The driver is gone.
+    Stopped,
+}
+
+impl Ticker {
+    /// Counts a guest in until the guard is dropped, and wakes the ticker.
+    fn enter(self: &Arc<Self>) -> TickerGuard {
+        if let Ok(mut s) = self.state.lock() {
+            s.guests = s.guests.saturating_add(1);
+        }
+        self.wake.notify_all();
+        TickerGuard(self.clone())
+    }
+
+    fn stop(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.stopped = true;
+        }
+        self.wake.notify_all();
+    }
+
+    /// Waits (at most `wait`) until a guest runs or the driver stops.
+    fn next(&self, wait: Duration) -> Tick {
+        let Ok(s) = self.state.lock() else { return Tick::Stopped };
+        let Ok((s, _)) = self.wake.wait_timeout_while(s, wait, |s| s.guests == 0 && !s.stopped)
+        else {
+            return Tick::Stopped;
+        };
+        if s.stopped {
+            Tick::Stopped
+        } else if s.guests > 0 {
+            Tick::Run
+        } else {
+            Tick::Idle
+        }
+    }
+}
+
+/// A guest counted by the [`Ticker`] while it lives.
+struct TickerGuard(Arc<Ticker>);
+
+impl Drop for TickerGuard {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0.state.lock() {
+            s.guests = s.guests.saturating_sub(1);
+        }
+    }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.ticking.store(false, Ordering::Relaxed);
+        self.ticker.stop();
         if let Some(rt) = self.guests.take() {
             rt.shutdown_background();
         }
@@ -467,14 +538,18 @@ impl WasiDriver {
             .enable_time()
             .build()
             .map_err(engine_error)?;
-        let ticking = Arc::new(AtomicBool::new(true));
+        let ticker = Arc::new(Ticker::default());
         let weak = engine.weak();
-        let flag = ticking.clone();
+        let t = ticker.clone();
         std::thread::Builder::new()
             .name("wasi-epoch".into())
             .spawn(move || {
-                while flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(TICK);
+                loop {
+                    match t.next(Duration::from_secs(60)) {
+                        Tick::Run => std::thread::sleep(TICK),
+                        Tick::Idle => continue,
+                        Tick::Stopped => break,
+                    }
                     match weak.upgrade() {
                         Some(e) => e.increment_epoch(),
                         None => break,
@@ -492,7 +567,7 @@ impl WasiDriver {
                 compiling: tokio::sync::Mutex::new(()),
                 runs: Mutex::new(HashMap::new()),
                 guests: Some(guests),
-                ticking,
+                ticker,
             }),
         })
     }
@@ -827,7 +902,10 @@ impl Driver for WasiDriver {
         let disk = over_disk(work.clone(), disk_limit, spec.cpu_millis);
         let work = work.clone();
         let (ctl, k, id) = (control.clone(), kill.clone(), spec.id.clone());
+        // Counted from here, so the first tick is never missed.
+        let ticking = self.inner.ticker.enter();
         let task = async move {
+            let _ticking = ticking;
             let deadline = async {
                 match timeout {
                     Some(t) => tokio::time::sleep(t).await,
@@ -961,4 +1039,31 @@ impl Driver for WasiDriver {
 fn observed(id: &ReplicaId, run: &Run) -> Observed {
     let state = RunState::of(run.since, run.exit.borrow().clone());
     Observed { id: id.clone(), fingerprint: run.fingerprint.clone(), state }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_epoch_ticks_only_while_a_guest_runs() {
+        let t = Arc::new(Ticker::default());
+        assert_eq!(t.next(Duration::from_millis(5)), Tick::Idle, "no guest: nothing to tick");
+        let a = t.enter();
+        let b = t.enter();
+        assert_eq!(t.next(Duration::from_secs(60)), Tick::Run);
+        drop(a);
+        assert_eq!(t.next(Duration::from_secs(60)), Tick::Run, "one guest still runs");
+        drop(b);
+        assert_eq!(t.next(Duration::from_millis(5)), Tick::Idle);
+        // A guest that starts wakes a ticker that waits.
+        let waiting = {
+            let t = t.clone();
+            std::thread::spawn(move || t.next(Duration::from_secs(60)))
+        };
+        let _c = t.enter();
+        assert_eq!(waiting.join().unwrap(), Tick::Run);
+        t.stop();
+        assert_eq!(t.next(Duration::from_secs(60)), Tick::Stopped, "a stop ends it, guests or not");
+    }
 }

@@ -27,7 +27,7 @@ use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 
 mod raw;
-pub use raw::{Frames, RawPeer, Sent};
+pub use raw::{Frames, NO_ANSWER, RawPeer, Sent, is_ack};
 
 /// How long a hostile peer waits for its connection to the target.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);

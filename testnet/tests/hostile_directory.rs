@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use cloudless_mesh::directory::{self, Message};
 use cloudless_mesh::node::{DATAGRAM_PROTOCOL, Datagram};
-use cloudless_testnet::hostile::{Pool, RawPeer};
+use cloudless_testnet::hostile::{NO_ANSWER, Pool, RawPeer};
 use cloudless_testnet::procs::{throughout, until};
 use cloudless_types::NodeDescriptor;
 use libp2p::PeerId;
@@ -48,7 +48,7 @@ fn frame(m: Message) -> Vec<u8> {
 async fn send(raw: &RawPeer, target: PeerId, m: Message) {
     let answer =
         raw.ask(target, DATAGRAM_PROTOCOL, &frame(m), Duration::from_secs(30)).await.unwrap();
-    assert_eq!(answer, [0, 0, 0, 0], "the datagram was not taken");
+    assert_eq!(answer, NO_ANSWER, "the datagram was not taken");
 }
 
 /// An entry signed by `key`, as the directory signs them.

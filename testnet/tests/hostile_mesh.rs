@@ -77,7 +77,7 @@ async fn mesh_stranger_datagram_bomb() {
     let mut written = 0;
     for _ in 0..4 {
         let sent = raw.bomb(target, DATAGRAM_PROTOCOL, 64, header(BODY as u32), BODY).await;
-        // A datagram that was read is acknowledged (an empty frame): none may be.
+        // A datagram that was read is answered (its ack, or a frame holding nothing): none may be.
         assert!(sent.answers.is_empty(), "a stranger's datagram was read: {:?}", sent.answers);
         written += sent.written;
     }

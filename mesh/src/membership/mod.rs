@@ -154,6 +154,8 @@ struct Member<I> {
     own: Option<Said<I>>,
     /// Its newest signed capacity summary.
     capacity: Option<Summary>,
+    /// Its round trip, from the direct acks of our probes.
+    rtt: probing::Rtt,
 }
 
 /// Signed liveness news held for a member, without the id it is stored under (every node
@@ -346,6 +348,7 @@ impl<I: Id> Membership<I> {
                 vouched: incarnation,
                 own: Said::of(&alive),
                 capacity: Summary::of(&summary),
+                rtt: probing::Rtt::default(),
             },
         );
         Membership {
@@ -539,12 +542,12 @@ impl<I: Id> Membership<I> {
                 updates
             }
             Message::Ack { seq, incarnation, updates } => {
-                self.on_ack(seq);
+                self.on_ack(&from, seq, now);
                 sender_incarnation = Some(incarnation);
                 updates
             }
-            Message::PingReq { seq, target, updates } => {
-                self.on_ping_req(&from, seq, target, now);
+            Message::PingReq { seq, target, within_ms, updates } => {
+                self.on_ping_req(&from, seq, target, within_ms, now);
                 updates
             }
             Message::Nack { seq } => {

@@ -180,7 +180,14 @@ impl<I: Id> Membership<I> {
                 // member we do not know is never taken (see `judge`).
                 self.members.insert(
                     id.clone(),
-                    Member { state, incarnation, vouched: incarnation, own, capacity: None },
+                    Member {
+                        state,
+                        incarnation,
+                        vouched: incarnation,
+                        own,
+                        capacity: None,
+                        rtt: super::probing::Rtt::default(),
+                    },
                 );
                 // Put it at a random position so new members are probed soon, but not by
                 // everyone at once (memberlist does the same). A swap keeps this O(1).
@@ -217,7 +224,7 @@ impl<I: Id> Membership<I> {
                     Some(UpdateKind::Dead { by }) => (by.clone(), 1),
                     _ => (self.me.clone(), 1),
                 };
-                let timeout = self.suspicion_timeout(witnesses.saturating_sub(1));
+                let timeout = self.suspicion_timeout(&id, witnesses.saturating_sub(1));
                 self.suspicions.insert(
                     id.clone(),
                     Suspicion {

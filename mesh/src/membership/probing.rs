@@ -1,6 +1,11 @@
 //! Failure detection (SWIM): the round-robin probe loop, direct and indirect pings and their
 //! acks and nacks, the ping requests this node relays for others, and the reconnect probes
 //! of members held as dead.
+//!
+//! How long a probe waits follows the target's measured round trip ([`Rtt`], from the direct
+//! acks of earlier probes): `srtt + 4·rttvar` clamped to `probe_timeout_min..=probe_timeout`,
+//! then stretched by the local health multiplier. A ping request names the wait the asker
+//! used, so the helpers' nacks come back before the asker's indirect phase ends.
 
 use std::time::{Duration, Instant};
 
@@ -9,9 +14,49 @@ use rand::seq::SliceRandom;
 
 use super::{Id, Membership, Message, State, Update};
 
+/// Units of [`Rtt`]: 100 µs, so that a `u16` spans 6.5 s, far beyond any timeout.
+const RTT_UNIT_MICROS: u128 = 100;
+
+/// A member's round trip, smoothed as TCP smooths it (RFC 6298: gains 1/8 and 1/4), in units
+/// of [`RTT_UNIT_MICROS`]; zero is "not measured". Two `u16`s, so that it costs four bytes a
+/// member (the simulator holds a hundred million members).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Rtt {
+    srtt: u16,
+    var: u16,
+}
+
+impl Rtt {
+    /// Takes one measured round trip.
+    pub(super) fn sample(&mut self, d: Duration) {
+        let r = u16::try_from(d.as_micros() / RTT_UNIT_MICROS).unwrap_or(u16::MAX).max(1);
+        if self.srtt == 0 {
+            self.srtt = r;
+            self.var = r / 2;
+            return;
+        }
+        let (srtt, var, r) = (u32::from(self.srtt), u32::from(self.var), u32::from(r));
+        let var = (3 * var + srtt.abs_diff(r)) / 4;
+        let srtt = (7 * srtt + r) / 8;
+        self.var = u16::try_from(var).unwrap_or(u16::MAX);
+        self.srtt = u16::try_from(srtt).unwrap_or(u16::MAX).max(1);
+    }
+
+    /// The retransmission timeout before clamping: `srtt + 4·rttvar`, if measured.
+    pub(super) fn timeout(self) -> Option<Duration> {
+        if self.srtt == 0 {
+            return None;
+        }
+        let units = u64::from(self.srtt) + 4 * u64::from(self.var);
+        Some(Duration::from_micros(units * RTT_UNIT_MICROS as u64))
+    }
+}
+
 #[derive(Clone, Debug)]
 pub(super) struct Probe<I> {
     pub(super) target: I,
+    /// When the first ping went: the round trip of a direct ack is measured from here.
+    sent: Instant,
     pub(super) direct_deadline: Instant,
     pub(super) end: Instant,
     pub(super) indirect_sent: bool,
@@ -27,6 +72,8 @@ pub(super) struct Relay<I> {
     origin: I,
     pub(super) target: I,
     origin_seq: u32,
+    /// When the pings went (two copies at once): the round trip of the target's ack.
+    sent: Instant,
     pub(super) deadline: Instant,
 }
 
@@ -40,6 +87,14 @@ const MAX_RELAYS: usize = 64;
 impl<I: Id> Membership<I> {
     fn scaled(&self, d: Duration) -> Duration {
         d * (1 + self.local_health)
+    }
+
+    /// How long to wait for `target`'s direct ack, before the local health multiplier: its
+    /// measured round trip's timeout within `probe_timeout_min..=probe_timeout`, or
+    /// `probe_timeout` while it is not measured.
+    pub(super) fn ack_wait(&self, target: &I) -> Duration {
+        let (min, max) = (self.config.probe_timeout_min, self.config.probe_timeout);
+        self.members.get(target).and_then(|m| m.rtt.timeout()).map_or(max, |t| t.clamp(min, max))
     }
 
     pub(super) fn next_seq(&mut self) -> u32 {
@@ -72,12 +127,14 @@ impl<I: Id> Membership<I> {
 
     fn probe(&mut self, target: I, now: Instant) {
         let seq = self.next_seq();
-        let timeout = self.scaled(self.config.probe_timeout);
+        let timeout = self.scaled(self.ack_wait(&target));
         self.probes.insert(
             seq,
             Probe {
                 target: target.clone(),
+                sent: now,
                 direct_deadline: now + timeout,
+                // Set again when the indirect phase starts.
                 end: now + timeout * 3,
                 indirect_sent: false,
                 expected_nacks: 0,
@@ -132,13 +189,23 @@ impl<I: Id> Membership<I> {
                 let target = probe.target.clone();
                 let helpers =
                     self.random_live(self.config.indirect_checks, std::slice::from_ref(&target));
+                // Helpers wait for the target what we waited; their answers take a round
+                // trip more (the slowest helper's), and both fit twice in the phase.
+                let within = self.scaled(self.ack_wait(&target));
+                let slowest =
+                    helpers.iter().map(|h| self.scaled(self.ack_wait(h))).max().unwrap_or_default();
+                let within_ms = u16::try_from(within.as_millis()).unwrap_or(u16::MAX);
                 if let Some(p) = self.probes.get_mut(&seq) {
                     p.expected_nacks = u32::try_from(helpers.len()).unwrap_or(u32::MAX);
                     p.helpers.clone_from(&helpers);
+                    p.end = now + within.max(slowest) * 2;
                 }
                 for h in helpers {
                     let updates = self.piggyback_for(&h);
-                    self.send(h, Message::PingReq { seq, target: target.clone(), updates });
+                    self.send(
+                        h,
+                        Message::PingReq { seq, target: target.clone(), within_ms, updates },
+                    );
                 }
                 // A second direct attempt, in case only the first ping or its ack was lost.
                 let updates = self.piggyback_for(&target);
@@ -167,8 +234,13 @@ impl<I: Id> Membership<I> {
         }
     }
 
-    pub(super) fn on_ack(&mut self, seq: u32) {
+    pub(super) fn on_ack(&mut self, from: &I, seq: u32, now: Instant) {
         if let Some(relay) = self.relays.remove(&seq) {
+            if *from == relay.target
+                && let Some(m) = self.members.get_mut(from)
+            {
+                m.rtt.sample(now.saturating_duration_since(relay.sent));
+            }
             let updates = self.piggyback_for(&relay.origin);
             self.send(
                 relay.origin,
@@ -177,8 +249,15 @@ impl<I: Id> Membership<I> {
             return;
         }
         // The ack comes from the target itself or from a helper we asked; either proves it.
-        if self.probes.remove(&seq).is_some() {
+        if let Some(probe) = self.probes.remove(&seq) {
             self.local_health = self.local_health.saturating_sub(1);
+            // Karn: only an ack to a ping sent once times the round trip.
+            if *from == probe.target
+                && !probe.indirect_sent
+                && let Some(m) = self.members.get_mut(from)
+            {
+                m.rtt.sample(now.saturating_duration_since(probe.sent));
+            }
         }
     }
 
@@ -200,17 +279,28 @@ impl<I: Id> Membership<I> {
     }
 
     /// Relays a ping request: pings `target` for `from` (twice) and remembers to forward its
-    /// ack, or to nack when none comes in time.
-    pub(super) fn on_ping_req(&mut self, from: &I, seq: u32, target: I, now: Instant) {
+    /// ack, or to nack when none comes in time: after the wait the asker named, kept within
+    /// this node's own bounds (`probe_timeout_min` up to its stretched `probe_timeout`).
+    pub(super) fn on_ping_req(
+        &mut self,
+        from: &I,
+        seq: u32,
+        target: I,
+        within_ms: u16,
+        now: Instant,
+    ) {
         if !self.leaving && self.relays.len() < MAX_RELAYS && target != self.me {
             let my_seq = self.next_seq();
+            let wait = Duration::from_millis(u64::from(within_ms))
+                .clamp(self.config.probe_timeout_min, self.scaled(self.config.probe_timeout));
             self.relays.insert(
                 my_seq,
                 Relay {
                     origin: from.clone(),
                     target: target.clone(),
                     origin_seq: seq,
-                    deadline: now + self.scaled(self.config.probe_timeout),
+                    sent: now,
+                    deadline: now + wait,
                 },
             );
             // Two copies at once: a helper is only asked when something is lossy, and a

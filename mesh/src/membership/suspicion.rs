@@ -22,6 +22,12 @@ pub(super) fn blame_budgets<K: Ord + Clone>(max: usize) -> Budgets<K> {
     Budgets::new(u64::from(BLAME_BURST), BLAME_REFILL.saturating_mul(BLAME_BURST), max)
 }
 
+/// A suspect has at least this many of its probe waits ([`Membership::ack_wait`]) to refute:
+/// the suspicion reaches it in one hop and its refutation floods back in a few. A member on a
+/// slow link, or not measured yet, keeps 600 ms (three 200 ms waits); a LAN member gets the
+/// configured `suspicion_min`.
+const SUSPICION_PER_WAIT: u32 = 3;
+
 /// Accusers one refutation charges at most (honest bad news about a node comes from one
 /// prober, or a few at once).
 const MAX_ACCUSERS: usize = 8;
@@ -38,7 +44,10 @@ pub(super) struct Suspicion<I> {
 }
 
 impl<I: Id> Membership<I> {
-    pub(super) fn suspicion_timeout(&self, confirmations: u32) -> Duration {
+    /// How long `target` stays suspect with `confirmations` beyond the first suspector:
+    /// from `suspicion_max` down to its shortest (the configured `suspicion_min`, or
+    /// [`SUSPICION_PER_WAIT`] probe waits of the target if longer) as confirmations come in.
+    pub(super) fn suspicion_timeout(&self, target: &I, confirmations: u32) -> Duration {
         // Witnesses to expect: the configured number, but no more than the members that could
         // confirm (everyone but the suspect and the suspector). Like memberlist, a pool too
         // small to confirm anything uses the short timeout at once: otherwise a three-node
@@ -53,12 +62,14 @@ impl<I: Id> Membership<I> {
             .count()
             .saturating_sub(2);
         let k = u32::try_from(self.config.indirect_checks.min(others)).unwrap_or(u32::MAX);
+        let max = self.config.suspicion_max;
+        let min =
+            self.config.suspicion_min.max(self.ack_wait(target) * SUSPICION_PER_WAIT).min(max);
         if k == 0 {
-            return self.config.suspicion_min;
+            return min;
         }
         let c = confirmations.min(k);
         let frac = f64::from(c + 1).ln() / f64::from(k + 1).ln();
-        let (min, max) = (self.config.suspicion_min, self.config.suspicion_max);
         max.saturating_sub((max - min).mul_f64(frac)).max(min)
     }
 
@@ -124,7 +135,7 @@ impl<I: Id> Membership<I> {
         let independent = u32::try_from(s.suspectors.len() - 1).unwrap_or(u32::MAX);
         let confirmations = independent.max(s.witnesses.saturating_sub(1));
         let started = s.started;
-        let deadline = started + self.suspicion_timeout(confirmations);
+        let deadline = started + self.suspicion_timeout(id, confirmations);
         if let Some(s) = self.suspicions.get_mut(id) {
             s.deadline = s.deadline.min(deadline.max(now));
         }

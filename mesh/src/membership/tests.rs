@@ -120,17 +120,26 @@ fn suspicion_timeout_shrinks_with_confirmations() {
     // Enough members for every expected witness.
     let m = node_with(1, &[2, 3, 4, 5, 6, 7], Instant::now());
     let c = Config::default();
-    assert_eq!(m.suspicion_timeout(0), c.suspicion_max);
-    assert_eq!(m.suspicion_timeout(4), c.suspicion_min);
-    assert!(m.suspicion_timeout(2) < m.suspicion_timeout(1));
-    assert_eq!(m.suspicion_timeout(100), c.suspicion_min);
+    // Not measured yet: three of the longest probe waits at least.
+    let least = (c.probe_timeout * 3).max(c.suspicion_min);
+    assert_eq!(m.suspicion_timeout(&2, 0), c.suspicion_max);
+    assert_eq!(m.suspicion_timeout(&2, 4), least);
+    assert!(m.suspicion_timeout(&2, 2) < m.suspicion_timeout(&2, 1));
+    assert_eq!(m.suspicion_timeout(&2, 100), least);
     // Three members: one possible witness, so one confirmation is all there can be.
     let small = node_with(1, &[2, 3], Instant::now());
-    assert_eq!(small.suspicion_timeout(0), c.suspicion_max);
-    assert_eq!(small.suspicion_timeout(1), c.suspicion_min);
+    assert_eq!(small.suspicion_timeout(&2, 0), c.suspicion_max);
+    assert_eq!(small.suspicion_timeout(&2, 1), least);
     // Two members: nobody can confirm; the short timeout at once.
-    let pair = node_with(1, &[2], Instant::now());
-    assert_eq!(pair.suspicion_timeout(0), c.suspicion_min);
+    let mut pair = node_with(1, &[2], Instant::now());
+    assert_eq!(pair.suspicion_timeout(&2, 0), least);
+    // A member measured at a short round trip: the configured minimum.
+    if let Some(m) = pair.members.get_mut(&2) {
+        for _ in 0..20 {
+            m.rtt.sample(Duration::from_millis(1));
+        }
+    }
+    assert_eq!(pair.suspicion_timeout(&2, 0), c.suspicion_min);
 }
 
 #[test]
@@ -161,7 +170,9 @@ fn suspect_becomes_dead_after_its_timeout_unless_refuted() {
     // 3 refutes in time.
     let _ =
         m.handle(Input::Broadcast { updates: vec![alive(3, 1)] }, now + Duration::from_millis(100));
-    let min = Config::default().suspicion_min;
+    // Neither is measured: three of the longest probe waits.
+    let c = Config::default();
+    let min = (c.probe_timeout * 3).max(c.suspicion_min);
     let _ = m.handle(Input::Tick, now + min - Duration::from_millis(1));
     assert_eq!(state_of(&m, 2), Some(State::Suspect), "not before the timeout");
     let out = m.handle(Input::Tick, now + min);
@@ -470,10 +481,8 @@ fn arb_message() -> impl Strategy<Value = Message<u32>> {
             incarnation,
             updates
         }),
-        (0u32..8, 0u32..6, ups()).prop_map(|(seq, target, updates)| Message::PingReq {
-            seq,
-            target,
-            updates
+        (0u32..8, 0u32..6, any::<u16>(), ups()).prop_map(|(seq, target, within_ms, updates)| {
+            Message::PingReq { seq, target, within_ms, updates }
         }),
         (0u32..8).prop_map(|seq| Message::Nack { seq }),
         (ups(), any::<bool>()).prop_map(|(updates, want_sync)| Message::Join {
@@ -984,4 +993,88 @@ fn the_member_list_is_sent_within_a_budget_per_peer() {
     let mut small = node_with(1, &[2, 3], now);
     let answered: usize = (0..40).map(|_| ask(&mut small, now)).sum();
     assert_eq!(answered, 16);
+}
+
+#[test]
+fn round_trips_are_smoothed_as_tcp_does() {
+    let mut r = probing::Rtt::default();
+    assert_eq!(r.timeout(), None, "nothing measured");
+    r.sample(Duration::from_millis(1));
+    assert_eq!(r.timeout(), Some(Duration::from_millis(3)), "first sample: srtt + 4·srtt/2");
+    for _ in 0..50 {
+        r.sample(Duration::from_millis(1));
+    }
+    assert_eq!(r.timeout(), Some(Duration::from_millis(1)), "steady: the deviation decays");
+    // One slow answer widens the timeout at once (the deviation), more than the mean moves.
+    r.sample(Duration::from_millis(81));
+    let t = r.timeout().unwrap();
+    assert!(t >= Duration::from_millis(70), "{t:?}");
+    // Below one unit, and beyond what a u16 holds, it saturates instead of wrapping.
+    let mut tiny = probing::Rtt::default();
+    tiny.sample(Duration::ZERO);
+    assert!(tiny.timeout().is_some());
+    let mut huge = probing::Rtt::default();
+    huge.sample(Duration::from_secs(3600));
+    assert!(huge.timeout().unwrap() >= Duration::from_secs(6));
+}
+
+#[test]
+fn probe_waits_follow_the_measured_round_trip() {
+    let c = Config::default();
+    let now = Instant::now();
+    let mut m = node_with(1, &[2], now);
+    assert_eq!(m.ack_wait(&2), c.probe_timeout, "not measured yet: the longest wait");
+    let mut at = now;
+    for _ in 0..8 {
+        at = m.next_deadline().unwrap().max(at);
+        let out = m.handle(Input::Tick, at);
+        let Some((2, Message::Ping { seq, .. })) = sends(&out).first().cloned() else {
+            continue;
+        };
+        at += Duration::from_millis(2);
+        let ack = Message::Ack { seq, incarnation: 0, updates: vec![] };
+        let _ = m.handle(Input::Message { from: 2, message: ack }, at);
+    }
+    assert_eq!(m.ack_wait(&2), c.probe_timeout_min, "a 2 ms member: the shortest wait");
+    // The next probe goes indirect once that wait has passed, not after probe_timeout.
+    let first = m.next_deadline().unwrap().max(at);
+    let out = m.handle(Input::Tick, first);
+    let Some((2, Message::Ping { seq, .. })) = sends(&out).first().cloned() else {
+        panic!("expected a ping of 2: {out:?}")
+    };
+    let early = m.handle(Input::Tick, first + c.probe_timeout_min - Duration::from_millis(1));
+    assert!(
+        !sends(&early)
+            .iter()
+            .any(|(_, msg)| matches!(msg, Message::Ping { seq: s, .. } if *s == seq))
+    );
+    let late = m.handle(Input::Tick, first + c.probe_timeout_min);
+    assert!(
+        sends(&late)
+            .iter()
+            .any(|(to, msg)| *to == 2 && matches!(msg, Message::Ping { seq: s, .. } if *s == seq)),
+        "the second direct attempt goes at the measured wait: {late:?}"
+    );
+}
+
+#[test]
+fn a_helper_nacks_after_the_wait_asked_within_its_own_bounds() {
+    let c = Config::default();
+    for (asked, waits) in [
+        (10u16, c.probe_timeout_min),
+        (120, Duration::from_millis(120)),
+        (u16::MAX, c.probe_timeout),
+    ] {
+        let now = Instant::now();
+        let mut m = node_with(1, &[2, 3], now);
+        let req = Message::PingReq { seq: 7, target: 3, within_ms: asked, updates: vec![] };
+        let _ = m.handle(Input::Message { from: 2, message: req }, now);
+        let nacked = |out: &[Output<u32>]| {
+            sends(out).iter().any(|(to, msg)| *to == 2 && matches!(msg, Message::Nack { seq: 7 }))
+        };
+        let before = m.handle(Input::Tick, now + waits - Duration::from_millis(1));
+        assert!(!nacked(&before), "asked {asked} ms: nacked before {waits:?}");
+        let after = m.handle(Input::Tick, now + waits);
+        assert!(nacked(&after), "asked {asked} ms: no nack at {waits:?}");
+    }
 }

@@ -213,6 +213,10 @@ pub enum Message<I> {
         seq: u32,
         /// The member to ping.
         target: I,
+        /// How long to wait for the target's ack before the nack, in milliseconds: what the
+        /// asker waits for a direct ack from the target (a helper keeps it within its own
+        /// bounds, `probe_timeout_min..=probe_timeout`).
+        within_ms: u16,
         /// Piggybacked news.
         updates: Vec<Update<I>>,
     },

@@ -7,13 +7,18 @@
 //! (streams and bytes) depends on whether it is an enrolled member or a stranger.
 //!
 //! ```text
-//!   /cloudless/datagram/1, /cloudless/rpc/1 ──(peer, stream)──▶ acceptor task (`streams`)
+//!   /cloudless/datagram/2, /cloudless/rpc/1 ──(peer, stream)──▶ acceptor task (`streams`)
 //!        gate: may this peer use the protocol at all?      no ─▶ reset, nothing read
 //!        slots: the peer's share of open streams full?     yes ─▶ "busy" (rpc) or reset
 //!        header: length within the limit, bytes from the budget of its kind, deadline
 //!        rpc: service name ─▶ gate ─▶ body ─▶ service queue ─▶ answer written back
 //!        datagram: body ─▶ decoded ─▶ swarm task (bounded queue; full: dropped)
+//!                  a ping waits for its ack (≤ ACK_WAIT) and carries it back as the answer
 //! ```
+//!
+//! A ping's ack is the answer on the ping's own stream: one stream per probe instead of two
+//! (a ping and an ack each with an empty answer), which halves a probe's packets, streams and
+//! timers; membership probing is most of an idle node's work.
 //!
 //! Outbound requests still go through libp2p's request-response (outbound only); the framing
 //! is the same ([`crate::codec`]): a 4-byte big-endian length, then postcard.
@@ -69,6 +74,19 @@ pub const HANDLER_DEADLINE: Duration = Duration::from_secs(300);
 const MAX_REFUSALS: usize = 64;
 /// Decoded datagrams queued for the swarm task; beyond, they are dropped like lost packets.
 pub(super) const DATAGRAM_QUEUE: usize = 1024;
+/// How long a ping's stream waits for the swarm task's ack. The swarm task answers at once
+/// (the membership core acks synchronously); the prober has given up on a direct answer long
+/// before (`probe_timeout`, 200 ms at most), so a slower ack is worth nothing.
+pub(super) const ACK_WAIT: Duration = Duration::from_secs(1);
+
+/// Largest answer to a datagram: an ack carries a few hundred bytes of piggybacked news
+/// (`piggyback_bytes`), so 16 KiB is ample, and a member answering our pings with more cannot
+/// make us hold more than 16 KiB per ping in flight (256 at most: 4 MiB).
+pub(super) const ANSWER_MAX: usize = 16 * 1024;
+
+/// A datagram read from a member: who sent it, what it holds, and, for a ping, where its
+/// ack goes (the ping's own stream).
+pub(super) type Received = (PeerId, Datagram, Option<oneshot::Sender<Datagram>>);
 
 /// The deadline for `bytes` more bytes, at [`MIN_RATE`] after a [`HEADER_DEADLINE`].
 fn body_deadline(bytes: usize) -> Duration {
@@ -100,7 +118,7 @@ fn reserve(pool: &Arc<AtomicUsize>, cap: usize, bytes: usize) -> Option<Reserved
 struct Shared {
     gate: Arc<dyn Gate>,
     services: Services,
-    datagrams: mpsc::Sender<(PeerId, Datagram)>,
+    datagrams: mpsc::Sender<Received>,
     rpc_max: usize,
     datagram_max: usize,
     members_bytes: Arc<AtomicUsize>,
@@ -129,7 +147,7 @@ impl Acceptor {
     pub(super) fn new(
         gate: Arc<dyn Gate>,
         services: Services,
-        datagrams: mpsc::Sender<(PeerId, Datagram)>,
+        datagrams: mpsc::Sender<Received>,
         incoming: mpsc::Receiver<Incoming>,
         rpc_max: usize,
         datagram_max: usize,
@@ -311,16 +329,42 @@ async fn serve_datagram(shared: &Shared, peer: PeerId, mut stream: Stream) -> io
     let datagram: Datagram =
         postcard::from_bytes(&body).map_err(|e| invalid(format!("malformed datagram: {e}")))?;
     drop(body);
-    // The empty answer (a zero-length frame: postcard's `()`), which the sender waits for.
+    let mut later = None;
+    let answer =
+        if matches!(datagram, Datagram::Membership(crate::membership::Message::Ping { .. })) {
+            // The ack comes back on this stream, if the swarm task takes the ping and acks it.
+            let (tx, rx) = oneshot::channel();
+            if shared.datagrams.try_send((peer, datagram, Some(tx))).is_err() {
+                debug!(%peer, "datagram queue full: dropped");
+            }
+            tokio::time::timeout(ACK_WAIT, rx).await.ok().and_then(Result::ok)
+        } else {
+            later = Some(datagram);
+            None
+        };
+    // The answer the sender waits for: the ack of a ping, or nothing (postcard's `None`).
+    let frame = encode_answer(&answer, ANSWER_MAX)?;
     timed(HEADER_DEADLINE, "the answer", async {
-        stream.write_all(&[0, 0, 0, 0]).await?;
+        stream.write_all(&frame).await?;
         stream.close().await
     })
     .await?;
-    if shared.datagrams.try_send((peer, datagram)).is_err() {
+    if let Some(datagram) = later
+        && shared.datagrams.try_send((peer, datagram, None)).is_err()
+    {
         debug!(%peer, "datagram queue full: dropped");
     }
     Ok(())
+}
+
+/// A datagram's answer as one frame; an answer that does not fit goes as none at all.
+fn encode_answer(answer: &Option<Datagram>, max: usize) -> io::Result<Vec<u8>> {
+    let body = crate::codec::encode(answer, max)
+        .or_else(|_| crate::codec::encode(&None::<Datagram>, max))?;
+    let len = u32::try_from(body.len()).map_err(|_| invalid("answer too large".into()))?;
+    let mut frame = len.to_be_bytes().to_vec();
+    frame.extend(body);
+    Ok(frame)
 }
 
 /// Reads one request, hands it to its service and writes the answer; every refusal is an
@@ -460,6 +504,24 @@ async fn write_reply(mut stream: Stream, reply: &Reply, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_are_one_frame_and_too_large_ones_go_as_nothing() {
+        let none = encode_answer(&None, ANSWER_MAX).unwrap();
+        assert_eq!(none, [0, 0, 0, 1, 0], "postcard's None in one frame");
+        let small =
+            Some(Datagram::Directory(crate::directory::Message::Summary { digest: [7; 32] }));
+        let frame = encode_answer(&small, ANSWER_MAX).unwrap();
+        let body: Option<Datagram> = postcard::from_bytes(&frame[4..]).unwrap();
+        assert_eq!(frame[..4], u32::try_from(frame.len() - 4).unwrap().to_be_bytes());
+        assert!(matches!(body, Some(Datagram::Directory(_))));
+        let big =
+            Some(Datagram::Directory(crate::directory::Message::Entries(vec![
+                vec![0; ANSWER_MAX];
+                1
+            ])));
+        assert_eq!(encode_answer(&big, ANSWER_MAX).unwrap(), none, "over the limit: nothing");
+    }
 
     #[test]
     fn budgets_refuse_beyond_their_cap_and_return_on_drop() {

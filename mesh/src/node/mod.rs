@@ -15,8 +15,10 @@
 //!
 //! Wire protocols (besides libp2p's identify, ping, kad, autonat, relay and dcutr):
 //!
-//! * `/cloudless/datagram/1`: one-way membership messages and directory sync messages,
-//!   request-response with an empty answer, at most `datagram_max_bytes` each;
+//! * `/cloudless/datagram/2`: membership messages and directory sync messages, one frame
+//!   each way per stream, at most `datagram_max_bytes` each: a ping is answered with its ack,
+//!   anything else with nothing (version 1 answered every datagram with an empty frame and
+//!   sent the ack as a datagram of its own);
 //! * gossipsub topic `cloudless/membership/2`: membership floods, anonymous (each update in
 //!   one is signed by its author; ids hash the topic and the bytes), from members only,
 //!   forwarded only when every update verifies;
@@ -60,7 +62,7 @@ use crate::membership::{self, Membership};
 /// The RPC protocol.
 pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/cloudless/rpc/1");
 /// The membership and directory protocol.
-pub const DATAGRAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/cloudless/datagram/1");
+pub const DATAGRAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/cloudless/datagram/2");
 /// Our private Kademlia DHT (not the public IPFS one).
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/cloudless/kad/1.0.0");
 /// The gossipsub topic of membership floods.
@@ -324,6 +326,7 @@ async fn launch(
         unvetted: unvetted::Unvetted::default(),
         conns: HashMap::new(),
         stale: HashMap::new(),
+        ack_to: None,
         metrics,
         config,
     };

@@ -49,7 +49,8 @@ pub(super) struct Behaviour {
     pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(super) gossipsub: Toggle<gossipsub::Behaviour>,
     pub(super) rpc: request_response::Behaviour<Codec<Envelope, Reply>>,
-    pub(super) datagram: request_response::Behaviour<Codec<Datagram, ()>>,
+    /// Datagrams out; the answer is a ping's ack, or nothing.
+    pub(super) datagram: request_response::Behaviour<Codec<Datagram, Option<Datagram>>>,
     pub(super) autonat: gate::MembersOnly<autonat::Behaviour>,
     pub(super) relay_client: relay::client::Behaviour,
     pub(super) relay_server: Toggle<relay::Behaviour>,
@@ -196,7 +197,7 @@ pub(super) fn build_swarm(
                     rr_config,
                 ),
                 datagram: request_response::Behaviour::with_codec(
-                    Codec::new(dg_max, 16),
+                    Codec::new(dg_max, super::inbound::ANSWER_MAX),
                     [(DATAGRAM_PROTOCOL, ProtocolSupport::Outbound)],
                     datagram_config,
                 ),

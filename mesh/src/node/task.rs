@@ -83,7 +83,7 @@ pub(super) struct Task {
     pub(super) listen: Vec<Multiaddr>,
     pub(super) services: super::inbound::Services,
     /// Datagrams the acceptor read and decoded (from members only).
-    pub(super) datagrams: mpsc::Receiver<(PeerId, Datagram)>,
+    pub(super) datagrams: mpsc::Receiver<super::inbound::Received>,
     pub(super) pending: HashMap<OutboundRequestId, PendingRpc>,
     pub(super) parked: HashMap<kad::QueryId, Vec<PendingRpc>>,
     /// DHT lookups started for members we could not dial.
@@ -100,6 +100,9 @@ pub(super) struct Task {
     /// The connections members had when they were declared dead or left (a subset of
     /// `conns`): closed when the member connects again.
     pub(super) stale: HashMap<PeerId, Vec<libp2p::swarm::ConnectionId>>,
+    /// While a ping read by the acceptor is handled: its sender and the ping's stream, where
+    /// the ack goes.
+    pub(super) ack_to: Option<(PeerId, oneshot::Sender<Datagram>)>,
 }
 
 /// Connections tracked per peer: more than a handful means dial races, not restarts.
@@ -138,7 +141,7 @@ impl Task {
                     None => stop = Some((Instant::now(), None)),
                 },
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
-                Some((peer, datagram)) = self.datagrams.recv() => self.on_datagram(peer, datagram),
+                Some((peer, datagram, ack)) = self.datagrams.recv() => self.on_datagram(peer, datagram, ack),
                 _ = tokio::time::sleep_until(deadline.into()), if self.membership.is_some() => self.drive(Input::Tick),
                 _ = directory_tick.tick() => self.reconcile_directory(1),
                 _ = housekeeping.tick() => self.housekeeping(),
@@ -337,10 +340,19 @@ impl Task {
         }
     }
 
-    fn on_datagram_event(&mut self, event: request_response::Event<Datagram, ()>) {
+    fn on_datagram_event(&mut self, event: request_response::Event<Datagram, Option<Datagram>>) {
         use request_response::{Event as E, Message as M};
         match event {
             E::Message { message: M::Request { .. }, .. } => {}
+            // A ping's ack, on the ping's stream: taken like an ack datagram from that peer
+            // (the same checks), and nothing else is taken as an answer.
+            E::Message { peer, message: M::Response { response: Some(answer), .. }, .. } => {
+                if matches!(answer, Datagram::Membership(membership::Message::Ack { .. })) {
+                    self.on_datagram(peer, answer, None);
+                } else {
+                    debug!(%peer, "datagram answered with something other than an ack: dropped");
+                }
+            }
             E::OutboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "datagram not delivered");
                 if matches!(error, request_response::OutboundFailure::DialFailure) {
@@ -348,12 +360,19 @@ impl Task {
                 }
             }
             E::InboundFailure { peer, error, .. } => debug!(%peer, %error, "datagram refused"),
-            E::Message { message: M::Response { .. }, .. } | E::ResponseSent { .. } => {}
+            E::Message { message: M::Response { response: None, .. }, .. }
+            | E::ResponseSent { .. } => {}
         }
     }
 
     /// A datagram the acceptor read from `peer` (a member when it was read; asked again).
-    fn on_datagram(&mut self, peer: PeerId, datagram: Datagram) {
+    /// `ack` is the ping's stream, where its ack goes instead of a datagram of its own.
+    fn on_datagram(
+        &mut self,
+        peer: PeerId,
+        datagram: Datagram,
+        ack: Option<oneshot::Sender<Datagram>>,
+    ) {
         match datagram {
             Datagram::Membership(message) => {
                 tracing::trace!(%peer, kind = message_kind(&message), "membership recv");
@@ -369,7 +388,10 @@ impl Task {
                         }
                         membership::Message::Nack { .. } => {}
                     }
+                    self.ack_to = ack.map(|tx| (peer, tx));
                     self.drive(Input::Message { from: peer, message });
+                    // Not acked (a leaving node's ping, say): the stream answers nothing.
+                    self.ack_to = None;
                 }
             }
             Datagram::Directory(message) => {
@@ -528,7 +550,17 @@ impl Task {
             match o {
                 Output::Send { to, message } => {
                     tracing::trace!(%to, kind = message_kind(&message), "membership send");
-                    self.send_datagram(to, Datagram::Membership(message))
+                    let mut datagram = Datagram::Membership(message);
+                    // The ack of the ping being handled goes back on the ping's stream.
+                    if matches!(datagram, Datagram::Membership(membership::Message::Ack { .. }))
+                        && let Some((_, tx)) = self.ack_to.take_if(|(peer, _)| *peer == to)
+                    {
+                        match tx.send(datagram) {
+                            Ok(()) => continue,
+                            Err(back) => datagram = back,
+                        }
+                    }
+                    self.send_datagram(to, datagram)
                 }
                 Output::Broadcast(updates) => {
                     let bytes = match postcard::to_allocvec(&updates) {

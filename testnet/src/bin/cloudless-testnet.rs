@@ -88,9 +88,13 @@ struct SimArgs {
     /// Seed; the SEED environment variable works too.
     #[arg(long, env = "SEED", default_value_t = 1)]
     seed: u64,
-    /// The membership's probe timeout, in milliseconds (default: the node's).
+    /// The membership's longest probe timeout, in milliseconds (default: the node's).
     #[arg(long)]
     probe_timeout: Option<u64>,
+    /// The membership's shortest probe timeout (a fast member's), in milliseconds (default:
+    /// the node's).
+    #[arg(long)]
+    probe_timeout_min: Option<u64>,
     /// The membership's shortest suspicion timeout, in milliseconds (default: the node's).
     #[arg(long)]
     suspicion_min: Option<u64>,
@@ -118,6 +122,9 @@ async fn main() -> Result<()> {
             let mut config = cloudless_mesh::membership::Config::default();
             if let Some(ms) = a.probe_timeout {
                 config.probe_timeout = Duration::from_millis(ms);
+            }
+            if let Some(ms) = a.probe_timeout_min {
+                config.probe_timeout_min = Duration::from_millis(ms);
             }
             if let Some(ms) = a.suspicion_min {
                 config.suspicion_min = Duration::from_millis(ms);

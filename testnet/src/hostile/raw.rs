@@ -20,6 +20,21 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, noise, relay, yamux};
 use tokio::sync::mpsc;
 
+/// A datagram's answer when it is not a ping: one frame holding postcard's `None`.
+pub const NO_ANSWER: [u8; 5] = [0, 0, 0, 1, 0];
+
+/// Whether `answer` is one frame holding a ping's ack: what a member answers a ping it took.
+pub fn is_ack(answer: &[u8]) -> bool {
+    use cloudless_mesh::membership::Message;
+    use cloudless_mesh::node::Datagram;
+    let Some((len, body)) = answer.split_first_chunk::<4>() else { return false };
+    u32::from_be_bytes(*len) as usize == body.len()
+        && matches!(
+            postcard::from_bytes::<Option<Datagram>>(body),
+            Ok(Some(Datagram::Membership(Message::Ack { .. })))
+        )
+}
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     relay: relay::client::Behaviour,
@@ -264,8 +279,9 @@ impl RawPeer {
     }
 
     /// Takes the streams peers open to us on `protocol`: reads one length-prefixed frame
-    /// from each (at most 1 MiB), answers it with an empty frame (what our datagram protocol
-    /// acknowledges with) and keeps its body, in arrival order, in what is returned.
+    /// from each (at most 1 MiB), answers it with [`NO_ANSWER`] (what our datagram protocol
+    /// answers anything but a ping with: a ping goes unacked) and keeps its body, in arrival
+    /// order, in what is returned.
     pub fn take_frames(&self, protocol: StreamProtocol) -> Result<Frames> {
         let mut incoming = self
             .control
@@ -286,7 +302,7 @@ impl RawPeer {
                 }
                 let mut body = vec![0; len];
                 if s.read_exact(&mut body).await.is_ok() {
-                    let _ = s.write_all(&[0, 0, 0, 0]).await;
+                    let _ = s.write_all(&NO_ANSWER).await;
                     let _ = s.close().await;
                     if let Ok(mut f) = kept.0.lock() {
                         f.push(body);
