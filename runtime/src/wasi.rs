@@ -442,27 +442,30 @@ enum Tick {
 impl Ticker {
     /// Counts a guest in until the guard is dropped, and wakes the ticker.
     fn enter(self: &Arc<Self>) -> TickerGuard {
-        if let Ok(mut s) = self.state.lock() {
-            s.guests = s.guests.saturating_add(1);
-        }
+        let mut s = self.lock();
+        s.guests = s.guests.saturating_add(1);
+        drop(s);
         self.wake.notify_all();
         TickerGuard(self.clone())
     }
 
     fn stop(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.stopped = true;
-        }
+        self.lock().stopped = true;
         self.wake.notify_all();
+    }
+
+    /// The counts; a panic elsewhere while they were held leaves them usable (two integers
+    /// are never half-written), so a guest is never left without ticks because of it.
+    fn lock(&self) -> std::sync::MutexGuard<'_, TickerState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Waits (at most `wait`) until a guest runs or the driver stops.
     fn next(&self, wait: Duration) -> Tick {
-        let Ok(s) = self.state.lock() else { return Tick::Stopped };
-        let Ok((s, _)) = self.wake.wait_timeout_while(s, wait, |s| s.guests == 0 && !s.stopped)
-        else {
-            return Tick::Stopped;
-        };
+        let (s, _) = self
+            .wake
+            .wait_timeout_while(self.lock(), wait, |s| s.guests == 0 && !s.stopped)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if s.stopped {
             Tick::Stopped
         } else if s.guests > 0 {
@@ -478,9 +481,8 @@ struct TickerGuard(Arc<Ticker>);
 
 impl Drop for TickerGuard {
     fn drop(&mut self) {
-        if let Ok(mut s) = self.0.state.lock() {
-            s.guests = s.guests.saturating_sub(1);
-        }
+        let mut s = self.0.lock();
+        s.guests = s.guests.saturating_sub(1);
     }
 }
 
@@ -711,6 +713,8 @@ impl WasiDriver {
     /// bookkeeping. Compiles first if needed. For benchmarks and health checks.
     pub async fn run_bare(&self, hash: &ModuleHash) -> Result<Exit, DriverError> {
         let compiled = self.compiled_off_thread(hash).await?;
+        // The epoch ticks while it runs: it yields, and a loop that never ends is stopped.
+        let _ticking = self.inner.ticker.enter();
         let control = Arc::new(Control::default());
         let meter = || Meter::new(control.clone(), self.inner.config.max_memory_mib, 1000);
         let engine = &self.inner.engine;

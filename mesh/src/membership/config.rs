@@ -33,7 +33,8 @@ pub struct Config {
     /// Suspicion timeout with every expected witness confirming, for a member whose round
     /// trip is short; a slower member, or one not measured yet, gets three of its probe waits
     /// (600 ms with the default `probe_timeout`). 300 ms made no false death in the
-    /// simulator at 5 % loss (docs/mesh.md).
+    /// simulator at 5 % loss (docs/mesh.md), but real processes on an overloaded host stall
+    /// for longer: 400 ms tolerates a stall of half a second (with the probe's 150 ms).
     #[serde(with = "millis")]
     pub suspicion_min: Duration,
     /// Suspicion timeout with a single witness.
@@ -50,7 +51,8 @@ pub struct Config {
     pub left_retention: Duration,
     /// Largest number of members tracked; a bound on memory, far above any real pool.
     pub max_members: usize,
-    /// Largest number of bytes of updates piggybacked on one ping or ack.
+    /// Largest number of bytes of updates piggybacked on one ping or ack; at most
+    /// [`MAX_PIGGYBACK_BYTES`].
     pub piggyback_bytes: usize,
     /// Each update is piggybacked `retransmit_mult · ⌈log10(n + 1)⌉` times by the node that
     /// made it or learned it point to point, and once by a node that got it from a flood.
@@ -76,6 +78,10 @@ pub struct Config {
     pub join_retry: Duration,
 }
 
+/// The most `piggyback_bytes` may be: an ack goes back as the answer on its ping's stream,
+/// and answers are read only up to 4 KiB (a member answering with more is cut off).
+pub const MAX_PIGGYBACK_BYTES: usize = 2048;
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -83,7 +89,7 @@ impl Default for Config {
             probe_timeout: Duration::from_millis(200),
             probe_timeout_min: Duration::from_millis(50),
             indirect_checks: 4,
-            suspicion_min: Duration::from_millis(300),
+            suspicion_min: Duration::from_millis(400),
             suspicion_max: Duration::from_secs(4),
             reconnect_interval: Duration::from_secs(5),
             dead_retention: Duration::from_secs(3600),
@@ -127,6 +133,9 @@ impl Config {
         }
         if self.suspicion_min.is_zero() || self.suspicion_min > self.suspicion_max {
             return err("suspicion_min", "must be positive and at most suspicion_max");
+        }
+        if self.piggyback_bytes > MAX_PIGGYBACK_BYTES {
+            return err("piggyback_bytes", &format!("must be at most {MAX_PIGGYBACK_BYTES}"));
         }
         if self.max_members < 2 {
             return err("max_members", "must be at least 2");

@@ -119,7 +119,7 @@ use serde::de::DeserializeOwned;
 
 use crate::budget::Budgets;
 pub(crate) use config::millis;
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, MAX_PIGGYBACK_BYTES};
 use join::{Joining, SYNC_WINDOW};
 use news::{Via, view};
 use piggyback::Queued;

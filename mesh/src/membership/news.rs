@@ -159,6 +159,13 @@ impl<I: Id> Membership<I> {
         let own = proof.as_ref().filter(|p| p.kind.is_good_news()).and_then(Said::of);
         match self.members.get_mut(&id) {
             Some(m) => {
+                // A member that died or left is measured afresh when it comes back: its old
+                // round trip may no longer be its path (a phone that changed networks). A
+                // refutation keeps it: refutations are frequent, and a round trip that grew
+                // is measured by the late acks (see `on_ack`).
+                if matches!(state, State::Dead | State::Left) {
+                    m.rtt.stale();
+                }
                 m.state = state;
                 m.incarnation = incarnation;
                 if own_word {

@@ -5,7 +5,9 @@
 //! How long a probe waits follows the target's measured round trip ([`Rtt`], from the direct
 //! acks of earlier probes): `srtt + 4·rttvar` clamped to `probe_timeout_min..=probe_timeout`,
 //! then stretched by the local health multiplier. A ping request names the wait the asker
-//! used, so the helpers' nacks come back before the asker's indirect phase ends.
+//! used, so the helpers' nacks come back before the asker's indirect phase ends (a helper
+//! waits longer only when its own round trip to the target needs it). An ack counts only
+//! from the member pinged or a helper asked.
 
 use std::time::{Duration, Instant};
 
@@ -18,19 +20,31 @@ use super::{Id, Membership, Message, State, Update};
 const RTT_UNIT_MICROS: u128 = 100;
 
 /// A member's round trip, smoothed as TCP smooths it (RFC 6298: gains 1/8 and 1/4), in units
-/// of [`RTT_UNIT_MICROS`]; zero is "not measured". Two `u16`s, so that it costs four bytes a
-/// member (the simulator holds a hundred million members).
+/// of [`RTT_UNIT_MICROS`]; zero is "not measured". Two `u16`s and a flag, so that it costs a
+/// few bytes a member (the simulator holds a hundred million members).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Rtt {
     srtt: u16,
     var: u16,
+    /// The member was away (dead or gone): the estimate still sets its waits, and the next
+    /// sample replaces it instead of being smoothed into it.
+    stale: bool,
 }
 
 impl Rtt {
+    /// Marks the estimate as from before the member went away: its path may have changed (a
+    /// phone on another network). The old waits stay until the next ack re-seeds it (an ack
+    /// past the wait still counts, `on_ack`), so a device that restarted in place is not
+    /// probed as a stranger, which would cost its next failure a second.
+    pub(super) fn stale(&mut self) {
+        self.stale = self.srtt != 0;
+    }
+
     /// Takes one measured round trip.
     pub(super) fn sample(&mut self, d: Duration) {
         let r = u16::try_from(d.as_micros() / RTT_UNIT_MICROS).unwrap_or(u16::MAX).max(1);
-        if self.srtt == 0 {
+        if self.srtt == 0 || self.stale {
+            self.stale = false;
             self.srtt = r;
             self.var = r / 2;
             return;
@@ -64,6 +78,9 @@ pub(super) struct Probe<I> {
     /// The helpers asked; only their nacks count, once each (a witness count others could
     /// inflate would shorten everyone's suspicion timer).
     pub(super) helpers: Vec<I>,
+    /// The helpers asked, kept whole: only the target and these may ack the probe (any
+    /// member could otherwise cancel every probe by acking the sequence numbers it saw).
+    asked: Vec<I>,
     pub(super) nacks: u32,
 }
 
@@ -139,6 +156,7 @@ impl<I: Id> Membership<I> {
                 indirect_sent: false,
                 expected_nacks: 0,
                 helpers: Vec::new(),
+                asked: Vec::new(),
                 nacks: 0,
             },
         );
@@ -198,6 +216,7 @@ impl<I: Id> Membership<I> {
                 if let Some(p) = self.probes.get_mut(&seq) {
                     p.expected_nacks = u32::try_from(helpers.len()).unwrap_or(u32::MAX);
                     p.helpers.clone_from(&helpers);
+                    p.asked.clone_from(&helpers);
                     p.end = now + within.max(slowest) * 2;
                 }
                 for h in helpers {
@@ -235,10 +254,11 @@ impl<I: Id> Membership<I> {
     }
 
     pub(super) fn on_ack(&mut self, from: &I, seq: u32, now: Instant) {
-        if let Some(relay) = self.relays.remove(&seq) {
-            if *from == relay.target
-                && let Some(m) = self.members.get_mut(from)
-            {
+        // Only the member pinged acks a relayed ping.
+        if self.relays.get(&seq).is_some_and(|r| r.target == *from)
+            && let Some(relay) = self.relays.remove(&seq)
+        {
+            if let Some(m) = self.members.get_mut(from) {
                 m.rtt.sample(now.saturating_duration_since(relay.sent));
             }
             let updates = self.piggyback_for(&relay.origin);
@@ -249,15 +269,19 @@ impl<I: Id> Membership<I> {
             return;
         }
         // The ack comes from the target itself or from a helper we asked; either proves it.
-        if let Some(probe) = self.probes.remove(&seq) {
-            self.local_health = self.local_health.saturating_sub(1);
-            // Karn: only an ack to a ping sent once times the round trip.
-            if *from == probe.target
-                && !probe.indirect_sent
-                && let Some(m) = self.members.get_mut(from)
-            {
-                m.rtt.sample(now.saturating_duration_since(probe.sent));
-            }
+        let Some(probe) = self.probes.get(&seq) else { return };
+        let direct = probe.target == *from;
+        if !direct && !probe.asked.contains(from) {
+            return;
+        }
+        let Some(probe) = self.probes.remove(&seq) else { return };
+        self.local_health = self.local_health.saturating_sub(1);
+        if direct && let Some(m) = self.members.get_mut(from) {
+            // Karn: an ack to a ping sent once times the round trip. One that came after the
+            // wait (the ping went again) is timed from the first ping, which can only make
+            // the estimate too long: without it, a member whose round trip grew past its
+            // wait would never be measured again, and be suspected on every probe.
+            m.rtt.sample(now.saturating_duration_since(probe.sent));
         }
     }
 
@@ -279,8 +303,9 @@ impl<I: Id> Membership<I> {
     }
 
     /// Relays a ping request: pings `target` for `from` (twice) and remembers to forward its
-    /// ack, or to nack when none comes in time: after the wait the asker named, kept within
-    /// this node's own bounds (`probe_timeout_min` up to its stretched `probe_timeout`).
+    /// ack, or to nack when none comes in time: after the wait the asker named or this node's
+    /// own measured wait for the target, the longer, within this node's bounds
+    /// (`probe_timeout_min` up to its stretched `probe_timeout`).
     pub(super) fn on_ping_req(
         &mut self,
         from: &I,
@@ -291,7 +316,17 @@ impl<I: Id> Membership<I> {
     ) {
         if !self.leaving && self.relays.len() < MAX_RELAYS && target != self.me {
             let my_seq = self.next_seq();
-            let wait = Duration::from_millis(u64::from(within_ms))
+            // The asker's wait, or ours for the target if we measured it longer (a helper far
+            // from a target that is near the asker must not nack before the target's ack can
+            // arrive). Not measured here: the asker's measure is the better guess, and a wait
+            // past the asker's would bring the nack after its probe ended (one witness: a
+            // dead member's suspicion would run the longest).
+            let asked = Duration::from_millis(u64::from(within_ms));
+            let own = self.members.get(&target).and_then(|m| m.rtt.timeout()).map(|t| {
+                self.scaled(t.clamp(self.config.probe_timeout_min, self.config.probe_timeout))
+            });
+            let wait = own
+                .map_or(asked, |own| asked.max(own))
                 .clamp(self.config.probe_timeout_min, self.scaled(self.config.probe_timeout));
             self.relays.insert(
                 my_seq,

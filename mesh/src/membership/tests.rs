@@ -113,6 +113,12 @@ fn config_validation_names_the_field() {
     Config::default().validate().unwrap();
     let c = Config { suspicion_min: Duration::from_secs(10), ..Config::default() };
     assert_eq!(c.validate().unwrap_err().field, "suspicion_min");
+    let c = Config { probe_timeout_min: Duration::from_secs(1), ..Config::default() };
+    assert_eq!(c.validate().unwrap_err().field, "probe_timeout_min");
+    let c = Config { probe_timeout_min: Duration::ZERO, ..Config::default() };
+    assert_eq!(c.validate().unwrap_err().field, "probe_timeout_min");
+    let c = Config { piggyback_bytes: MAX_PIGGYBACK_BYTES + 1, ..Config::default() };
+    assert_eq!(c.validate().unwrap_err().field, "piggyback_bytes");
 }
 
 #[test]
@@ -1067,6 +1073,12 @@ fn a_helper_nacks_after_the_wait_asked_within_its_own_bounds() {
     ] {
         let now = Instant::now();
         let mut m = node_with(1, &[2, 3], now);
+        // The helper knows the target near (its own wait is the shortest).
+        if let Some(member) = m.members.get_mut(&3) {
+            for _ in 0..20 {
+                member.rtt.sample(Duration::from_millis(2));
+            }
+        }
         let req = Message::PingReq { seq: 7, target: 3, within_ms: asked, updates: vec![] };
         let _ = m.handle(Input::Message { from: 2, message: req }, now);
         let nacked = |out: &[Output<u32>]| {
@@ -1077,4 +1089,133 @@ fn a_helper_nacks_after_the_wait_asked_within_its_own_bounds() {
         let after = m.handle(Input::Tick, now + waits);
         assert!(nacked(&after), "asked {asked} ms: no nack at {waits:?}");
     }
+}
+
+/// Node 1 knowing `others`, with member 2 measured at a 2 ms round trip; returns it and the
+/// time reached.
+fn measured_fast(others: &[u32], now: Instant) -> (Membership<u32>, Instant) {
+    let mut m = node_with(1, others, now);
+    if let Some(member) = m.members.get_mut(&2) {
+        for _ in 0..20 {
+            member.rtt.sample(Duration::from_millis(2));
+        }
+    }
+    (m, now)
+}
+
+#[test]
+fn a_member_whose_round_trip_grew_is_measured_again_not_suspected() {
+    let c = Config::default();
+    let (mut m, now) = measured_fast(&[2], Instant::now());
+    assert_eq!(m.ack_wait(&2), c.probe_timeout_min);
+    let first = m.next_deadline().unwrap().max(now);
+    let out = m.handle(Input::Tick, first);
+    let Some((2, Message::Ping { seq, .. })) = sends(&out).first().cloned() else {
+        panic!("expected a ping of 2: {out:?}")
+    };
+    // Its ack comes at 120 ms: past the 50 ms wait (the ping went again), before the end.
+    let _ = m.handle(Input::Tick, first + c.probe_timeout_min);
+    let at = first + Duration::from_millis(120);
+    let ack = Message::Ack { seq, incarnation: 0, updates: vec![] };
+    let _ = m.handle(Input::Message { from: 2, message: ack }, at);
+    let _ = m.handle(Input::Tick, first + Duration::from_millis(400));
+    assert_eq!(state_of(&m, 2), Some(State::Alive), "a late ack still proves it alive");
+    assert!(
+        m.ack_wait(&2) > Duration::from_millis(120),
+        "the late ack widened its wait: {:?}",
+        m.ack_wait(&2)
+    );
+}
+
+#[test]
+fn only_the_target_or_a_helper_asked_acks_a_probe() {
+    let c = Config::default();
+    let now = Instant::now();
+    let mut m = node_with(1, &[2, 3, 4, 5, 6, 7, 8], now);
+    let first = m.next_deadline().unwrap();
+    let out = m.handle(Input::Tick, first);
+    let Some((target, Message::Ping { seq, .. })) = sends(&out).first().cloned() else {
+        panic!("expected a ping: {out:?}")
+    };
+    let out = m.handle(Input::Tick, first + c.probe_timeout);
+    let asked: Vec<u32> = sends(&out)
+        .into_iter()
+        .filter(|(_, msg)| matches!(msg, Message::PingReq { .. }))
+        .map(|(to, _)| to)
+        .collect();
+    let outsider = [2, 3, 4, 5, 6, 7, 8]
+        .into_iter()
+        .find(|id| *id != target && !asked.contains(id))
+        .expect("seven members, four asked");
+    // A member that saw the sequence number cannot cancel the probe with an ack of its own.
+    let forged = Message::Ack { seq, incarnation: 0, updates: vec![] };
+    let _ = m.handle(Input::Message { from: outsider, message: forged }, first + c.probe_timeout);
+    let _ = m.handle(Input::Tick, first + c.probe_timeout * 3);
+    assert_eq!(state_of(&m, target), Some(State::Suspect), "the outsider's ack was taken");
+}
+
+#[test]
+fn a_helper_far_from_the_target_waits_its_own_round_trip() {
+    let c = Config::default();
+    let now = Instant::now();
+    let mut m = node_with(1, &[2, 3], now);
+    // The helper has measured the target at 120 ms; the asker, near it, asks for 50 ms.
+    if let Some(member) = m.members.get_mut(&3) {
+        for _ in 0..20 {
+            member.rtt.sample(Duration::from_millis(120));
+        }
+    }
+    let own = m.ack_wait(&3);
+    assert!(own > Duration::from_millis(120) && own <= c.probe_timeout, "{own:?}");
+    let req = Message::PingReq { seq: 9, target: 3, within_ms: 50, updates: vec![] };
+    let _ = m.handle(Input::Message { from: 2, message: req }, now);
+    let nacked = |out: &[Output<u32>]| {
+        sends(out).iter().any(|(to, msg)| *to == 2 && matches!(msg, Message::Nack { seq: 9 }))
+    };
+    assert!(!nacked(&m.handle(Input::Tick, now + Duration::from_millis(60))), "nacked at 50 ms");
+    // The target's ack at 130 ms is forwarded to the asker.
+    let pings = m.relays.keys().copied().collect::<Vec<_>>();
+    let [mine] = pings.as_slice() else { panic!("one relay: {pings:?}") };
+    let ack = Message::Ack { seq: *mine, incarnation: 0, updates: vec![] };
+    let out = m.handle(Input::Message { from: 3, message: ack }, now + Duration::from_millis(130));
+    assert!(
+        sends(&out).iter().any(|(to, msg)| *to == 2 && matches!(msg, Message::Ack { seq: 9, .. })),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_member_back_from_the_dead_is_measured_afresh() {
+    let c = Config::default();
+    let (mut m, now) = measured_fast(&[2], Instant::now());
+    assert_eq!(m.ack_wait(&2), c.probe_timeout_min);
+    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 3)] }, now);
+    assert_eq!(m.ack_wait(&2), c.probe_timeout_min, "a refutation keeps the measure");
+    let suspect = news(2, 3, UpdateKind::Suspect { by: 3, witnesses: 1 });
+    let _ = m.handle(Input::Broadcast { updates: vec![suspect] }, now);
+    let later = now + c.suspicion_max;
+    let _ = m.handle(Input::Tick, later);
+    assert_eq!(state_of(&m, 2), Some(State::Dead));
+    let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 4)] }, later);
+    assert_eq!(m.ack_wait(&2), c.probe_timeout_min, "back from the dead: the old waits stay");
+    // ...until the first ack, which replaces the estimate instead of being smoothed in.
+    if let Some(member) = m.members.get_mut(&2) {
+        member.rtt.sample(Duration::from_millis(150));
+    }
+    assert!(m.ack_wait(&2) >= Duration::from_millis(150), "re-seeded: {:?}", m.ack_wait(&2));
+}
+
+#[test]
+fn a_helper_that_never_measured_the_target_waits_what_the_asker_asked() {
+    let c = Config::default();
+    let now = Instant::now();
+    let mut m = node_with(1, &[2, 3], now);
+    assert_eq!(m.ack_wait(&3), c.probe_timeout, "not measured");
+    let req = Message::PingReq { seq: 5, target: 3, within_ms: 50, updates: vec![] };
+    let _ = m.handle(Input::Message { from: 2, message: req }, now);
+    let out = m.handle(Input::Tick, now + Duration::from_millis(50));
+    assert!(
+        sends(&out).iter().any(|(to, msg)| *to == 2 && matches!(msg, Message::Nack { seq: 5 })),
+        "the nack must reach the asker within its probe: {out:?}"
+    );
 }

@@ -79,10 +79,12 @@ pub(super) const DATAGRAM_QUEUE: usize = 1024;
 /// before (`probe_timeout`, 200 ms at most), so a slower ack is worth nothing.
 pub(super) const ACK_WAIT: Duration = Duration::from_secs(1);
 
-/// Largest answer to a datagram: an ack carries a few hundred bytes of piggybacked news
-/// (`piggyback_bytes`), so 16 KiB is ample, and a member answering our pings with more cannot
-/// make us hold more than 16 KiB per ping in flight (256 at most: 4 MiB).
-pub(super) const ANSWER_MAX: usize = 16 * 1024;
+/// Largest answer to a datagram: an ack carries its few fields and at most
+/// `piggyback_bytes` of news (validated at most 2 KiB,
+/// [`MAX_PIGGYBACK_BYTES`](crate::membership::MAX_PIGGYBACK_BYTES)), so 4 KiB always holds
+/// it, and a member answering with more (or announcing more and withholding it) holds at
+/// most 4 KiB of ours per datagram in flight (256: 1 MiB).
+pub(super) const ANSWER_MAX: usize = 4 * 1024;
 
 /// A datagram read from a member: who sent it, what it holds, and, for a ping, where its
 /// ack goes (the ping's own stream).

@@ -58,6 +58,9 @@ pub(super) struct Behaviour {
 }
 
 /// Builds the swarm; also returns the queue of inbound streams (for the acceptor).
+/// How often libp2p's ping checks a connection (see where it is built).
+const PING_EVERY: Duration = Duration::from_secs(60);
+
 pub(super) fn build_swarm(
     config: &Config,
     keypair: Keypair,
@@ -187,7 +190,12 @@ pub(super) fn build_swarm(
                     identify::Config::new(IDENTIFY_VERSION.into(), key.public())
                         .with_agent_version(format!("cloudless/{}", env!("CARGO_PKG_VERSION"))),
                 ),
-                ping: ping::Behaviour::new(ping::Config::new()),
+                // Members' connections are watched by the membership's probes; ping only
+                // catches a dead connection nobody probes (a client's, a relay circuit), so
+                // once a minute: at libp2p's 15 s, ping was a cost that grows with the pool
+                // (every node holds a connection to nearly every member: 50 nodes, 3 ping
+                // streams a second each way).
+                ping: ping::Behaviour::new(ping::Config::new().with_interval(PING_EVERY)),
                 kad: gate::MembersOnly::new(kad, gate.clone()),
                 mdns: Toggle::from(mdns),
                 gossipsub: Toggle::from(gossip),

@@ -390,7 +390,8 @@ impl Task {
                     }
                     self.ack_to = ack.map(|tx| (peer, tx));
                     self.drive(Input::Message { from: peer, message });
-                    // Not acked (a leaving node's ping, say): the stream answers nothing.
+                    // The core acks every ping it is given; should one go unacked, the
+                    // stream answers nothing.
                     self.ack_to = None;
                 }
             }
