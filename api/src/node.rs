@@ -205,3 +205,47 @@ pub struct Nudge {
     /// this one (or newer) need not ask.
     pub generation: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    fn name(k: u8) -> NodeName {
+        NodeName::from_ed25519([k; 32])
+    }
+
+    fn set(ks: &[u8]) -> BTreeSet<NodeName> {
+        ks.iter().map(|k| name(*k)).collect()
+    }
+
+    fn list(whole: bool, nodes: &[u8], revoked: &[u8]) -> EnrolledList {
+        EnrolledList {
+            generation: 1,
+            whole,
+            nodes: nodes.iter().map(|k| name(*k)).collect(),
+            revoked: revoked.iter().map(|k| name(*k)).collect(),
+            ..EnrolledList::default()
+        }
+    }
+
+    #[test]
+    fn enrolled_lists_replace_when_whole_and_merge_as_changes() {
+        let (mut enrolled, mut revoked) = (set(&[1, 2, 3]), set(&[9]));
+        // Changes: 4 enrolled, 2 revoked, 9 enrolled again.
+        list(false, &[4, 9], &[2]).merge_into(&mut enrolled, &mut revoked);
+        assert_eq!(enrolled, set(&[1, 3, 4, 9]));
+        assert_eq!(revoked, set(&[2]));
+        // No changes: nothing moves.
+        list(false, &[], &[]).merge_into(&mut enrolled, &mut revoked);
+        assert_eq!((enrolled.len(), revoked.len()), (4, 1));
+        // Whole: what was held is gone, whatever it was.
+        list(true, &[5], &[6]).merge_into(&mut enrolled, &mut revoked);
+        assert_eq!(enrolled, set(&[5]));
+        assert_eq!(revoked, set(&[6]));
+        // Whole and empty: an empty pool.
+        list(true, &[], &[]).merge_into(&mut enrolled, &mut revoked);
+        assert!(enrolled.is_empty() && revoked.is_empty());
+    }
+}
