@@ -322,9 +322,13 @@ impl<I: Id> Membership<I> {
             // past the asker's would bring the nack after its probe ended (one witness: a
             // dead member's suspicion would run the longest).
             let asked = Duration::from_millis(u64::from(within_ms));
-            let own = self.members.get(&target).and_then(|m| m.rtt.timeout()).map(|t| {
-                self.scaled(t.clamp(self.config.probe_timeout_min, self.config.probe_timeout))
-            });
+            // Unstretched: this node's own local health says nothing about the path, and
+            // the asker already stretched its wait by its own.
+            let own = self
+                .members
+                .get(&target)
+                .and_then(|m| m.rtt.timeout())
+                .map(|t| t.clamp(self.config.probe_timeout_min, self.config.probe_timeout));
             let wait = own
                 .map_or(asked, |own| asked.max(own))
                 .clamp(self.config.probe_timeout_min, self.scaled(self.config.probe_timeout));

@@ -1219,3 +1219,22 @@ fn a_helper_that_never_measured_the_target_waits_what_the_asker_asked() {
         "the nack must reach the asker within its probe: {out:?}"
     );
 }
+
+#[test]
+fn a_struggling_helper_near_the_target_still_nacks_in_time() {
+    let c = Config::default();
+    let (mut m, now) = measured_fast(&[2, 3], Instant::now());
+    if let Some(member) = m.members.get_mut(&3) {
+        for _ in 0..20 {
+            member.rtt.sample(Duration::from_millis(2));
+        }
+    }
+    m.local_health = 3;
+    let req = Message::PingReq { seq: 4, target: 3, within_ms: 50, updates: vec![] };
+    let _ = m.handle(Input::Message { from: 2, message: req }, now);
+    let out = m.handle(Input::Tick, now + c.probe_timeout_min);
+    assert!(
+        sends(&out).iter().any(|(to, msg)| *to == 2 && matches!(msg, Message::Nack { seq: 4 })),
+        "its own local health must not stretch the wait the asker asked: {out:?}"
+    );
+}

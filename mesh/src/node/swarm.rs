@@ -57,10 +57,10 @@ pub(super) struct Behaviour {
     pub(super) dcutr: dcutr::Behaviour,
 }
 
-/// Builds the swarm; also returns the queue of inbound streams (for the acceptor).
 /// How often libp2p's ping checks a connection (see where it is built).
 const PING_EVERY: Duration = Duration::from_secs(60);
 
+/// Builds the swarm; also returns the queue of inbound streams (for the acceptor).
 pub(super) fn build_swarm(
     config: &Config,
     keypair: Keypair,
