@@ -165,9 +165,12 @@ async fn a_guest_filling_the_disk_is_stopped_at_its_limit_and_its_files_removed(
     eprintln!("disk fill at 250m, limit 4 MiB: stopped at {used_mib} MiB");
     assert_eq!(limit_mib, 4);
     // Measured again as the files near the limit: what is written past it is at most what a
-    // whole core writes into the page cache in one CPU tick and one measure (10 + 10 ms at
-    // under a GB/s); 5 to 8 MiB here.
-    assert!(used_mib <= 4 + 16, "it wrote {used_mib} MiB");
+    // whole core writes into the page cache before its first CPU tick and one measure (10 +
+    // 10 ms). This machine writes 60 KB chunks at 1–1.5 GB/s: 4 to 26 MiB past the limit in
+    // runs of the code before and after the epoch ticker learned to rest (the bound was 16
+    // MiB and failed about one run in four). A host-side count of bytes written would bound
+    // it exactly; until then the bound is a time.
+    assert!(used_mib <= 4 + 48, "it wrote {used_mib} MiB");
     assert!(exit.describe().starts_with("out of disk"), "{}", exit.describe());
     let work = dir.path().join("replicas/fill.0/work");
     let left = std::fs::read_dir(&work).map(|r| r.count()).unwrap_or(0);
