@@ -68,16 +68,23 @@ where
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("malformed message: {e}")))
 }
 
+/// Encodes `value` as one whole frame (length, then body), refusing it above `max` bytes.
+pub fn frame<T: Serialize>(value: &T, max: usize) -> io::Result<Vec<u8>> {
+    let body = encode(value, max)?;
+    let len = u32::try_from(body.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "message too large"))?;
+    let mut frame = Vec::with_capacity(body.len() + 4);
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend(body);
+    Ok(frame)
+}
+
 async fn write_frame<T, W>(io: &mut W, value: &T, max: usize) -> io::Result<()>
 where
     T: Serialize,
     W: AsyncWrite + Unpin + Send,
 {
-    let body = encode(value, max)?;
-    let len = u32::try_from(body.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "message too large"))?;
-    io.write_all(&len.to_be_bytes()).await?;
-    io.write_all(&body).await?;
+    io.write_all(&frame(value, max)?).await?;
     io.flush().await
 }
 

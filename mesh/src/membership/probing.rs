@@ -110,8 +110,13 @@ impl<I: Id> Membership<I> {
     /// measured round trip's timeout within `probe_timeout_min..=probe_timeout`, or
     /// `probe_timeout` while it is not measured.
     pub(super) fn ack_wait(&self, target: &I) -> Duration {
+        self.measured_wait(target).unwrap_or(self.config.probe_timeout)
+    }
+
+    /// [`Self::ack_wait`] if `target`'s round trip is measured.
+    fn measured_wait(&self, target: &I) -> Option<Duration> {
         let (min, max) = (self.config.probe_timeout_min, self.config.probe_timeout);
-        self.members.get(target).and_then(|m| m.rtt.timeout()).map_or(max, |t| t.clamp(min, max))
+        self.members.get(target).and_then(|m| m.rtt.timeout()).map(|t| t.clamp(min, max))
     }
 
     pub(super) fn next_seq(&mut self) -> u32 {
@@ -324,12 +329,8 @@ impl<I: Id> Membership<I> {
             let asked = Duration::from_millis(u64::from(within_ms));
             // Unstretched: this node's own local health says nothing about the path, and
             // the asker already stretched its wait by its own.
-            let own = self
-                .members
-                .get(&target)
-                .and_then(|m| m.rtt.timeout())
-                .map(|t| t.clamp(self.config.probe_timeout_min, self.config.probe_timeout));
-            let wait = own
+            let wait = self
+                .measured_wait(&target)
                 .map_or(asked, |own| asked.max(own))
                 .clamp(self.config.probe_timeout_min, self.scaled(self.config.probe_timeout));
             self.relays.insert(

@@ -361,12 +361,7 @@ async fn serve_datagram(shared: &Shared, peer: PeerId, mut stream: Stream) -> io
 
 /// A datagram's answer as one frame; an answer that does not fit goes as none at all.
 fn encode_answer(answer: &Option<Datagram>, max: usize) -> io::Result<Vec<u8>> {
-    let body = crate::codec::encode(answer, max)
-        .or_else(|_| crate::codec::encode(&None::<Datagram>, max))?;
-    let len = u32::try_from(body.len()).map_err(|_| invalid("answer too large".into()))?;
-    let mut frame = len.to_be_bytes().to_vec();
-    frame.extend(body);
-    Ok(frame)
+    crate::codec::frame(answer, max).or_else(|_| crate::codec::frame(&None::<Datagram>, max))
 }
 
 /// Reads one request, hands it to its service and writes the answer; every refusal is an
