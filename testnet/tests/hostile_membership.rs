@@ -20,6 +20,11 @@
 //!   (each answer used to be the whole list: 2.4 MB at 10,000 members, for a request of a
 //!   hundred bytes): it gets its budget of pages (16 for a one-page list, per 60 s), no more
 //!   (with the budget lifted, more than 16 arrive at once).
+//! - `membership_lying_answers`: the device answers every datagram a voter sends it (the
+//!   member-list pages it asked for) with a frame announcing 8 MiB and never sending it: the
+//!   voter keeps serving and does not grow. (That the answer is refused at the 4 KiB limit
+//!   before a buffer is taken is `cloudless-mesh`'s codec test; RSS alone could not tell,
+//!   since a zeroed buffer costs no memory until it is written.)
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
@@ -267,4 +272,39 @@ async fn membership_member_list_flood() {
     eprintln!("member list flood: 100 requests for the list (one page), {got} pages sent");
     p.keeps_serving().unwrap();
     p.report("membership_member_list_flood", 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_lying_answers() {
+    let _one = SERIAL.lock().await;
+    let (mut p, raw, target, _) = attacker().await;
+    let before = p.rss_mib(0).unwrap();
+    // 8 MiB announced, a few bytes sent: refused at the 4 KiB answer limit, never allocated.
+    let mut huge = (8u32 << 20).to_be_bytes().to_vec();
+    huge.extend([1u8; 64]);
+    let frames = raw.take_frames_answering(DATAGRAM_PROTOCOL, huge).unwrap();
+    // Asking for the member list makes node 0 send datagrams (its pages) to the liar.
+    let join =
+        Datagram::Membership(Message::Join { updates: vec![], want_sync: true, pages: vec![] });
+    let body = postcard::to_allocvec(&join).unwrap();
+    let mut frame = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+    frame.extend(body);
+    for _ in 0..20 {
+        let answer =
+            raw.ask(target, DATAGRAM_PROTOCOL, &frame, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(answer, NO_ANSWER, "the join was not taken");
+    }
+    until("node 0 sends the liar datagrams", Duration::from_secs(10), || {
+        (!frames.bodies().is_empty()).then_some(())
+    })
+    .unwrap();
+    p.keeps_serving().unwrap();
+    let peak = p.peak_rss_mib(0).unwrap();
+    assert!(peak < before + 16.0, "node 0 grew from {before:.1} to {peak:.1} MiB");
+    eprintln!(
+        "lying answers: {} datagrams answered with 8 MiB announced; node 0 RSS {before:.1} -> \
+         peak {peak:.1} MiB",
+        frames.bodies().len()
+    );
+    p.report("membership_lying_answers", 0);
 }

@@ -283,6 +283,16 @@ impl RawPeer {
     /// answers anything but a ping with: a ping goes unacked) and keeps its body, in arrival
     /// order, in what is returned.
     pub fn take_frames(&self, protocol: StreamProtocol) -> Result<Frames> {
+        self.take_frames_answering(protocol, NO_ANSWER.to_vec())
+    }
+
+    /// [`Self::take_frames`], answering each frame with `answer` (any bytes: an oversized
+    /// length, a frame of the wrong kind).
+    pub fn take_frames_answering(
+        &self,
+        protocol: StreamProtocol,
+        answer: Vec<u8>,
+    ) -> Result<Frames> {
         let mut incoming = self
             .control
             .clone()
@@ -302,7 +312,7 @@ impl RawPeer {
                 }
                 let mut body = vec![0; len];
                 if s.read_exact(&mut body).await.is_ok() {
-                    let _ = s.write_all(&NO_ANSWER).await;
+                    let _ = s.write_all(&answer).await;
                     let _ = s.close().await;
                     if let Ok(mut f) = kept.0.lock() {
                         f.push(body);
