@@ -66,6 +66,11 @@ pub struct Config {
     /// for election itself (see [`quiet_start`]). Longer than the mesh takes to reconnect a
     /// restarted node; it is also how long a group that restarted as a whole stays leaderless.
     pub quiet_start: Duration,
+    /// How long a follower or learner may go without an append from a leader and still act
+    /// on its own state ([`Consensus::hears_leader`]). A member the group removed keeps its
+    /// membership and the leader it knew, frozen, and hears nothing again: past this it must
+    /// ask the others. Far above `election_max`, so that an election does not count.
+    pub leader_silence: Duration,
 }
 
 impl Default for Config {
@@ -81,6 +86,7 @@ impl Default for Config {
             controller_interval: Duration::from_secs(1),
             caught_up_lag: 100,
             quiet_start: Duration::from_secs(4),
+            leader_silence: Duration::from_secs(3),
         }
     }
 }
@@ -174,6 +180,11 @@ struct Inner<T: Transport> {
     heard: Arc<Notify>,
     /// Elections held off for good (see [`Consensus::hold_elections`]).
     held: Arc<AtomicBool>,
+    /// When this member last accepted an append or snapshot from a leader, in milliseconds
+    /// after `started` (0: never).
+    last_heard: AtomicU64,
+    /// What `last_heard` counts from.
+    started: Instant,
     /// The snapshot being received, chunk by chunk.
     snapshot_chunks: Chunks,
 }
@@ -362,6 +373,8 @@ impl<T: Transport> Consensus<T> {
                 controller: Mutex::new(None),
                 heard,
                 held,
+                last_heard: AtomicU64::new(0),
+                started: Instant::now(),
                 snapshot_chunks: Chunks::default(),
             }),
         })
@@ -442,6 +455,28 @@ impl<T: Transport> Consensus<T> {
         let applied = |m: &openraft::RaftMetrics<NodeId, Member>| m.last_applied.map(|l| l.index);
         let _ = tokio::time::timeout(timeout, metrics.wait_for(|m| applied(m) != seen)).await;
         applied(&metrics.borrow())
+    }
+
+    /// Notes that a leader's append or snapshot was just accepted.
+    fn heard_leader(&self) {
+        let ms = u64::try_from(self.inner.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.inner.last_heard.store(ms.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether this member's state is current: it leads, or it accepted an append from a
+    /// leader within [`Config::leader_silence`]. A member the group removed still lists
+    /// itself and its old leader, but stops hearing from it.
+    pub fn hears_leader(&self) -> bool {
+        if self.is_leader() {
+            return true;
+        }
+        let last = self.inner.last_heard.load(Ordering::Relaxed);
+        if last == 0 {
+            return false;
+        }
+        let now = u64::try_from(self.inner.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let silence = u64::try_from(self.inner.config.leader_silence.as_millis()).unwrap_or(0);
+        now.saturating_sub(last) <= silence
     }
 
     /// Whether this member is part of the group (voter or learner).
@@ -630,11 +665,18 @@ impl<T: Transport> Consensus<T> {
                 let answer = raft.append_entries(r).await;
                 if matches!(&answer, Ok(a) if !matches!(a, AppendEntriesResponse::HigherVote(_))) {
                     self.inner.heard.notify_one();
+                    self.heard_leader();
                 }
                 Answer::Append(answer)
             }
             Message::Vote(r) => Answer::Vote(raft.vote(r).await),
-            Message::Snapshot(r) => Answer::Snapshot(raft.install_snapshot(r).await),
+            Message::Snapshot(r) => {
+                let answer = raft.install_snapshot(r).await;
+                if answer.is_ok() {
+                    self.heard_leader();
+                }
+                Answer::Snapshot(answer)
+            }
             Message::Forward(mut batch) => {
                 // Only the leader applies forwarded writes; anyone else says so and the sender
                 // tries again where the leader is now.

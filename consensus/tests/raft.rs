@@ -58,6 +58,7 @@ fn config() -> Config {
         controller_interval: Duration::from_millis(100),
         caught_up_lag: 10,
         quiet_start: Duration::from_secs(3),
+        leader_silence: Duration::from_secs(1),
     }
 }
 
@@ -294,6 +295,37 @@ async fn a_dead_voter_is_replaced_automatically() {
     })
     .await;
     c.write(spare, "still-writable").await.unwrap();
+}
+
+/// A learner the leader drops (here one it never wanted: the controller removes it at its next
+/// review) still lists itself as a member and still names the leader (raft never tells a
+/// removed member, and a learner does not campaign), but it stops hearing that leader, so it
+/// knows its state is stale; the members of the group hear theirs. In a real pool a member
+/// that trusted such a frozen state kept its enrollment gate as it was and refused every node
+/// enrolled since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_knows_it_no_longer_hears_a_leader() {
+    let c = Cluster::start(4).await;
+    let (l, _) = c.wait_leader(Duration::from_secs(10)).await;
+    let voters = c.node(l).voters();
+    let spare = (0..4).find(|i| !voters.contains(&node_id(&peer(*i)))).unwrap();
+    assert!(!c.node(spare).is_member() && !c.node(spare).hears_leader());
+    let member = Member { peer: peer(spare) };
+    // Waits until the learner caught up, so its own view lists it.
+    c.node(l).raft().add_learner(node_id(&peer(spare)), member, true).await.unwrap();
+    wait_for("the controller drops the learner it does not want", Duration::from_secs(10), || {
+        c.leader().is_some_and(|l| !c.node(l).members().contains(&peer(spare)))
+    })
+    .await;
+    wait_for("the removed learner stops hearing a leader", Duration::from_secs(10), || {
+        !c.node(spare).hears_leader()
+    })
+    .await;
+    assert!(c.node(spare).is_member(), "its own frozen view still lists it");
+    assert!(c.node(spare).leader().is_some(), "and still names the leader");
+    for i in (0..4).filter(|i| *i != spare) {
+        assert!(c.node(i).hears_leader(), "member {i} of the group hears its leader");
+    }
 }
 
 /// A minority cannot commit; the majority keeps committing; after the heal everyone agrees.

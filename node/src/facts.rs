@@ -129,11 +129,13 @@ impl Facts {
     }
 
     /// Whether this node's own raft state is current enough to act on: it is a member and
-    /// knows a leader. A voter that was replaced while it was down still lists itself as one
-    /// but never hears from a leader again; its state stays as it was when it died, so it
-    /// must ask the others (else it would keep running replicas that moved away).
+    /// hears a leader (leads, or accepted an append within the consensus' `leader_silence`).
+    /// A voter replaced while it was down, or a learner the group removed, still lists itself
+    /// as a member and still names its last leader, but never hears from one again; its
+    /// state stays as it was, so it must ask the others (else its gate would keep the nodes
+    /// enrolled since out, and it would keep running replicas that moved away).
     pub fn trusts_own_state(&self) -> bool {
-        self.consensus.is_member() && self.consensus.leader().is_some()
+        self.consensus.is_member() && self.consensus.hears_leader()
     }
 
     /// Whether `peer` is a raft member (voter or learner) as this node knows the group: the
