@@ -94,6 +94,12 @@
 //! change in the cluster). With the defaults that is 5 · 2 · (40 + 300) B = 3.4 KB/s at worst
 //! with full piggyback; measured averages are in the crate docs.
 
+/// A wake-up at least this late for the deadline [`Membership::next_deadline`] asked for
+/// means this node was not running ([`Input::Stalled`]): a tokio timer fires within a
+/// millisecond or two of its deadline on a node that runs, and 20 ms is well under the
+/// shortest probe wait (50 ms), so a stall long enough to cost a probe its ack is seen.
+pub const STALL: Duration = Duration::from_millis(20);
+
 mod capacity;
 mod config;
 mod join;
@@ -296,6 +302,8 @@ pub struct Membership<I: Id> {
     queue: Vec<Queued<I>>,
     seq: u32,
     local_health: u32,
+    /// Stalls this node was told of.
+    stalls: u64,
     next_probe: Instant,
     next_reconnect: Instant,
     next_reap: Instant,
@@ -379,6 +387,7 @@ impl<I: Id> Membership<I> {
             queue: Vec::new(),
             seq: 0,
             local_health: 0,
+            stalls: 0,
             join_pending: None,
             synced: Budgets::new(join::sync_budget(1), SYNC_WINDOW, max_members),
             capacity,
@@ -481,6 +490,11 @@ impl<I: Id> Membership<I> {
                 self.announce_capacity_if_due(now);
             }
             Input::Leave => self.leave(),
+            Input::Stalled { late } => {
+                if late >= STALL && !self.leaving {
+                    self.pardon_stall(late);
+                }
+            }
         }
         self.refute_if_told(now);
         std::mem::take(&mut self.out)
@@ -506,6 +520,33 @@ impl<I: Id> Membership<I> {
         }
         self.retry_join(now);
         self.announce_capacity_if_due(now);
+    }
+
+    /// This node was not running for `late` (its process starved of CPU, or the device
+    /// asleep): what fell due meanwhile is no evidence against anyone, since an ack or a
+    /// refutation may be waiting unread in this node's own queues. Every wait in flight (probes,
+    /// relays, suspicions) is stretched by the stall, at most `suspicion_max`; and, as
+    /// Lifeguard does for missed nacks, a node that stalls is the slow one, so its local health
+    /// rises and it probes less often and waits longer until its acks come back on time.
+    fn pardon_stall(&mut self, late: Duration) {
+        let by = late.min(self.config.suspicion_max);
+        for p in self.probes.values_mut() {
+            p.direct_deadline += by;
+            p.end += by;
+        }
+        for r in self.relays.values_mut() {
+            r.deadline += by;
+        }
+        for s in self.suspicions.values_mut() {
+            s.deadline += by;
+        }
+        self.local_health = (self.local_health + 1).min(self.config.max_local_health);
+        self.stalls = self.stalls.saturating_add(1);
+    }
+
+    /// How many stalls ([`Input::Stalled`], [`STALL`] or longer) this node was told of.
+    pub fn stalls(&self) -> u64 {
+        self.stalls
     }
 
     fn on_message(&mut self, from: I, message: Message<I>, now: Instant) {

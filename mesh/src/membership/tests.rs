@@ -1238,3 +1238,51 @@ fn a_struggling_helper_near_the_target_still_nacks_in_time() {
         "its own local health must not stretch the wait the asker asked: {out:?}"
     );
 }
+
+/// A node told it stalled gives every wait in flight that much more: the ack that arrived
+/// while it was not running, read after the stall, still counts, and nobody is suspected. A
+/// short delay is ordinary timer lateness and changes nothing; a stall raises local health.
+#[test]
+fn a_stalled_node_does_not_blame_others_for_its_own_stall() {
+    let c = Config::default();
+    let now = Instant::now();
+    let mut m = node_with(1, &[2, 3, 4, 5], now);
+    let first = m.next_deadline().unwrap();
+    let out = m.handle(Input::Tick, first);
+    let Some((target, Message::Ping { seq, .. })) = sends(&out).first().cloned() else {
+        panic!("expected a ping: {out:?}")
+    };
+    // No direct ack in time: the helpers are asked.
+    let asked = first + c.probe_timeout;
+    let out = m.handle(Input::Tick, asked);
+    assert!(sends(&out).iter().any(|(_, msg)| matches!(msg, Message::PingReq { .. })));
+    // Ordinary lateness: nothing moves.
+    let due = m.next_deadline().unwrap();
+    let _ = m.handle(Input::Stalled { late: STALL - Duration::from_millis(1) }, asked);
+    assert_eq!(m.next_deadline(), Some(due));
+    assert_eq!((m.stalls(), m.local_health()), (0, 0));
+    // Asleep for two seconds, past the end of the probe: woken, it is told so before the
+    // tick (without it, this tick would suspect the target).
+    let late = Duration::from_secs(2);
+    let woke = asked + late;
+    let _ = m.handle(Input::Stalled { late }, woke);
+    assert_eq!((m.stalls(), m.local_health()), (1, 1));
+    let out = m.handle(Input::Tick, woke);
+    assert!(broadcasts(&out).is_empty(), "nobody is suspected for our stall: {out:?}");
+    assert_eq!(state_of(&m, target), Some(State::Alive));
+    // The ack waiting in the queue is read and ends the probe.
+    let ack = Message::Ack { seq, incarnation: 0, updates: vec![] };
+    let _ = m.handle(Input::Message { from: target, message: ack }, woke);
+    let out = run_until(&mut m, woke, woke + c.probe_timeout * 4);
+    assert!(
+        !broadcasts(&out).iter().any(|u| u.id == target),
+        "the acked target stays unsuspected: {out:?}"
+    );
+    // A stall of an hour stretches waits by suspicion_max at most.
+    let mut m = node_with(1, &[2, 3], now);
+    let suspect = news(2, 0, UpdateKind::Suspect { by: 3, witnesses: 1 });
+    let _ = m.handle(Input::Broadcast { updates: vec![suspect] }, now);
+    let _ = m.handle(Input::Stalled { late: Duration::from_secs(3600) }, now);
+    let _ = run_until(&mut m, now, now + c.suspicion_max * 2 + Duration::from_secs(1));
+    assert_eq!(state_of(&m, 2), Some(State::Dead), "an hour's stall does not pardon for an hour");
+}

@@ -252,6 +252,14 @@ pub enum Input<I> {
     /// Time passed; call at [`Membership::next_deadline`](super::Membership::next_deadline)
     /// (calling early is harmless).
     Tick,
+    /// The driver woke `late` after the deadline it was asked for: this node was not running
+    /// (starved of CPU, or asleep). Stalls of [`STALL`](super::STALL) or more stretch every
+    /// wait in flight by `late` (at most `suspicion_max`) and raise the local health
+    /// multiplier; shorter ones change nothing. Given before the [`Input::Tick`] it delayed.
+    Stalled {
+        /// How late the wake-up was.
+        late: std::time::Duration,
+    },
     /// A point-to-point message arrived from `from` (already authenticated by the transport).
     Message {
         /// The sender.

@@ -327,6 +327,7 @@ async fn launch(
         conns: HashMap::new(),
         stale: HashMap::new(),
         ack_to: None,
+        greetings: std::collections::BTreeSet::new(),
         metrics,
         config,
     };

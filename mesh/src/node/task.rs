@@ -103,6 +103,31 @@ pub(super) struct Task {
     /// While a ping read by the acceptor is handled: its sender and the ping's stream, where
     /// the ack goes.
     pub(super) ack_to: Option<(PeerId, oneshot::Sender<Datagram>)>,
+    /// Members that arrived or came back, to be sent our directory summary when their time
+    /// comes (see [`greeting_delay`]): at most [`MAX_GREETINGS`].
+    pub(super) greetings: std::collections::BTreeSet<(Instant, PeerId)>,
+}
+
+/// The longest a greeting waits: every member greets a member that arrives or comes back,
+/// and all at once that was one QUIC handshake and one directory exchange per member within
+/// a few milliseconds, on a process that is starting (50 members: the newcomer missed its
+/// probes and was declared dead, twice, seconds after it joined). Spread over up to this
+/// long, a newcomer takes about [`GREETINGS_PER_SECOND`] a second.
+const GREETING_SPREAD_MAX: Duration = Duration::from_secs(3);
+/// The pace greetings are spread for, while the spread is below its maximum.
+const GREETINGS_PER_SECOND: u32 = 50;
+/// Greetings pending at once; past it, a member is not greeted (the periodic directory
+/// exchange still reaches it).
+const MAX_GREETINGS: usize = 4096;
+
+/// How long to wait before greeting a member that arrived or came back, when `live` members
+/// are live: a uniform draw (`draw` in `0.0..1.0`) within `live / GREETINGS_PER_SECOND`
+/// seconds, at most [`GREETING_SPREAD_MAX`]. Every member greets the newcomer, and the
+/// newcomer every member, so each end takes about that many per second.
+pub(super) fn greeting_delay(live: usize, draw: f64) -> Duration {
+    let live = u32::try_from(live).unwrap_or(u32::MAX);
+    let spread = (Duration::from_secs(1) * live / GREETINGS_PER_SECOND).min(GREETING_SPREAD_MAX);
+    spread.mul_f64(draw.clamp(0.0, 1.0))
 }
 
 /// Connections tracked per peer: more than a handful means dial races, not restarts.
@@ -126,6 +151,7 @@ impl Task {
                 .and_then(|m| m.next_deadline())
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let stop_at = stop.as_ref().map(|(at, _)| *at);
+            let greet_at = self.greetings.first().map_or_else(Instant::now, |(at, _)| *at);
             tokio::select! {
                 biased;
                 cmd = self.commands.recv(), if stop.is_none() => match cmd {
@@ -142,7 +168,17 @@ impl Task {
                 },
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some((peer, datagram, ack)) = self.datagrams.recv() => self.on_datagram(peer, datagram, ack),
-                _ = tokio::time::sleep_until(deadline.into()), if self.membership.is_some() => self.drive(Input::Tick),
+                _ = tokio::time::sleep_until(deadline.into()), if self.membership.is_some() => {
+                    // Woken late: this process was not running; what fell due meanwhile is
+                    // no evidence against anyone.
+                    let late = Instant::now().saturating_duration_since(deadline);
+                    if late >= membership::STALL {
+                        debug!(?late, "the swarm task woke late: waits in flight stretched");
+                        self.drive(Input::Stalled { late });
+                    }
+                    self.drive(Input::Tick)
+                }
+                _ = tokio::time::sleep_until(greet_at.into()), if !self.greetings.is_empty() => self.greet_due(),
                 _ = directory_tick.tick() => self.reconcile_directory(1),
                 _ = housekeeping.tick() => self.housekeeping(),
                 _ = tokio::time::sleep_until(stop_at.unwrap_or_else(Instant::now).into()), if stop_at.is_some() => break,
@@ -596,8 +632,14 @@ impl Task {
                         if let Some(d) = dir.get(id) {
                             add_addresses(&mut self.swarm, id, &d.addrs);
                         }
-                        let summary = dir.summary();
-                        self.send_datagram(*id, Datagram::Directory(summary));
+                        // Greeted with our directory summary (it answers with what we lack,
+                        // and we with what it lacks), in its turn.
+                        let live = self.membership.as_ref().map_or(0, |m| m.alive_count());
+                        let at = Instant::now()
+                            + greeting_delay(live, rand::Rng::r#gen(&mut rand::thread_rng()));
+                        if self.greetings.len() < MAX_GREETINGS {
+                            self.greetings.insert((at, *id));
+                        }
                     }
                 }
                 // Its connections now are suspect: closed once it connects again.
@@ -667,6 +709,25 @@ impl Task {
             }
         }
         Ok(())
+    }
+
+    /// Sends our directory summary to the members whose greeting is due, if they are still
+    /// live.
+    fn greet_due(&mut self) {
+        let now = Instant::now();
+        while let Some((at, peer)) = self.greetings.first().copied() {
+            if at > now {
+                break;
+            }
+            self.greetings.pop_first();
+            let live = self.membership.as_ref().is_some_and(|m| {
+                m.member(&peer).is_some_and(|v| matches!(v.state, State::Alive | State::Suspect))
+            });
+            if let (true, Some(dir)) = (live, self.directory.as_mut()) {
+                let summary = dir.summary();
+                self.send_datagram(peer, Datagram::Directory(summary));
+            }
+        }
     }
 
     /// Starts an exchange with `fanout` random live peers: our summary, which they answer
@@ -799,7 +860,7 @@ impl Task {
                 // A member that was held dead connects again: a restarted process (or one
                 // wrongly held dead). The connections it had when it was declared dead are
                 // closed, once: a crashed process leaves QUIC connections that look open
-                // until their idle timeout (10 s), and requests are spread over all of a
+                // until their idle timeout (30 s), and requests are spread over all of a
                 // peer's connections, so half of them would go to the dead one meanwhile.
                 // Connections made since (a redial, both sides dialing) are kept.
                 if let Some(old) = self.stale.remove(&peer_id) {
@@ -1006,5 +1067,26 @@ fn message_kind(m: &membership::Message<PeerId>) -> String {
         membership::Message::Nack { seq } => format!("nack/{seq}"),
         membership::Message::Join { .. } => "join".into(),
         membership::Message::Sync { .. } => "sync".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greetings_are_spread_with_the_pool_and_never_past_the_maximum() {
+        // A small pool greets at once, nearly.
+        assert_eq!(greeting_delay(5, 1.0), Duration::from_millis(100));
+        assert_eq!(greeting_delay(0, 0.7), Duration::ZERO);
+        // Fifty a second: 50 members within a second, 100 within two.
+        assert_eq!(greeting_delay(50, 1.0), Duration::from_secs(1));
+        assert_eq!(greeting_delay(100, 0.5), Duration::from_secs(1));
+        // Past 150 members the spread stops growing.
+        assert_eq!(greeting_delay(10_000, 1.0), GREETING_SPREAD_MAX);
+        assert_eq!(greeting_delay(usize::MAX, 1.0), GREETING_SPREAD_MAX);
+        // A draw out of range is clamped, never negative or past the spread.
+        assert_eq!(greeting_delay(50, -3.0), Duration::ZERO);
+        assert_eq!(greeting_delay(50, 7.0), Duration::from_secs(1));
     }
 }
