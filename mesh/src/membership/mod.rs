@@ -68,7 +68,9 @@
 //! * **Local health (Lifeguard).** A node whose probes fail without the expected nacks, or that
 //!   has to refute suspicions about itself, is probably the slow one; it raises its local health
 //!   multiplier, which stretches its probe timeouts and intervals, so a struggling node stops
-//!   accusing healthy ones.
+//!   accusing healthy ones. A driver that woke late tells the core so ([`Input::Stalled`]):
+//!   every wait in flight is stretched by the stall, since what fell due while the node was
+//!   not running is no evidence against anyone, and local health rises.
 //! * **Leaving** is announced: the node floods `Left`, tells a few members directly, and
 //!   answers probes with its leave until it stops. `Left` is final for that incarnation and is
 //!   reported as a departure, never as a failure.
