@@ -96,6 +96,7 @@ struct Inner {
     placement_latency: Histogram,
     cpu_utilization: Gauge<f64, AtomicU64>,
     members: Family<StateLabels, Gauge>,
+    member_failures: Counter,
     directory_entries: Gauge<u64, AtomicU64>,
     raft_term: Gauge<u64, AtomicU64>,
     raft_applied: Gauge<u64, AtomicU64>,
@@ -116,6 +117,7 @@ struct Inner {
 /// | `cloudless_workload_placement_latency_seconds` | histogram | |
 /// | `cloudless_node_cpu_utilization` | gauge | |
 /// | `cloudless_membership_members` | gauge | `state` |
+/// | `cloudless_membership_failures_total` | counter | |
 /// | `cloudless_directory_entries` | gauge | |
 /// | `cloudless_raft_term`, `cloudless_raft_applied_index`, `cloudless_raft_is_leader`, `cloudless_raft_voters` | gauge | |
 /// | `cloudless_replicas` | gauge | `phase` |
@@ -165,6 +167,13 @@ impl Metrics {
             "cloudless_membership_members",
             "Members of the mesh as seen by this node, by membership state",
             members.clone(),
+        );
+        let member_failures = Counter::default();
+        registry.register(
+            "cloudless_membership_failures",
+            "Times this node saw a member declared dead (a live member declared dead and back \
+             counts each time)",
+            member_failures.clone(),
         );
         let directory_entries = Gauge::<u64, AtomicU64>::default();
         registry.register(
@@ -216,6 +225,7 @@ impl Metrics {
                 placement_latency,
                 cpu_utilization,
                 members,
+                member_failures,
                 directory_entries,
                 raft_term,
                 raft_applied,
@@ -254,6 +264,11 @@ impl Metrics {
     /// so the series stay bounded.
     pub fn set_members(&self, state: &str, n: i64) {
         self.inner.members.get_or_create(&StateLabels { state: state.to_owned() }).set(n);
+    }
+
+    /// Counts one member this node saw declared dead.
+    pub fn member_failed(&self) {
+        self.inner.member_failures.inc();
     }
 
     /// Sets how many directory entries this node holds.

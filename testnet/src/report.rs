@@ -8,10 +8,11 @@
 //!   submit-to-running: apply a 1-replica WASI workload ──▶ poll until running (10 ms)
 //!   bulk: apply one workload of 1,000 WASI replicas ──▶ poll until all run (100 ms)
 //!             (the leader's CPU time over it, from /proc)
-//!   failover: raft voters cordoned too ──▶ SIGKILL the replica's host ──▶ poll until it
+//!   failover: raft voters (once all are in) cordoned too ──▶ SIGKILL the replica's host ──▶ poll until it
 //!             runs elsewhere ──▶ restart the host
 //!   idle: no workload left ──▶ every node's CPU time (/proc/<pid>/stat) and mesh bytes
 //!         (libp2p_bandwidth_bytes_total) over a window, and its VmRSS
+//!   false deaths: node 0's cloudless_membership_failures_total less the kills
 //!   ──▶ a table of every size side by side
 //! ```
 //!
@@ -80,6 +81,9 @@ pub struct Summary {
     pub max_cpu: f64,
     /// Mesh bytes (sent and received) per node per second at idle: median, and the leader's.
     pub bytes: (f64, f64),
+    /// Times node 0 (never killed) saw a member declared dead beyond the failover kills: live
+    /// members declared dead over the whole run (`None`: its metrics could not be read).
+    pub false_deaths: Option<u64>,
 }
 
 /// The `p`-th percentile (0–100) of sorted `v`, nearest rank.
@@ -196,6 +200,10 @@ pub fn table(all: &[Summary], bulk: u32) -> Vec<String> {
             "mesh bytes/s per node, median / leader",
             Box::new(|s| format!("{:.0} / {:.0}", s.bytes.0, s.bytes.1)),
         ),
+        (
+            "live members declared dead (seen by node 0)",
+            Box::new(|s| s.false_deaths.map_or("-".into(), |n| n.to_string())),
+        ),
     ];
     let mut out = vec![
         format!(
@@ -310,7 +318,24 @@ async fn run_one(
         client.delete_workload(&name).await?;
     }
 
-    let voters = client.status().await?.voters;
+    // The voter set is still growing for a while after the last join (a learner becomes a
+    // voter once it has caught up): cordon it once complete, or a worker promoted later would
+    // be killed as one (and the round would measure raft's voter replacement instead).
+    let want = cloudless_consensus::voters::target(nodes, None);
+    let start = Instant::now();
+    let voters = loop {
+        let voters = client.status().await?.voters;
+        if voters.len() >= want {
+            break voters;
+        }
+        if start.elapsed() > MEASURE_TIMEOUT {
+            bail!(
+                "the pool has {} raft voters after {MEASURE_TIMEOUT:?}, not {want}",
+                voters.len()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    };
     for peer in &voters {
         client.set_schedulable(peer, Schedulable::Cordoned).await?;
     }
@@ -321,11 +346,17 @@ async fn run_one(
     for _ in 0..plan.kills {
         let i = procs.index(host.as_str()).context("the replica runs on an unknown node")?;
         let killed = Instant::now();
+        let at = chrono::Utc::now();
         procs.kill(i);
         let (moved, _) = wait_running(&client, &name, Some(&host)).await?;
         failover.push(killed.elapsed());
         if kept.is_some() {
-            out(format!("  kill of node {i}: running on {moved} after {:?}", killed.elapsed()));
+            // The wall-clock time of the kill, as the nodes' logs write it, to find the round there.
+            let at = at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            out(format!(
+                "  kill of node {i} at {at}: running on {moved} after {:?}",
+                killed.elapsed()
+            ));
         }
         tokio::task::block_in_place(|| procs.restart(i))?;
         host = moved;
@@ -381,6 +412,14 @@ async fn run_one(
     out(format!(
         "idle mesh bytes per node per second (sent and received): median {:.0}, leader {lbytes:.0}",
         summary.bytes.0
+    ));
+    // Node 0 never dies: every death it saw beyond the kills was of a live member.
+    let failures = procs.metric_sum(0, "cloudless_membership_failures_total");
+    summary.false_deaths = failures.map(|f| (f as u64).saturating_sub(plan.kills as u64));
+    out(format!(
+        "live members declared dead over the run, as node 0 saw them (deaths beyond the {} kills): {}",
+        plan.kills,
+        summary.false_deaths.map_or("unknown".into(), |n| n.to_string())
     ));
     client.close().await;
     Ok(summary)

@@ -11,6 +11,12 @@ use super::{
     Update, UpdateKind, summary,
 };
 
+/// Members that probe the suspect of a weak suspicion (one that not every helper confirmed) out
+/// of turn, in expectation, whatever the pool's size: enough for the indirect checks' worth of
+/// independent confirmations (four) with room for their own losses, and a burst of about a
+/// dozen probes rather than one per member in a large pool.
+const CONFIRMERS: usize = 6;
+
 impl<I: Id> Membership<I> {
     /// The signed news we hold for a member's current liveness, to relay or to show it: its
     /// own while alive or left, the bad news about it while suspect or dead.
@@ -232,6 +238,7 @@ impl<I: Id> Membership<I> {
                     _ => (self.me.clone(), 1),
                 };
                 let timeout = self.suspicion_timeout(&id, witnesses.saturating_sub(1));
+                let weak = by != self.me && witnesses <= k;
                 self.suspicions.insert(
                     id.clone(),
                     Suspicion {
@@ -243,6 +250,14 @@ impl<I: Id> Membership<I> {
                     },
                 );
                 self.gone.remove(&id);
+                // Another member's suspicion that not every helper confirmed (a struggling
+                // suspector, lost nacks): about CONFIRMERS members probe the suspect at once
+                // instead of in turn, so that it is confirmed (or refuted by its ack) within a
+                // probe rather than after everyone's next rounds, up to `suspicion_max`.
+                let share = CONFIRMERS as f64 / self.alive_count.max(1) as f64;
+                if weak && !self.leaving && self.rng.gen_bool(share.min(1.0)) {
+                    self.probe_out_of_turn(id.clone(), now);
+                }
             }
             State::Alive => {
                 // A suspect that proved alive refuted its suspectors: they are charged.

@@ -69,6 +69,10 @@ impl Rtt {
 #[derive(Clone, Debug)]
 pub(super) struct Probe<I> {
     pub(super) target: I,
+    /// The target's incarnation when the probe began: its verdict is about that one only. A
+    /// member that restarted meanwhile (a new incarnation, announced while this probe of
+    /// its dead predecessor ran out) is not suspected for its predecessor's silence.
+    incarnation: u32,
     /// When the first ping went: the round trip of a direct ack is measured from here.
     sent: Instant,
     pub(super) direct_deadline: Instant,
@@ -150,10 +154,12 @@ impl<I: Id> Membership<I> {
     fn probe(&mut self, target: I, now: Instant) {
         let seq = self.next_seq();
         let timeout = self.scaled(self.ack_wait(&target));
+        let incarnation = self.members.get(&target).map_or(0, |m| m.incarnation);
         self.probes.insert(
             seq,
             Probe {
                 target: target.clone(),
+                incarnation,
                 sent: now,
                 direct_deadline: now + timeout,
                 // Set again when the indirect phase starts.
@@ -244,7 +250,7 @@ impl<I: Id> Membership<I> {
                 self.local_health = (self.local_health + 1).min(self.config.max_local_health);
             }
             let witnesses = u8::try_from(1 + probe.nacks).unwrap_or(u8::MAX);
-            self.suspect(probe.target, witnesses, now);
+            self.suspect(probe.target, probe.incarnation, witnesses, now);
         }
     }
 

@@ -73,10 +73,21 @@ impl<I: Id> Membership<I> {
         max.saturating_sub((max - min).mul_f64(frac)).max(min)
     }
 
-    pub(super) fn suspect(&mut self, target: I, witnesses: u8, now: Instant) {
+    /// Suspects `target` at `incarnation` (the one its probe was about), if that is still
+    /// the member's and it is alive; or, if others suspect it already, confirms their
+    /// suspicion as one more independent suspector (as memberlist does), which shortens
+    /// everyone's timer.
+    pub(super) fn suspect(&mut self, target: I, incarnation: u32, witnesses: u8, now: Instant) {
         let Some(m) = self.members.get(&target) else {
             return;
         };
+        if m.incarnation != incarnation {
+            return;
+        }
+        if m.state == State::Suspect {
+            self.confirm_own(target, incarnation, witnesses, now);
+            return;
+        }
         if m.state != State::Alive {
             return;
         }
@@ -94,6 +105,34 @@ impl<I: Id> Membership<I> {
             updates.extend(self.piggyback(&target, self.config.piggyback_bytes / 2));
             self.send(target, Message::Ping { seq, incarnation: self.incarnation, updates });
         }
+    }
+
+    /// This node's own failed probe of a member others suspect: counted as a confirmation and
+    /// flooded once, so the others count it too, while the suspicion is short of its full
+    /// confirmations (a confirmed one is at its shortest timer already, and a large pool would
+    /// flood a confirmation from every member probing the suspect meanwhile).
+    fn confirm_own(&mut self, target: I, incarnation: u32, witnesses: u8, now: Instant) {
+        let Some(s) = self.suspicions.get(&target) else {
+            return;
+        };
+        // A suspicion already at its shortest (every helper confirmed it) gains nothing.
+        let k = u32::try_from(self.config.indirect_checks).unwrap_or(u32::MAX);
+        let independent = u32::try_from(s.suspectors.len().saturating_sub(1)).unwrap_or(u32::MAX);
+        let confirmed = independent.max(s.witnesses.saturating_sub(1)) >= k;
+        let stronger = u32::from(witnesses) > s.witnesses;
+        let new =
+            !s.suspectors.contains(&self.me) && s.suspectors.len() <= self.config.indirect_checks;
+        if s.incarnation != incarnation || confirmed || !(stronger || new) {
+            return;
+        }
+        self.confirm(&target, self.me.clone(), u32::from(witnesses), now);
+        let update = Update::signed(
+            target,
+            incarnation,
+            UpdateKind::Suspect { by: self.me.clone(), witnesses },
+            &*self.seal,
+        );
+        self.out.push(Output::Broadcast(vec![update]));
     }
 
     pub(super) fn expire_suspicions(&mut self, now: Instant) {

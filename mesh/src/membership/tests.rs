@@ -237,6 +237,96 @@ fn an_unanswered_probe_goes_indirect_then_suspects_and_tells_the_target() {
 }
 
 #[test]
+fn a_probe_of_a_dead_incarnation_does_not_suspect_its_successor() {
+    // The probe starts while the target's process is dead (no ack will come); the target
+    // restarts and announces a newer incarnation before the probe runs out. The probe's
+    // silence was its predecessor's: suspecting the new incarnation for it declared freshly
+    // restarted members dead again in the six-node report.
+    let now = Instant::now();
+    let mut m = node_with(1, &[2, 3, 4, 5], now);
+    let first = m.next_deadline().unwrap();
+    let out = m.handle(Input::Tick, first);
+    let (target, seq) = match sends(&out).as_slice() {
+        [(to, Message::Ping { seq, .. })] => (*to, *seq),
+        other => panic!("expected one ping, got {other:?}"),
+    };
+    let t = Config::default().probe_timeout;
+    let _ = m.handle(Input::Tick, first + t);
+    let _ = m.handle(Input::Broadcast { updates: vec![alive(target, 1)] }, first + t);
+    let others: Vec<u32> = [2, 3, 4, 5].into_iter().filter(|id| *id != target).collect();
+    for from in others {
+        let _ = m.handle(Input::Message { from, message: Message::Nack { seq } }, first + t * 2);
+    }
+    let out = m.handle(Input::Tick, first + t * 3);
+    assert_eq!(state_of(&m, target), Some(State::Alive), "the new incarnation is not suspected");
+    assert!(broadcasts(&out).is_empty(), "no suspicion is flooded: {out:?}");
+    // The same probe without the restart suspects, so the test above can fail.
+    let mut m = node_with(1, &[2, 3, 4, 5], now);
+    let first = m.next_deadline().unwrap();
+    let out = m.handle(Input::Tick, first);
+    let sent = sends(&out);
+    let [(target, Message::Ping { .. })] = sent.as_slice() else { panic!("{out:?}") };
+    let target = *target;
+    let _ = m.handle(Input::Tick, first + t);
+    let _ = m.handle(Input::Tick, first + t * 3);
+    assert_eq!(state_of(&m, target), Some(State::Suspect));
+}
+
+#[test]
+fn a_weak_suspicion_is_probed_at_once_and_confirmed_by_the_probe_that_fails() {
+    // Member 3 suspects 2 with no helper's nack behind it (witnesses 1): on its own that
+    // suspicion runs for most of `suspicion_max`. A small pool's members each probe 2 at once;
+    // this one's probe fails too, so it floods its own suspicion as a confirmation, and 2 is
+    // declared dead well before `suspicion_max`.
+    let now = Instant::now();
+    let c = Config::default();
+    let mut m = node_with(1, &[2, 3, 4, 5], now);
+    let weak = news(2, 0, UpdateKind::Suspect { by: 3, witnesses: 1 });
+    let out = m.handle(Input::Broadcast { updates: vec![weak] }, now);
+    assert_eq!(state_of(&m, 2), Some(State::Suspect));
+    let probe = sends(&out).into_iter().find_map(|(to, msg)| match msg {
+        Message::Ping { seq, .. } if to == 2 => Some(seq),
+        _ => None,
+    });
+    let Some(seq) = probe else { panic!("the suspect is probed out of turn: {out:?}") };
+    // Nobody answers: the direct wait, the helpers' wait, then the probe's end.
+    let mut flooded = Vec::new();
+    let mut t = now;
+    while t < now + c.probe_timeout * 4 {
+        t += Duration::from_millis(10);
+        for from in [4, 5] {
+            if t == now + c.probe_timeout * 2 {
+                let _ = m.handle(Input::Message { from, message: Message::Nack { seq } }, t);
+            }
+        }
+        flooded.extend(broadcasts(&m.handle(Input::Tick, t)));
+    }
+    assert!(
+        flooded
+            .iter()
+            .any(|u| u.id == 2 && matches!(u.kind, UpdateKind::Suspect { by: 1, .. })),
+        "this node's failed probe is flooded as a confirmation: {flooded:?}"
+    );
+    // Two suspectors and helpers' nacks: dead long before the unconfirmed timer's end.
+    let mut dead_at = None;
+    while dead_at.is_none() && t < now + c.suspicion_max {
+        t += Duration::from_millis(10);
+        let _ = m.handle(Input::Tick, t);
+        if state_of(&m, 2) == Some(State::Dead) {
+            dead_at = Some(t);
+        }
+    }
+    let dead_at = dead_at.expect("declared dead before suspicion_max");
+    assert!(dead_at - now < c.suspicion_max / 2, "dead after {:?}", dead_at - now);
+    // An unconfirmed weak suspicion takes longer than that: the confirmation is what counts.
+    let mut lone = node_with(1, &[2, 3, 4, 5], now);
+    let weak = news(2, 0, UpdateKind::Suspect { by: 3, witnesses: 1 });
+    let _ = lone.handle(Input::Broadcast { updates: vec![weak] }, now);
+    let _ = lone.handle(Input::Tick, dead_at);
+    assert_eq!(state_of(&lone, 2), Some(State::Suspect), "unconfirmed, still suspect");
+}
+
+#[test]
 fn an_ack_keeps_the_target_alive_and_heals_local_health() {
     let now = Instant::now();
     let mut m = node_with(1, &[2], now);

@@ -368,6 +368,35 @@ impl Task {
         }
     }
 
+    /// Calls to `peer` parked on a DHT lookup go now that it is connected (it dialled us, or
+    /// another dial reached it), not when the lookup ends: in a small pool the lookup runs to
+    /// its timeout, and a restarted node's first call (to a member still unreachable a moment
+    /// earlier) waited five seconds for it.
+    fn resume_parked(&mut self, peer: PeerId) {
+        let queries: Vec<kad::QueryId> = self
+            .parked
+            .iter()
+            .filter(|(_, calls)| calls.iter().any(|p| p.peer == peer))
+            .map(|(q, _)| *q)
+            .collect();
+        for q in queries {
+            let Some(calls) = self.parked.remove(&q) else { continue };
+            let (now, later): (Vec<_>, Vec<_>) = calls.into_iter().partition(|p| p.peer == peer);
+            if later.is_empty() {
+                if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&q) {
+                    query.finish();
+                }
+            } else {
+                self.parked.insert(q, later);
+            }
+            for p in now {
+                if let Some(envelope) = p.retry {
+                    self.send_rpc(p.peer, envelope, None, p.reply);
+                }
+            }
+        }
+    }
+
     // ---- datagrams: membership and directory -----------------------------------------------
 
     fn send_datagram(&mut self, to: PeerId, d: Datagram) {
@@ -874,6 +903,7 @@ impl Task {
                 }
                 list.push(connection_id);
                 debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                self.resume_parked(peer_id);
                 let link = if endpoint.is_relayed() {
                     Link::Relayed
                 } else if endpoint.is_dialer() {

@@ -75,7 +75,9 @@ pub async fn run(
                         debug!(%peer, "a member announced a peer the gate does not know");
                         facts.gate_hint.notify_one();
                     }
-                    say(&view, &e);
+                    if say(&view, &e) {
+                        facts.metrics.member_failed();
+                    }
                     let c = view.apply(&e, now);
                     liveness |= c.liveness;
                     any |= c.any;
@@ -111,13 +113,13 @@ pub async fn run(
 /// Logs what an operator watches a pool for (as Serf and Consul do): a member joining,
 /// coming back, failing or leaving, and the first capacity it is seen with (from then on it
 /// can be given work). Said before `view` applies `e`; a suspicion is only a debug line,
-/// since most are refuted.
-fn say(view: &View, e: &Event) {
+/// since most are refuted. True when `e` is a member failing (for the failures counter).
+fn say(view: &View, e: &Event) -> bool {
     match e {
         Event::Member(membership::Event::State { id, state, incarnation, .. }) => {
             let before = view.peers.get(&identity::node_name(id)).map(|p| p.state);
             if before == Some(*state) {
-                return;
+                return false;
             }
             match state {
                 membership::State::Alive if before == Some(membership::State::Suspect) => {
@@ -128,7 +130,10 @@ fn say(view: &View, e: &Event) {
                 }
                 membership::State::Alive => info!(peer = %id, incarnation, "member is back"),
                 membership::State::Suspect => debug!(peer = %id, incarnation, "member suspected"),
-                membership::State::Dead => info!(peer = %id, incarnation, "member failed"),
+                membership::State::Dead => {
+                    info!(peer = %id, incarnation, "member failed");
+                    return true;
+                }
                 membership::State::Left => info!(peer = %id, incarnation, "member left"),
             }
         }
@@ -141,6 +146,7 @@ fn say(view: &View, e: &Event) {
         }
         _ => {}
     }
+    false
 }
 
 async fn sleep_until(at: Option<Instant>) {

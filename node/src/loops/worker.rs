@@ -45,15 +45,21 @@ const REPORT_EVERY: Duration = Duration::from_millis(20);
 const KEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// This node's assignments, from the best source it has, unless it holds generation `known`.
+/// `named` is the generation a nudge from `nudger` announced.
 async fn assignments(
     api: &Api,
     nudger: Option<cloudless_types::NodeName>,
+    named: Option<u64>,
     known: Option<u64>,
 ) -> Result<AssignedList, ApiError> {
     let facts = api.facts();
     // A raft member answers itself, and so runs as soon as it applies new assignments.
     if facts.trusts_own_state() {
-        return api.assigned(&facts.name, known).await;
+        let own = api.assigned(&facts.name, known).await;
+        if nudger.is_none() || answers_nudge(&own, named) {
+            return own;
+        }
+        debug!(?named, "own state is behind the nudge: asking the leader that sent it");
     }
     let ask = Assigned { known };
     // After a nudge, ask the leader that sent it: it has applied the change, a follower may
@@ -64,6 +70,19 @@ async fn assignments(
         return Ok(list);
     }
     api.peers().node_to_member(ask).await
+}
+
+/// Whether this member's own answer is as new as the generation a nudge announced (`named`).
+/// A member trusts its state for `leader_silence` after the last append it accepted; one the
+/// leader has just stopped replicating to (a voter replaced while it was down, which never
+/// hears of its removal) would otherwise answer from before the change and run nothing new
+/// until its next poll, seconds later.
+fn answers_nudge(own: &Result<AssignedList, ApiError>, named: Option<u64>) -> bool {
+    match (own, named) {
+        (Ok(list), Some(g)) => list.generation >= g,
+        (Ok(_), None) => true,
+        (Err(_), _) => false,
+    }
 }
 
 /// Pulls this node's assignments and hands them to the runtime, until `cancel`.
@@ -98,8 +117,11 @@ pub async fn agent(
         let whole = asks.is_multiple_of(WHOLE_EVERY);
         let known = (complete && !whole).then_some(held);
         let skip = complete && !whole && named.is_some_and(|g| g <= held);
-        let answer =
-            if skip { Ok(AssignedList::default()) } else { assignments(&api, nudger, known).await };
+        let answer = if skip {
+            Ok(AssignedList::default())
+        } else {
+            assignments(&api, nudger, named, known).await
+        };
         match answer {
             // Not modified, or a member that lags behind the list held: nothing to do.
             Ok(AssignedList { assignments: None, .. }) => {}
@@ -345,5 +367,27 @@ pub async fn keeper(api: Arc<Api>, cancel: CancellationToken) {
                 debug!(module = %hash, error = e, "cannot keep a copy of a module yet");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(generation: u64) -> Result<AssignedList, ApiError> {
+        Ok(AssignedList { generation, assignments: None })
+    }
+
+    #[test]
+    fn own_state_behind_a_nudge_does_not_answer_it() {
+        // The leader announced generation 7; a member still at 5 must ask the leader.
+        assert!(!answers_nudge(&list(5), Some(7)));
+        assert!(answers_nudge(&list(7), Some(7)));
+        assert!(answers_nudge(&list(9), Some(7)));
+        // No nudge: own state is the answer.
+        assert!(answers_nudge(&list(0), None));
+        let refused: Result<AssignedList, ApiError> =
+            Err(ApiError::new(cloudless_api::ErrorKind::Unavailable, "no leader heard"));
+        assert!(!answers_nudge(&refused, Some(1)));
     }
 }
