@@ -8,8 +8,9 @@
 //!   submit-to-running: apply a 1-replica WASI workload ──▶ poll until running (10 ms)
 //!   bulk: apply one workload of 1,000 WASI replicas ──▶ poll until all run (100 ms)
 //!             (the leader's CPU time over it, from /proc)
-//!   failover: raft voters (once all are in) cordoned too ──▶ SIGKILL the replica's host ──▶ poll until it
-//!             runs elsewhere ──▶ restart the host
+//!   failover: raft voters (once all are in) cordoned too ──▶ SIGKILL the replica's host
+//!             (up for a probe round at least) ──▶ poll until it runs elsewhere ──▶ restart
+//!             the host
 //!   idle: no workload left ──▶ every node's CPU time (/proc/<pid>/stat) and mesh bytes
 //!         (libp2p_bandwidth_bytes_total) over a window, and its VmRSS
 //!   false deaths: node 0's cloudless_membership_failures_total less the kills
@@ -43,6 +44,8 @@ const BULK_POLL: Duration = Duration::from_millis(100);
 const IDLE: Duration = Duration::from_secs(10);
 /// The window over which idle CPU time and bytes are counted.
 const WINDOW: Duration = Duration::from_secs(20);
+/// Longest a restarted host is left up before it is killed again (a 51-node probe round).
+const SETTLE_MAX: Duration = Duration::from_secs(10);
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -343,8 +346,20 @@ async fn run_one(
     let name = WorkloadName::new("failover")?;
     client.put_workload(spec(&name, &hash)).await?;
     let (mut host, _) = wait_running(&client, &name, None).await?;
+    // The replica moves between the same few workers, so each victim was restarted a round
+    // or two earlier. A member back from the dead is waited for as one not measured yet
+    // until it answers each prober once (docs/mesh.md: it is slow while it starts), which
+    // takes a probe round: a host is killed only once it has been up that long, as a device
+    // that fails has usually been running for a while.
+    // Every member probes each other once per `(n - 1)` probe intervals.
+    let interval = cloudless_mesh::membership::Config::default().probe_interval;
+    let settle = (interval * u32::try_from(nodes - 1).unwrap_or(u32::MAX)).min(SETTLE_MAX);
+    let mut restarted: std::collections::HashMap<usize, Instant> = Default::default();
     for _ in 0..plan.kills {
         let i = procs.index(host.as_str()).context("the replica runs on an unknown node")?;
+        if let Some(up) = restarted.get(&i) {
+            tokio::time::sleep(settle.saturating_sub(up.elapsed())).await;
+        }
         let killed = Instant::now();
         let at = chrono::Utc::now();
         procs.kill(i);
@@ -359,6 +374,7 @@ async fn run_one(
             ));
         }
         tokio::task::block_in_place(|| procs.restart(i))?;
+        restarted.insert(i, Instant::now());
         host = moved;
     }
     out(line(

@@ -26,16 +26,20 @@ const RTT_UNIT_MICROS: u128 = 100;
 pub(super) struct Rtt {
     srtt: u16,
     var: u16,
-    /// The member was away (dead or gone): the estimate still sets its waits, and the next
-    /// sample replaces it instead of being smoothed into it.
+    /// The member was away (dead or gone): its waits are an unmeasured member's, and the next
+    /// sample replaces the estimate instead of being smoothed into it.
     stale: bool,
 }
 
 impl Rtt {
     /// Marks the estimate as from before the member went away: its path may have changed (a
-    /// phone on another network). The old waits stay until the next ack re-seeds it (an ack
-    /// past the wait still counts, `on_ack`), so a device that restarted in place is not
-    /// probed as a stranger, which would cost its next failure a second.
+    /// phone on another network), and a process that just started answers slowly for a while
+    /// (it replays its raft log and opens its runtimes on a device that may be busy). Until
+    /// its next ack re-seeds the estimate (an ack past the wait still counts, `on_ack`), it is
+    /// waited for as a member not measured yet: the longest probe wait, three of them to
+    /// refute in. Each member probes it within about a round, so this lasts a second or so;
+    /// with the old, short waits kept, freshly restarted processes of the 50-process report
+    /// were declared dead again within a second of coming back (eight times in one run).
     pub(super) fn stale(&mut self) {
         self.stale = self.srtt != 0;
     }
@@ -56,9 +60,10 @@ impl Rtt {
         self.srtt = u16::try_from(srtt).unwrap_or(u16::MAX).max(1);
     }
 
-    /// The retransmission timeout before clamping: `srtt + 4·rttvar`, if measured.
+    /// The retransmission timeout before clamping: `srtt + 4·rttvar`, if measured (and not
+    /// stale).
     pub(super) fn timeout(self) -> Option<Duration> {
-        if self.srtt == 0 {
+        if self.srtt == 0 || self.stale {
             return None;
         }
         let units = u64::from(self.srtt) + 4 * u64::from(self.var);

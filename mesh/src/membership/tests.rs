@@ -302,9 +302,7 @@ fn a_weak_suspicion_is_probed_at_once_and_confirmed_by_the_probe_that_fails() {
         flooded.extend(broadcasts(&m.handle(Input::Tick, t)));
     }
     assert!(
-        flooded
-            .iter()
-            .any(|u| u.id == 2 && matches!(u.kind, UpdateKind::Suspect { by: 1, .. })),
+        flooded.iter().any(|u| u.id == 2 && matches!(u.kind, UpdateKind::Suspect { by: 1, .. })),
         "this node's failed probe is flooded as a confirmation: {flooded:?}"
     );
     // Two suspectors and helpers' nacks: dead long before the unconfirmed timer's end.
@@ -1287,9 +1285,14 @@ fn a_member_back_from_the_dead_is_measured_afresh() {
     let _ = m.handle(Input::Tick, later);
     assert_eq!(state_of(&m, 2), Some(State::Dead));
     let _ = m.handle(Input::Broadcast { updates: vec![alive(2, 4)] }, later);
-    assert_eq!(m.ack_wait(&2), c.probe_timeout_min, "back from the dead: the old waits stay");
+    assert_eq!(m.ack_wait(&2), c.probe_timeout, "back from the dead: waited for as unmeasured");
     // ...until the first ack, which replaces the estimate instead of being smoothed in.
     if let Some(member) = m.members.get_mut(&2) {
+        member.rtt.sample(Duration::from_millis(1));
+    }
+    assert_eq!(m.ack_wait(&2), c.probe_timeout_min, "re-seeded by the first ack");
+    if let Some(member) = m.members.get_mut(&2) {
+        member.rtt.stale();
         member.rtt.sample(Duration::from_millis(150));
     }
     assert!(m.ack_wait(&2) >= Duration::from_millis(150), "re-seeded: {:?}", m.ack_wait(&2));
