@@ -26,8 +26,8 @@ const RTT_UNIT_MICROS: u128 = 100;
 pub(super) struct Rtt {
     srtt: u16,
     var: u16,
-    /// The member was away (dead or gone): its waits are an unmeasured member's, and the next
-    /// sample replaces the estimate instead of being smoothed into it.
+    /// The member was away (dead or gone): its waits are an unmeasured member's until its next
+    /// sample, which replaces the estimate if shorter (and is dropped if longer).
     stale: bool,
 }
 
@@ -35,9 +35,8 @@ impl Rtt {
     /// Marks the estimate as from before the member went away: its path may have changed (a
     /// phone on another network), and a process that just started answers slowly for a while
     /// (it replays its raft log and opens its runtimes on a device that may be busy). Until
-    /// its next ack re-seeds the estimate (an ack past the wait still counts, `on_ack`), it is
-    /// waited for as a member not measured yet: the longest probe wait, three of them to
-    /// refute in. Each member probes it within about a round, so this lasts a second or so;
+    /// its next ack (an ack past the wait still counts, `on_ack`), it is waited for as a
+    /// member not measured yet: the longest probe wait, three of them to refute in. Each member probes it within about a round, so this lasts a second or so;
     /// with the old, short waits kept, freshly restarted processes of the 50-process report
     /// were declared dead again within a second of coming back (eight times in one run).
     pub(super) fn stale(&mut self) {
@@ -47,10 +46,19 @@ impl Rtt {
     /// Takes one measured round trip.
     pub(super) fn sample(&mut self, d: Duration) {
         let r = u16::try_from(d.as_micros() / RTT_UNIT_MICROS).unwrap_or(u16::MAX).max(1);
-        if self.srtt == 0 || self.stale {
+        if self.srtt == 0 || (self.stale && r < self.srtt) {
             self.stale = false;
             self.srtt = r;
             self.var = r / 2;
+            return;
+        }
+        if self.stale {
+            // The first ack of a member back from the dead, slower than it was: most likely a
+            // process still starting (raft replay, runtimes), not a slower path. Taken as the
+            // seed it would set its waits near the longest for a dozen probes (the estimate
+            // sheds an eighth per sample); the old estimate stands, and a path that did grow
+            // shows in the next acks, which come past the wait and are smoothed in.
+            self.stale = false;
             return;
         }
         let (srtt, var, r) = (u32::from(self.srtt), u32::from(self.var), u32::from(r));
